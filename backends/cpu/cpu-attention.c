@@ -1,0 +1,192 @@
+/* Decode attention over a page list on the CPU.
+ *
+ * Work is split into tasks of (query, KV head, page range): a task computes
+ * the attention of all query heads sharing that KV head (GQA), so each K and V
+ * row is read once for the whole group. Long page lists are split along the
+ * context so a single sequence still uses every thread; the splits are merged
+ * exactly with their log-sum-exp. Within a task the softmax is online, one
+ * page at a time: scores of the page, one rescale, then the value sum. */
+#include "cpu-impl.h"
+#include "../../runtime/f16.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct attn_task {
+    int32_t query;
+    int32_t kv_head;
+    int32_t page_begin; /* index into slots[] */
+    int32_t page_end;
+} attn_task;
+
+typedef struct attn_job {
+    const pikv_attention_args *a;
+    int32_t group;        /* query heads per KV head */
+    attn_task *tasks;
+    float *parts;         /* per task, per head: m, l, acc[head_dim] */
+    float *scratch;       /* per thread */
+    size_t scratch_floats;
+} attn_job;
+
+static inline const float *row_f32(const pikv_page_layout *L, const unsigned char *base,
+                                   int32_t t, float *tmp)
+{
+    const size_t hd = (size_t)L->head_dim;
+    if (L->dtype == PIKV_DTYPE_F32) return (const float *)base + (size_t)t * hd;
+    const uint16_t *h = (const uint16_t *)base + (size_t)t * hd;
+    for (size_t d = 0; d < hd; d++) tmp[d] = pikv_f16_to_f32(h[d]);
+    return tmp;
+}
+
+static void attn_run_task(void *arg, int64_t ti, int32_t thread)
+{
+    attn_job *job = arg;
+    const pikv_attention_args *a = job->a;
+    const pikv_page_layout *L = a->pool->layout;
+    const attn_task *t = &job->tasks[ti];
+    const int32_t hd = L->head_dim, G = job->group, ps = L->page_size;
+    const size_t part_stride = (size_t)hd + 2;
+    float *part = job->parts + (size_t)ti * (size_t)G * part_stride;
+    float *scores = job->scratch + (size_t)thread * job->scratch_floats; /* [G][page_size] */
+    float *krow = scores + (size_t)G * (size_t)ps;
+    float *vrow = krow + hd;
+    const float *q = a->q + ((size_t)t->query * (size_t)a->n_q_heads + (size_t)t->kv_head * (size_t)G) * (size_t)hd;
+
+    for (int32_t h = 0; h < G; h++) {
+        float *ph = part + (size_t)h * part_stride;
+        ph[0] = -INFINITY; /* running max */
+        ph[1] = 0.0f;      /* running sum of exp */
+        memset(ph + 2, 0, (size_t)hd * sizeof(float));
+    }
+    for (int32_t p = t->page_begin; p < t->page_end; p++) {
+        const int32_t n = a->page_len[p];
+        if (n <= 0) continue;
+        const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[p]);
+        const unsigned char *kh = page + L->k_offset + (uint64_t)t->kv_head * L->head_stride;
+        const unsigned char *vh = page + L->v_offset + (uint64_t)t->kv_head * L->head_stride;
+        for (int32_t r = 0; r < n; r++) {
+            const float *k = row_f32(L, kh, r, krow);
+            for (int32_t h = 0; h < G; h++)
+                scores[(size_t)h * (size_t)ps + (size_t)r] = pikv_cpu_dot(q + (size_t)h * (size_t)hd, k, hd) * a->scale;
+        }
+        for (int32_t h = 0; h < G; h++) {
+            float *s = scores + (size_t)h * (size_t)ps;
+            float *ph = part + (size_t)h * part_stride;
+            float mx = ph[0];
+            for (int32_t r = 0; r < n; r++) mx = s[r] > mx ? s[r] : mx;
+            float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
+            float sum = ph[1] * rescale;
+            for (int32_t r = 0; r < n; r++) {
+                s[r] = expf(s[r] - mx);
+                sum += s[r];
+            }
+            ph[0] = mx;
+            ph[1] = sum;
+            float *acc = ph + 2;
+            if (rescale != 1.0f)
+                for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
+        }
+        for (int32_t r = 0; r < n; r++) {
+            const float *v = row_f32(L, vh, r, vrow);
+            for (int32_t h = 0; h < G; h++) {
+                const float w = scores[(size_t)h * (size_t)ps + (size_t)r];
+                float *acc = part + (size_t)h * part_stride + 2;
+                for (int32_t d = 0; d < hd; d++) acc[d] += w * v[d];
+            }
+        }
+    }
+}
+
+/* Merge the splits of one (query, KV head) into normalized outputs. */
+static void attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
+{
+    const pikv_attention_args *a = job->a;
+    const attn_task *t0 = &job->tasks[first_task];
+    const int32_t hd = a->pool->layout->head_dim, G = job->group;
+    const size_t part_stride = (size_t)hd + 2;
+    for (int32_t h = 0; h < G; h++) {
+        const size_t head = (size_t)t0->query * (size_t)a->n_q_heads + (size_t)t0->kv_head * (size_t)G + (size_t)h;
+        float *out = a->out + head * (size_t)hd;
+        float m = -INFINITY;
+        for (int32_t s = 0; s < n_splits; s++) {
+            const float *ph = job->parts + ((size_t)(first_task + s) * (size_t)G + (size_t)h) * part_stride;
+            if (ph[1] > 0.0f && ph[0] > m) m = ph[0];
+        }
+        memset(out, 0, (size_t)hd * sizeof(float));
+        if (m == -INFINITY) {
+            a->lse[head] = -INFINITY;
+            continue;
+        }
+        float sum = 0.0f;
+        for (int32_t s = 0; s < n_splits; s++) {
+            const float *ph = job->parts + ((size_t)(first_task + s) * (size_t)G + (size_t)h) * part_stride;
+            if (ph[1] <= 0.0f) continue;
+            float w = expf(ph[0] - m);
+            sum += w * ph[1];
+            for (int32_t d = 0; d < hd; d++) out[d] += w * ph[2 + d];
+        }
+        const float inv = 1.0f / sum;
+        for (int32_t d = 0; d < hd; d++) out[d] *= inv;
+        a->lse[head] = m + logf(sum);
+    }
+}
+
+pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
+{
+    pikv_context *ctx = dev->ctx;
+    const pikv_page_layout *L = a->pool->layout;
+    pikv_cpu_pool *pool = pikv_cpu_device_pool(dev);
+    const int32_t threads = pikv_cpu_pool_threads(pool);
+    const int32_t kvh = L->n_kv_heads, G = a->n_q_heads / kvh;
+    if (a->n_queries <= 0) return PIKV_OK;
+
+    /* Split each (query, KV head) along its pages so there are a few tasks per
+       thread, but never fewer than 4 pages per split. */
+    const int64_t units = (int64_t)a->n_queries * kvh;
+    const int64_t want = ((int64_t)threads * 4 + units - 1) / units;
+    int64_t n_tasks = 0;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        int64_t pages = a->indptr[i + 1] - a->indptr[i];
+        int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
+        n_tasks += (s < 1 ? 1 : s) * kvh;
+    }
+    attn_job job = {.a = a, .group = G};
+    job.scratch_floats = (size_t)G * (size_t)L->page_size + 2 * (size_t)L->head_dim;
+    job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
+    job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));
+    job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));
+    if (!job.tasks || !job.parts || !job.scratch) {
+        pikv_host_free(ctx, job.tasks);
+        pikv_host_free(ctx, job.parts);
+        pikv_host_free(ctx, job.scratch);
+        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attention: scratch for %lld tasks: allocation failed",
+                         (long long)n_tasks);
+    }
+    int64_t k = 0;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        const int32_t p0 = a->indptr[i], pages = a->indptr[i + 1] - p0;
+        int32_t s = (int32_t)(want < (pages + 3) / 4 ? want : (pages + 3) / 4);
+        if (s < 1) s = 1;
+        for (int32_t g = 0; g < kvh; g++)
+            for (int32_t j = 0; j < s; j++) {
+                attn_task *t = &job.tasks[k++];
+                t->query = i;
+                t->kv_head = g;
+                t->page_begin = p0 + (int32_t)((int64_t)pages * j / s);
+                t->page_end = p0 + (int32_t)((int64_t)pages * (j + 1) / s);
+            }
+    }
+    pikv_cpu_pool_run(pool, n_tasks, attn_run_task, &job);
+    for (int64_t first = 0; first < n_tasks;) {
+        int64_t last = first;
+        while (last < n_tasks && job.tasks[last].query == job.tasks[first].query &&
+               job.tasks[last].kv_head == job.tasks[first].kv_head)
+            last++;
+        attn_finish(&job, first, (int32_t)(last - first));
+        first = last;
+    }
+    pikv_host_free(ctx, job.tasks);
+    pikv_host_free(ctx, job.parts);
+    pikv_host_free(ctx, job.scratch);
+    return PIKV_OK;
+}

@@ -1,0 +1,60 @@
+/* Private declarations of the CPU reference backend. */
+#ifndef PIKV_CPU_IMPL_H
+#define PIKV_CPU_IMPL_H
+
+#include "../../runtime/backend-impl.h"
+
+/* ---- thread pool (cpu-threadpool.c) ------------------------------------
+ * A fixed set of workers that run `n_tasks` calls of fn(arg, task, thread)
+ * in parallel; the calling thread takes part, so a pool of 1 is serial.
+ * thread is in [0, pikv_cpu_pool_threads()) and indexes per-thread scratch. */
+typedef struct pikv_cpu_pool pikv_cpu_pool;
+typedef void (*pikv_cpu_task_fn)(void *arg, int64_t task, int32_t thread);
+
+pikv_status pikv_cpu_pool_create(pikv_context *ctx, int32_t n_threads, pikv_cpu_pool **out);
+void pikv_cpu_pool_free(pikv_context *ctx, pikv_cpu_pool *pool);
+int32_t pikv_cpu_pool_threads(const pikv_cpu_pool *pool);
+void pikv_cpu_pool_run(pikv_cpu_pool *pool, int64_t n_tasks, pikv_cpu_task_fn fn, void *arg);
+
+/* The backend's shared state: all CPU devices share one pool of workers. */
+typedef struct pikv_cpu_backend {
+    pikv_cpu_pool *pool;
+} pikv_cpu_backend;
+
+static inline pikv_cpu_pool *pikv_cpu_device_pool(pikv_device *dev)
+{
+    return ((pikv_cpu_backend *)dev->backend->context)->pool;
+}
+
+/* Host address of a page in a pool whose chunks are host memory. */
+static inline unsigned char *pikv_cpu_page_ptr(const pikv_pool_view *pool, uint32_t slot)
+{
+    uint32_t chunk = slot / pool->pages_per_chunk;
+    uint32_t index = slot % pool->pages_per_chunk;
+    return (unsigned char *)pool->chunks[chunk]->host + (uint64_t)index * pool->layout->page_bytes;
+}
+
+/* Ops, one file per family. */
+pikv_status pikv_cpu_append(pikv_device *dev, const pikv_append_args *args);       /* cpu-append.c */
+pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args); /* cpu-append.c */
+pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *args); /* cpu-attention.c */
+pikv_status pikv_cpu_merge(pikv_device *dev, const pikv_merge_args *args);         /* cpu-merge.c */
+
+/* The exact log-sum-exp merge of one row, shared by the attention kernel's
+   split merge and the merge op: parts are (out_p normalized, lse_p). */
+void pikv_cpu_merge_row(int32_t n_parts, int32_t dim, const float *const *part_out,
+                        const float *part_lse, float *out, float *lse);
+
+/* Dot product written so compilers vectorize it without -ffast-math. */
+static inline float pikv_cpu_dot(const float *a, const float *b, int32_t n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int32_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[d + j] * b[d + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+#endif /* PIKV_CPU_IMPL_H */

@@ -1,0 +1,313 @@
+/*
+ * PiKV — a KV-cache runtime for Mixture-of-Experts LLM inference.
+ *
+ * The public C API. Everything here is part of the stable section unless it
+ * sits below the "Experimental" marker, whose functions may change between
+ * minor versions.
+ *
+ * Conventions (see docs/api.md):
+ *  - Every function returns a pikv_status; PIKV_OK is 0.
+ *  - Objects are opaque handles with create/free pairs; free accepts NULL.
+ *  - Parameter structs come from *_default_params() and are then edited.
+ *  - On failure the object is left exactly as it was, and
+ *    pikv_context_last_error() says what was wrong and with which value.
+ *  - The library never aborts, exits or prints; it logs through a callback.
+ *  - A context and everything created from it may be used from one thread at
+ *    a time (the library parallelizes internally).
+ */
+#ifndef PIKV_H
+#define PIKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Version                                                                   */
+/* ------------------------------------------------------------------------ */
+#define PIKV_VERSION_MAJOR 0
+#define PIKV_VERSION_MINOR 1
+#define PIKV_VERSION_PATCH 0
+#define PIKV_VERSION_NUMBER \
+    (PIKV_VERSION_MAJOR * 10000 + PIKV_VERSION_MINOR * 100 + PIKV_VERSION_PATCH)
+#define PIKV_VERSION_STRING "0.1.0"
+
+#if defined(_WIN32) && defined(PIKV_BUILD_SHARED)
+#define PIKV_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define PIKV_API __attribute__((visibility("default")))
+#else
+#define PIKV_API
+#endif
+
+/* The version of the library actually linked (compare with the macros). */
+PIKV_API unsigned pikv_version_number(void);
+PIKV_API const char *pikv_version_string(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status                                                                    */
+/* ------------------------------------------------------------------------ */
+typedef enum pikv_status {
+    PIKV_OK = 0,
+    PIKV_ERR_INVALID_ARGUMENT = 1, /* a parameter is NULL, zero, negative or inconsistent */
+    PIKV_ERR_OUT_OF_RANGE = 2,     /* a layer, sequence, expert or device index is out of range */
+    PIKV_ERR_OUT_OF_MEMORY = 3,    /* an allocation failed (host or device) */
+    PIKV_ERR_CAPACITY = 4,         /* the cache's configured capacity would be exceeded */
+    PIKV_ERR_NOT_FOUND = 5,        /* the sequence (or other named object) does not exist */
+    PIKV_ERR_EXISTS = 6,           /* the sequence already exists */
+    PIKV_ERR_UNSUPPORTED = 7,      /* the backend or build does not implement this */
+    PIKV_ERR_BACKEND = 8,          /* a backend call failed (driver error) */
+    PIKV_ERR_INTERNAL = 9,         /* a broken invariant: please report it */
+    PIKV_STATUS_COUNT_ = 10
+} pikv_status;
+
+/* A short constant name for a status ("PIKV_ERR_CAPACITY"); never NULL. */
+PIKV_API const char *pikv_status_name(pikv_status status);
+/* A sentence describing a status; never NULL. */
+PIKV_API const char *pikv_status_string(pikv_status status);
+
+/* ------------------------------------------------------------------------ */
+/* Logging and allocation hooks                                              */
+/* ------------------------------------------------------------------------ */
+typedef enum pikv_log_level {
+    PIKV_LOG_ERROR = 0,
+    PIKV_LOG_WARN = 1,
+    PIKV_LOG_INFO = 2,
+    PIKV_LOG_DEBUG = 3
+} pikv_log_level;
+
+typedef void (*pikv_log_fn)(pikv_log_level level, const char *message, void *user);
+
+/*
+ * Host allocator used for every host allocation of a context (metadata and the
+ * CPU backend's "device" memory). alloc returns NULL on failure; the library
+ * turns that into PIKV_ERR_OUT_OF_MEMORY and leaves objects unchanged.
+ * align is a power of two <= 4096. free(NULL) must be accepted.
+ */
+typedef struct pikv_allocator {
+    void *(*alloc)(void *user, size_t size, size_t align);
+    void (*free)(void *user, void *ptr);
+    void *user;
+} pikv_allocator;
+
+/* ------------------------------------------------------------------------ */
+/* Context and devices                                                       */
+/* ------------------------------------------------------------------------ */
+typedef struct pikv_context pikv_context;
+
+typedef struct pikv_context_params {
+    /* Comma-separated backends to load: "cpu", or "all" for every backend
+       compiled in. A backend with no usable device contributes none. */
+    const char *backends;
+    int32_t cpu_devices;          /* devices the CPU backend exposes (1..64), default 1 */
+    int32_t cpu_threads;          /* worker threads of the CPU backend; 0 = online cores */
+    uint64_t cpu_device_memory;   /* bytes each CPU device may hold; 0 = unlimited */
+    pikv_allocator allocator;     /* all-NULL = the C library's aligned allocator */
+    pikv_log_fn log_fn;           /* NULL = no logging */
+    void *log_user;
+    pikv_log_level log_level;     /* messages above this level are dropped */
+} pikv_context_params;
+
+PIKV_API pikv_context_params pikv_context_default_params(void);
+PIKV_API pikv_status pikv_context_create(const pikv_context_params *params, pikv_context **out);
+PIKV_API void pikv_context_free(pikv_context *ctx);
+/* The message of the last failure in this context ("" if none). Valid until the next call. */
+PIKV_API const char *pikv_context_last_error(const pikv_context *ctx);
+PIKV_API pikv_status pikv_context_set_log(pikv_context *ctx, pikv_log_fn fn, void *user,
+                                          pikv_log_level level);
+
+typedef enum pikv_backend_kind {
+    PIKV_BACKEND_CPU = 0,
+    PIKV_BACKEND_OPENCL = 1,
+    PIKV_BACKEND_VULKAN = 2,
+    PIKV_BACKEND_CUDA = 3
+} pikv_backend_kind;
+
+/* What a device can do; filled by its backend. */
+typedef struct pikv_device_caps {
+    uint64_t memory_total;        /* bytes the device has (0 = unknown) */
+    uint64_t memory_limit;        /* bytes PiKV may hold on it (0 = no limit) */
+    int32_t compute_units;        /* cores / SMs / compute units */
+    int32_t subgroup_size;        /* SIMD/warp width used by kernels (1 on scalar CPUs) */
+    int32_t async_copies;         /* copies can overlap compute */
+    int32_t host_visible;         /* device memory is host memory (CPU, iGPU) */
+    int32_t f16_storage;          /* f16 pages supported */
+    int32_t int8_dot;             /* int8 dot products in hardware */
+} pikv_device_caps;
+
+typedef struct pikv_device_info {
+    char name[32];                /* "cpu0", "cuda1", ... */
+    char description[96];         /* model / driver string */
+    pikv_backend_kind backend;
+    int32_t backend_index;        /* index among its backend's devices */
+    pikv_device_caps caps;
+    uint64_t memory_used;         /* bytes PiKV holds on it now, over all caches */
+} pikv_device_info;
+
+PIKV_API int32_t pikv_device_count(const pikv_context *ctx);
+PIKV_API pikv_status pikv_device_get_info(const pikv_context *ctx, int32_t device,
+                                          pikv_device_info *out);
+PIKV_API const char *pikv_backend_name(pikv_backend_kind kind);
+
+/* ------------------------------------------------------------------------ */
+/* Cache                                                                     */
+/* ------------------------------------------------------------------------ */
+typedef struct pikv_cache pikv_cache;
+
+typedef enum pikv_dtype {
+    PIKV_DTYPE_F32 = 0,
+    PIKV_DTYPE_F16 = 1
+} pikv_dtype;
+
+/*
+ * Placement maps each token to a shard of its layer, and each shard to a device.
+ *  EXPERT:   shard = the token's top-1 expert; shards dealt round-robin over devices.
+ *  HASH:     shard = ((t mod hash_tokens) xor (e mod n_experts)) mod n_shards, with t the
+ *            token's index in its sequence and e its top-1 expert (the PiKV paper's
+ *            s(t,e)); shards dealt round-robin over devices.
+ *  BALANCED: shard = top-1 expert; a new shard goes to the device holding the fewest
+ *            bytes, and pikv_cache_rebalance() re-packs shards greedily (largest first)
+ *            by moving their pages.
+ * Dense models (n_experts == 1) get n_shards position blocks of page_size tokens
+ * under every placement.
+ */
+typedef enum pikv_placement {
+    PIKV_PLACEMENT_EXPERT = 0,
+    PIKV_PLACEMENT_HASH = 1,
+    PIKV_PLACEMENT_BALANCED = 2
+} pikv_placement;
+
+typedef struct pikv_cache_params {
+    /* Geometry */
+    int32_t n_layers;
+    int32_t n_q_heads;            /* a multiple of n_kv_heads (GQA) */
+    int32_t n_kv_heads;
+    int32_t head_dim;             /* 1..1024 */
+    int32_t n_experts;            /* 1 for a dense model */
+    int32_t experts_per_token;    /* router top-k, 1..n_experts */
+    /* Storage */
+    int32_t page_size;            /* tokens per page, 1..4096 */
+    pikv_dtype dtype;
+    int64_t capacity_tokens;      /* most tokens a layer may hold over all sequences */
+    int32_t max_sequences;        /* sequence ids are 0..max_sequences-1 */
+    /* Placement */
+    pikv_placement placement;
+    int32_t n_shards;             /* HASH and dense: shards per layer; 0 = one per device
+                                     (dense) or n_experts (hash) */
+    int32_t hash_tokens;          /* HASH: N_tok of s(t,e); 0 = n_shards */
+    const int32_t *devices;       /* context device indices to use; NULL = ... */
+    int32_t n_devices;            /* ... all devices of the context when 0 */
+    /* Attention */
+    float attn_scale;             /* 0 = 1/sqrt(head_dim) */
+} pikv_cache_params;
+
+PIKV_API pikv_cache_params pikv_cache_default_params(void);
+PIKV_API pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params,
+                                       pikv_cache **out);
+PIKV_API void pikv_cache_free(pikv_cache *cache);
+
+/* Sequences: ids are chosen by the caller in [0, max_sequences). */
+PIKV_API pikv_status pikv_seq_add(pikv_cache *cache, int32_t seq);
+/* Frees the sequence's pages (pages shared with other sequences stay for them). */
+PIKV_API pikv_status pikv_seq_remove(pikv_cache *cache, int32_t seq);
+/* Creates dst holding the first n_tokens tokens of src, in every layer (n_tokens <= the
+   length of src in each layer). Full pages inside the prefix are shared by reference
+   (a page is immutable once full); partly covered or still-open pages are copied. */
+PIKV_API pikv_status pikv_seq_copy_prefix(pikv_cache *cache, int32_t src, int32_t dst,
+                                          int64_t n_tokens);
+/* Tokens held for a sequence in one layer. */
+PIKV_API pikv_status pikv_seq_length(const pikv_cache *cache, int32_t seq, int32_t layer,
+                                     int64_t *out);
+
+/*
+ * Appends n_tokens tokens of one sequence to one layer.
+ *   k, v       [n_tokens][n_kv_heads][head_dim] f32, host memory
+ *   positions  [n_tokens] token positions (RoPE positions, kept as metadata); NULL =
+ *              consecutive from the sequence's current length
+ *   experts    [n_tokens][experts_per_token] router top-k expert ids, top-1 first;
+ *              NULL only when n_experts == 1
+ * Transactional: everything is checked and reserved before anything is written, so
+ * on any error the cache is unchanged.
+ */
+PIKV_API pikv_status pikv_cache_append(pikv_cache *cache, int32_t layer, int32_t seq,
+                                       int32_t n_tokens, const float *k, const float *v,
+                                       const int32_t *positions, const int32_t *experts);
+
+/*
+ * A batch of decode queries (one query token each) over several sequences.
+ *   seq_ids  [n_queries]
+ *   q        [n_queries][n_q_heads][head_dim] f32 host memory
+ *   experts  [n_queries][experts_per_token] the queries' router top-k (may be NULL;
+ *            used by expert selection policies)
+ *   out      [n_queries][n_q_heads][head_dim] f32 host memory (written)
+ *   lse      [n_queries][n_q_heads] natural-log sum of exp(scaled scores), or NULL;
+ *            -INFINITY (and a zero output) for a sequence with no tokens
+ */
+typedef struct pikv_attend_batch {
+    int32_t n_queries;
+    const int32_t *seq_ids;
+    const float *q;
+    const int32_t *experts;
+    float *out;
+    float *lse;
+} pikv_attend_batch;
+
+/* Decode attention of a batch over what the cache holds in one layer. */
+PIKV_API pikv_status pikv_cache_attend(pikv_cache *cache, int32_t layer,
+                                       const pikv_attend_batch *batch);
+
+typedef struct pikv_cache_stats {
+    int64_t tokens;               /* over all layers and sequences */
+    int64_t pages;                /* pages allocated to data (shared pages once) */
+    uint64_t bytes_allocated;     /* device bytes reserved for pages, all devices */
+    uint64_t bytes_used;          /* bytes of pages in use (data + bounds) */
+    int32_t sequences;
+    int32_t n_devices;
+    int32_t n_shards;             /* shards per layer */
+    /* The last attend call */
+    int64_t last_pages_read;
+    uint64_t last_bytes_read;     /* page bytes the kernels read (K, V and bounds) */
+    int64_t last_tokens_read;
+    /* Totals since creation */
+    int64_t appends;
+    int64_t attends;
+} pikv_cache_stats;
+
+typedef struct pikv_cache_device_stats {
+    int32_t device;               /* the context device index */
+    int32_t shards;               /* (layer, shard) pairs placed here */
+    int64_t tokens;
+    int64_t pages;
+    uint64_t bytes_allocated;     /* what this cache allocated on the device */
+    uint64_t bytes_used;
+    uint64_t last_bytes_read;
+} pikv_cache_device_stats;
+
+PIKV_API pikv_status pikv_cache_get_stats(const pikv_cache *cache, pikv_cache_stats *out);
+/* i in [0, stats.n_devices): the i-th device of the cache. */
+PIKV_API pikv_status pikv_cache_get_device_stats(const pikv_cache *cache, int32_t i,
+                                                 pikv_cache_device_stats *out);
+PIKV_API pikv_context *pikv_cache_context(const pikv_cache *cache);
+
+/* ------------------------------------------------------------------------ */
+/* Experimental: may change between minor versions                           */
+/* ------------------------------------------------------------------------ */
+
+/* BALANCED placement: re-pack every layer's shards over the cache's devices
+   (greedy, largest shard first onto the least-loaded device) and move the pages of
+   each shard whose device changed. moved_pages (may be NULL) gets the count. */
+PIKV_API pikv_status pikv_cache_rebalance(pikv_cache *cache, int64_t *moved_pages);
+
+/* The device (index into the cache's devices) and page count of one shard. */
+PIKV_API pikv_status pikv_cache_shard_info(const pikv_cache *cache, int32_t layer,
+                                           int32_t shard, int32_t *device, int64_t *pages,
+                                           int64_t *tokens);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PIKV_H */

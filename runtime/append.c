@@ -1,0 +1,203 @@
+/* Transactional append. A dry run computes where every token goes (its shard,
+ * the shard's open page or new pages), checks capacity and reserves every
+ * resource (page ids, ring room, device slots, scratch); only then is anything
+ * written. A failure before the commit leaves the cache exactly as it was. */
+#include "cache-impl.h"
+
+#include <string.h>
+
+typedef struct append_plan {
+    int32_t *shard_of;    /* [n] shard of each token */
+    int32_t *shard_count; /* [n_shards] tokens per shard */
+    int32_t *shard_start; /* [n_shards + 1] offsets into order[] */
+    int32_t *order;       /* [n] tokens sorted by shard, in input order */
+    int32_t *new_pages;   /* [n_shards] pages each shard needs */
+    int32_t *place;       /* [n_shards] device of each shard (BALANCED: tentative) */
+    pikv_page_write *writes; /* [n_shards + total new pages] */
+    int32_t *write_dev;   /* device of each write */
+    pikv_page_write *dev_writes;
+} append_plan;
+
+static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
+                            const float *v, const int32_t *positions, const int32_t *experts)
+{
+    pikv_context *ctx = c->ctx;
+    const pikv_cache_params *p = &c->params;
+    PIKV_RETURN_ERROR_IF(layer < 0 || layer >= p->n_layers, ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "pikv_cache_append: layer %d is outside 0..%d", layer, p->n_layers - 1);
+    PIKV_FORWARD_IF_ERROR(pikv_seq_check(c, seq, "pikv_cache_append:"));
+    PIKV_RETURN_ERROR_IF(n < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_append: n_tokens = %d is negative", n);
+    if (n == 0) return PIKV_OK;
+    PIKV_RETURN_ERROR_IF(!k || !v, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_cache_append: %s is NULL",
+                         !k ? "k" : "v");
+    PIKV_RETURN_ERROR_IF(!experts && p->n_experts > 1, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_append: experts is NULL but the cache has n_experts = %d",
+                         p->n_experts);
+    if (experts)
+        for (int64_t i = 0; i < (int64_t)n * p->experts_per_token; i++)
+            PIKV_RETURN_ERROR_IF(experts[i] < 0 || experts[i] >= p->n_experts, ctx, PIKV_ERR_OUT_OF_RANGE,
+                                 "pikv_cache_append: experts[%lld] = %d (token %lld) is outside 0..%d",
+                                 (long long)i, experts[i], (long long)(i / p->experts_per_token),
+                                 p->n_experts - 1);
+    if (positions)
+        for (int32_t i = 0; i < n; i++)
+            PIKV_RETURN_ERROR_IF(positions[i] < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                                 "pikv_cache_append: positions[%d] = %d is negative", i, positions[i]);
+    const pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
+    PIKV_RETURN_ERROR_IF(sl->next_index + n > INT32_MAX, ctx, PIKV_ERR_CAPACITY,
+                         "pikv_cache_append: sequence %d would pass %d tokens", seq, INT32_MAX);
+    PIKV_RETURN_ERROR_IF(c->layer_tokens[layer] + n > p->capacity_tokens, ctx, PIKV_ERR_CAPACITY,
+                         "pikv_cache_append: layer %d holds %lld tokens; %d more exceed capacity_tokens "
+                         "= %lld", layer, (long long)c->layer_tokens[layer], n,
+                         (long long)p->capacity_tokens);
+    return PIKV_OK;
+}
+
+/* Rows still free in a shard's open page (the back of its ring). */
+static int32_t open_rows(const pikv_cache *c, const pikv_ring *ring)
+{
+    if (ring->count == 0) return 0;
+    const pikv_page_meta *m = &c->pages[pikv_ring_back(ring)];
+    return c->params.page_size - m->n_tokens;
+}
+
+pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
+                              const float *v, const int32_t *positions, const int32_t *experts)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_FORWARD_IF_ERROR(validate(c, layer, seq, n, k, v, positions, experts));
+    if (n == 0) return PIKV_OK;
+    pikv_context *ctx = c->ctx;
+    const pikv_cache_params *p = &c->params;
+    const int32_t ps = p->page_size, ns = c->n_shards;
+    pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
+
+    /* ---- dry run: plan ---- */
+    append_plan plan;
+    const size_t n_ints = (size_t)n * 2 + (size_t)ns * 4 + 1;
+    int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
+    PIKV_RETURN_ERROR_IF(!ints, ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "pikv_cache_append: scratch for %d tokens: allocation failed", n);
+    plan.shard_of = ints;
+    plan.order = plan.shard_of + n;
+    plan.shard_count = plan.order + n;
+    plan.new_pages = plan.shard_count + ns;
+    plan.place = plan.new_pages + ns;
+    plan.shard_start = plan.place + ns;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t e = experts ? experts[(size_t)i * (size_t)p->experts_per_token] : 0;
+        int32_t s = pikv_placement_shard(c, sl->next_index + i, e);
+        plan.shard_of[i] = s;
+        plan.shard_count[s]++;
+    }
+    plan.shard_start[0] = 0;
+    for (int32_t s = 0; s < ns; s++) plan.shard_start[s + 1] = plan.shard_start[s] + plan.shard_count[s];
+    {
+        /* counting sort keeps input order within a shard */
+        int32_t *fill = plan.new_pages; /* borrowed as a cursor, reset below */
+        for (int32_t s = 0; s < ns; s++) fill[s] = plan.shard_start[s];
+        for (int32_t i = 0; i < n; i++) plan.order[fill[plan.shard_of[i]]++] = i;
+    }
+    int64_t pending[PIKV_MAX_DEVICES] = {0};
+    int64_t total_new = 0, n_writes = 0;
+    for (int32_t s = 0; s < ns; s++) {
+        plan.new_pages[s] = 0;
+        if (plan.shard_count[s] == 0) continue;
+        const int32_t open = open_rows(c, &sl->rings[s]);
+        int32_t rest = plan.shard_count[s] - open;
+        if (rest < 0) rest = 0;
+        plan.new_pages[s] = (rest + ps - 1) / ps;
+        int32_t dev = pikv_cache_shard(c, layer, s)->dev;
+        if (dev < 0) dev = pikv_placement_pick_device(c, pending);
+        plan.place[s] = dev;
+        pending[dev] += plan.new_pages[s];
+        total_new += plan.new_pages[s];
+        n_writes += plan.new_pages[s] + (open > 0 ? 1 : 0);
+    }
+
+    /* ---- dry run: reserve ---- */
+    pikv_status st = PIKV_OK;
+    plan.writes = pikv_host_calloc(ctx, (size_t)n_writes * 2, sizeof(pikv_page_write));
+    plan.write_dev = pikv_host_calloc(ctx, (size_t)n_writes, sizeof(int32_t));
+    if (!plan.writes || !plan.write_dev)
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld page writes: "
+                       "allocation failed", (long long)n_writes);
+    plan.dev_writes = plan.writes ? plan.writes + n_writes : NULL;
+    if (st == PIKV_OK) st = pikv_page_ids_reserve(c, total_new);
+    for (int32_t s = 0; s < ns && st == PIKV_OK; s++)
+        if (plan.new_pages[s] > 0)
+            st = pikv_ring_reserve(ctx, &sl->rings[s], sl->rings[s].count + plan.new_pages[s]);
+    int32_t added[PIKV_MAX_DEVICES] = {0};
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, pending[d], &added[d]);
+    if (st != PIKV_OK) {
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        pikv_host_free(ctx, plan.writes);
+        pikv_host_free(ctx, plan.write_dev);
+        pikv_host_free(ctx, ints);
+        return st;
+    }
+
+    /* ---- commit: nothing below can fail short of a device error ---- */
+    int64_t w = 0;
+    for (int32_t s = 0; s < ns; s++) {
+        if (plan.shard_count[s] == 0) continue;
+        pikv_shard *sh = pikv_cache_shard(c, layer, s);
+        if (sh->dev < 0) {
+            sh->dev = plan.place[s];
+            c->devs[sh->dev].shards++;
+        }
+        pikv_ring *ring = &sl->rings[s];
+        int32_t done = 0;
+        while (done < plan.shard_count[s]) {
+            uint32_t id;
+            if (open_rows(c, ring) > 0) {
+                id = pikv_ring_back(ring);
+            } else {
+                id = pikv_page_id_take(c);
+                pikv_page_pool *pool = &c->devs[sh->dev];
+                c->pages[id] = (pikv_page_meta){sh->dev, pikv_pool_take(pool), layer, s, 0, 1};
+                pikv_ring_push(ring, id);
+                pool->pages_used++;
+                sh->pages++;
+                c->pages_live++;
+            }
+            pikv_page_meta *m = &c->pages[id];
+            int32_t rows = ps - m->n_tokens;
+            if (rows > plan.shard_count[s] - done) rows = plan.shard_count[s] - done;
+            plan.writes[w] = (pikv_page_write){m->slot, m->n_tokens, rows, plan.shard_start[s] + done};
+            plan.write_dev[w++] = m->dev;
+            for (int32_t r = 0; r < rows; r++) {
+                int32_t t = plan.order[plan.shard_start[s] + done + r];
+                size_t at = (size_t)id * (size_t)ps + (size_t)(m->n_tokens + r);
+                c->indices[at] = (int32_t)(sl->next_index + t);
+                c->positions[at] = positions ? positions[t] : (int32_t)(sl->next_index + t);
+            }
+            m->n_tokens += rows;
+            c->devs[m->dev].tokens += rows;
+            sh->tokens += rows;
+            done += rows;
+        }
+    }
+    /* One op per device, over that device's page writes. */
+    for (int32_t d = 0; d < c->n_devs; d++) {
+        int32_t nw = 0;
+        for (int64_t i = 0; i < w; i++)
+            if (plan.write_dev[i] == d) plan.dev_writes[nw++] = plan.writes[i];
+        if (nw == 0) continue;
+        pikv_page_pool *pool = &c->devs[d];
+        pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, k, v};
+        pikv_status dst = pool->dev->iface->append(pool->dev, &args);
+        if (dst != PIKV_OK && st == PIKV_OK) st = dst;
+    }
+    sl->next_index += n;
+    sl->n_tokens += n;
+    c->layer_tokens[layer] += n;
+    c->tokens += n;
+    c->appends++;
+    pikv_host_free(ctx, plan.writes);
+    pikv_host_free(ctx, plan.write_dev);
+    pikv_host_free(ctx, ints);
+    return st;
+}

@@ -1,0 +1,170 @@
+/*
+ * The backend interface: every backend implements these vtables privately
+ * ({iface, device, context} in the style of ggml) and registers its devices
+ * through one entry point. The runtime only ever calls through them, so one
+ * build can hold CPU, OpenCL, Vulkan and CUDA at once.
+ *
+ * Ops work on pages held in a device's page pool: chunks of device memory,
+ * each holding pages_per_chunk fixed-size pages. A page is named by its slot,
+ * slot = chunk * pages_per_chunk + index in chunk. Page lists handed to ops are
+ * CSR-like (indptr + slots + lengths), as in FlashInfer's page tables.
+ */
+#ifndef PIKV_BACKEND_IMPL_H
+#define PIKV_BACKEND_IMPL_H
+
+#include "pikv-impl.h"
+
+typedef struct pikv_device pikv_device;
+typedef struct pikv_backend pikv_backend;
+
+/* Device memory. For host-visible backends `host` points at the bytes. */
+typedef struct pikv_buffer {
+    pikv_device *device;
+    uint64_t size;
+    void *host;    /* non-NULL when the bytes are directly addressable by the host */
+    void *handle;  /* backend object (cl_mem, VkBuffer, CUdeviceptr...) */
+} pikv_buffer;
+
+/* Byte layout of one page. K and V are [n_kv_heads][page_size][head_dim] in the
+   storage dtype, so each KV head's rows are contiguous for streaming; the Quest
+   bounds are f32 [n_kv_heads][head_dim] min then max, over the stored keys. */
+typedef struct pikv_page_layout {
+    int32_t page_size;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    pikv_dtype dtype;
+    int32_t elem_size;
+    uint64_t k_offset, v_offset, kmin_offset, kmax_offset;
+    uint64_t head_stride;  /* bytes between KV heads inside K (and inside V) */
+    uint64_t page_bytes;   /* padded to 64 bytes */
+    uint64_t data_bytes;   /* K + V bytes of a full page */
+} pikv_page_layout;
+
+/* A device's page storage as the kernels see it. */
+typedef struct pikv_pool_view {
+    const pikv_page_layout *layout;
+    pikv_buffer *const *chunks;
+    int32_t n_chunks;
+    uint32_t pages_per_chunk;
+} pikv_pool_view;
+
+/* append: rows [row0, row0+n_rows) of page `slot` get source tokens
+   src_index[src_begin .. src_begin+n_rows). A page appears in at most one write
+   of a call, so writes may run in parallel. Bounds: row0 == 0 initializes
+   them, otherwise they widen. */
+typedef struct pikv_page_write {
+    uint32_t slot;
+    int32_t row0;
+    int32_t n_rows;
+    int32_t src_begin;
+} pikv_page_write;
+
+typedef struct pikv_append_args {
+    const pikv_pool_view *pool;
+    int32_t n_writes;
+    const pikv_page_write *writes;
+    const int32_t *src_index;
+    const float *k;  /* host [n_src][n_kv_heads][head_dim] */
+    const float *v;
+} pikv_append_args;
+
+/* copy the first n_rows rows of src_slot into dst_slot (same device) and
+   recompute the destination's bounds over those rows. */
+typedef struct pikv_page_copy_args {
+    const pikv_pool_view *pool;
+    uint32_t src_slot;
+    uint32_t dst_slot;
+    int32_t n_rows;
+} pikv_page_copy_args;
+
+/* decode attention of n_queries query tokens, each over its page list
+   slots[indptr[i] .. indptr[i+1]) with page_len valid rows per page; writes the
+   normalized partial output and its log-sum-exp (-inf and 0 when empty). */
+typedef struct pikv_attention_args {
+    const pikv_pool_view *pool;
+    int32_t n_queries;
+    int32_t n_q_heads;
+    const float *q;            /* host [n_queries][n_q_heads][head_dim] */
+    const int32_t *indptr;     /* [n_queries + 1] */
+    const uint32_t *slots;
+    const int32_t *page_len;
+    float scale;
+    float *out;                /* host [n_queries][n_q_heads][head_dim] */
+    float *lse;                /* host [n_queries][n_q_heads] */
+} pikv_attention_args;
+
+/* exact merge of n_parts partials: out/lse [n_rows][dim] from
+   part_out [n_parts][n_rows][dim] and part_lse [n_parts][n_rows]. */
+typedef struct pikv_merge_args {
+    int32_t n_parts;
+    int32_t n_rows;
+    int32_t dim;
+    const float *part_out;
+    const float *part_lse;
+    float *out;
+    float *lse;
+} pikv_merge_args;
+
+typedef enum pikv_op {
+    PIKV_OP_APPEND = 0,
+    PIKV_OP_PAGE_COPY,
+    PIKV_OP_ATTENTION,
+    PIKV_OP_MERGE,
+    PIKV_OP_COUNT_
+} pikv_op;
+
+typedef struct pikv_device_iface {
+    /* Whether the device runs op on pages of the given dtype. */
+    bool (*supports_op)(pikv_device *dev, pikv_op op, pikv_dtype dtype);
+
+    pikv_status (*buffer_alloc)(pikv_device *dev, uint64_t size, pikv_buffer **out);
+    void (*buffer_free)(pikv_device *dev, pikv_buffer *buf);
+    pikv_status (*buffer_write)(pikv_device *dev, pikv_buffer *buf, uint64_t offset,
+                                const void *src, uint64_t size);
+    pikv_status (*buffer_read)(pikv_device *dev, const pikv_buffer *buf, uint64_t offset,
+                               void *dst, uint64_t size);
+
+    pikv_status (*append)(pikv_device *dev, const pikv_append_args *args);
+    pikv_status (*page_copy)(pikv_device *dev, const pikv_page_copy_args *args);
+    pikv_status (*attention)(pikv_device *dev, const pikv_attention_args *args);
+    pikv_status (*merge)(pikv_device *dev, const pikv_merge_args *args);
+    pikv_status (*synchronize)(pikv_device *dev);
+} pikv_device_iface;
+
+struct pikv_device {
+    const pikv_device_iface *iface;
+    pikv_backend *backend;
+    void *context;               /* the backend's per-device state */
+    pikv_context *ctx;
+    int32_t index;               /* in the context's device list */
+    pikv_device_info info;       /* name, caps, memory_used kept current */
+};
+
+typedef struct pikv_backend_iface {
+    void (*free)(pikv_backend *backend);  /* frees the backend and its devices */
+} pikv_backend_iface;
+
+struct pikv_backend {
+    const pikv_backend_iface *iface;
+    pikv_backend_kind kind;
+    void *context;
+    pikv_context *ctx;
+    int32_t n_devices;
+    pikv_device **devices;
+};
+
+/* One registration entry per backend: creates the backend and its devices
+   (none when the runtime is missing: that is not an error). */
+pikv_status pikv_backend_cpu_init(pikv_context *ctx, const pikv_context_params *params,
+                                  pikv_backend **out);
+
+/* Device memory accounting shared by all backends: reserve before allocating,
+   release after freeing. Fails with OUT_OF_MEMORY past caps.memory_limit. */
+pikv_status pikv_device_reserve_bytes(pikv_device *dev, uint64_t size);
+void pikv_device_release_bytes(pikv_device *dev, uint64_t size);
+
+/* The page layout for a geometry (pure; used by the runtime and the tests). */
+void pikv_page_layout_init(pikv_page_layout *layout, int32_t page_size, int32_t n_kv_heads,
+                           int32_t head_dim, pikv_dtype dtype);
+
+#endif /* PIKV_BACKEND_IMPL_H */

@@ -1,0 +1,164 @@
+/*
+ * Private structures of a cache. Host-side metadata (page tables, page
+ * metadata, counters) is kept apart from the device buffers that hold page
+ * data, as in llama.cpp's KV cells: planning and admission run on the host
+ * without touching a device.
+ *
+ * Where things live:
+ *   page_pool.c   per-device page pools (chunks of device memory, free slots)
+ *   shard.c       rings of page ids (O(1) append at the back, pop at the front)
+ *   placement.c   token -> shard -> device, and re-balancing
+ *   cache.c       create/free, parameters, stats
+ *   sequence.c    add/remove/copy-prefix of sequences
+ *   append.c      transactional append (dry run, then commit)
+ *   attend.c      attention plan (page lists per device) and run (partials, merge)
+ */
+#ifndef PIKV_CACHE_IMPL_H
+#define PIKV_CACHE_IMPL_H
+
+#include "backend-impl.h"
+
+/* ---- shard.c: a ring of page ids ----------------------------------------- */
+typedef struct pikv_ring {
+    uint32_t *ids;
+    int64_t cap;
+    int64_t head;  /* index of the oldest page */
+    int64_t count;
+} pikv_ring;
+
+/* Make room for `need` pages in total; on failure the ring is unchanged. */
+pikv_status pikv_ring_reserve(pikv_context *ctx, pikv_ring *ring, int64_t need);
+static inline uint32_t pikv_ring_at(const pikv_ring *r, int64_t i)
+{
+    return r->ids[(r->head + i) % r->cap];
+}
+static inline uint32_t pikv_ring_back(const pikv_ring *r) { return pikv_ring_at(r, r->count - 1); }
+/* Needs reserved room (pikv_ring_reserve) */
+static inline void pikv_ring_push(pikv_ring *r, uint32_t id)
+{
+    r->ids[(r->head + r->count) % r->cap] = id;
+    r->count++;
+}
+void pikv_ring_free(pikv_context *ctx, pikv_ring *ring);
+
+/* ---- page metadata ---------------------------------------------------------- */
+typedef struct pikv_page_meta {
+    int32_t dev;      /* index into cache->devs */
+    uint32_t slot;    /* page slot in that device's pool */
+    int32_t layer;
+    int32_t shard;
+    int32_t n_tokens; /* valid rows */
+    int32_t refs;     /* sequences whose page tables hold it; 0 = free id */
+} pikv_page_meta;
+
+/* ---- page_pool.c: one device's page storage ------------------------------ */
+typedef struct pikv_page_pool {
+    pikv_device *dev;
+    pikv_buffer **chunks;
+    int64_t chunks_cap;
+    int32_t n_chunks;
+    uint32_t pages_per_chunk;
+    uint32_t *free_slots; /* stack */
+    int64_t free_cap;
+    int64_t n_free;
+    pikv_pool_view view;  /* what ops see; chunks pointer kept current */
+    /* accounting */
+    int64_t pages_used;
+    int64_t tokens;
+    int32_t shards;
+    uint64_t bytes_allocated;
+    uint64_t last_bytes_read;
+} pikv_page_pool;
+
+/* Ensure at least `n` free slots, growing by whole chunks. *added (chunks
+   grown) lets pikv_pool_unreserve undo it; on failure nothing changed. */
+pikv_status pikv_pool_reserve(pikv_context *ctx, pikv_page_pool *pool,
+                              const pikv_page_layout *layout, int64_t n, int32_t *added);
+void pikv_pool_unreserve(pikv_page_pool *pool, int32_t added);
+static inline uint32_t pikv_pool_take(pikv_page_pool *p) { return p->free_slots[--p->n_free]; }
+static inline void pikv_pool_give(pikv_page_pool *p, uint32_t slot) { p->free_slots[p->n_free++] = slot; }
+void pikv_pool_free(pikv_page_pool *pool);
+/* Byte offset of a slot inside its chunk buffer. */
+static inline pikv_buffer *pikv_pool_chunk(const pikv_page_pool *p, uint32_t slot, uint64_t *offset,
+                                           const pikv_page_layout *layout)
+{
+    *offset = (uint64_t)(slot % p->pages_per_chunk) * layout->page_bytes;
+    return p->chunks[slot / p->pages_per_chunk];
+}
+
+/* ---- shards, sequences ------------------------------------------------------ */
+typedef struct pikv_shard {
+    int32_t dev;      /* index into cache->devs; -1 = not placed yet (BALANCED) */
+    int64_t pages;
+    int64_t tokens;
+} pikv_shard;
+
+typedef struct pikv_seq_layer {
+    int64_t next_index; /* index the next appended token gets */
+    int64_t n_tokens;
+    pikv_ring *rings;   /* [n_shards]: this sequence's pages of each shard, oldest first */
+} pikv_seq_layer;
+
+typedef struct pikv_seq {
+    bool active;
+    pikv_seq_layer *layers; /* [n_layers], rings allocated in the same block */
+} pikv_seq;
+
+struct pikv_cache {
+    pikv_context *ctx;
+    pikv_cache_params params;
+    int32_t device_ids[PIKV_MAX_DEVICES]; /* context device indices */
+    pikv_page_layout layout;
+    int32_t n_shards;
+    float scale;
+
+    int32_t n_devs;
+    pikv_page_pool *devs;
+    pikv_shard *shards;   /* [n_layers][n_shards] */
+    pikv_seq *seqs;       /* [max_sequences] */
+    int64_t *layer_tokens;/* [n_layers] stored tokens */
+
+    /* page ids: metadata and per-row token info, indexed by id */
+    pikv_page_meta *pages;
+    int32_t *positions;   /* [id][page_size] */
+    int32_t *indices;     /* [id][page_size] token index in its sequence */
+    int64_t pages_cap;
+    int64_t pages_high;   /* ids below this have been handed out */
+    uint32_t *free_ids;   /* stack of returned ids */
+    int64_t free_ids_cap;
+    int64_t n_free_ids;
+
+    /* stats */
+    int64_t pages_live;
+    int64_t tokens;
+    int32_t n_seqs;
+    int64_t appends, attends;
+    int64_t last_pages_read, last_tokens_read;
+    uint64_t last_bytes_read;
+};
+
+static inline pikv_shard *pikv_cache_shard(pikv_cache *c, int32_t layer, int32_t shard)
+{
+    return &c->shards[(size_t)layer * (size_t)c->n_shards + (size_t)shard];
+}
+
+/* ---- page ids (cache.c) -------------------------------------------------------- */
+/* Ensure `n` more ids can be taken without allocating; nothing changes on failure. */
+pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n);
+uint32_t pikv_page_id_take(pikv_cache *c);
+/* Drop one reference; the last one frees the slot and id and updates counters. */
+void pikv_page_unref(pikv_cache *c, uint32_t id);
+
+/* ---- sequence.c ------------------------------------------------------------------- */
+/* OUT_OF_RANGE or NOT_FOUND (with a message starting with `what`) unless seq exists. */
+pikv_status pikv_seq_check(const pikv_cache *c, int32_t seq, const char *what);
+
+/* ---- placement.c ---------------------------------------------------------------- */
+int32_t pikv_placement_shard(const pikv_cache *c, int64_t token_index, int32_t top1_expert);
+/* Initial device of every shard (round robin, or unplaced for BALANCED). */
+void pikv_placement_init(pikv_cache *c);
+/* BALANCED: the device a new shard goes to, given pages about to be added per
+   device (pending, [n_devs]). */
+int32_t pikv_placement_pick_device(const pikv_cache *c, const int64_t *pending);
+
+#endif /* PIKV_CACHE_IMPL_H */

@@ -1,0 +1,285 @@
+/* Cache creation, parameters, page ids and statistics. */
+#include "cache-impl.h"
+
+#include <math.h>
+#include <string.h>
+
+void pikv_page_layout_init(pikv_page_layout *L, int32_t page_size, int32_t n_kv_heads,
+                           int32_t head_dim, pikv_dtype dtype)
+{
+    memset(L, 0, sizeof *L);
+    L->page_size = page_size;
+    L->n_kv_heads = n_kv_heads;
+    L->head_dim = head_dim;
+    L->dtype = dtype;
+    L->elem_size = dtype == PIKV_DTYPE_F16 ? 2 : 4;
+    L->head_stride = (uint64_t)page_size * (uint64_t)head_dim * (uint64_t)L->elem_size;
+    L->data_bytes = 2 * L->head_stride * (uint64_t)n_kv_heads;
+    const uint64_t bounds = (uint64_t)n_kv_heads * (uint64_t)head_dim * sizeof(float);
+    L->k_offset = 0;
+    L->v_offset = L->head_stride * (uint64_t)n_kv_heads;
+    L->kmin_offset = (L->data_bytes + 15) / 16 * 16; /* f32 bounds stay aligned */
+    L->kmax_offset = L->kmin_offset + bounds;
+    L->page_bytes = (L->kmax_offset + bounds + 63) / 64 * 64;
+}
+
+pikv_cache_params pikv_cache_default_params(void)
+{
+    pikv_cache_params p;
+    memset(&p, 0, sizeof p);
+    p.n_layers = 1;
+    p.n_q_heads = 8;
+    p.n_kv_heads = 8;
+    p.head_dim = 128;
+    p.n_experts = 1;
+    p.experts_per_token = 1;
+    p.page_size = 16;
+    p.dtype = PIKV_DTYPE_F16;
+    p.capacity_tokens = 1 << 20;
+    p.max_sequences = 64;
+    p.placement = PIKV_PLACEMENT_EXPERT;
+    return p;
+}
+
+static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p)
+{
+#define CHECK_RANGE(field, lo, hi)                                                         \
+    PIKV_RETURN_ERROR_IF((p->field) < (lo) || (p->field) > (hi), ctx, PIKV_ERR_INVALID_ARGUMENT, \
+                         #field " = %lld is outside %lld..%lld", (long long)(p->field),      \
+                         (long long)(lo), (long long)(hi))
+    CHECK_RANGE(n_layers, 1, 4096);
+    CHECK_RANGE(n_kv_heads, 1, 1024);
+    CHECK_RANGE(n_q_heads, 1, 8192);
+    CHECK_RANGE(head_dim, 1, 1024);
+    CHECK_RANGE(n_experts, 1, 65536);
+    CHECK_RANGE(experts_per_token, 1, p->n_experts);
+    CHECK_RANGE(page_size, 1, 4096);
+    CHECK_RANGE(capacity_tokens, 1, INT32_MAX);
+    CHECK_RANGE(max_sequences, 1, 1 << 20);
+    CHECK_RANGE(n_shards, 0, 65536);
+    CHECK_RANGE(hash_tokens, 0, INT32_MAX);
+    CHECK_RANGE(n_devices, 0, PIKV_MAX_DEVICES);
+#undef CHECK_RANGE
+    PIKV_RETURN_ERROR_IF(p->n_q_heads % p->n_kv_heads != 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "n_q_heads = %d is not a multiple of n_kv_heads = %d", p->n_q_heads,
+                         p->n_kv_heads);
+    PIKV_RETURN_ERROR_IF(p->dtype != PIKV_DTYPE_F32 && p->dtype != PIKV_DTYPE_F16, ctx,
+                         PIKV_ERR_INVALID_ARGUMENT, "dtype = %d is not a pikv_dtype", (int)p->dtype);
+    PIKV_RETURN_ERROR_IF(p->placement != PIKV_PLACEMENT_EXPERT && p->placement != PIKV_PLACEMENT_HASH &&
+                             p->placement != PIKV_PLACEMENT_BALANCED,
+                         ctx, PIKV_ERR_INVALID_ARGUMENT, "placement = %d is not a pikv_placement",
+                         (int)p->placement);
+    PIKV_RETURN_ERROR_IF(!(p->attn_scale >= 0.0f) || isinf(p->attn_scale), ctx,
+                         PIKV_ERR_INVALID_ARGUMENT, "attn_scale = %g must be finite and >= 0 (0 = default)",
+                         (double)p->attn_scale);
+    PIKV_RETURN_ERROR_IF(p->n_devices > 0 && !p->devices, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "n_devices = %d but devices is NULL", p->n_devices);
+    PIKV_RETURN_ERROR_IF(p->n_devices == 0 && p->devices, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "devices is set but n_devices = 0");
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params, pikv_cache **out)
+{
+    if (out) *out = NULL;
+    if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!params || !out, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_create: %s is NULL", !params ? "params" : "out");
+    PIKV_FORWARD_IF_ERROR(validate_params(ctx, params));
+    const pikv_cache_params *p = params;
+
+    int32_t ids[PIKV_MAX_DEVICES];
+    int32_t n_devs = p->n_devices > 0 ? p->n_devices : ctx->n_devices;
+    for (int32_t i = 0; i < n_devs; i++) {
+        ids[i] = p->n_devices > 0 ? p->devices[i] : i;
+        PIKV_RETURN_ERROR_IF(ids[i] < 0 || ids[i] >= ctx->n_devices, ctx, PIKV_ERR_OUT_OF_RANGE,
+                             "devices[%d] = %d is outside 0..%d", i, ids[i], ctx->n_devices - 1);
+        for (int32_t j = 0; j < i; j++)
+            PIKV_RETURN_ERROR_IF(ids[j] == ids[i], ctx, PIKV_ERR_INVALID_ARGUMENT,
+                                 "devices[%d] = devices[%d] = %d: a device may be listed once", j, i,
+                                 ids[i]);
+        pikv_device *dev = ctx->devices[ids[i]];
+        static const pikv_op needed[] = {PIKV_OP_APPEND, PIKV_OP_PAGE_COPY, PIKV_OP_ATTENTION};
+        for (size_t k = 0; k < sizeof needed / sizeof needed[0]; k++)
+            PIKV_RETURN_ERROR_IF(!dev->iface->supports_op(dev, needed[k], p->dtype), ctx,
+                                 PIKV_ERR_UNSUPPORTED, "device %s does not support op %d with dtype %d",
+                                 dev->info.name, (int)needed[k], (int)p->dtype);
+    }
+
+    pikv_cache *c = pikv_host_calloc(ctx, 1, sizeof *c);
+    if (!c) return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation failed");
+    c->ctx = ctx;
+    c->params = *p;
+    c->params.devices = NULL; /* the caller's array is not kept */
+    c->params.n_devices = n_devs;
+    memcpy(c->device_ids, ids, (size_t)n_devs * sizeof ids[0]);
+    c->n_devs = n_devs;
+    if (p->n_experts == 1)
+        c->n_shards = p->n_shards > 0 ? p->n_shards : n_devs;
+    else if (p->placement == PIKV_PLACEMENT_HASH)
+        c->n_shards = p->n_shards > 0 ? p->n_shards : p->n_experts;
+    else
+        c->n_shards = p->n_experts;
+    c->params.n_shards = c->n_shards;
+    if (c->params.hash_tokens == 0) c->params.hash_tokens = c->n_shards;
+    c->scale = p->attn_scale > 0.0f ? p->attn_scale : 1.0f / sqrtf((float)p->head_dim);
+    pikv_page_layout_init(&c->layout, p->page_size, p->n_kv_heads, p->head_dim, p->dtype);
+
+    c->devs = pikv_host_calloc(ctx, (size_t)n_devs, sizeof *c->devs);
+    c->shards = pikv_host_calloc(ctx, (size_t)p->n_layers * (size_t)c->n_shards, sizeof *c->shards);
+    c->seqs = pikv_host_calloc(ctx, (size_t)p->max_sequences, sizeof *c->seqs);
+    c->layer_tokens = pikv_host_calloc(ctx, (size_t)p->n_layers, sizeof *c->layer_tokens);
+    if (!c->devs || !c->shards || !c->seqs || !c->layer_tokens) {
+        pikv_cache_free(c);
+        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation of tables failed");
+    }
+    /* Chunks of about 1 MiB: small enough for device limits and small caches,
+       large enough that allocations are rare. */
+    uint64_t per = (1u << 20) / c->layout.page_bytes;
+    if (per < 1) per = 1;
+    if (per > 4096) per = 4096;
+    for (int32_t d = 0; d < n_devs; d++) {
+        pikv_page_pool *pool = &c->devs[d];
+        pool->dev = ctx->devices[ids[d]];
+        pool->pages_per_chunk = (uint32_t)per;
+        pool->view.layout = &c->layout;
+        pool->view.pages_per_chunk = (uint32_t)per;
+    }
+    pikv_placement_init(c);
+    *out = c;
+    return PIKV_OK;
+}
+
+void pikv_cache_free(pikv_cache *c)
+{
+    if (!c) return;
+    pikv_context *ctx = c->ctx;
+    if (c->seqs)
+        for (int32_t q = 0; q < c->params.max_sequences; q++) {
+            pikv_seq *s = &c->seqs[q];
+            if (!s->active) continue;
+            for (int32_t l = 0; l < c->params.n_layers; l++)
+                for (int32_t k = 0; k < c->n_shards; k++) pikv_ring_free(ctx, &s->layers[l].rings[k]);
+            pikv_host_free(ctx, s->layers);
+        }
+    if (c->devs)
+        for (int32_t d = 0; d < c->n_devs; d++)
+            if (c->devs[d].dev) pikv_pool_free(&c->devs[d]);
+    pikv_host_free(ctx, c->devs);
+    pikv_host_free(ctx, c->shards);
+    pikv_host_free(ctx, c->seqs);
+    pikv_host_free(ctx, c->layer_tokens);
+    pikv_host_free(ctx, c->pages);
+    pikv_host_free(ctx, c->positions);
+    pikv_host_free(ctx, c->indices);
+    pikv_host_free(ctx, c->free_ids);
+    pikv_host_free(ctx, c);
+}
+
+pikv_context *pikv_cache_context(const pikv_cache *c) { return c ? c->ctx : NULL; }
+
+/* ---- page ids ------------------------------------------------------------------ */
+
+pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n)
+{
+    int64_t spare = c->n_free_ids + (c->pages_cap - c->pages_high);
+    if (n <= spare) return PIKV_OK;
+    int64_t need = c->pages_high + (n - c->n_free_ids);
+    PIKV_RETURN_ERROR_IF(need > (int64_t)UINT32_MAX, c->ctx, PIKV_ERR_CAPACITY,
+                         "%lld page ids exceed the id range", (long long)need);
+    /* Grow all parallel arrays to one new capacity; each step only adds room. */
+    int64_t cap = c->pages_cap > 0 ? c->pages_cap : 64;
+    while (cap < need) cap *= 2;
+    const size_t ps = (size_t)c->params.page_size;
+    int64_t cap_meta = c->pages_cap, cap_free = c->free_ids_cap;
+    int64_t cap_pos = c->pages_cap * (int64_t)ps, cap_idx = c->pages_cap * (int64_t)ps;
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->pages, sizeof *c->pages, &cap_meta, cap));
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->positions, sizeof *c->positions, &cap_pos,
+                                            cap * (int64_t)ps));
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->indices, sizeof *c->indices, &cap_idx,
+                                            cap * (int64_t)ps));
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->free_ids, sizeof *c->free_ids, &cap_free, cap));
+    c->free_ids_cap = cap_free;
+    /* pikv_host_reserve may round capacities up differently: use the smallest */
+    int64_t got = cap_meta;
+    if (cap_pos / (int64_t)ps < got) got = cap_pos / (int64_t)ps;
+    if (cap_idx / (int64_t)ps < got) got = cap_idx / (int64_t)ps;
+    c->pages_cap = got;
+    return PIKV_OK;
+}
+
+uint32_t pikv_page_id_take(pikv_cache *c)
+{
+    if (c->n_free_ids > 0) return c->free_ids[--c->n_free_ids];
+    return (uint32_t)c->pages_high++;
+}
+
+void pikv_page_unref(pikv_cache *c, uint32_t id)
+{
+    pikv_page_meta *m = &c->pages[id];
+    if (--m->refs > 0) return;
+    pikv_page_pool *pool = &c->devs[m->dev];
+    pikv_pool_give(pool, m->slot);
+    pool->pages_used--;
+    pool->tokens -= m->n_tokens;
+    pikv_shard *sh = pikv_cache_shard(c, m->layer, m->shard);
+    sh->pages--;
+    sh->tokens -= m->n_tokens;
+    c->layer_tokens[m->layer] -= m->n_tokens;
+    c->tokens -= m->n_tokens;
+    c->pages_live--;
+    c->free_ids[c->n_free_ids++] = id;
+}
+
+/* ---- stats ---------------------------------------------------------------------- */
+
+pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    memset(out, 0, sizeof *out);
+    out->tokens = c->tokens;
+    out->pages = c->pages_live;
+    for (int32_t d = 0; d < c->n_devs; d++) out->bytes_allocated += c->devs[d].bytes_allocated;
+    out->bytes_used = (uint64_t)c->pages_live * c->layout.page_bytes;
+    out->sequences = c->n_seqs;
+    out->n_devices = c->n_devs;
+    out->n_shards = c->n_shards;
+    out->last_pages_read = c->last_pages_read;
+    out->last_bytes_read = c->last_bytes_read;
+    out->last_tokens_read = c->last_tokens_read;
+    out->appends = c->appends;
+    out->attends = c->attends;
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_get_device_stats(const pikv_cache *c, int32_t i, pikv_cache_device_stats *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(i < 0 || i >= c->n_devs, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "cache device %d is outside 0..%d", i, c->n_devs - 1);
+    const pikv_page_pool *pool = &c->devs[i];
+    memset(out, 0, sizeof *out);
+    out->device = c->device_ids[i];
+    out->shards = pool->shards;
+    out->tokens = pool->tokens;
+    out->pages = pool->pages_used;
+    out->bytes_allocated = pool->bytes_allocated;
+    out->bytes_used = (uint64_t)pool->pages_used * c->layout.page_bytes;
+    out->last_bytes_read = pool->last_bytes_read;
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_shard_info(const pikv_cache *c, int32_t layer, int32_t shard, int32_t *device,
+                                  int64_t *pages, int64_t *tokens)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(layer < 0 || layer >= c->params.n_layers, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "layer %d is outside 0..%d", layer, c->params.n_layers - 1);
+    PIKV_RETURN_ERROR_IF(shard < 0 || shard >= c->n_shards, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "shard %d is outside 0..%d", shard, c->n_shards - 1);
+    const pikv_shard *sh = &c->shards[(size_t)layer * (size_t)c->n_shards + (size_t)shard];
+    if (device) *device = sh->dev;
+    if (pages) *pages = sh->pages;
+    if (tokens) *tokens = sh->tokens;
+    return PIKV_OK;
+}

@@ -1,0 +1,66 @@
+/* Per-device page pools. Device memory is taken in chunks of many pages
+   (never one allocation per page: GPU allocators and descriptor limits make
+   per-page buffers slow or impossible); free page slots are a stack. */
+#include "cache-impl.h"
+
+pikv_status pikv_pool_reserve(pikv_context *ctx, pikv_page_pool *pool,
+                              const pikv_page_layout *layout, int64_t n, int32_t *added)
+{
+    *added = 0;
+    if (pool->n_free >= n) return PIKV_OK;
+    const int64_t per = pool->pages_per_chunk;
+    const int64_t chunks_needed = (n - pool->n_free + per - 1) / per;
+    const int64_t total_slots = ((int64_t)pool->n_chunks + chunks_needed) * per;
+    PIKV_RETURN_ERROR_IF(total_slots > (int64_t)UINT32_MAX, ctx, PIKV_ERR_CAPACITY,
+                         "device %s: %lld page slots exceed the slot index range",
+                         pool->dev->info.name, (long long)total_slots);
+    /* Index arrays first: growing them changes nothing observable. */
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(ctx, (void **)&pool->chunks, sizeof *pool->chunks,
+                                            &pool->chunks_cap, pool->n_chunks + chunks_needed));
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(ctx, (void **)&pool->free_slots, sizeof *pool->free_slots,
+                                            &pool->free_cap, total_slots));
+    pool->view.chunks = pool->chunks;
+    const uint64_t chunk_bytes = (uint64_t)per * layout->page_bytes;
+    for (int64_t c = 0; c < chunks_needed; c++) {
+        pikv_buffer *buf = NULL;
+        pikv_status st = pool->dev->iface->buffer_alloc(pool->dev, chunk_bytes, &buf);
+        if (st != PIKV_OK) {
+            pikv_pool_unreserve(pool, *added);
+            *added = 0;
+            return st;
+        }
+        int32_t chunk = pool->n_chunks++;
+        pool->chunks[chunk] = buf;
+        pool->bytes_allocated += chunk_bytes;
+        /* push in reverse so slots are taken in increasing order */
+        for (int64_t i = per - 1; i >= 0; i--)
+            pool->free_slots[pool->n_free++] = (uint32_t)((int64_t)chunk * per + i);
+        (*added)++;
+    }
+    pool->view.n_chunks = pool->n_chunks;
+    return PIKV_OK;
+}
+
+void pikv_pool_unreserve(pikv_page_pool *pool, int32_t added)
+{
+    /* The newest chunks' slots are on top of the free stack: nothing was taken since. */
+    for (int32_t c = 0; c < added; c++) {
+        pikv_buffer *buf = pool->chunks[--pool->n_chunks];
+        pool->n_free -= pool->pages_per_chunk;
+        pool->bytes_allocated -= buf->size;
+        pool->dev->iface->buffer_free(pool->dev, buf);
+    }
+    pool->view.n_chunks = pool->n_chunks;
+}
+
+void pikv_pool_free(pikv_page_pool *pool)
+{
+    pikv_context *ctx = pool->dev->ctx;
+    for (int32_t c = 0; c < pool->n_chunks; c++) pool->dev->iface->buffer_free(pool->dev, pool->chunks[c]);
+    pikv_host_free(ctx, pool->chunks);
+    pikv_host_free(ctx, pool->free_slots);
+    pool->chunks = NULL;
+    pool->free_slots = NULL;
+    pool->n_chunks = 0;
+    pool->bytes_allocated = 0;
+}

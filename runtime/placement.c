@@ -1,0 +1,169 @@
+/* Placement: which shard a token's KV goes to, which device holds a shard,
+   and re-balancing of shards over devices (BALANCED). */
+#include "cache-impl.h"
+
+#include <string.h>
+
+int32_t pikv_placement_shard(const pikv_cache *c, int64_t t, int32_t e)
+{
+    const pikv_cache_params *p = &c->params;
+    if (p->n_experts == 1) /* dense: blocks of page_size positions dealt over the shards */
+        return (int32_t)((t / p->page_size) % c->n_shards);
+    if (p->placement == PIKV_PLACEMENT_HASH) {
+        /* s(t,e) = (t mod N_tok) xor (e mod N_exp), folded onto the shards */
+        int64_t s = (t % p->hash_tokens) ^ (int64_t)(e % p->n_experts);
+        return (int32_t)(s % c->n_shards);
+    }
+    return e; /* EXPERT, BALANCED: shard = top-1 expert */
+}
+
+void pikv_placement_init(pikv_cache *c)
+{
+    for (int32_t l = 0; l < c->params.n_layers; l++)
+        for (int32_t s = 0; s < c->n_shards; s++) {
+            pikv_shard *sh = pikv_cache_shard(c, l, s);
+            memset(sh, 0, sizeof *sh);
+            if (c->params.placement == PIKV_PLACEMENT_BALANCED) {
+                sh->dev = -1; /* placed when its first page arrives */
+            } else {
+                sh->dev = s % c->n_devs;
+                c->devs[sh->dev].shards++;
+            }
+        }
+}
+
+int32_t pikv_placement_pick_device(const pikv_cache *c, const int64_t *pending)
+{
+    int32_t best = 0;
+    int64_t best_load = INT64_MAX;
+    for (int32_t d = 0; d < c->n_devs; d++) {
+        int64_t load = c->devs[d].pages_used + pending[d];
+        if (load < best_load) {
+            best_load = load;
+            best = d;
+        }
+    }
+    return best;
+}
+
+/* ---- re-balancing ------------------------------------------------------------ */
+
+typedef struct shard_load {
+    int32_t layer, shard;
+    int64_t pages;
+} shard_load;
+
+static void sort_by_pages_desc(shard_load *a, int64_t n)
+{
+    /* insertion sort on a copy is fine for the shard counts we have (layers x
+       experts), but use a shell sort to stay fast for thousands of shards */
+    for (int64_t gap = n / 2; gap > 0; gap /= 2)
+        for (int64_t i = gap; i < n; i++) {
+            shard_load x = a[i];
+            int64_t j = i;
+            for (; j >= gap && (a[j - gap].pages < x.pages ||
+                                (a[j - gap].pages == x.pages &&
+                                 (a[j - gap].layer > x.layer ||
+                                  (a[j - gap].layer == x.layer && a[j - gap].shard > x.shard))));
+                 j -= gap)
+                a[j] = a[j - gap];
+            a[j] = x;
+        }
+}
+
+pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_context *ctx = c->ctx;
+    if (moved_pages) *moved_pages = 0;
+    PIKV_RETURN_ERROR_IF(c->params.placement != PIKV_PLACEMENT_BALANCED, ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "rebalance needs BALANCED placement (the cache uses placement %d)",
+                         (int)c->params.placement);
+    const int64_t n_all = (int64_t)c->params.n_layers * c->n_shards;
+    shard_load *loads = pikv_host_calloc(ctx, (size_t)n_all, sizeof *loads);
+    int32_t *target = pikv_host_calloc(ctx, (size_t)n_all, sizeof *target);
+    int64_t *dev_load = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *dev_load);
+    int64_t *incoming = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *incoming);
+    int32_t *added = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *added);
+    void *staging = pikv_host_alloc(ctx, (size_t)c->layout.page_bytes, 64);
+    pikv_status st = PIKV_OK;
+    if (!loads || !target || !dev_load || !incoming || !added || !staging) {
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "rebalance: allocation of work arrays failed");
+        goto done;
+    }
+    /* Greedy longest-processing-time packing of the shards that hold pages. */
+    int64_t n = 0;
+    for (int32_t l = 0; l < c->params.n_layers; l++)
+        for (int32_t s = 0; s < c->n_shards; s++) {
+            const pikv_shard *sh = pikv_cache_shard(c, l, s);
+            target[(size_t)l * (size_t)c->n_shards + (size_t)s] = sh->dev;
+            if (sh->pages > 0) loads[n++] = (shard_load){l, s, sh->pages};
+        }
+    sort_by_pages_desc(loads, n);
+    for (int64_t i = 0; i < n; i++) {
+        int32_t best = 0;
+        for (int32_t d = 1; d < c->n_devs; d++)
+            if (dev_load[d] < dev_load[best]) best = d;
+        dev_load[best] += loads[i].pages;
+        size_t k = (size_t)loads[i].layer * (size_t)c->n_shards + (size_t)loads[i].shard;
+        if (target[k] != best) incoming[best] += loads[i].pages;
+        target[k] = best;
+    }
+    /* Reserve every destination slot before moving anything. */
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, incoming[d], &added[d]);
+    if (st != PIKV_OK) {
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        goto done;
+    }
+    int64_t moved = 0;
+    for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
+        for (int32_t s = 0; s < c->n_shards && st == PIKV_OK; s++) {
+            pikv_shard *sh = pikv_cache_shard(c, l, s);
+            const int32_t to = target[(size_t)l * (size_t)c->n_shards + (size_t)s];
+            if (sh->pages == 0 || to == sh->dev) continue;
+            pikv_page_pool *src = &c->devs[sh->dev], *dst = &c->devs[to];
+            for (int32_t q = 0; q < c->params.max_sequences && st == PIKV_OK; q++) {
+                if (!c->seqs[q].active) continue;
+                const pikv_ring *ring = &c->seqs[q].layers[l].rings[s];
+                for (int64_t i = 0; i < ring->count && st == PIKV_OK; i++) {
+                    pikv_page_meta *m = &c->pages[pikv_ring_at(ring, i)];
+                    if (m->dev == to) continue; /* shared page, already moved */
+                    uint64_t so, dof;
+                    pikv_buffer *sb = pikv_pool_chunk(src, m->slot, &so, &c->layout);
+                    uint32_t slot = pikv_pool_take(dst);
+                    pikv_buffer *db = pikv_pool_chunk(dst, slot, &dof, &c->layout);
+                    st = src->dev->iface->buffer_read(src->dev, sb, so, staging, c->layout.page_bytes);
+                    if (st == PIKV_OK)
+                        st = dst->dev->iface->buffer_write(dst->dev, db, dof, staging, c->layout.page_bytes);
+                    if (st != PIKV_OK) { /* the page stays where it was */
+                        pikv_pool_give(dst, slot);
+                        break;
+                    }
+                    pikv_pool_give(src, m->slot);
+                    m->dev = to;
+                    m->slot = slot;
+                    src->pages_used--;
+                    dst->pages_used++;
+                    src->tokens -= m->n_tokens;
+                    dst->tokens += m->n_tokens;
+                    moved++;
+                }
+            }
+            if (st == PIKV_OK) {
+                src->shards--;
+                dst->shards++;
+                sh->dev = to;
+            }
+        }
+    if (moved_pages) *moved_pages = moved;
+done:
+    pikv_host_free(ctx, loads);
+    pikv_host_free(ctx, target);
+    pikv_host_free(ctx, dev_load);
+    pikv_host_free(ctx, incoming);
+    pikv_host_free(ctx, added);
+    pikv_host_free(ctx, staging);
+    return st;
+}

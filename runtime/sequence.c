@@ -1,0 +1,203 @@
+/* Sequences: each has, per layer and shard, a ring of page ids (its page
+   table). Adding, removing and copying a prefix of sequences. */
+#include "cache-impl.h"
+
+#include <string.h>
+
+static pikv_status check_seq_id(const pikv_cache *c, int32_t seq, const char *what)
+{
+    PIKV_RETURN_ERROR_IF(seq < 0 || seq >= c->params.max_sequences, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "%s sequence %d is outside 0..%d", what, seq, c->params.max_sequences - 1);
+    return PIKV_OK;
+}
+
+static pikv_status check_seq_exists(const pikv_cache *c, int32_t seq, const char *what)
+{
+    PIKV_FORWARD_IF_ERROR(check_seq_id(c, seq, what));
+    PIKV_RETURN_ERROR_IF(!c->seqs[seq].active, c->ctx, PIKV_ERR_NOT_FOUND,
+                         "%s sequence %d has not been added", what, seq);
+    return PIKV_OK;
+}
+
+pikv_status pikv_seq_check(const pikv_cache *c, int32_t seq, const char *what)
+{
+    return check_seq_exists(c, seq, what);
+}
+
+/* One block holds the layers and all their rings. */
+static pikv_seq_layer *alloc_seq_layers(pikv_cache *c)
+{
+    const size_t nl = (size_t)c->params.n_layers, ns = (size_t)c->n_shards;
+    size_t bytes = nl * sizeof(pikv_seq_layer) + nl * ns * sizeof(pikv_ring);
+    pikv_seq_layer *layers = pikv_host_calloc(c->ctx, 1, bytes);
+    if (!layers) return NULL;
+    pikv_ring *rings = (pikv_ring *)(layers + nl);
+    for (size_t l = 0; l < nl; l++) layers[l].rings = rings + l * ns;
+    return layers;
+}
+
+static void free_seq_layers(pikv_cache *c, pikv_seq_layer *layers)
+{
+    if (!layers) return;
+    for (int32_t l = 0; l < c->params.n_layers; l++)
+        for (int32_t s = 0; s < c->n_shards; s++) pikv_ring_free(c->ctx, &layers[l].rings[s]);
+    pikv_host_free(c->ctx, layers);
+}
+
+pikv_status pikv_seq_add(pikv_cache *c, int32_t seq)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_FORWARD_IF_ERROR(check_seq_id(c, seq, "pikv_seq_add:"));
+    PIKV_RETURN_ERROR_IF(c->seqs[seq].active, c->ctx, PIKV_ERR_EXISTS,
+                         "pikv_seq_add: sequence %d already exists", seq);
+    pikv_seq_layer *layers = alloc_seq_layers(c);
+    PIKV_RETURN_ERROR_IF(!layers, c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "pikv_seq_add: page tables of sequence %d: allocation failed", seq);
+    c->seqs[seq].layers = layers;
+    c->seqs[seq].active = true;
+    c->n_seqs++;
+    return PIKV_OK;
+}
+
+pikv_status pikv_seq_remove(pikv_cache *c, int32_t seq)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_FORWARD_IF_ERROR(check_seq_exists(c, seq, "pikv_seq_remove:"));
+    pikv_seq *s = &c->seqs[seq];
+    for (int32_t l = 0; l < c->params.n_layers; l++)
+        for (int32_t k = 0; k < c->n_shards; k++) {
+            const pikv_ring *ring = &s->layers[l].rings[k];
+            for (int64_t i = 0; i < ring->count; i++) pikv_page_unref(c, pikv_ring_at(ring, i));
+        }
+    free_seq_layers(c, s->layers);
+    s->layers = NULL;
+    s->active = false;
+    c->n_seqs--;
+    return PIKV_OK;
+}
+
+pikv_status pikv_seq_length(const pikv_cache *c, int32_t seq, int32_t layer, int64_t *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_FORWARD_IF_ERROR(check_seq_exists(c, seq, "pikv_seq_length:"));
+    PIKV_RETURN_ERROR_IF(layer < 0 || layer >= c->params.n_layers, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "pikv_seq_length: layer %d is outside 0..%d", layer, c->params.n_layers - 1);
+    *out = c->seqs[seq].layers[layer].n_tokens;
+    return PIKV_OK;
+}
+
+/* Rows of a page whose token index is below n (indices increase along a page). */
+static int32_t rows_below(const pikv_cache *c, uint32_t id, int64_t n)
+{
+    const pikv_page_meta *m = &c->pages[id];
+    const int32_t *idx = c->indices + (size_t)id * (size_t)c->params.page_size;
+    int32_t k = 0;
+    while (k < m->n_tokens && idx[k] < n) k++;
+    return k;
+}
+
+pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_t n)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_context *ctx = c->ctx;
+    PIKV_FORWARD_IF_ERROR(check_seq_exists(c, src, "pikv_seq_copy_prefix: source"));
+    PIKV_FORWARD_IF_ERROR(check_seq_id(c, dst, "pikv_seq_copy_prefix: destination"));
+    PIKV_RETURN_ERROR_IF(c->seqs[dst].active, ctx, PIKV_ERR_EXISTS,
+                         "pikv_seq_copy_prefix: destination sequence %d already exists", dst);
+    PIKV_RETURN_ERROR_IF(n < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_seq_copy_prefix: n_tokens = %lld is negative", (long long)n);
+    const pikv_seq *s = &c->seqs[src];
+    for (int32_t l = 0; l < c->params.n_layers; l++)
+        PIKV_RETURN_ERROR_IF(n > s->layers[l].next_index, ctx, PIKV_ERR_OUT_OF_RANGE,
+                             "pikv_seq_copy_prefix: n_tokens = %lld exceeds the %lld tokens of sequence "
+                             "%d in layer %d", (long long)n, (long long)s->layers[l].next_index, src, l);
+
+    /* Dry run: pages to copy per device, new tokens per layer. */
+    int64_t copies[PIKV_MAX_DEVICES] = {0};
+    int64_t total_copies = 0;
+    for (int32_t l = 0; l < c->params.n_layers; l++) {
+        int64_t new_tokens = 0;
+        for (int32_t k = 0; k < c->n_shards; k++) {
+            const pikv_ring *ring = &s->layers[l].rings[k];
+            for (int64_t i = 0; i < ring->count; i++) {
+                uint32_t id = pikv_ring_at(ring, i);
+                int32_t rows = rows_below(c, id, n);
+                if (rows == 0) break;
+                if (rows < c->params.page_size) { /* partial or still open: copied */
+                    copies[c->pages[id].dev]++;
+                    total_copies++;
+                    new_tokens += rows;
+                }
+            }
+        }
+        PIKV_RETURN_ERROR_IF(c->layer_tokens[l] + new_tokens > c->params.capacity_tokens, ctx,
+                             PIKV_ERR_CAPACITY,
+                             "pikv_seq_copy_prefix: layer %d would hold %lld tokens, over capacity_tokens "
+                             "= %lld", l, (long long)(c->layer_tokens[l] + new_tokens),
+                             (long long)c->params.capacity_tokens);
+    }
+    /* Reserve everything. */
+    pikv_seq_layer *layers = alloc_seq_layers(c);
+    PIKV_RETURN_ERROR_IF(!layers, ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "pikv_seq_copy_prefix: page tables of sequence %d: allocation failed", dst);
+    pikv_status st = pikv_page_ids_reserve(c, total_copies);
+    for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
+        for (int32_t k = 0; k < c->n_shards && st == PIKV_OK; k++) {
+            const pikv_ring *ring = &s->layers[l].rings[k];
+            int64_t keep = 0;
+            while (keep < ring->count && rows_below(c, pikv_ring_at(ring, keep), n) > 0) keep++;
+            if (keep > 0) st = pikv_ring_reserve(ctx, &layers[l].rings[k], keep);
+        }
+    int32_t added[PIKV_MAX_DEVICES] = {0};
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, copies[d], &added[d]);
+    if (st != PIKV_OK) {
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        free_seq_layers(c, layers);
+        return st;
+    }
+
+    /* Commit: share full pages, copy the others. */
+    const size_t ps = (size_t)c->params.page_size;
+    for (int32_t l = 0; l < c->params.n_layers; l++) {
+        pikv_seq_layer *dl = &layers[l];
+        dl->next_index = n;
+        for (int32_t k = 0; k < c->n_shards; k++) {
+            const pikv_ring *ring = &s->layers[l].rings[k];
+            for (int64_t i = 0; i < ring->count; i++) {
+                uint32_t id = pikv_ring_at(ring, i);
+                int32_t rows = rows_below(c, id, n);
+                if (rows == 0) break;
+                dl->n_tokens += rows;
+                if (rows == (int32_t)ps) {
+                    c->pages[id].refs++;
+                    pikv_ring_push(&dl->rings[k], id);
+                    continue;
+                }
+                const pikv_page_meta *m = &c->pages[id];
+                pikv_page_pool *pool = &c->devs[m->dev];
+                uint32_t nid = pikv_page_id_take(c);
+                uint32_t slot = pikv_pool_take(pool);
+                pikv_page_copy_args args = {&pool->view, m->slot, slot, rows};
+                pikv_status cst = pool->dev->iface->page_copy(pool->dev, &args);
+                if (cst != PIKV_OK) st = cst; /* device failure: keep going so state stays consistent */
+                c->pages[nid] = (pikv_page_meta){m->dev, slot, l, k, rows, 1};
+                memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
+                memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
+                pikv_ring_push(&dl->rings[k], nid);
+                pool->pages_used++;
+                pool->tokens += rows;
+                pikv_shard *sh = pikv_cache_shard(c, l, k);
+                sh->pages++;
+                sh->tokens += rows;
+                c->layer_tokens[l] += rows;
+                c->tokens += rows;
+                c->pages_live++;
+            }
+        }
+    }
+    c->seqs[dst].layers = layers;
+    c->seqs[dst].active = true;
+    c->n_seqs++;
+    return st;
+}
