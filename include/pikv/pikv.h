@@ -260,8 +260,9 @@ PIKV_API pikv_status pikv_cache_attend(pikv_cache *cache, int32_t layer,
                                        const pikv_attend_batch *batch);
 
 typedef struct pikv_cache_stats {
-    int64_t tokens;               /* over all layers and sequences */
-    int64_t pages;                /* pages allocated to data (shared pages once) */
+    int64_t tokens;               /* stored, over all layers and sequences (a page shared
+                                     by several sequences counts once) */
+    int64_t pages;                /* pages holding data (shared pages once) */
     uint64_t bytes_allocated;     /* device bytes reserved for pages, all devices */
     uint64_t bytes_used;          /* bytes of pages in use (data + bounds) */
     int32_t sequences;
