@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds PiKV twice and runs the whole test suite on each build:
+#   build/       release build, warnings as errors
+#   build-asan/  AddressSanitizer + UndefinedBehaviorSanitizer (any report fails)
+# Usage: tools/run-tests.sh [--no-asan]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc 2>/dev/null || echo 2)
+asan=1
+[ "${1:-}" = "--no-asan" ] && asan=0
+
+step() { echo; echo "==== $*"; }
+
+step "release build (build/)"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON
+cmake --build build -j "$jobs"
+step "tests (release)"
+ctest --test-dir build -j "$jobs" --output-on-failure
+
+if [ "$asan" = 1 ]; then
+  step "sanitizer build (build-asan/)"
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPIKV_WERROR=ON \
+    "-DCMAKE_C_FLAGS=-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+  cmake --build build-asan -j "$jobs"
+  step "tests (ASan + UBSan)"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build-asan -j "$jobs" --output-on-failure
+fi
+echo
+echo "all test runs passed"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing PiKV needs on Debian/Ubuntu.
+# Packages already present are not fetched again.
+set -euo pipefail
+packages=(build-essential cmake ninja-build pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -q
+  $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+echo "setup: ${#missing[@]} package(s) installed; all of ${packages[*]} present"
