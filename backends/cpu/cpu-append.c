@@ -1,35 +1,31 @@
 /* CPU ops that write pages: append (store rows in the page dtype and widen the
    Quest bounds) and page copy (copy a row prefix, recompute the bounds). */
 #include "cpu-impl.h"
-#include "../../runtime/f16.h"
 
 #include <string.h>
 
 /* Store n floats as the page dtype; returns the stored values (after rounding)
    in `stored` so bounds cover exactly what attention will read. */
-static void store_row(pikv_dtype dtype, unsigned char *dst, const float *src, int32_t n,
-                      float *stored)
+static void store_row(const pikv_cpu_backend *cb, pikv_dtype dtype, unsigned char *dst,
+                      const float *src, int32_t n, float *stored)
 {
     if (dtype == PIKV_DTYPE_F32) {
         memcpy(dst, src, (size_t)n * sizeof(float));
         if (stored) memcpy(stored, src, (size_t)n * sizeof(float));
         return;
     }
-    uint16_t *h = (uint16_t *)dst;
-    for (int32_t d = 0; d < n; d++) {
-        h[d] = pikv_f32_to_f16(src[d]);
-        if (stored) stored[d] = pikv_f16_to_f32(h[d]);
-    }
+    cb->f32_to_f16(src, (uint16_t *)dst, n);
+    if (stored) cb->f16_to_f32((const uint16_t *)dst, stored, n);
 }
 
-static void load_row(pikv_dtype dtype, const unsigned char *src, int32_t n, float *out)
+static void load_row(const pikv_cpu_backend *cb, pikv_dtype dtype, const unsigned char *src,
+                     int32_t n, float *out)
 {
     if (dtype == PIKV_DTYPE_F32) {
         memcpy(out, src, (size_t)n * sizeof(float));
         return;
     }
-    const uint16_t *h = (const uint16_t *)src;
-    for (int32_t d = 0; d < n; d++) out[d] = pikv_f16_to_f32(h[d]);
+    cb->f16_to_f32((const uint16_t *)src, out, n);
 }
 
 static void widen_bounds(float *kmin, float *kmax, const float *row, int32_t n, bool init)
@@ -47,6 +43,7 @@ static void widen_bounds(float *kmin, float *kmax, const float *row, int32_t n, 
 
 typedef struct append_job {
     const pikv_append_args *args;
+    const pikv_cpu_backend *cb;
 } append_job;
 
 enum { MAX_STACK_DIM = 1024 }; /* head_dim limit of pikv_cache_params */
@@ -55,6 +52,7 @@ static void append_task(void *arg, int64_t task, int32_t thread)
 {
     (void)thread;
     const pikv_append_args *a = ((append_job *)arg)->args;
+    const pikv_cpu_backend *cb = ((append_job *)arg)->cb;
     const pikv_page_layout *L = a->pool->layout;
     const pikv_page_write *w = &a->writes[task];
     unsigned char *page = pikv_cpu_page_ptr(a->pool, w->slot);
@@ -69,8 +67,8 @@ static void append_task(void *arg, int64_t task, int32_t thread)
             int64_t src = a->src_index[w->src_begin + r];
             size_t off = ((size_t)src * (size_t)kvh + (size_t)g) * (size_t)hd;
             uint64_t row = (uint64_t)(w->row0 + r) * (uint64_t)hd * (uint64_t)L->elem_size;
-            store_row(L->dtype, kh + row, a->k + off, hd, stored);
-            store_row(L->dtype, vh + row, a->v + off, hd, NULL);
+            store_row(cb, L->dtype, kh + row, a->k + off, hd, stored);
+            store_row(cb, L->dtype, vh + row, a->v + off, hd, NULL);
             widen_bounds(kmin, kmax, stored, hd, w->row0 + r == 0);
         }
     }
@@ -78,14 +76,14 @@ static void append_task(void *arg, int64_t task, int32_t thread)
 
 pikv_status pikv_cpu_append(pikv_device *dev, const pikv_append_args *args)
 {
-    append_job job = {args};
+    append_job job = {args, pikv_cpu_device_backend(dev)};
     pikv_cpu_pool_run(pikv_cpu_device_pool(dev), args->n_writes, append_task, &job);
     return PIKV_OK;
 }
 
 pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args)
 {
-    (void)dev;
+    const pikv_cpu_backend *cb = pikv_cpu_device_backend(dev);
     const pikv_page_layout *L = args->pool->layout;
     const unsigned char *src = pikv_cpu_page_ptr(args->pool, args->src_slot);
     unsigned char *dst = pikv_cpu_page_ptr(args->pool, args->dst_slot);
@@ -100,7 +98,7 @@ pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args
         float *kmax = (float *)(dst + L->kmax_offset) + (size_t)g * (size_t)hd;
         /* A prefix of a page can have tighter bounds than the whole page. */
         for (int32_t r = 0; r < args->n_rows; r++) {
-            load_row(L->dtype, dst + L->k_offset + h + (uint64_t)r * (uint64_t)hd * (uint64_t)L->elem_size,
+            load_row(cb, L->dtype, dst + L->k_offset + h + (uint64_t)r * (uint64_t)hd * (uint64_t)L->elem_size,
                      hd, row);
             widen_bounds(kmin, kmax, row, hd, r == 0);
         }

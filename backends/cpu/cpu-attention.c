@@ -7,7 +7,6 @@
  * exactly with their log-sum-exp. Within a task the softmax is online, one
  * page at a time: scores of the page, one rescale, then the value sum. */
 #include "cpu-impl.h"
-#include "../../runtime/f16.h"
 
 #include <math.h>
 #include <string.h>
@@ -26,15 +25,15 @@ typedef struct attn_job {
     float *parts;         /* per task, per head: m, l, acc[head_dim] */
     float *scratch;       /* per thread */
     size_t scratch_floats;
+    void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
 } attn_job;
 
-static inline const float *row_f32(const pikv_page_layout *L, const unsigned char *base,
-                                   int32_t t, float *tmp)
+static inline const float *row_f32(const attn_job *job, const pikv_page_layout *L,
+                                   const unsigned char *base, int32_t t, float *tmp)
 {
     const size_t hd = (size_t)L->head_dim;
     if (L->dtype == PIKV_DTYPE_F32) return (const float *)base + (size_t)t * hd;
-    const uint16_t *h = (const uint16_t *)base + (size_t)t * hd;
-    for (size_t d = 0; d < hd; d++) tmp[d] = pikv_f16_to_f32(h[d]);
+    job->f16_to_f32((const uint16_t *)base + (size_t)t * hd, tmp, L->head_dim);
     return tmp;
 }
 
@@ -65,7 +64,7 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
         const unsigned char *kh = page + L->k_offset + (uint64_t)t->kv_head * L->head_stride;
         const unsigned char *vh = page + L->v_offset + (uint64_t)t->kv_head * L->head_stride;
         for (int32_t r = 0; r < n; r++) {
-            const float *k = row_f32(L, kh, r, krow);
+            const float *k = row_f32(job, L, kh, r, krow);
             for (int32_t h = 0; h < G; h++)
                 scores[(size_t)h * (size_t)ps + (size_t)r] = pikv_cpu_dot(q + (size_t)h * (size_t)hd, k, hd) * a->scale;
         }
@@ -87,7 +86,7 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
                 for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
         }
         for (int32_t r = 0; r < n; r++) {
-            const float *v = row_f32(L, vh, r, vrow);
+            const float *v = row_f32(job, L, vh, r, vrow);
             for (int32_t h = 0; h < G; h++) {
                 const float w = scores[(size_t)h * (size_t)ps + (size_t)r];
                 float *acc = part + (size_t)h * part_stride + 2;
@@ -150,7 +149,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
         n_tasks += (s < 1 ? 1 : s) * kvh;
     }
-    attn_job job = {.a = a, .group = G};
+    attn_job job = {.a = a, .group = G, .f16_to_f32 = pikv_cpu_device_backend(dev)->f16_to_f32};
     job.scratch_floats = (size_t)G * (size_t)L->page_size + 2 * (size_t)L->head_dim;
     job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));

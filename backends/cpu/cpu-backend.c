@@ -123,6 +123,7 @@ pikv_status pikv_backend_cpu_init(pikv_context *ctx, const pikv_context_params *
         cpu_backend_free(b);
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cpu backend: allocation failed");
     }
+    pikv_cpu_f16_init(cb);
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     int32_t threads = params->cpu_threads > 0 ? params->cpu_threads : (online > 0 ? (int32_t)online : 1);
     pikv_status st = pikv_cpu_pool_create(ctx, threads, &cb->pool);

@@ -19,7 +19,17 @@ void pikv_cpu_pool_run(pikv_cpu_pool *pool, int64_t n_tasks, pikv_cpu_task_fn fn
 /* The backend's shared state: all CPU devices share one pool of workers. */
 typedef struct pikv_cpu_backend {
     pikv_cpu_pool *pool;
+    /* f16 row conversions picked for this CPU (cpu-f16.c) */
+    void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
+    void (*f32_to_f16)(const float *src, uint16_t *dst, int32_t n);
 } pikv_cpu_backend;
+
+void pikv_cpu_f16_init(pikv_cpu_backend *cb); /* cpu-f16.c */
+
+static inline pikv_cpu_backend *pikv_cpu_device_backend(pikv_device *dev)
+{
+    return (pikv_cpu_backend *)dev->backend->context;
+}
 
 static inline pikv_cpu_pool *pikv_cpu_device_pool(pikv_device *dev)
 {

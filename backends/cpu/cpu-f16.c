@@ -1,0 +1,52 @@
+/* Row conversions between f16 pages and f32, chosen once at run time: F16C on
+   x86-64 CPUs that have it (8 values per instruction), portable C otherwise.
+   Both round to nearest even, so pages are bit-identical either way. */
+#include "cpu-impl.h"
+#include "../../runtime/f16.h"
+
+static void f16_to_f32_generic(const uint16_t *src, float *dst, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) dst[i] = pikv_f16_to_f32(src[i]);
+}
+
+static void f32_to_f16_generic(const float *src, uint16_t *dst, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) dst[i] = pikv_f32_to_f16(src[i]);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+#define PIKV_HAVE_F16C_PATH 1
+
+__attribute__((target("avx,f16c"))) static void f16_to_f32_f16c(const uint16_t *src, float *dst,
+                                                                 int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = pikv_f16_to_f32(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *src, uint16_t *dst,
+                                                                 int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = pikv_f32_to_f16(src[i]);
+}
+#endif
+
+void pikv_cpu_f16_init(pikv_cpu_backend *cb)
+{
+    cb->f16_to_f32 = f16_to_f32_generic;
+    cb->f32_to_f16 = f32_to_f16_generic;
+#ifdef PIKV_HAVE_F16C_PATH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
+        cb->f16_to_f32 = f16_to_f32_f16c;
+        cb->f32_to_f16 = f32_to_f16_f16c;
+    }
+#endif
+}
