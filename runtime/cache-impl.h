@@ -78,6 +78,10 @@ void pikv_pool_unreserve(pikv_page_pool *pool, int32_t added);
 static inline uint32_t pikv_pool_take(pikv_page_pool *p) { return p->free_slots[--p->n_free]; }
 static inline void pikv_pool_give(pikv_page_pool *p, uint32_t slot) { p->free_slots[p->n_free++] = slot; }
 void pikv_pool_free(pikv_page_pool *pool);
+/* Move the device's pages into its lowest slots and free the chunks left
+   empty (page_pool.c). Attend results are unchanged, bit for bit. */
+struct pikv_cache;
+pikv_status pikv_cache_compact_device(struct pikv_cache *c, int32_t dev);
 /* Byte offset of a slot inside its chunk buffer. */
 static inline pikv_buffer *pikv_pool_chunk(const pikv_page_pool *p, uint32_t slot, uint64_t *offset,
                                            const pikv_page_layout *layout)

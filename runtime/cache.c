@@ -283,3 +283,10 @@ pikv_status pikv_cache_shard_info(const pikv_cache *c, int32_t layer, int32_t sh
     if (tokens) *tokens = sh->tokens;
     return PIKV_OK;
 }
+
+pikv_status pikv_cache_trim(pikv_cache *c)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    for (int32_t d = 0; d < c->n_devs; d++) PIKV_FORWARD_IF_ERROR(pikv_cache_compact_device(c, d));
+    return PIKV_OK;
+}

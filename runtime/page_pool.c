@@ -64,3 +64,49 @@ void pikv_pool_free(pikv_page_pool *pool)
     pool->n_chunks = 0;
     pool->bytes_allocated = 0;
 }
+
+pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
+{
+    pikv_context *ctx = c->ctx;
+    pikv_page_pool *pool = &c->devs[d];
+    const int64_t per = pool->pages_per_chunk;
+    const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
+    if (keep >= pool->n_chunks) return PIKV_OK;
+    const int64_t n_slots = (int64_t)pool->n_chunks * per, bound = keep * per;
+    unsigned char *used = pikv_host_calloc(ctx, (size_t)n_slots, 1);
+    PIKV_RETURN_ERROR_IF(!used, ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "compact: map of %lld slots: allocation failed", (long long)n_slots);
+    for (int64_t id = 0; id < c->pages_high; id++)
+        if (c->pages[id].refs > 0 && c->pages[id].dev == d) used[c->pages[id].slot] = 1;
+    /* Move every page above the bound into a free slot below it. */
+    int64_t low = 0;
+    pikv_status st = PIKV_OK;
+    for (int64_t id = 0; id < c->pages_high && st == PIKV_OK; id++) {
+        pikv_page_meta *m = &c->pages[id];
+        if (m->refs == 0 || m->dev != d || (int64_t)m->slot < bound) continue;
+        while (low < bound && used[low]) low++;
+        if (low >= bound) break; /* cannot happen: bound holds pages_used slots */
+        pikv_page_copy_args args = {&pool->view, m->slot, (uint32_t)low, m->n_tokens};
+        st = pool->dev->iface->page_copy(pool->dev, &args);
+        if (st != PIKV_OK) break;
+        used[m->slot] = 0;
+        used[low] = 1;
+        m->slot = (uint32_t)low;
+    }
+    /* Free trailing chunks with no page left, rebuild the free stack. */
+    while (pool->n_chunks > 0) {
+        const int64_t first = (int64_t)(pool->n_chunks - 1) * per;
+        bool empty = true;
+        for (int64_t i = first; i < first + per && empty; i++) empty = !used[i];
+        if (!empty) break;
+        pikv_buffer *buf = pool->chunks[--pool->n_chunks];
+        pool->bytes_allocated -= buf->size;
+        pool->dev->iface->buffer_free(pool->dev, buf);
+    }
+    pool->view.n_chunks = pool->n_chunks;
+    pool->n_free = 0;
+    for (int64_t i = (int64_t)pool->n_chunks * per - 1; i >= 0; i--)
+        if (!used[i]) pool->free_slots[pool->n_free++] = (uint32_t)i;
+    pikv_host_free(ctx, used);
+    return st;
+}

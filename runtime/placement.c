@@ -55,8 +55,7 @@ typedef struct shard_load {
 
 static void sort_by_pages_desc(shard_load *a, int64_t n)
 {
-    /* insertion sort on a copy is fine for the shard counts we have (layers x
-       experts), but use a shell sort to stay fast for thousands of shards */
+    /* shell sort: largest first, ties by (layer, shard) so packing is deterministic */
     for (int64_t gap = n / 2; gap > 0; gap /= 2)
         for (int64_t i = gap; i < n; i++) {
             shard_load x = a[i];
@@ -71,6 +70,31 @@ static void sort_by_pages_desc(shard_load *a, int64_t n)
         }
 }
 
+/* Assign shards (sorted largest first) to devices. sticky: a shard stays on
+   its device while that keeps the device at or under cap; otherwise (and for
+   every shard when !sticky) it goes to the least-loaded device. Returns the
+   resulting maximum device load. */
+static int64_t pack_shards(const pikv_cache *c, const shard_load *loads, int64_t n, bool sticky,
+                           int64_t cap, int32_t *assign, int64_t *dev_load)
+{
+    for (int32_t d = 0; d < c->n_devs; d++) dev_load[d] = 0;
+    int64_t makespan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t cur = c->shards[(size_t)loads[i].layer * (size_t)c->n_shards + (size_t)loads[i].shard].dev;
+        int32_t best = 0;
+        if (sticky && cur >= 0 && dev_load[cur] + loads[i].pages <= cap) {
+            best = cur;
+        } else {
+            for (int32_t d = 1; d < c->n_devs; d++)
+                if (dev_load[d] < dev_load[best]) best = d;
+        }
+        dev_load[best] += loads[i].pages;
+        if (dev_load[best] > makespan) makespan = dev_load[best];
+        assign[i] = best;
+    }
+    return makespan;
+}
+
 pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
@@ -83,32 +107,40 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
     const int64_t n_all = (int64_t)c->params.n_layers * c->n_shards;
     shard_load *loads = pikv_host_calloc(ctx, (size_t)n_all, sizeof *loads);
     int32_t *target = pikv_host_calloc(ctx, (size_t)n_all, sizeof *target);
+    int32_t *assign = pikv_host_calloc(ctx, (size_t)n_all * 2, sizeof *assign);
     int64_t *dev_load = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *dev_load);
     int64_t *incoming = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *incoming);
     int32_t *added = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *added);
     void *staging = pikv_host_alloc(ctx, (size_t)c->layout.page_bytes, 64);
     pikv_status st = PIKV_OK;
-    if (!loads || !target || !dev_load || !incoming || !added || !staging) {
+    int64_t moved = 0;
+    if (!loads || !target || !assign || !dev_load || !incoming || !added || !staging) {
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "rebalance: allocation of work arrays failed");
         goto done;
     }
-    /* Greedy longest-processing-time packing of the shards that hold pages. */
-    int64_t n = 0;
+    int64_t n = 0, current = 0;
     for (int32_t l = 0; l < c->params.n_layers; l++)
         for (int32_t s = 0; s < c->n_shards; s++) {
             const pikv_shard *sh = pikv_cache_shard(c, l, s);
             target[(size_t)l * (size_t)c->n_shards + (size_t)s] = sh->dev;
             if (sh->pages > 0) loads[n++] = (shard_load){l, s, sh->pages};
         }
+    for (int32_t d = 0; d < c->n_devs; d++)
+        if (c->devs[d].pages_used > current) current = c->devs[d].pages_used;
     sort_by_pages_desc(loads, n);
+    /* Greedy largest-first packing, then the same bounded by its makespan but
+       keeping shards where they are when they fit: the second moves far fewer
+       pages. Take the better; move nothing unless the maximum load drops. */
+    int32_t *lpt = assign, *sticky = assign + n_all;
+    const int64_t m_lpt = pack_shards(c, loads, n, false, 0, lpt, dev_load);
+    const int64_t m_sticky = pack_shards(c, loads, n, true, m_lpt, sticky, dev_load);
+    const int32_t *best = m_sticky <= m_lpt ? sticky : lpt;
+    const int64_t m_best = m_sticky <= m_lpt ? m_sticky : m_lpt;
+    if (m_best >= current) goto done;
     for (int64_t i = 0; i < n; i++) {
-        int32_t best = 0;
-        for (int32_t d = 1; d < c->n_devs; d++)
-            if (dev_load[d] < dev_load[best]) best = d;
-        dev_load[best] += loads[i].pages;
         size_t k = (size_t)loads[i].layer * (size_t)c->n_shards + (size_t)loads[i].shard;
-        if (target[k] != best) incoming[best] += loads[i].pages;
-        target[k] = best;
+        if (target[k] != best[i]) incoming[best[i]] += loads[i].pages;
+        target[k] = best[i];
     }
     /* Reserve every destination slot before moving anything. */
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
@@ -117,7 +149,6 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         goto done;
     }
-    int64_t moved = 0;
     for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
         for (int32_t s = 0; s < c->n_shards && st == PIKV_OK; s++) {
             pikv_shard *sh = pikv_cache_shard(c, l, s);
@@ -157,10 +188,18 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
                 sh->dev = to;
             }
         }
-    if (moved_pages) *moved_pages = moved;
+    /* Give back the memory the moves emptied (best effort: the moves stand). */
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
+        pikv_status tst = pikv_cache_compact_device(c, d);
+        if (tst != PIKV_OK)
+            pikv_log(ctx, PIKV_LOG_WARN, "rebalance: device %s not compacted: %s", c->devs[d].dev->info.name,
+                     ctx->last_error);
+    }
 done:
+    if (moved_pages) *moved_pages = moved;
     pikv_host_free(ctx, loads);
     pikv_host_free(ctx, target);
+    pikv_host_free(ctx, assign);
     pikv_host_free(ctx, dev_load);
     pikv_host_free(ctx, incoming);
     pikv_host_free(ctx, added);

@@ -15,8 +15,22 @@ static void f32_to_f16_generic(const float *src, uint16_t *dst, int32_t n)
 }
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define PIKV_HAVE_F16C_PATH 1
+
+/* AVX and F16C present, and the OS saves the YMM registers (XCR0 bits 1-2). */
+static bool cpu_has_avx_f16c(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned osxsave = 1u << 27, avx = 1u << 28, f16c = 1u << 29;
+    if ((c & (osxsave | avx | f16c)) != (osxsave | avx | f16c)) return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo & 6u) == 6u;
+}
 
 __attribute__((target("avx,f16c"))) static void f16_to_f32_f16c(const uint16_t *src, float *dst,
                                                                  int32_t n)
@@ -43,8 +57,7 @@ void pikv_cpu_f16_init(pikv_cpu_backend *cb)
     cb->f16_to_f32 = f16_to_f32_generic;
     cb->f32_to_f16 = f32_to_f16_generic;
 #ifdef PIKV_HAVE_F16C_PATH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
+    if (cpu_has_avx_f16c()) {
         cb->f16_to_f32 = f16_to_f32_f16c;
         cb->f32_to_f16 = f32_to_f16_f16c;
     }

@@ -302,6 +302,10 @@ PIKV_API pikv_context *pikv_cache_context(const pikv_cache *cache);
    each shard whose device changed. moved_pages (may be NULL) gets the count. */
 PIKV_API pikv_status pikv_cache_rebalance(pikv_cache *cache, int64_t *moved_pages);
 
+/* Compact every device's pages into as few chunks as they need and free the
+   rest (a cache keeps freed pages for reuse otherwise). Results are unchanged. */
+PIKV_API pikv_status pikv_cache_trim(pikv_cache *cache);
+
 /* The device (index into the cache's devices) and page count of one shard. */
 PIKV_API pikv_status pikv_cache_shard_info(const pikv_cache *cache, int32_t layer,
                                            int32_t shard, int32_t *device, int64_t *pages,
