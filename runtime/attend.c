@@ -155,9 +155,11 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
             int64_t tokens = 0;
             for (int64_t i = plan.dev_begin[d]; i < plan.dev_begin[d + 1]; i++) tokens += plan.lens[i];
             c->devs[d].last_bytes_read = (uint64_t)tokens * row_bytes;
+            c->devs[d].bytes_read += c->devs[d].last_bytes_read;
             c->last_tokens_read += tokens;
             c->last_bytes_read += c->devs[d].last_bytes_read;
         }
+        c->bytes_read += c->last_bytes_read;
         c->attends++;
     }
     pikv_host_free(ctx, parts);

@@ -68,6 +68,7 @@ typedef struct pikv_page_pool {
     int32_t shards;
     uint64_t bytes_allocated;
     uint64_t last_bytes_read;
+    uint64_t bytes_read;
 } pikv_page_pool;
 
 /* Ensure at least `n` free slots, growing by whole chunks. *added (chunks
@@ -139,6 +140,7 @@ struct pikv_cache {
     int64_t appends, attends;
     int64_t last_pages_read, last_tokens_read;
     uint64_t last_bytes_read;
+    uint64_t bytes_read;
 };
 
 static inline pikv_shard *pikv_cache_shard(pikv_cache *c, int32_t layer, int32_t shard)

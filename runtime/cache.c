@@ -247,6 +247,7 @@ pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
     out->last_pages_read = c->last_pages_read;
     out->last_bytes_read = c->last_bytes_read;
     out->last_tokens_read = c->last_tokens_read;
+    out->bytes_read = c->bytes_read;
     out->appends = c->appends;
     out->attends = c->attends;
     return PIKV_OK;
@@ -266,6 +267,7 @@ pikv_status pikv_cache_get_device_stats(const pikv_cache *c, int32_t i, pikv_cac
     out->bytes_allocated = pool->bytes_allocated;
     out->bytes_used = (uint64_t)pool->pages_used * c->layout.page_bytes;
     out->last_bytes_read = pool->last_bytes_read;
+    out->bytes_read = pool->bytes_read;
     return PIKV_OK;
 }
 

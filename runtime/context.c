@@ -83,6 +83,11 @@ const char *pikv_backend_name(pikv_backend_kind kind)
     return "unknown";
 }
 
+int pikv_backend_is_compiled(pikv_backend_kind kind)
+{
+    return kind == PIKV_BACKEND_CPU; /* the accelerator backends land in later versions */
+}
+
 static pikv_status add_backend_devices(pikv_context *ctx, pikv_backend *b)
 {
     PIKV_RETURN_ERROR_IF(ctx->n_backends >= PIKV_MAX_BACKENDS, ctx, PIKV_ERR_INTERNAL,

@@ -472,9 +472,14 @@ static int32_t select_devices(const run_opts *o, pikv_context *ctx, int32_t **ou
         list[count++] = i;
     }
     if (count == 0) {
-        fprintf(stderr, "pikv: no device of backend '%s' is available (see 'pikv devices "
+        int compiled = 0;
+        for (int k = PIKV_BACKEND_CPU; k <= PIKV_BACKEND_CUDA; k++)
+            if (cli_streq_nocase(pikv_backend_name((pikv_backend_kind)k), o->backend))
+                compiled = pikv_backend_is_compiled((pikv_backend_kind)k);
+        fprintf(stderr, "pikv: no device of backend '%s' is available: %s (see 'pikv devices "
                         "--backend all')\n",
-                o->backend);
+                o->backend, compiled ? "no device or driver found at run time"
+                                     : "this build of the library does not include it");
         free(list);
         return -1;
     }

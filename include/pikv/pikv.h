@@ -139,8 +139,8 @@ typedef struct pikv_device_caps {
 } pikv_device_caps;
 
 typedef struct pikv_device_info {
-    char name[32];                /* "cpu0", "cuda1", ... */
-    char description[96];         /* model / driver string */
+    char name[32];                /* "cpu0", "cuda1", ... (always NUL-terminated) */
+    char description[96];         /* model / driver string (always NUL-terminated) */
     pikv_backend_kind backend;
     int32_t backend_index;        /* index among its backend's devices */
     pikv_device_caps caps;
@@ -151,6 +151,9 @@ PIKV_API int32_t pikv_device_count(const pikv_context *ctx);
 PIKV_API pikv_status pikv_device_get_info(const pikv_context *ctx, int32_t device,
                                           pikv_device_info *out);
 PIKV_API const char *pikv_backend_name(pikv_backend_kind kind);
+/* 1 when this build of the library holds the backend's code, else 0. A compiled
+   backend may still find no device at run time (no driver): that is no error. */
+PIKV_API int pikv_backend_is_compiled(pikv_backend_kind kind);
 
 /* ------------------------------------------------------------------------ */
 /* Cache                                                                     */
@@ -191,7 +194,8 @@ typedef struct pikv_cache_params {
     /* Storage */
     int32_t page_size;            /* tokens per page, 1..4096 */
     pikv_dtype dtype;
-    int64_t capacity_tokens;      /* most tokens a layer may hold over all sequences */
+    int64_t capacity_tokens;      /* most tokens a layer may store over all sequences (tokens
+                                     of a page shared by several sequences count once) */
     int32_t max_sequences;        /* sequence ids are 0..max_sequences-1 */
     /* Placement */
     pikv_placement placement;
@@ -273,6 +277,7 @@ typedef struct pikv_cache_stats {
     uint64_t last_bytes_read;     /* page bytes the kernels read (K, V and bounds) */
     int64_t last_tokens_read;
     /* Totals since creation */
+    uint64_t bytes_read;          /* page bytes read by all attend calls since creation */
     int64_t appends;
     int64_t attends;
 } pikv_cache_stats;
@@ -285,6 +290,7 @@ typedef struct pikv_cache_device_stats {
     uint64_t bytes_allocated;     /* what this cache allocated on the device */
     uint64_t bytes_used;
     uint64_t last_bytes_read;
+    uint64_t bytes_read;          /* since creation */
 } pikv_cache_device_stats;
 
 PIKV_API pikv_status pikv_cache_get_stats(const pikv_cache *cache, pikv_cache_stats *out);
