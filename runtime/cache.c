@@ -133,14 +133,18 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         pikv_cache_free(c);
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation of tables failed");
     }
-    /* Chunks of about 1 MiB: small enough for device limits and small caches,
-       large enough that allocations are rare. */
-    uint64_t per = (1u << 20) / c->layout.page_bytes;
-    if (per < 1) per = 1;
-    if (per > 4096) per = 4096;
     for (int32_t d = 0; d < n_devs; d++) {
         pikv_page_pool *pool = &c->devs[d];
         pool->dev = ctx->devices[ids[d]];
+        /* Chunks of about 1 MiB, rarely allocated; on a device with a memory limit at
+           most 1/16 of it, so a small limit still holds pages and the last chunk
+           wastes little. */
+        uint64_t target = 1u << 20;
+        const uint64_t limit = pool->dev->info.caps.memory_limit;
+        if (limit > 0 && limit / 16 < target) target = limit / 16;
+        uint64_t per = target / c->layout.page_bytes;
+        if (per < 1) per = 1;
+        if (per > 4096) per = 4096;
         pool->pages_per_chunk = (uint32_t)per;
         pool->view.layout = &c->layout;
         pool->view.pages_per_chunk = (uint32_t)per;
@@ -244,6 +248,7 @@ pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
     out->sequences = c->n_seqs;
     out->n_devices = c->n_devs;
     out->n_shards = c->n_shards;
+    out->page_bytes = c->layout.page_bytes;
     out->last_pages_read = c->last_pages_read;
     out->last_bytes_read = c->last_bytes_read;
     out->last_tokens_read = c->last_tokens_read;

@@ -139,7 +139,8 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
 {
     if (!out) return PIKV_ERR_INVALID_ARGUMENT;
     *out = NULL;
-    pikv_context_params p = params ? *params : pikv_context_default_params();
+    if (!params) return PIKV_ERR_INVALID_ARGUMENT; /* no context yet to hold a message */
+    pikv_context_params p = *params;
     if ((p.allocator.alloc == NULL) != (p.allocator.free == NULL))
         return PIKV_ERR_INVALID_ARGUMENT; /* no context yet to hold a message */
     if (!p.allocator.alloc) {

@@ -112,9 +112,15 @@ typedef struct pikv_context_params {
 } pikv_context_params;
 
 PIKV_API pikv_context_params pikv_context_default_params(void);
+/* params and out must not be NULL (start from pikv_context_default_params()). A NULL
+   params, or an allocator with only one of alloc/free set, fails before a context exists,
+   so there is no last-error text for it. The allocator and log callback are only called
+   from the thread that called into the library, never from its worker threads. */
 PIKV_API pikv_status pikv_context_create(const pikv_context_params *params, pikv_context **out);
+/* Free every cache of a context before the context. */
 PIKV_API void pikv_context_free(pikv_context *ctx);
-/* The message of the last failure in this context ("" if none). Valid until the next call. */
+/* The message of the last failure in this context ("" if none; "no context" for NULL).
+   Valid until the next call into the context. */
 PIKV_API const char *pikv_context_last_error(const pikv_context *ctx);
 PIKV_API pikv_status pikv_context_set_log(pikv_context *ctx, pikv_log_fn fn, void *user,
                                           pikv_log_level level);
@@ -147,10 +153,10 @@ typedef struct pikv_device_info {
     uint64_t memory_used;         /* bytes PiKV holds on it now, over all caches */
 } pikv_device_info;
 
-PIKV_API int32_t pikv_device_count(const pikv_context *ctx);
+PIKV_API int32_t pikv_device_count(const pikv_context *ctx); /* 0 for NULL */
 PIKV_API pikv_status pikv_device_get_info(const pikv_context *ctx, int32_t device,
                                           pikv_device_info *out);
-PIKV_API const char *pikv_backend_name(pikv_backend_kind kind);
+PIKV_API const char *pikv_backend_name(pikv_backend_kind kind); /* "unknown" if invalid */
 /* 1 when this build of the library holds the backend's code, else 0. A compiled
    backend may still find no device at run time (no driver): that is no error. */
 PIKV_API int pikv_backend_is_compiled(pikv_backend_kind kind);
@@ -171,9 +177,9 @@ typedef enum pikv_dtype {
  *  HASH:     shard = ((t mod hash_tokens) xor (e mod n_experts)) mod n_shards, with t the
  *            token's index in its sequence and e its top-1 expert (the PiKV paper's
  *            s(t,e)); shards dealt round-robin over devices.
- *  BALANCED: shard = top-1 expert; a new shard goes to the device holding the fewest
- *            bytes, and pikv_cache_rebalance() re-packs shards greedily (largest first)
- *            by moving their pages.
+ *  BALANCED: shard = top-1 expert; a new shard goes to the device with the fewest pages
+ *            in use, and pikv_cache_rebalance() re-packs shards (largest first) by moving
+ *            their pages.
  * Dense models (n_experts == 1) get n_shards position blocks of page_size tokens
  * under every placement.
  */
@@ -272,6 +278,7 @@ typedef struct pikv_cache_stats {
     int32_t sequences;
     int32_t n_devices;
     int32_t n_shards;             /* shards per layer */
+    uint64_t page_bytes;          /* bytes of one page: K, V and Quest bounds, padded */
     /* The last attend call */
     int64_t last_pages_read;
     uint64_t last_bytes_read;     /* page bytes the kernels read (K, V and bounds) */
@@ -312,7 +319,8 @@ PIKV_API pikv_status pikv_cache_rebalance(pikv_cache *cache, int64_t *moved_page
    rest (a cache keeps freed pages for reuse otherwise). Results are unchanged. */
 PIKV_API pikv_status pikv_cache_trim(pikv_cache *cache);
 
-/* The device (index into the cache's devices) and page count of one shard. */
+/* The device (index into the cache's devices; -1 for a BALANCED shard that holds no page
+   yet), pages and tokens of one shard. Any of the outputs may be NULL. */
 PIKV_API pikv_status pikv_cache_shard_info(const pikv_cache *cache, int32_t layer,
                                            int32_t shard, int32_t *device, int64_t *pages,
                                            int64_t *tokens);

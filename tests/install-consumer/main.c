@@ -12,7 +12,8 @@ int main(void)
         return 1;
     }
     pikv_context *ctx = NULL;
-    if (pikv_context_create(NULL, &ctx) != PIKV_OK) return 1;
+    pikv_context_params cp = pikv_context_default_params();
+    if (pikv_context_create(&cp, &ctx) != PIKV_OK) return 1;
     pikv_cache_params p = pikv_cache_default_params();
     p.n_q_heads = 2;
     p.n_kv_heads = 1;

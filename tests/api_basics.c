@@ -1,0 +1,283 @@
+/*
+ * api_basics: version macros and runtime version, default parameters, context creation,
+ * devices (count, cpu0 info, cpu_devices), backend names, logging through the callback, and
+ * a minimal cache round trip.
+ */
+#include "test-util.h"
+
+typedef struct log_rec {
+    int count;
+    int max_level;
+    int bad_level;
+    char last[512];
+} log_rec;
+
+static void log_cb(pikv_log_level level, const char *message, void *user)
+{
+    log_rec *r = user;
+    r->count++;
+    if ((int)level > r->max_level)
+        r->max_level = (int)level;
+    if ((int)level < PIKV_LOG_ERROR || (int)level > PIKV_LOG_DEBUG)
+        r->bad_level++;
+    snprintf(r->last, sizeof r->last, "%s", message ? message : "(null)");
+}
+
+static void test_version(void)
+{
+    tu_set_case("version");
+    CHECK_EQ(pikv_version_number(), PIKV_VERSION_NUMBER);
+    CHECK_EQ(PIKV_VERSION_NUMBER,
+             PIKV_VERSION_MAJOR * 10000 + PIKV_VERSION_MINOR * 100 + PIKV_VERSION_PATCH);
+    const char *v = pikv_version_string();
+    if (CHECK(v != NULL)) {
+        CHECKF(strcmp(v, PIKV_VERSION_STRING) == 0, "runtime \"%s\", header \"%s\"", v,
+               PIKV_VERSION_STRING);
+        char buf[32];
+        snprintf(buf, sizeof buf, "%d.%d.%d", PIKV_VERSION_MAJOR, PIKV_VERSION_MINOR,
+                 PIKV_VERSION_PATCH);
+        CHECKF(strcmp(buf, PIKV_VERSION_STRING) == 0, "macro string \"%s\" vs numbers \"%s\"",
+               PIKV_VERSION_STRING, buf);
+    }
+}
+
+static void test_defaults(void)
+{
+    tu_set_case("default params");
+    pikv_context_params cp = pikv_context_default_params();
+    CHECK_EQ(cp.cpu_devices, 1);
+    CHECK_EQ(cp.cpu_threads, 0);
+    CHECK_EQ(cp.cpu_device_memory, 0);
+    CHECK(cp.allocator.alloc == NULL && cp.allocator.free == NULL);
+    CHECK(cp.log_fn == NULL);
+
+    pikv_cache_params p = pikv_cache_default_params();
+    CHECK(p.n_layers >= 1);
+    CHECK(p.n_kv_heads >= 1 && p.n_q_heads >= 1 && p.n_q_heads % p.n_kv_heads == 0);
+    CHECK(p.head_dim >= 1 && p.head_dim <= 1024);
+    CHECK(p.n_experts >= 1);
+    CHECK(p.experts_per_token >= 1 && p.experts_per_token <= p.n_experts);
+    CHECK(p.page_size >= 1 && p.page_size <= 4096);
+    CHECK(p.dtype == PIKV_DTYPE_F32 || p.dtype == PIKV_DTYPE_F16);
+    CHECK(p.capacity_tokens >= 1);
+    CHECK(p.max_sequences >= 1);
+    CHECK(p.devices == NULL);
+    CHECK_EQ(p.n_devices, 0);
+    CHECK(p.attn_scale == 0.0f);
+}
+
+static void test_context(void)
+{
+    tu_set_case("context with default params");
+    pikv_context_params cp = pikv_context_default_params();
+    pikv_context *ctx = NULL;
+    if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+        return;
+    CHECK(ctx != NULL);
+    tu_err_ctx = ctx;
+    int32_t n = pikv_device_count(ctx);
+    CHECK(n >= 1);
+    const char *msg = pikv_context_last_error(ctx);
+    CHECK(msg != NULL && msg[0] == 0);
+    int found_cpu0 = 0;
+    for (int32_t d = 0; d < n; d++) {
+        pikv_device_info info;
+        memset(&info, 0x5a, sizeof info);
+        if (!CHECK_OK(pikv_device_get_info(ctx, d, &info)))
+            continue;
+        CHECK(memchr(info.name, 0, sizeof info.name) != NULL);
+        CHECK(memchr(info.description, 0, sizeof info.description) != NULL);
+        CHECK(info.name[0] != 0);
+        CHECK_EQ(info.memory_used, 0);
+        if (strcmp(info.name, "cpu0") == 0) {
+            found_cpu0 = 1;
+            CHECK_EQ(info.backend, PIKV_BACKEND_CPU);
+            CHECK_EQ(info.backend_index, 0);
+            CHECK(info.caps.compute_units >= 1);
+            CHECK(info.caps.host_visible);
+            CHECK(info.caps.f16_storage);
+            CHECK_EQ(info.caps.memory_limit, 0);
+        }
+    }
+    CHECKF(found_cpu0, "no device named cpu0 among %d", n);
+    pikv_context_free(ctx);
+}
+
+static void test_cpu_devices(void)
+{
+    for (int nd = 1; nd <= 8; nd += 3) {
+        tu_set_case("cpu backend with %d devices", nd);
+        pikv_context_params cp = pikv_context_default_params();
+        cp.backends = "cpu";
+        cp.cpu_devices = nd;
+        cp.cpu_threads = nd % 2 ? 1 : 2;
+        cp.cpu_device_memory = 1 << 20;
+        pikv_context *ctx = NULL;
+        if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+            continue;
+        CHECK_EQ(pikv_device_count(ctx), nd);
+        for (int d = 0; d < nd; d++) {
+            pikv_device_info info;
+            if (!CHECK_OK(pikv_device_get_info(ctx, d, &info)))
+                continue;
+            char want[32];
+            snprintf(want, sizeof want, "cpu%d", d);
+            CHECKF(strcmp(info.name, want) == 0, "device %d is \"%s\", expected \"%s\"", d,
+                   info.name, want);
+            CHECK_EQ(info.backend, PIKV_BACKEND_CPU);
+            CHECK_EQ(info.backend_index, d);
+            CHECK_EQ(info.caps.memory_limit, 1 << 20);
+        }
+        pikv_context_free(ctx);
+    }
+    /* 64 is the most */
+    tu_set_case("cpu backend with 64 devices");
+    pikv_context_params cp = pikv_context_default_params();
+    cp.backends = "cpu";
+    cp.cpu_devices = 64;
+    pikv_context *ctx = NULL;
+    if (CHECK_OK(pikv_context_create(&cp, &ctx))) {
+        CHECK_EQ(pikv_device_count(ctx), 64);
+        pikv_device_info info;
+        if (CHECK_OK(pikv_device_get_info(ctx, 63, &info)))
+            CHECK(strcmp(info.name, "cpu63") == 0);
+        pikv_context_free(ctx);
+    }
+}
+
+static void test_backend_names(void)
+{
+    tu_set_case("backend names");
+    const char *n[4] = {pikv_backend_name(PIKV_BACKEND_CPU), pikv_backend_name(PIKV_BACKEND_OPENCL),
+                        pikv_backend_name(PIKV_BACKEND_VULKAN),
+                        pikv_backend_name(PIKV_BACKEND_CUDA)};
+    for (int i = 0; i < 4; i++) {
+        if (!CHECKF(n[i] && n[i][0], "backend %d has no name", i))
+            continue;
+        for (int j = 0; j < i; j++)
+            if (n[j])
+                CHECK(strcmp(n[i], n[j]) != 0);
+    }
+    if (n[0])
+        CHECKF(strcmp(n[0], "cpu") == 0, "pikv_backend_name(PIKV_BACKEND_CPU) = \"%s\"", n[0]);
+}
+
+static void test_logging(void)
+{
+    tu_set_case("logging");
+    log_rec rec;
+    memset(&rec, 0, sizeof rec);
+    pikv_context_params cp = pikv_context_default_params();
+    cp.backends = "cpu";
+    cp.log_fn = log_cb;
+    cp.log_user = &rec;
+    cp.log_level = PIKV_LOG_DEBUG;
+    pikv_context *ctx = NULL;
+    if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+        return;
+    tu_err_ctx = ctx;
+    pikv_cache_params p = pikv_cache_default_params();
+    p.n_layers = 1;
+    p.max_sequences = 4;
+    p.capacity_tokens = 100;
+    pikv_cache *c = NULL;
+    if (!CHECK_OK(pikv_cache_create(ctx, &p, &c))) {
+        pikv_context_free(ctx);
+        return;
+    }
+    int before = rec.count;
+    CHECK_STATUS(PIKV_ERR_OUT_OF_RANGE, pikv_seq_add(c, 4711));
+    CHECKF(rec.count > before, "no log message for a failing call at level DEBUG");
+    CHECK(rec.last[0] != 0);
+    const char *msg = pikv_context_last_error(ctx);
+    CHECK(msg && strstr(msg, "4711"));
+    CHECK_EQ(rec.bad_level, 0);
+
+    /* set_log: level ERROR drops INFO/DEBUG messages */
+    log_rec rec2;
+    memset(&rec2, 0, sizeof rec2);
+    CHECK_OK(pikv_context_set_log(ctx, log_cb, &rec2, PIKV_LOG_ERROR));
+    before = rec.count;
+    CHECK_OK(pikv_seq_add(c, 1));
+    CHECK_STATUS(PIKV_ERR_EXISTS, pikv_seq_add(c, 1));
+    CHECK_EQ(rec.count, before); /* the old callback is gone */
+    CHECK(rec2.max_level <= PIKV_LOG_ERROR);
+    /* NULL callback: no logging, still fine */
+    CHECK_OK(pikv_context_set_log(ctx, NULL, NULL, PIKV_LOG_DEBUG));
+    CHECK_STATUS(PIKV_ERR_NOT_FOUND, pikv_seq_remove(c, 2));
+    pikv_cache_free(c);
+    pikv_context_free(ctx);
+}
+
+static void test_round_trip(void)
+{
+    tu_set_case("minimal round trip");
+    pikv_context *ctx = tu_context(1);
+    if (!CHECK(ctx))
+        return;
+    tu_err_ctx = ctx;
+    pikv_cache_params p = pikv_cache_default_params();
+    p.n_layers = 1;
+    p.n_q_heads = 2;
+    p.n_kv_heads = 1;
+    p.head_dim = 4;
+    p.n_experts = 1;
+    p.experts_per_token = 1;
+    p.page_size = 2;
+    p.capacity_tokens = 16;
+    p.max_sequences = 2;
+    pikv_cache *c = NULL;
+    if (!CHECK_OK(pikv_cache_create(ctx, &p, &c)) || !c) {
+        pikv_context_free(ctx);
+        return;
+    }
+    CHECK(pikv_cache_context(c) == ctx);
+    CHECK_OK(pikv_seq_add(c, 1));
+    /* two tokens; query aligned with the second key only (scale 0.5 = 1/sqrt(4)) */
+    const float k[8] = {10, 0, 0, 0, 0, 10, 0, 0};
+    const float v[8] = {1, 2, 3, 4, -1, -2, -3, -4};
+    CHECK_OK(pikv_cache_append(c, 0, 1, 2, k, v, NULL, NULL));
+    int64_t len = 0;
+    CHECK_OK(pikv_seq_length(c, 1, 0, &len));
+    CHECK_EQ(len, 2);
+    const float q[8] = {0, 1, 0, 0, 1, 0, 0, 0};
+    float out[8], lse[2];
+    int32_t ids[1] = {1};
+    pikv_attend_batch b = {1, ids, q, NULL, out, lse};
+    CHECK_OK(pikv_cache_attend(c, 0, &b));
+    /* head 0: scores 0 and 5 -> weights 1/(1+e^5), e^5/(1+e^5) */
+    double w1 = exp(5.0) / (1.0 + exp(5.0)), w0 = 1.0 - w1;
+    for (int d = 0; d < 4; d++) {
+        double ref0 = w0 * v[d] + w1 * v[4 + d];
+        double ref1 = w1 * v[d] + w0 * v[4 + d];
+        CHECKF(fabs(out[d] - ref0) <= 1e-5, "head 0 d %d: %g vs %g", d, out[d], ref0);
+        CHECKF(fabs(out[4 + d] - ref1) <= 1e-5, "head 1 d %d: %g vs %g", d, out[4 + d], ref1);
+    }
+    CHECKF(fabs(lse[0] - log(1.0 + exp(5.0))) <= 1e-5, "lse %g", lse[0]);
+    pikv_cache_stats st;
+    CHECK_OK(pikv_cache_get_stats(c, &st));
+    CHECK_EQ(st.tokens, 2);
+    CHECK_EQ(st.pages, 1);
+    CHECK_EQ(st.sequences, 1);
+    CHECK_EQ(st.n_devices, 1);
+    CHECK_EQ(st.appends, 1);
+    CHECK_EQ(st.attends, 1);
+    CHECK_EQ(st.last_tokens_read, 2);
+    CHECK_EQ(st.last_pages_read, 1);
+    CHECK(st.last_bytes_read > 0);
+    pikv_cache_free(c);
+    pikv_context_free(ctx);
+}
+
+int main(void)
+{
+    test_version();
+    test_defaults();
+    test_context();
+    test_cpu_devices();
+    test_backend_names();
+    test_logging();
+    test_round_trip();
+    tu_set_case("");
+    return tu_finish();
+}
