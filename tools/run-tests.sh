@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds PiKV twice and runs the whole test suite on each build:
+# Builds PiKV three times and runs the whole test suite on each build:
 #   build/       release build, warnings as errors
+#   build-clang/ the same with clang
 #   build-asan/  AddressSanitizer + UndefinedBehaviorSanitizer (any report fails)
 # Usage: tools/run-tests.sh [--no-asan]
 set -euo pipefail
@@ -16,6 +17,16 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON
 cmake --build build -j "$jobs"
 step "tests (release)"
 ctest --test-dir build -j "$jobs" --output-on-failure
+
+if command -v clang >/dev/null; then
+  step "clang build (build-clang/)"
+  cmake -S . -B build-clang -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON -DCMAKE_C_COMPILER=clang
+  cmake --build build-clang -j "$jobs"
+  step "tests (clang)"
+  ctest --test-dir build-clang -j "$jobs" --output-on-failure
+else
+  echo "clang not found: skipping the clang build (tools/setup-debian.sh installs it)"
+fi
 
 if [ "$asan" = 1 ]; then
   step "sanitizer build (build-asan/)"

@@ -2,7 +2,7 @@
 # Installs what building and testing PiKV needs on Debian/Ubuntu.
 # Packages already present are not fetched again.
 set -euo pipefail
-packages=(build-essential cmake ninja-build pkg-config)
+packages=(build-essential cmake ninja-build pkg-config clang)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
