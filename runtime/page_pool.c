@@ -15,15 +15,16 @@ pikv_status pikv_pool_reserve(pikv_context *ctx, pikv_page_pool *pool,
                          "device %s: %lld page slots exceed the slot index range",
                          pool->dev->info.name, (long long)total_slots);
     /* Index arrays first: growing them changes nothing observable. */
-    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(ctx, (void **)&pool->chunks, sizeof *pool->chunks,
-                                            &pool->chunks_cap, pool->n_chunks + chunks_needed));
+    pikv_status st = pikv_host_reserve(ctx, (void **)&pool->chunks, sizeof *pool->chunks,
+                                       &pool->chunks_cap, pool->n_chunks + chunks_needed);
+    pool->view.chunks = pool->chunks; /* the array may have moved: kernels read through the view */
+    PIKV_FORWARD_IF_ERROR(st);
     PIKV_FORWARD_IF_ERROR(pikv_host_reserve(ctx, (void **)&pool->free_slots, sizeof *pool->free_slots,
                                             &pool->free_cap, total_slots));
-    pool->view.chunks = pool->chunks;
     const uint64_t chunk_bytes = (uint64_t)per * layout->page_bytes;
     for (int64_t c = 0; c < chunks_needed; c++) {
         pikv_buffer *buf = NULL;
-        pikv_status st = pool->dev->iface->buffer_alloc(pool->dev, chunk_bytes, &buf);
+        st = pool->dev->iface->buffer_alloc(pool->dev, chunk_bytes, &buf);
         if (st != PIKV_OK) {
             pikv_pool_unreserve(pool, *added);
             *added = 0;

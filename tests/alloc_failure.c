@@ -480,6 +480,64 @@ static void scenario(int rest)
     free(e.lse);
 }
 
+/* Regression: a device memory limit that makes every chunk one page, so the pool's chunk
+   array grows often. Failing any allocation of an append that grows it must leave the pages
+   readable (the kernels' view of the chunk array once dangled after such a failure). */
+static void test_chunk_array_growth(void)
+{
+    tu_set_case("chunk array growth under failures");
+    pikv_context_params cp = hook_params(1);
+    cp.cpu_threads = 1;
+    pikv_cache_params p = pikv_cache_default_params();
+    p.n_q_heads = 1;
+    p.n_kv_heads = 1;
+    p.head_dim = 4;
+    p.page_size = 1;
+    p.dtype = PIKV_DTYPE_F32;
+    p.capacity_tokens = 1000;
+    p.max_sequences = 1;
+    const float q[4] = {0.5f, -1.0f, 0.25f, 2.0f};
+    for (int tokens = 1; tokens <= 15; tokens++) { /* the limit holds 16 pages */
+        for (long long n = 0; n < 64; n++) {
+            pikv_context *ctx = NULL;
+            cp.cpu_device_memory = 16 * 64; /* a page is 64 bytes: one page per chunk */
+            if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+                return;
+            pikv_cache *c = NULL;
+            CHECK_OK(pikv_cache_create(ctx, &p, &c));
+            CHECK_OK(pikv_seq_add(c, 0));
+            float kv[4];
+            for (int t = 0; t < tokens; t++) {
+                for (int d = 0; d < 4; d++)
+                    kv[d] = (float)((t * 7 + d * 3) % 11) - 5.0f;
+                CHECK_OK(pikv_cache_append(c, 0, 0, 1, kv, kv, NULL, NULL));
+            }
+            int32_t sid = 0;
+            float before[4], after[4], lb, la;
+            pikv_attend_batch b = {1, &sid, q, NULL, before, &lb};
+            CHECK_OK(pikv_cache_attend(c, 0, &b));
+            arm(n, 0);
+            pikv_status st = pikv_cache_append(c, 0, 0, 1, kv, kv, NULL, NULL);
+            long long refused = disarm();
+            CHECKF(st == PIKV_OK || st == PIKV_ERR_OUT_OF_MEMORY, "append after %d tokens, "
+                   "allocation %lld refused: %s", tokens, n, pikv_status_name(st));
+            if (st != PIKV_OK) {
+                b.out = after;
+                b.lse = &la;
+                CHECK_OK(pikv_cache_attend(c, 0, &b));
+                CHECKF(memcmp(before, after, sizeof before) == 0 && lb == la,
+                       "attend changed after a failed append (%d tokens, allocation %lld)",
+                       tokens, n);
+            }
+            pikv_cache_free(c);
+            pikv_context_free(ctx);
+            if (refused == 0)
+                break; /* the append made fewer than n allocations: every one was tried */
+        }
+    }
+    CHECK_EQ(live(), 0);
+}
+
 /* A plain run with the hook never failing: everything goes through it and is freed. */
 static void test_no_failures(void)
 {
@@ -523,6 +581,7 @@ static void test_no_failures(void)
 int main(void)
 {
     test_no_failures();
+    test_chunk_array_growth();
     scenario(0);
     scenario(1);
     tu_set_case("");
