@@ -4,6 +4,8 @@
  * written. A failure before the commit leaves the cache exactly as it was. */
 #include "cache-impl.h"
 
+#include <float.h>
+#include <math.h>
 #include <string.h>
 
 typedef struct append_plan {
@@ -16,6 +18,7 @@ typedef struct append_plan {
     pikv_page_write *writes; /* [n_shards + total new pages] */
     int32_t *write_dev;   /* device of each write */
     pikv_page_write *dev_writes;
+    uint32_t *new_ids;    /* [total new pages] ids taken for new pages, in shard order */
 } append_plan;
 
 static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
@@ -40,6 +43,19 @@ static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n
                                  "pikv_cache_append: experts[%lld] = %d (token %lld) is outside 0..%d",
                                  (long long)i, experts[i], (long long)(i / p->experts_per_token),
                                  p->n_experts - 1);
+    /* Non-finite values (or values f16 pages cannot hold) would poison every softmax
+       they take part in: refuse them here, naming the first. */
+    const float limit = p->dtype == PIKV_DTYPE_F16 ? 65504.0f : FLT_MAX;
+    const int64_t n_vals = (int64_t)n * p->n_kv_heads * p->head_dim;
+    for (int pass = 0; pass < 2; pass++) {
+        const float *x = pass == 0 ? k : v;
+        for (int64_t i = 0; i < n_vals; i++)
+            PIKV_RETURN_ERROR_IF(!(fabsf(x[i]) <= limit), ctx, PIKV_ERR_INVALID_ARGUMENT,
+                                 "pikv_cache_append: %s[%lld] = %g (token %lld) is not finite%s",
+                                 pass == 0 ? "k" : "v", (long long)i, (double)x[i],
+                                 (long long)(i / ((int64_t)p->n_kv_heads * p->head_dim)),
+                                 p->dtype == PIKV_DTYPE_F16 ? " or exceeds the f16 range 65504" : "");
+    }
     if (positions)
         for (int32_t i = 0; i < n; i++)
             PIKV_RETURN_ERROR_IF(positions[i] < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
@@ -105,9 +121,9 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         plan.new_pages[s] = 0;
         if (plan.shard_count[s] == 0) continue;
         const int32_t open = open_rows(c, &sl->rings[s]);
-        int32_t rest = plan.shard_count[s] - open;
+        int64_t rest = (int64_t)plan.shard_count[s] - open;
         if (rest < 0) rest = 0;
-        plan.new_pages[s] = (rest + ps - 1) / ps;
+        plan.new_pages[s] = (int32_t)((rest + ps - 1) / ps);
         int32_t dev = pikv_cache_shard(c, layer, s)->dev;
         if (dev < 0) dev = pikv_placement_pick_device(c, pending);
         plan.place[s] = dev;
@@ -124,6 +140,13 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld page writes: "
                        "allocation failed", (long long)n_writes);
     plan.dev_writes = plan.writes ? plan.writes + n_writes : NULL;
+    plan.new_ids = NULL;
+    if (st == PIKV_OK) {
+        plan.new_ids = pikv_host_calloc(ctx, (size_t)(total_new ? total_new : 1), sizeof(uint32_t));
+        if (!plan.new_ids)
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld new pages: "
+                           "allocation failed", (long long)total_new);
+    }
     if (st == PIKV_OK) st = pikv_page_ids_reserve(c, total_new);
     for (int32_t s = 0; s < ns && st == PIKV_OK; s++)
         if (plan.new_pages[s] > 0)
@@ -135,69 +158,102 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         pikv_host_free(ctx, plan.writes);
         pikv_host_free(ctx, plan.write_dev);
+        pikv_host_free(ctx, plan.new_ids);
         pikv_host_free(ctx, ints);
         return st;
     }
 
-    /* ---- commit: nothing below can fail short of a device error ---- */
-    int64_t w = 0;
+    /* ---- write: take page ids and slots, then run the device ops. A device error
+       here gives the ids and slots back and leaves the metadata as it was (the open
+       pages' bounds may have widened, which keeps them valid upper bounds). ---- */
+    int64_t w = 0, n_new = 0;
     for (int32_t s = 0; s < ns; s++) {
         if (plan.shard_count[s] == 0) continue;
-        pikv_shard *sh = pikv_cache_shard(c, layer, s);
-        if (sh->dev < 0) {
-            sh->dev = plan.place[s];
-            c->devs[sh->dev].shards++;
-        }
-        pikv_ring *ring = &sl->rings[s];
+        const pikv_ring *ring = &sl->rings[s];
+        const int32_t dev = plan.place[s];
         int32_t done = 0;
-        while (done < plan.shard_count[s]) {
-            uint32_t id;
-            if (open_rows(c, ring) > 0) {
-                id = pikv_ring_back(ring);
-            } else {
-                id = pikv_page_id_take(c);
-                pikv_page_pool *pool = &c->devs[sh->dev];
-                c->pages[id] = (pikv_page_meta){sh->dev, pikv_pool_take(pool), layer, s, 0, 1};
-                pikv_ring_push(ring, id);
-                pool->pages_used++;
-                sh->pages++;
-                c->pages_live++;
-            }
-            pikv_page_meta *m = &c->pages[id];
-            int32_t rows = ps - m->n_tokens;
-            if (rows > plan.shard_count[s] - done) rows = plan.shard_count[s] - done;
-            plan.writes[w] = (pikv_page_write){m->slot, m->n_tokens, rows, plan.shard_start[s] + done};
+        const int32_t open = open_rows(c, ring);
+        if (open > 0) {
+            const pikv_page_meta *m = &c->pages[pikv_ring_back(ring)];
+            const int32_t rows = open < plan.shard_count[s] ? open : plan.shard_count[s];
+            plan.writes[w] = (pikv_page_write){m->slot, m->n_tokens, rows, plan.shard_start[s]};
             plan.write_dev[w++] = m->dev;
-            for (int32_t r = 0; r < rows; r++) {
-                int32_t t = plan.order[plan.shard_start[s] + done + r];
-                size_t at = (size_t)id * (size_t)ps + (size_t)(m->n_tokens + r);
-                c->indices[at] = (int32_t)(sl->next_index + t);
-                c->positions[at] = positions ? positions[t] : (int32_t)(sl->next_index + t);
-            }
-            m->n_tokens += rows;
-            c->devs[m->dev].tokens += rows;
-            sh->tokens += rows;
+            done = rows;
+        }
+        for (int32_t j = 0; j < plan.new_pages[s]; j++) {
+            const int32_t rows = plan.shard_count[s] - done < ps ? plan.shard_count[s] - done : ps;
+            uint32_t id = pikv_page_id_take(c);
+            c->pages[id] = (pikv_page_meta){dev, pikv_pool_take(&c->devs[dev]), layer, s, 0, 0};
+            plan.new_ids[n_new++] = id;
+            plan.writes[w] = (pikv_page_write){c->pages[id].slot, 0, rows, plan.shard_start[s] + done};
+            plan.write_dev[w++] = dev;
             done += rows;
         }
     }
-    /* One op per device, over that device's page writes. */
-    for (int32_t d = 0; d < c->n_devs; d++) {
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
         int32_t nw = 0;
         for (int64_t i = 0; i < w; i++)
             if (plan.write_dev[i] == d) plan.dev_writes[nw++] = plan.writes[i];
         if (nw == 0) continue;
         pikv_page_pool *pool = &c->devs[d];
         pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, k, v};
-        pikv_status dst = pool->dev->iface->append(pool->dev, &args);
-        if (dst != PIKV_OK && st == PIKV_OK) st = dst;
+        st = pool->dev->iface->append(pool->dev, &args);
     }
-    sl->next_index += n;
-    sl->n_tokens += n;
-    c->layer_tokens[layer] += n;
-    c->tokens += n;
-    c->appends++;
+    if (st != PIKV_OK) {
+        for (int64_t i = n_new - 1; i >= 0; i--) {
+            const pikv_page_meta *m = &c->pages[plan.new_ids[i]];
+            pikv_pool_give(&c->devs[m->dev], m->slot);
+            c->free_ids[c->n_free_ids++] = plan.new_ids[i];
+        }
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+    } else {
+        /* ---- commit the metadata: nothing here can fail ---- */
+        int64_t next_new = 0;
+        for (int32_t s = 0; s < ns; s++) {
+            if (plan.shard_count[s] == 0) continue;
+            pikv_shard *sh = pikv_cache_shard(c, layer, s);
+            if (sh->dev < 0) {
+                sh->dev = plan.place[s];
+                c->devs[sh->dev].shards++;
+            }
+            pikv_ring *ring = &sl->rings[s];
+            int32_t done = 0;
+            while (done < plan.shard_count[s]) {
+                uint32_t id;
+                if (open_rows(c, ring) > 0) {
+                    id = pikv_ring_back(ring);
+                } else {
+                    id = plan.new_ids[next_new++];
+                    c->pages[id].refs = 1;
+                    pikv_ring_push(ring, id);
+                    c->devs[c->pages[id].dev].pages_used++;
+                    sh->pages++;
+                    c->pages_live++;
+                }
+                pikv_page_meta *m = &c->pages[id];
+                int32_t rows = ps - m->n_tokens;
+                if (rows > plan.shard_count[s] - done) rows = plan.shard_count[s] - done;
+                for (int32_t r = 0; r < rows; r++) {
+                    int32_t t = plan.order[plan.shard_start[s] + done + r];
+                    size_t at = (size_t)id * (size_t)ps + (size_t)(m->n_tokens + r);
+                    c->indices[at] = (int32_t)(sl->next_index + t);
+                    c->positions[at] = positions ? positions[t] : (int32_t)(sl->next_index + t);
+                }
+                m->n_tokens += rows;
+                c->devs[m->dev].tokens += rows;
+                sh->tokens += rows;
+                done += rows;
+            }
+        }
+        sl->next_index += n;
+        sl->n_tokens += n;
+        c->layer_tokens[layer] += n;
+        c->tokens += n;
+        c->appends++;
+    }
     pikv_host_free(ctx, plan.writes);
     pikv_host_free(ctx, plan.write_dev);
+    pikv_host_free(ctx, plan.new_ids);
     pikv_host_free(ctx, ints);
     return st;
 }

@@ -34,6 +34,14 @@ static pikv_status validate(pikv_cache *c, int32_t layer, const pikv_attend_batc
         PIKV_RETURN_ERROR_IF(!c->seqs[s].active, ctx, PIKV_ERR_NOT_FOUND,
                              "pikv_cache_attend: seq_ids[%d] = %d has not been added", i, s);
     }
+    const int64_t n_q = (int64_t)b->n_queries * c->params.n_q_heads;
+    PIKV_RETURN_ERROR_IF(n_q > INT32_MAX, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_attend: n_queries = %d times n_q_heads = %d exceeds %d rows",
+                         b->n_queries, c->params.n_q_heads, INT32_MAX);
+    for (int64_t i = 0; i < n_q * c->params.head_dim; i++)
+        PIKV_RETURN_ERROR_IF(!isfinite(b->q[i]), ctx, PIKV_ERR_INVALID_ARGUMENT,
+                             "pikv_cache_attend: q[%lld] = %g (query %lld) is not finite", (long long)i,
+                             (double)b->q[i], (long long)(i / ((int64_t)c->params.n_q_heads * c->params.head_dim)));
     if (b->experts)
         for (int64_t i = 0; i < (int64_t)b->n_queries * c->params.experts_per_token; i++)
             PIKV_RETURN_ERROR_IF(b->experts[i] < 0 || b->experts[i] >= c->params.n_experts, ctx,
@@ -63,7 +71,7 @@ static pikv_status plan_pages(pikv_cache *c, int32_t layer, const pikv_attend_ba
     PIKV_RETURN_ERROR_IF(total > INT32_MAX, ctx, PIKV_ERR_CAPACITY,
                          "pikv_cache_attend: %lld pages in one call exceed the page-list range",
                          (long long)total);
-    plan->indptr = pikv_host_calloc(ctx, (size_t)nd * (size_t)(nq + 1), sizeof(int32_t));
+    plan->indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)nq + 1), sizeof(int32_t));
     plan->slots = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(uint32_t));
     plan->lens = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(int32_t));
     if (!plan->indptr || !plan->slots || !plan->lens)
@@ -73,7 +81,7 @@ static pikv_status plan_pages(pikv_cache *c, int32_t layer, const pikv_attend_ba
     for (int32_t d = 0; d < nd; d++) fill[d] = plan->dev_begin[d];
     for (int32_t i = 0; i < nq; i++) {
         for (int32_t d = 0; d < nd; d++)
-            plan->indptr[(size_t)d * (size_t)(nq + 1) + (size_t)i] = (int32_t)(fill[d] - plan->dev_begin[d]);
+            plan->indptr[(size_t)d * ((size_t)nq + 1) + (size_t)i] = (int32_t)(fill[d] - plan->dev_begin[d]);
         const pikv_seq_layer *sl = &c->seqs[b->seq_ids[i]].layers[layer];
         for (int32_t s = 0; s < c->n_shards; s++) {
             const pikv_ring *ring = &sl->rings[s];
@@ -85,7 +93,7 @@ static pikv_status plan_pages(pikv_cache *c, int32_t layer, const pikv_attend_ba
         }
     }
     for (int32_t d = 0; d < nd; d++)
-        plan->indptr[(size_t)d * (size_t)(nq + 1) + (size_t)nq] = (int32_t)(fill[d] - plan->dev_begin[d]);
+        plan->indptr[(size_t)d * ((size_t)nq + 1) + (size_t)nq] = (int32_t)(fill[d] - plan->dev_begin[d]);
     return PIKV_OK;
 }
 
@@ -126,7 +134,7 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
             .n_queries = nq,
             .n_q_heads = hq,
             .q = b->q,
-            .indptr = plan.indptr + (size_t)d * (size_t)(nq + 1),
+            .indptr = plan.indptr + (size_t)d * ((size_t)nq + 1),
             .slots = plan.slots + off,
             .page_len = plan.lens + off,
             .scale = c->scale,

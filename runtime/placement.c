@@ -111,13 +111,17 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
     int64_t *dev_load = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *dev_load);
     int64_t *incoming = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *incoming);
     int32_t *added = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *added);
+    int32_t *active = pikv_host_calloc(ctx, (size_t)(c->n_seqs ? c->n_seqs : 1), sizeof *active);
     void *staging = pikv_host_alloc(ctx, (size_t)c->layout.page_bytes, 64);
     pikv_status st = PIKV_OK;
     int64_t moved = 0;
-    if (!loads || !target || !assign || !dev_load || !incoming || !added || !staging) {
+    if (!loads || !target || !assign || !dev_load || !incoming || !added || !active || !staging) {
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "rebalance: allocation of work arrays failed");
         goto done;
     }
+    int32_t n_active = 0;
+    for (int32_t q = 0; q < c->params.max_sequences && n_active < c->n_seqs; q++)
+        if (c->seqs[q].active) active[n_active++] = q;
     int64_t n = 0, current = 0;
     for (int32_t l = 0; l < c->params.n_layers; l++)
         for (int32_t s = 0; s < c->n_shards; s++) {
@@ -154,13 +158,14 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             pikv_shard *sh = pikv_cache_shard(c, l, s);
             const int32_t to = target[(size_t)l * (size_t)c->n_shards + (size_t)s];
             if (sh->pages == 0 || to == sh->dev) continue;
-            pikv_page_pool *src = &c->devs[sh->dev], *dst = &c->devs[to];
-            for (int32_t q = 0; q < c->params.max_sequences && st == PIKV_OK; q++) {
-                if (!c->seqs[q].active) continue;
-                const pikv_ring *ring = &c->seqs[q].layers[l].rings[s];
+            pikv_page_pool *dst = &c->devs[to];
+            for (int32_t a = 0; a < n_active && st == PIKV_OK; a++) {
+                const pikv_ring *ring = &c->seqs[active[a]].layers[l].rings[s];
                 for (int64_t i = 0; i < ring->count && st == PIKV_OK; i++) {
                     pikv_page_meta *m = &c->pages[pikv_ring_at(ring, i)];
                     if (m->dev == to) continue; /* shared page, already moved */
+                    /* the page's own device: after a failed move a shard can span two */
+                    pikv_page_pool *src = &c->devs[m->dev];
                     uint64_t so, dof;
                     pikv_buffer *sb = pikv_pool_chunk(src, m->slot, &so, &c->layout);
                     uint32_t slot = pikv_pool_take(dst);
@@ -183,7 +188,7 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
                 }
             }
             if (st == PIKV_OK) {
-                src->shards--;
+                c->devs[sh->dev].shards--;
                 dst->shards++;
                 sh->dev = to;
             }
@@ -203,6 +208,7 @@ done:
     pikv_host_free(ctx, dev_load);
     pikv_host_free(ctx, incoming);
     pikv_host_free(ctx, added);
+    pikv_host_free(ctx, active);
     pikv_host_free(ctx, staging);
     return st;
 }

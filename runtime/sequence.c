@@ -157,8 +157,48 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
         return st;
     }
 
-    /* Commit: share full pages, copy the others. */
+    /* Copy the partly covered pages first; a device error undoes the copies. */
     const size_t ps = (size_t)c->params.page_size;
+    uint32_t *copy_ids = pikv_host_calloc(ctx, (size_t)(total_copies ? total_copies : 1), sizeof(uint32_t));
+    if (!copy_ids) {
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        free_seq_layers(c, layers);
+        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_seq_copy_prefix: allocation failed");
+    }
+    int64_t n_copied = 0;
+    for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
+        for (int32_t k = 0; k < c->n_shards && st == PIKV_OK; k++) {
+            const pikv_ring *ring = &s->layers[l].rings[k];
+            for (int64_t i = 0; i < ring->count && st == PIKV_OK; i++) {
+                uint32_t id = pikv_ring_at(ring, i);
+                int32_t rows = rows_below(c, id, n);
+                if (rows == 0) break;
+                if (rows == (int32_t)ps) continue; /* shared below */
+                const pikv_page_meta *m = &c->pages[id];
+                pikv_page_pool *pool = &c->devs[m->dev];
+                uint32_t nid = pikv_page_id_take(c);
+                c->pages[nid] = (pikv_page_meta){m->dev, pikv_pool_take(pool), l, k, rows, 0};
+                copy_ids[n_copied++] = nid;
+                pikv_page_copy_args args = {&pool->view, m->slot, c->pages[nid].slot, rows};
+                st = pool->dev->iface->page_copy(pool->dev, &args);
+                memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
+                memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
+            }
+        }
+    if (st != PIKV_OK) {
+        for (int64_t i = n_copied - 1; i >= 0; i--) {
+            const pikv_page_meta *m = &c->pages[copy_ids[i]];
+            pikv_pool_give(&c->devs[m->dev], m->slot);
+            c->free_ids[c->n_free_ids++] = copy_ids[i];
+        }
+        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        free_seq_layers(c, layers);
+        pikv_host_free(ctx, copy_ids);
+        return st;
+    }
+
+    /* Commit: share full pages, take the copies. Nothing here can fail. */
+    int64_t next_copy = 0;
     for (int32_t l = 0; l < c->params.n_layers; l++) {
         pikv_seq_layer *dl = &layers[l];
         dl->next_index = n;
@@ -174,17 +214,11 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                     pikv_ring_push(&dl->rings[k], id);
                     continue;
                 }
-                const pikv_page_meta *m = &c->pages[id];
-                pikv_page_pool *pool = &c->devs[m->dev];
-                uint32_t nid = pikv_page_id_take(c);
-                uint32_t slot = pikv_pool_take(pool);
-                pikv_page_copy_args args = {&pool->view, m->slot, slot, rows};
-                pikv_status cst = pool->dev->iface->page_copy(pool->dev, &args);
-                if (cst != PIKV_OK) st = cst; /* device failure: keep going so state stays consistent */
-                c->pages[nid] = (pikv_page_meta){m->dev, slot, l, k, rows, 1};
-                memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
-                memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
+                uint32_t nid = copy_ids[next_copy++];
+                pikv_page_meta *m = &c->pages[nid];
+                m->refs = 1;
                 pikv_ring_push(&dl->rings[k], nid);
+                pikv_page_pool *pool = &c->devs[m->dev];
                 pool->pages_used++;
                 pool->tokens += rows;
                 pikv_shard *sh = pikv_cache_shard(c, l, k);
@@ -199,5 +233,6 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     c->seqs[dst].layers = layers;
     c->seqs[dst].active = true;
     c->n_seqs++;
-    return st;
+    pikv_host_free(ctx, copy_ids);
+    return PIKV_OK;
 }

@@ -8,6 +8,8 @@
  */
 #include "test-util.h"
 
+#include <math.h>
+
 static pikv_context *g_ctx;
 static pikv_cache *g_cache;
 static pikv_cache_params g_p;
@@ -312,6 +314,22 @@ static void test_bad_calls(void)
         bad[0] = g_p.n_experts; /* == n_experts, first token */
         FAILS(PIKV_ERR_OUT_OF_RANGE, "4", pikv_cache_append(g_cache, 0, 2, 1, k, v, NULL, bad));
     }
+    {
+        /* non-finite values, and values f16 pages cannot hold (g_p is f16): refused,
+           naming the value, before anything is written */
+        static float bad[20 * 64];
+        const size_t row = (size_t)g_p.n_kv_heads * g_p.head_dim;
+        memcpy(bad, k, sizeof bad);
+        bad[7 * row + 3] = NAN;
+        FAILS(PIKV_ERR_INVALID_ARGUMENT, "nan", pikv_cache_append(g_cache, 0, 0, 20, bad, v, NULL, ex));
+        memcpy(bad, k, sizeof bad);
+        bad[19 * row] = -INFINITY;
+        FAILS(PIKV_ERR_INVALID_ARGUMENT, "inf", pikv_cache_append(g_cache, 0, 0, 20, k, bad, NULL, ex));
+        memcpy(bad, k, sizeof bad);
+        bad[2 * row + 5] = 70000.0f;
+        FAILS(PIKV_ERR_INVALID_ARGUMENT, "70000",
+              pikv_cache_append(g_cache, 1, 1, 20, bad, v, NULL, ex));
+    }
     /* capacity: layer 0 holds 43 of 120 tokens, layer 1 holds 29 */
     FAILS(PIKV_ERR_CAPACITY, "120|78|121|77",
           pikv_cache_append(g_cache, 0, 2, 78, k, v, NULL, ex));
@@ -362,6 +380,16 @@ static void test_bad_calls(void)
         b.n_queries = -2;
         FAILS(PIKV_ERR_INVALID_ARGUMENT, "-2", pikv_cache_attend(g_cache, 0, &b));
         b.n_queries = 4;
+        {
+            float bad_q[4 * 128];
+            memcpy(bad_q, q, sizeof bad_q);
+            bad_q[3 * per + 7] = NAN; /* query 3 */
+            b.q = bad_q;
+            FAILS(PIKV_ERR_INVALID_ARGUMENT, "nan", pikv_cache_attend(g_cache, 0, &b));
+            bad_q[3 * per + 7] = INFINITY;
+            FAILS(PIKV_ERR_INVALID_ARGUMENT, "inf", pikv_cache_attend(g_cache, 1, &b));
+            b.q = q;
+        }
         int32_t qex[4 * 2] = {0, 1, 2, 3, 99, 0, 1, 2}; /* query 2's top-1 is out of range */
         b.experts = qex;
         FAILS(PIKV_ERR_OUT_OF_RANGE, "99", pikv_cache_attend(g_cache, 0, &b));
@@ -591,6 +619,41 @@ static void test_memory_limit(uint64_t limit)
 }
 
 /* Bad context parameters. */
+/* Finite inputs whose scores overflow float: attend says so instead of returning a
+   plausible-looking empty result. */
+static void test_score_overflow(void)
+{
+    tu_set_case("score overflow");
+    pikv_context_params cp = pikv_context_default_params();
+    pikv_context *ctx = NULL;
+    if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+        return;
+    pikv_cache_params p = pikv_cache_default_params();
+    p.n_q_heads = 1;
+    p.n_kv_heads = 1;
+    p.head_dim = 2;
+    p.page_size = 4;
+    p.dtype = PIKV_DTYPE_F32;
+    p.attn_scale = 1.0f;
+    pikv_cache *c = NULL;
+    CHECK_OK(pikv_cache_create(ctx, &p, &c));
+    CHECK_OK(pikv_seq_add(c, 0));
+    const float k[4] = {3e38f, 0.0f, 1.0f, 0.0f}, v[4] = {1, 2, 3, 4};
+    CHECK_OK(pikv_cache_append(c, 0, 0, 2, k, v, NULL, NULL));
+    float q[2] = {10.0f, 0.0f}, out[2] = {0, 0}, lse = 0;
+    int32_t sid = 0;
+    pikv_attend_batch b = {1, &sid, q, NULL, out, &lse};
+    pikv_status st = pikv_cache_attend(c, 0, &b);
+    CHECKF(st == PIKV_ERR_INVALID_ARGUMENT, "attend with q.k = 3e39 returned %s (out %g %g)",
+           pikv_status_name(st), (double)out[0], (double)out[1]);
+    CHECKF(strstr(pikv_context_last_error(ctx), "overflow") != NULL, "message: %s",
+           pikv_context_last_error(ctx));
+    q[0] = 1e-30f; /* the same cache with a small query works */
+    CHECK_OK(pikv_cache_attend(c, 0, &b));
+    pikv_cache_free(c);
+    pikv_context_free(ctx);
+}
+
 static void test_bad_context(void)
 {
     tu_set_case("bad context params");
@@ -621,6 +684,7 @@ int main(void)
 {
     test_status_strings();
     test_bad_context();
+    test_score_overflow();
 
     g_ctx = tu_context(2);
     if (!CHECK(g_ctx))
