@@ -183,7 +183,8 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         for (int32_t j = 0; j < plan.new_pages[s]; j++) {
             const int32_t rows = plan.shard_count[s] - done < ps ? plan.shard_count[s] - done : ps;
             uint32_t id = pikv_page_id_take(c);
-            c->pages[id] = (pikv_page_meta){dev, pikv_pool_take(&c->devs[dev]), layer, s, 0, 0};
+            c->pages[id] = (pikv_page_meta){.dev = dev, .slot = pikv_pool_take(&c->devs[dev]), .layer = layer,
+                                            .shard = s, .last_use = c->layer_clock[layer]};
             plan.new_ids[n_new++] = id;
             plan.writes[w] = (pikv_page_write){c->pages[id].slot, 0, rows, plan.shard_start[s] + done};
             plan.write_dev[w++] = dev;
@@ -228,6 +229,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
                     pikv_ring_push(ring, id);
                     c->devs[c->pages[id].dev].pages_used++;
                     sh->pages++;
+                    c->layer_pages[layer]++;
                     c->pages_live++;
                 }
                 pikv_page_meta *m = &c->pages[id];
@@ -238,6 +240,9 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
                     size_t at = (size_t)id * (size_t)ps + (size_t)(m->n_tokens + r);
                     c->indices[at] = (int32_t)(sl->next_index + t);
                     c->positions[at] = positions ? positions[t] : (int32_t)(sl->next_index + t);
+                    const int32_t e = experts ? experts[(size_t)t * (size_t)p->experts_per_token] : 0;
+                    c->row_expert[at] = e;
+                    m->expert_mask |= 1ull << (e % 64);
                 }
                 m->n_tokens += rows;
                 c->devs[m->dev].tokens += rows;
@@ -250,6 +255,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         c->layer_tokens[layer] += n;
         c->tokens += n;
         c->appends++;
+        pikv_evict_to_budget(c, layer, seq); /* allocates nothing: cannot fail */
     }
     pikv_host_free(ctx, plan.writes);
     pikv_host_free(ctx, plan.write_dev);

@@ -77,21 +77,53 @@ typedef struct pikv_page_copy_args {
     int32_t n_rows;
 } pikv_page_copy_args;
 
-/* decode attention of n_queries query tokens, each over its page list
-   slots[indptr[i] .. indptr[i+1]) with page_len valid rows per page; writes the
-   normalized partial output and its log-sum-exp (-inf and 0 when empty). */
+/* decode attention of n_queries query tokens. Each (query i, KV head g) has its
+   own page list slots[indptr[i*n_kv_heads+g] .. indptr[i*n_kv_heads+g+1]) with
+   page_len valid rows per page (selection may keep different pages per head).
+   Writes the normalized partial output and its log-sum-exp (-inf and 0 when
+   empty) of every query head, and, when page_lse is set, for every list entry
+   and each query head h of its group, log sum_{rows} exp(score): the page's
+   attention mass before normalization, which eviction policies accumulate
+   (computed in the same pass, not a second one). */
 typedef struct pikv_attention_args {
+    const pikv_pool_view *pool;
+    int32_t n_queries;
+    int32_t n_q_heads;
+    const float *q;            /* host [n_queries][n_q_heads][head_dim] */
+    const int32_t *indptr;     /* [n_queries * n_kv_heads + 1] */
+    const uint32_t *slots;
+    const int32_t *page_len;
+    float scale;
+    float *out;                /* host [n_queries][n_q_heads][head_dim] */
+    float *lse;                /* host [n_queries][n_q_heads] */
+    float *page_lse;           /* host [entries][n_q_heads / n_kv_heads], or NULL */
+} pikv_attention_args;
+
+/* Quest page scores: for each candidate page c of query i (slots[indptr[i] ..
+   indptr[i+1])) and KV head g, scores[c * n_kv_heads + g] = max over the query
+   heads h of g of sum_d max(q_hd * min_gd, q_hd * max_gd), an upper bound of
+   q_h . k for every key k of the page (unscaled). */
+typedef struct pikv_score_args {
     const pikv_pool_view *pool;
     int32_t n_queries;
     int32_t n_q_heads;
     const float *q;            /* host [n_queries][n_q_heads][head_dim] */
     const int32_t *indptr;     /* [n_queries + 1] */
     const uint32_t *slots;
-    const int32_t *page_len;
-    float scale;
-    float *out;                /* host [n_queries][n_q_heads][head_dim] */
-    float *lse;                /* host [n_queries][n_q_heads] */
-} pikv_attention_args;
+    float *scores;             /* host [candidates][n_kv_heads] */
+} pikv_score_args;
+
+/* Budgeted top-k: for every list l, keep entries in order of decreasing score
+   (ties: lower index first) while their tokens fit in budget[l]; an entry that
+   does not fit is skipped and smaller ones may still fit. */
+typedef struct pikv_topk_args {
+    int32_t n_lists;
+    const int32_t *indptr;     /* [n_lists + 1] */
+    const float *scores;       /* [entries] */
+    const int32_t *tokens;     /* [entries] */
+    const int64_t *budget;     /* [n_lists] */
+    uint8_t *keep;             /* out [entries]: 1 = selected */
+} pikv_topk_args;
 
 /* exact merge of n_parts partials: out/lse [n_rows][dim] from
    part_out [n_parts][n_rows][dim] and part_lse [n_parts][n_rows]. */
@@ -110,6 +142,8 @@ typedef enum pikv_op {
     PIKV_OP_PAGE_COPY,
     PIKV_OP_ATTENTION,
     PIKV_OP_MERGE,
+    PIKV_OP_SCORE,
+    PIKV_OP_TOPK,
     PIKV_OP_COUNT_
 } pikv_op;
 
@@ -128,6 +162,8 @@ typedef struct pikv_device_iface {
     pikv_status (*page_copy)(pikv_device *dev, const pikv_page_copy_args *args);
     pikv_status (*attention)(pikv_device *dev, const pikv_attention_args *args);
     pikv_status (*merge)(pikv_device *dev, const pikv_merge_args *args);
+    pikv_status (*score)(pikv_device *dev, const pikv_score_args *args);
+    pikv_status (*topk)(pikv_device *dev, const pikv_topk_args *args);
     pikv_status (*synchronize)(pikv_device *dev);
 } pikv_device_iface;
 

@@ -49,6 +49,11 @@ typedef struct pikv_page_meta {
     int32_t shard;
     int32_t n_tokens; /* valid rows */
     int32_t refs;     /* sequences whose page tables hold it; 0 = free id */
+    /* utility statistics for eviction (evict.c) */
+    float attn_mass;  /* attention mass accumulated by the attention kernel */
+    int32_t use_count;/* attend calls that read it */
+    int64_t last_use; /* the layer's attend clock when last read (or created) */
+    uint64_t expert_mask; /* bit (e mod 64) set for each row's top-1 expert e */
 } pikv_page_meta;
 
 /* ---- page_pool.c: one device's page storage ------------------------------ */
@@ -127,14 +132,28 @@ struct pikv_cache {
     pikv_page_meta *pages;
     int32_t *positions;   /* [id][page_size] */
     int32_t *indices;     /* [id][page_size] token index in its sequence */
+    int32_t *row_expert;  /* [id][page_size] top-1 expert of each row */
     int64_t pages_cap;
     int64_t pages_high;   /* ids below this have been handed out */
     uint32_t *free_ids;   /* stack of returned ids */
     int64_t free_ids_cap;
     int64_t n_free_ids;
 
+    /* policies */
+    int64_t *layer_budget;   /* [n_layers] tokens per sequence; -1 = none */
+    int64_t *layer_clock;    /* [n_layers] attend calls of the layer so far */
+    int64_t *layer_pages;    /* [n_layers] live pages */
+    int64_t *layer_evicted;  /* [n_layers] evicted pages */
+    uint64_t *layer_last_bytes;
+    int64_t *layer_last_pages;
+    double *expert_misses;   /* [n_layers][n_experts] decayed miss counts */
+    int64_t *expert_routed;  /* [n_layers][n_experts] */
+    int64_t *expert_top1;    /* [n_layers][n_experts] */
+
     /* stats */
     int64_t pages_live;
+    int64_t evicted_pages, evicted_tokens;
+    double last_recall, last_output_error, last_hit_rate;
     int64_t tokens;
     int32_t n_seqs;
     int64_t appends, attends;
@@ -158,6 +177,20 @@ void pikv_page_unref(pikv_cache *c, uint32_t id);
 /* ---- sequence.c ------------------------------------------------------------------- */
 /* OUT_OF_RANGE or NOT_FOUND (with a message starting with `what`) unless seq exists. */
 pikv_status pikv_seq_check(const pikv_cache *c, int32_t seq, const char *what);
+
+/* ---- policies ------------------------------------------------------------------ */
+/* budget.c: validate the policy parameters and set layer_budget. */
+pikv_status pikv_policies_init(pikv_cache *c);
+pikv_status pikv_select_validate(pikv_context *ctx, const pikv_cache *c, const pikv_select_params *s,
+                                 const char *where);
+/* evict.c: evict pages of (layer, seq) until it is within its budget, or nothing
+   evictable is left. Allocates nothing, so it cannot fail after an append commits. */
+void pikv_evict_to_budget(pikv_cache *c, int32_t layer, int32_t seq);
+/* Whether a page holds a sink token or a token of the recent window. */
+bool pikv_page_protected(const pikv_cache *c, uint32_t id, const pikv_seq_layer *sl,
+                         const pikv_select_params *sel);
+/* route.c: record that expert e of a layer missed (evicted page, absent shard). */
+void pikv_expert_miss(pikv_cache *c, int32_t layer, uint64_t expert_mask, int32_t shard);
 
 /* ---- placement.c ---------------------------------------------------------------- */
 int32_t pikv_placement_shard(const pikv_cache *c, int64_t token_index, int32_t top1_expert);

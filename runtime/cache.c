@@ -38,6 +38,18 @@ pikv_cache_params pikv_cache_default_params(void)
     p.capacity_tokens = 1 << 20;
     p.max_sequences = 64;
     p.placement = PIKV_PLACEMENT_EXPERT;
+    p.select.mode = PIKV_SELECT_ALL;
+    p.select.token_budget = 1024;
+    p.select.sink_tokens = 4;
+    p.select.recent_tokens = 64;
+    p.budget.mode = PIKV_BUDGET_NONE;
+    p.budget.pyramid_beta = 4.0f;
+    p.evict.policy = PIKV_EVICT_NONE;
+    p.evict.alpha_attention = 0.6f;
+    p.evict.alpha_recency = 0.2f;
+    p.evict.alpha_frequency = 0.2f;
+    p.route.lambda = 0.0f;
+    p.route.miss_decay = 0.9f;
     return p;
 }
 
@@ -129,7 +141,20 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     c->shards = pikv_host_calloc(ctx, (size_t)p->n_layers * (size_t)c->n_shards, sizeof *c->shards);
     c->seqs = pikv_host_calloc(ctx, (size_t)p->max_sequences, sizeof *c->seqs);
     c->layer_tokens = pikv_host_calloc(ctx, (size_t)p->n_layers, sizeof *c->layer_tokens);
-    if (!c->devs || !c->shards || !c->seqs || !c->layer_tokens) {
+    const size_t nl = (size_t)p->n_layers, nle = nl * (size_t)p->n_experts;
+    c->layer_budget = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->layer_clock = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->layer_pages = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->layer_evicted = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->layer_last_bytes = pikv_host_calloc(ctx, nl, sizeof(uint64_t));
+    c->layer_last_pages = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->expert_misses = pikv_host_calloc(ctx, nle, sizeof(double));
+    c->expert_routed = pikv_host_calloc(ctx, nle, sizeof(int64_t));
+    c->expert_top1 = pikv_host_calloc(ctx, nle, sizeof(int64_t));
+    c->last_recall = c->last_output_error = c->last_hit_rate = -1.0;
+    if (!c->devs || !c->shards || !c->seqs || !c->layer_tokens || !c->layer_budget || !c->layer_clock ||
+        !c->layer_pages || !c->layer_evicted || !c->layer_last_bytes || !c->layer_last_pages ||
+        !c->expert_misses || !c->expert_routed || !c->expert_top1) {
         pikv_cache_free(c);
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation of tables failed");
     }
@@ -150,6 +175,11 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         pool->view.pages_per_chunk = (uint32_t)per;
     }
     pikv_placement_init(c);
+    pikv_status st = pikv_policies_init(c);
+    if (st != PIKV_OK) {
+        pikv_cache_free(c);
+        return st;
+    }
     *out = c;
     return PIKV_OK;
 }
@@ -173,6 +203,16 @@ void pikv_cache_free(pikv_cache *c)
     pikv_host_free(ctx, c->shards);
     pikv_host_free(ctx, c->seqs);
     pikv_host_free(ctx, c->layer_tokens);
+    pikv_host_free(ctx, c->layer_budget);
+    pikv_host_free(ctx, c->layer_clock);
+    pikv_host_free(ctx, c->layer_pages);
+    pikv_host_free(ctx, c->layer_evicted);
+    pikv_host_free(ctx, c->layer_last_bytes);
+    pikv_host_free(ctx, c->layer_last_pages);
+    pikv_host_free(ctx, c->expert_misses);
+    pikv_host_free(ctx, c->expert_routed);
+    pikv_host_free(ctx, c->expert_top1);
+    pikv_host_free(ctx, c->row_expert);
     pikv_host_free(ctx, c->pages);
     pikv_host_free(ctx, c->positions);
     pikv_host_free(ctx, c->indices);
@@ -197,10 +237,13 @@ pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n)
     const size_t ps = (size_t)c->params.page_size;
     int64_t cap_meta = c->pages_cap, cap_free = c->free_ids_cap;
     int64_t cap_pos = c->pages_cap * (int64_t)ps, cap_idx = c->pages_cap * (int64_t)ps;
+    int64_t cap_exp = c->pages_cap * (int64_t)ps;
     PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->pages, sizeof *c->pages, &cap_meta, cap));
     PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->positions, sizeof *c->positions, &cap_pos,
                                             cap * (int64_t)ps));
     PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->indices, sizeof *c->indices, &cap_idx,
+                                            cap * (int64_t)ps));
+    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->row_expert, sizeof *c->row_expert, &cap_exp,
                                             cap * (int64_t)ps));
     PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&c->free_ids, sizeof *c->free_ids, &cap_free, cap));
     c->free_ids_cap = cap_free;
@@ -208,6 +251,7 @@ pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n)
     int64_t got = cap_meta;
     if (cap_pos / (int64_t)ps < got) got = cap_pos / (int64_t)ps;
     if (cap_idx / (int64_t)ps < got) got = cap_idx / (int64_t)ps;
+    if (cap_exp / (int64_t)ps < got) got = cap_exp / (int64_t)ps;
     c->pages_cap = got;
     return PIKV_OK;
 }
@@ -230,6 +274,7 @@ void pikv_page_unref(pikv_cache *c, uint32_t id)
     sh->pages--;
     sh->tokens -= m->n_tokens;
     c->layer_tokens[m->layer] -= m->n_tokens;
+    c->layer_pages[m->layer]--;
     c->tokens -= m->n_tokens;
     c->pages_live--;
     c->free_ids[c->n_free_ids++] = id;
@@ -253,6 +298,11 @@ pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
     out->last_bytes_read = c->last_bytes_read;
     out->last_tokens_read = c->last_tokens_read;
     out->bytes_read = c->bytes_read;
+    out->last_recall = c->last_recall;
+    out->last_output_error = c->last_output_error;
+    out->last_hit_rate = c->last_hit_rate;
+    out->evicted_pages = c->evicted_pages;
+    out->evicted_tokens = c->evicted_tokens;
     out->appends = c->appends;
     out->attends = c->attends;
     return PIKV_OK;
@@ -295,5 +345,22 @@ pikv_status pikv_cache_trim(pikv_cache *c)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
     for (int32_t d = 0; d < c->n_devs; d++) PIKV_FORWARD_IF_ERROR(pikv_cache_compact_device(c, d));
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_get_layer_stats(const pikv_cache *c, int32_t layer, pikv_layer_stats *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(layer < 0 || layer >= c->params.n_layers, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "pikv_cache_get_layer_stats: layer %d is outside 0..%d", layer,
+                         c->params.n_layers - 1);
+    memset(out, 0, sizeof *out);
+    out->tokens = c->layer_tokens[layer];
+    out->pages = c->layer_pages[layer];
+    out->bytes_used = (uint64_t)c->layer_pages[layer] * c->layout.page_bytes;
+    out->budget_tokens = c->layer_budget[layer];
+    out->evicted_pages = c->layer_evicted[layer];
+    out->last_bytes_read = c->layer_last_bytes[layer];
+    out->last_pages_read = c->layer_last_pages[layer];
     return PIKV_OK;
 }

@@ -177,12 +177,16 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 const pikv_page_meta *m = &c->pages[id];
                 pikv_page_pool *pool = &c->devs[m->dev];
                 uint32_t nid = pikv_page_id_take(c);
-                c->pages[nid] = (pikv_page_meta){m->dev, pikv_pool_take(pool), l, k, rows, 0};
+                c->pages[nid] = *m; /* keeps the utility statistics of the source page */
+                c->pages[nid].slot = pikv_pool_take(pool);
+                c->pages[nid].n_tokens = rows;
+                c->pages[nid].refs = 0;
                 copy_ids[n_copied++] = nid;
                 pikv_page_copy_args args = {&pool->view, m->slot, c->pages[nid].slot, rows};
                 st = pool->dev->iface->page_copy(pool->dev, &args);
                 memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
+                memcpy(c->row_expert + nid * ps, c->row_expert + id * ps, (size_t)rows * sizeof(int32_t));
             }
         }
     if (st != PIKV_OK) {
@@ -225,6 +229,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 sh->pages++;
                 sh->tokens += rows;
                 c->layer_tokens[l] += rows;
+                c->layer_pages[l]++;
                 c->tokens += rows;
                 c->pages_live++;
             }

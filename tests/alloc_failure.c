@@ -234,7 +234,7 @@ static void fail_copy(void *a)
 static pikv_status op_attend(void *a)
 {
     env *e = a;
-    pikv_attend_batch b = {e->nq, e->qseqs, e->q, NULL, e->out, e->lse};
+    pikv_attend_batch b = {e->nq, e->qseqs, e->q, NULL, e->out, e->lse, NULL};
     return pikv_cache_attend(e->cache, e->layer, &b);
 }
 
@@ -514,7 +514,7 @@ static void test_chunk_array_growth(void)
             }
             int32_t sid = 0;
             float before[4], after[4], lb, la;
-            pikv_attend_batch b = {1, &sid, q, NULL, before, &lb};
+            pikv_attend_batch b = {1, &sid, q, NULL, before, &lb, NULL};
             CHECK_OK(pikv_cache_attend(c, 0, &b));
             arm(n, 0);
             pikv_status st = pikv_cache_append(c, 0, 0, 1, kv, kv, NULL, NULL);

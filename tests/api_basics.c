@@ -243,7 +243,7 @@ static void test_round_trip(void)
     const float q[8] = {0, 1, 0, 0, 1, 0, 0, 0};
     float out[8], lse[2];
     int32_t ids[1] = {1};
-    pikv_attend_batch b = {1, ids, q, NULL, out, lse};
+    pikv_attend_batch b = {1, ids, q, NULL, out, lse, NULL};
     CHECK_OK(pikv_cache_attend(c, 0, &b));
     /* head 0: scores 0 and 5 -> weights 1/(1+e^5), e^5/(1+e^5) */
     double w1 = exp(5.0) / (1.0 + exp(5.0)), w0 = 1.0 - w1;

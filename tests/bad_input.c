@@ -358,7 +358,7 @@ static void test_bad_calls(void)
         int32_t nf_ids[4] = {0, 1, 5, 0};
         int32_t oor_ids[4] = {0, 555, 1, 0};
         int32_t neg_ids[4] = {0, 1, -8, 0};
-        pikv_attend_batch b = {4, ok_ids, q, NULL, out, lse};
+        pikv_attend_batch b = {4, ok_ids, q, NULL, out, lse, NULL};
         FAILS(PIKV_ERR_OUT_OF_RANGE, "37", pikv_cache_attend(g_cache, 37, &b));
         FAILS(PIKV_ERR_OUT_OF_RANGE, "-1", pikv_cache_attend(g_cache, -1, &b));
         FAILS(PIKV_ERR_INVALID_ARGUMENT, NULL, pikv_cache_attend(g_cache, 0, NULL));
@@ -422,7 +422,7 @@ static void test_bad_calls(void)
 
     /* zero-sized requests are no-ops, not errors */
     {
-        pikv_attend_batch b0 = {0, NULL, NULL, NULL, NULL, NULL};
+        pikv_attend_batch b0 = {0, NULL, NULL, NULL, NULL, NULL, NULL};
         CHECK_OK(pikv_cache_attend(g_cache, 0, &b0));
         CHECK_OK(pikv_cache_append(g_cache, 0, 0, 0, k, v, NULL, ex));
         int64_t l0 = -1;
@@ -642,7 +642,7 @@ static void test_score_overflow(void)
     CHECK_OK(pikv_cache_append(c, 0, 0, 2, k, v, NULL, NULL));
     float q[2] = {10.0f, 0.0f}, out[2] = {0, 0}, lse = 0;
     int32_t sid = 0;
-    pikv_attend_batch b = {1, &sid, q, NULL, out, &lse};
+    pikv_attend_batch b = {1, &sid, q, NULL, out, &lse, NULL};
     pikv_status st = pikv_cache_attend(c, 0, &b);
     CHECKF(st == PIKV_ERR_INVALID_ARGUMENT, "attend with q.k = 3e39 returned %s (out %g %g)",
            pikv_status_name(st), (double)out[0], (double)out[1]);

@@ -569,6 +569,7 @@ static inline pikv_status tu_attend_compare(pikv_cache *c, const tu_model *m, in
 {
     size_t per = (size_t)m->nqh * (size_t)m->hd;
     pikv_attend_batch b;
+    memset(&b, 0, sizeof b); /* fields added later default to 0 / NULL */
     memset(e, 0, sizeof *e);
     for (size_t i = 0; i < (size_t)nq * per; i++)
         out[i] = NAN;
@@ -774,6 +775,7 @@ static inline void tu_snap_take(pikv_cache *c, const pikv_cache_params *p, tu_sn
     if (nq > 0)
         for (int l = 0; l < s->nl; l++) {
             pikv_attend_batch b;
+            memset(&b, 0, sizeof b); /* fields added later default to 0 / NULL */
             b.n_queries = nq;
             b.seq_ids = seqs;
             b.q = q;

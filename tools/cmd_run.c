@@ -641,6 +641,7 @@ int cli_cmd_run(int argc, char **argv)
     /* Decode. */
     const double scale = 1.0 / sqrt((double)o.head_dim);
     pikv_attend_batch batch;
+    memset(&batch, 0, sizeof batch); /* fields added later default to 0 / NULL */
     batch.n_queries = o.seqs;
     batch.seq_ids = seq_ids;
     batch.q = q;

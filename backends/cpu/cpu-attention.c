@@ -1,5 +1,6 @@
 /* Decode attention over a page list on the CPU.
  *
+ * Every (query, KV head) has its own page list (selection can differ per head).
  * Work is split into tasks of (query, KV head, page range): a task computes
  * the attention of all query heads sharing that KV head (GQA), so each K and V
  * row is read once for the whole group. Long page lists are split along the
@@ -74,13 +75,15 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
             float mx = ph[0];
             for (int32_t r = 0; r < n; r++) mx = s[r] > mx ? s[r] : mx;
             float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
-            float sum = ph[1] * rescale;
+            float page_sum = 0.0f;
             for (int32_t r = 0; r < n; r++) {
                 s[r] = expf(s[r] - mx);
-                sum += s[r];
+                page_sum += s[r];
             }
+            if (a->page_lse) /* the page's attention mass, fused: no second pass */
+                a->page_lse[(size_t)p * (size_t)G + (size_t)h] = page_sum > 0.0f ? mx + logf(page_sum) : -INFINITY;
             ph[0] = mx;
-            ph[1] = sum;
+            ph[1] = ph[1] * rescale + page_sum;
             float *acc = ph + 2;
             if (rescale != 1.0f)
                 for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
@@ -96,8 +99,9 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
     }
 }
 
-/* Merge the splits of one (query, KV head) into normalized outputs. */
-static void attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
+/* Merge the splits of one (query, KV head) into normalized outputs. Returns false
+   when a score overflowed (finite but huge inputs): no output can be trusted. */
+static bool attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
 {
     const pikv_attention_args *a = job->a;
     const attn_task *t0 = &job->tasks[first_task];
@@ -109,6 +113,8 @@ static void attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
         float m = -INFINITY;
         for (int32_t s = 0; s < n_splits; s++) {
             const float *ph = job->parts + ((size_t)(first_task + s) * (size_t)G + (size_t)h) * part_stride;
+            if (!(ph[0] < INFINITY) && ph[0] != -INFINITY) return false; /* +inf or NaN */
+            if (!(ph[1] < INFINITY)) return false;
             if (ph[1] > 0.0f && ph[0] > m) m = ph[0];
         }
         memset(out, 0, (size_t)hd * sizeof(float));
@@ -128,6 +134,7 @@ static void attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
         for (int32_t d = 0; d < hd; d++) out[d] *= inv;
         a->lse[head] = m + logf(sum);
     }
+    return true;
 }
 
 pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
@@ -144,10 +151,10 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     const int64_t units = (int64_t)a->n_queries * kvh;
     const int64_t want = ((int64_t)threads * 4 + units - 1) / units;
     int64_t n_tasks = 0;
-    for (int32_t i = 0; i < a->n_queries; i++) {
-        int64_t pages = a->indptr[i + 1] - a->indptr[i];
+    for (int64_t u = 0; u < units; u++) {
+        int64_t pages = a->indptr[u + 1] - a->indptr[u];
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
-        n_tasks += (s < 1 ? 1 : s) * kvh;
+        n_tasks += s < 1 ? 1 : s;
     }
     attn_job job = {.a = a, .group = G, .f16_to_f32 = pikv_cpu_device_backend(dev)->f16_to_f32};
     job.scratch_floats = (size_t)G * (size_t)L->page_size + 2 * (size_t)L->head_dim;
@@ -162,30 +169,34 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
                          (long long)n_tasks);
     }
     int64_t k = 0;
-    for (int32_t i = 0; i < a->n_queries; i++) {
-        const int32_t p0 = a->indptr[i], pages = a->indptr[i + 1] - p0;
+    for (int64_t u = 0; u < units; u++) {
+        const int32_t p0 = a->indptr[u], pages = a->indptr[u + 1] - p0;
         int32_t s = (int32_t)(want < (pages + 3) / 4 ? want : (pages + 3) / 4);
         if (s < 1) s = 1;
-        for (int32_t g = 0; g < kvh; g++)
-            for (int32_t j = 0; j < s; j++) {
-                attn_task *t = &job.tasks[k++];
-                t->query = i;
-                t->kv_head = g;
-                t->page_begin = p0 + (int32_t)((int64_t)pages * j / s);
-                t->page_end = p0 + (int32_t)((int64_t)pages * (j + 1) / s);
-            }
+        for (int32_t j = 0; j < s; j++) {
+            attn_task *t = &job.tasks[k++];
+            t->query = (int32_t)(u / kvh);
+            t->kv_head = (int32_t)(u % kvh);
+            t->page_begin = p0 + (int32_t)((int64_t)pages * j / s);
+            t->page_end = p0 + (int32_t)((int64_t)pages * (j + 1) / s);
+        }
     }
     pikv_cpu_pool_run(pool, n_tasks, attn_run_task, &job);
-    for (int64_t first = 0; first < n_tasks;) {
+    pikv_status st = PIKV_OK;
+    for (int64_t first = 0; first < n_tasks && st == PIKV_OK;) {
         int64_t last = first;
         while (last < n_tasks && job.tasks[last].query == job.tasks[first].query &&
                job.tasks[last].kv_head == job.tasks[first].kv_head)
             last++;
-        attn_finish(&job, first, (int32_t)(last - first));
+        if (!attn_finish(&job, first, (int32_t)(last - first)))
+            st = PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT,
+                           "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not "
+                           "finite); the inputs are too large", job.tasks[first].query,
+                           job.tasks[first].kv_head);
         first = last;
     }
     pikv_host_free(ctx, job.tasks);
     pikv_host_free(ctx, job.parts);
     pikv_host_free(ctx, job.scratch);
-    return PIKV_OK;
+    return st;
 }

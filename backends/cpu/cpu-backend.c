@@ -82,6 +82,8 @@ static const pikv_device_iface cpu_device_iface = {
     .page_copy = pikv_cpu_page_copy,
     .attention = pikv_cpu_attention,
     .merge = pikv_cpu_merge,
+    .score = pikv_cpu_score,
+    .topk = pikv_cpu_topk,
     .synchronize = cpu_synchronize,
 };
 

@@ -49,6 +49,8 @@ pikv_status pikv_cpu_append(pikv_device *dev, const pikv_append_args *args);    
 pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args); /* cpu-append.c */
 pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *args); /* cpu-attention.c */
 pikv_status pikv_cpu_merge(pikv_device *dev, const pikv_merge_args *args);         /* cpu-merge.c */
+pikv_status pikv_cpu_score(pikv_device *dev, const pikv_score_args *args);         /* cpu-select.c */
+pikv_status pikv_cpu_topk(pikv_device *dev, const pikv_topk_args *args);           /* cpu-select.c */
 
 /* The exact log-sum-exp merge of one row, shared by the attention kernel's
    split merge and the merge op: parts are (out_p normalized, lse_p). */

@@ -189,6 +189,66 @@ typedef enum pikv_placement {
     PIKV_PLACEMENT_BALANCED = 2
 } pikv_placement;
 
+/* ---- Policies (docs/policies.md) --------------------------------------- */
+
+/* What an attend reads. Bits, composable; 0 = everything (exact mode). */
+enum {
+    PIKV_SELECT_ALL = 0,
+    PIKV_SELECT_EXPERTS = 1u << 0, /* only the shards of the query's top-k experts (PiKV) */
+    PIKV_SELECT_QUEST = 1u << 1    /* pages ranked by the Quest bound, under a token budget */
+};
+
+typedef struct pikv_select_params {
+    uint32_t mode;             /* PIKV_SELECT_* bits */
+    int32_t experts_top_k;     /* EXPERTS: how many of the query's experts to read;
+                                  0 = experts_per_token */
+    int32_t token_budget;      /* QUEST: tokens read per (query, KV head), sink and recent
+                                  pages included; >= sink_tokens + recent_tokens */
+    int32_t sink_tokens;       /* the first tokens of a sequence: always read, never evicted */
+    int32_t recent_tokens;     /* the last tokens of a sequence: always read, never evicted */
+    int32_t measure;           /* nonzero: also run exact attention and record recall and
+                                  output error in the stats (costs a full pass) */
+} pikv_select_params;
+
+/* Per-layer token budgets of every sequence (pikv_budgets_compute). */
+typedef enum pikv_budget_mode {
+    PIKV_BUDGET_NONE = 0,      /* no budget: a layer holds what capacity allows */
+    PIKV_BUDGET_UNIFORM = 1,   /* C_i = total / n_layers */
+    PIKV_BUDGET_PYRAMID = 2    /* C_i = C_1 - (i-1) d, PyramidKV's form: the top layer gets
+                                  total / (beta * n_layers), the bottom 2 total / n_layers
+                                  minus that */
+} pikv_budget_mode;
+
+typedef struct pikv_budget_params {
+    pikv_budget_mode mode;
+    int64_t total_tokens;      /* one sequence's tokens summed over layers */
+    float pyramid_beta;        /* PYRAMID shape, >= 1 (1 = uniform); default 4 */
+} pikv_budget_params;
+
+/* Which pages go when a sequence's layer exceeds its budget (page granularity). */
+typedef enum pikv_evict_policy {
+    PIKV_EVICT_NONE = 0,       /* no eviction (budgets need a policy) */
+    PIKV_EVICT_LRU = 1,        /* least recently read first */
+    PIKV_EVICT_LFU = 2,        /* least often read first */
+    PIKV_EVICT_STREAMING = 3,  /* StreamingLLM: keep sinks + recent, drop the oldest */
+    PIKV_EVICT_H2O = 4,        /* H2O: least accumulated attention mass first */
+    PIKV_EVICT_UTILITY = 5     /* PiKV: lowest u = a_att phi_att + a_rec phi_rec + a_freq phi_freq */
+} pikv_evict_policy;
+
+typedef struct pikv_evict_params {
+    pikv_evict_policy policy;
+    float alpha_attention;     /* UTILITY weights (>= 0, not all 0); defaults 0.6, 0.2, 0.2 */
+    float alpha_recency;
+    float alpha_frequency;
+} pikv_evict_params;
+
+/* Cache-aware routing (pikv_route). */
+typedef struct pikv_route_params {
+    float lambda;              /* penalty weight of log(1 + miss_e); 0 = plain top-k */
+    float miss_decay;          /* misses are multiplied by this at every pikv_route call of
+                                  the layer, in [0, 1]; default 0.9 */
+} pikv_route_params;
+
 typedef struct pikv_cache_params {
     /* Geometry */
     int32_t n_layers;
@@ -212,6 +272,11 @@ typedef struct pikv_cache_params {
     int32_t n_devices;            /* ... all devices of the context when 0 */
     /* Attention */
     float attn_scale;             /* 0 = 1/sqrt(head_dim) */
+    /* Policies (defaults: exact reads, no budget, no eviction, lambda 0) */
+    pikv_select_params select;    /* default for attend calls that pass none */
+    pikv_budget_params budget;
+    pikv_evict_params evict;
+    pikv_route_params route;
 } pikv_cache_params;
 
 PIKV_API pikv_cache_params pikv_cache_default_params(void);
@@ -263,6 +328,7 @@ typedef struct pikv_attend_batch {
     const int32_t *experts;
     float *out;
     float *lse;
+    const pikv_select_params *select; /* NULL = the cache's params.select */
 } pikv_attend_batch;
 
 /* Decode attention of a batch over what the cache holds in one layer. */
@@ -285,6 +351,14 @@ typedef struct pikv_cache_stats {
     int64_t last_tokens_read;
     /* Totals since creation */
     uint64_t bytes_read;          /* page bytes read by all attend calls since creation */
+    /* Quality of the last attend (selection, residency) */
+    double last_recall;           /* exact attention mass held by the pages read, mean over
+                                     (query, head); 1 in exact mode; -1 unless measured */
+    double last_output_error;     /* max |out - exact| / max |exact|; -1 unless measured */
+    double last_hit_rate;         /* share of the queries' expert shards holding pages for
+                                     their sequence; -1 without expert information */
+    int64_t evicted_pages;        /* since creation */
+    int64_t evicted_tokens;
     int64_t appends;
     int64_t attends;
 } pikv_cache_stats;
@@ -300,7 +374,46 @@ typedef struct pikv_cache_device_stats {
     uint64_t bytes_read;          /* since creation */
 } pikv_cache_device_stats;
 
+typedef struct pikv_layer_stats {
+    int64_t tokens;               /* stored in the layer, all sequences */
+    int64_t pages;
+    uint64_t bytes_used;
+    int64_t budget_tokens;        /* per sequence; -1 = no budget */
+    int64_t evicted_pages;        /* since creation */
+    uint64_t last_bytes_read;     /* by the layer's last attend */
+    int64_t last_pages_read;
+} pikv_layer_stats;
+
+typedef struct pikv_expert_stats {
+    int64_t routed_tokens;        /* tokens pikv_route sent to the expert (any of top-k) */
+    int64_t routed_top1;          /* ... as their first choice */
+    int64_t stored_tokens;        /* tokens whose top-1 is this expert, stored now */
+    double misses;                /* decayed miss count (evicted pages, absent shards) */
+} pikv_expert_stats;
+
 PIKV_API pikv_status pikv_cache_get_stats(const pikv_cache *cache, pikv_cache_stats *out);
+PIKV_API pikv_status pikv_cache_get_layer_stats(const pikv_cache *cache, int32_t layer,
+                                                pikv_layer_stats *out);
+PIKV_API pikv_status pikv_cache_get_expert_stats(const pikv_cache *cache, int32_t layer,
+                                                 int32_t expert, pikv_expert_stats *out);
+
+/*
+ * Cache-aware top-k routing for n_tokens tokens of one layer:
+ *   logits   [n_tokens][n_experts] router logits
+ *   experts  [n_tokens][experts_per_token] out: chosen experts, best first
+ *   weights  [n_tokens][experts_per_token] out (may be NULL): softmax of the chosen
+ *            experts' own logits, summing to 1
+ * Experts are ranked by logit - lambda * log(1 + miss_e); ties go to the lower id, so
+ * lambda = 0 is plain top-k. Updates the per-expert load statistics.
+ */
+PIKV_API pikv_status pikv_route(pikv_cache *cache, int32_t layer, int32_t n_tokens,
+                                const float *logits, int32_t *experts, float *weights);
+
+/* Per-layer budgets for a budget policy: out[n_layers] tokens per sequence, each at least
+   floor_tokens, non-increasing for PYRAMID, summing to at most total_tokens. Fails when
+   n_layers * floor_tokens > total_tokens. Pure: the cache uses the same function. */
+PIKV_API pikv_status pikv_budgets_compute(const pikv_budget_params *params, int32_t n_layers,
+                                          int64_t floor_tokens, int64_t *out);
 /* i in [0, stats.n_devices): the i-th device of the cache. */
 PIKV_API pikv_status pikv_cache_get_device_stats(const pikv_cache *cache, int32_t i,
                                                  pikv_cache_device_stats *out);

@@ -22,7 +22,7 @@ int main(void)
     pikv_cache *cache = NULL;
     float k[4] = {1, 2, 3, 4}, v[4] = {0.5f, -1, 2, 8}, q[8] = {1, 0, 0, 0, 0, 1, 0, 0}, out[8];
     int32_t seq = 0;
-    pikv_attend_batch batch = {1, &seq, q, NULL, out, NULL};
+    pikv_attend_batch batch = {1, &seq, q, NULL, out, NULL, NULL};
     int ok = pikv_cache_create(ctx, &p, &cache) == PIKV_OK && pikv_seq_add(cache, 0) == PIKV_OK &&
              pikv_cache_append(cache, 0, 0, 1, k, v, NULL, NULL) == PIKV_OK &&
              pikv_cache_attend(cache, 0, &batch) == PIKV_OK;

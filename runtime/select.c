@@ -1,0 +1,257 @@
+/* Selection: which pages an attend reads, as one CSR page list per (query,
+ * KV head) on each device.
+ *
+ * 1. Candidates of a query: the pages of its sequence in the layer. With
+ *    EXPERTS, only the shards of the query's first experts_top_k experts
+ *    (EXPERT/BALANCED placement: shard = expert; HASH: pages whose rows' top-1
+ *    experts meet the query's, by a 64-bit mask, so a superset). Pages holding a
+ *    sink or recent token are always read ("forced").
+ * 2. QUEST: every non-forced candidate is scored on the device that holds it
+ *    (the Quest bound from the page's key min/max), and each (query, KV head)
+ *    keeps its best pages while their tokens fit in token_budget minus the
+ *    forced pages' tokens (budgeted top-k, a backend op).
+ */
+#include "select.h"
+
+#include <string.h>
+
+static bool shard_wanted(const pikv_cache *c, const pikv_select_params *sel, const int32_t *qexp,
+                         int32_t shard, uint64_t page_mask)
+{
+    if (!(sel->mode & PIKV_SELECT_EXPERTS) || c->params.n_experts == 1) return true;
+    const int32_t k = sel->experts_top_k > 0 ? sel->experts_top_k : c->params.experts_per_token;
+    for (int32_t j = 0; j < k; j++) {
+        if (c->params.placement == PIKV_PLACEMENT_HASH) {
+            if (page_mask & (1ull << (qexp[j] % 64))) return true;
+        } else if (qexp[j] == shard) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void pikv_read_plan_free(pikv_context *ctx, pikv_read_plan *p)
+{
+    pikv_host_free(ctx, p->indptr);
+    pikv_host_free(ctx, p->slots);
+    pikv_host_free(ctx, p->lens);
+    pikv_host_free(ctx, p->ids);
+    memset(p, 0, sizeof *p);
+}
+
+/* Candidates of every query: ids and whether forced, CSR by query. */
+typedef struct candidates {
+    int32_t *indptr; /* [nq + 1] */
+    uint32_t *ids;
+    uint8_t *forced;
+} candidates;
+
+static pikv_status gather_candidates(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,
+                                     const pikv_select_params *sel, candidates *out)
+{
+    pikv_context *ctx = c->ctx;
+    const int32_t nq = b->n_queries, ept = c->params.experts_per_token;
+    out->indptr = pikv_host_calloc(ctx, (size_t)nq + 1, sizeof(int32_t));
+    PIKV_RETURN_ERROR_IF(!out->indptr, ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
+    for (int pass = 0; pass < 2; pass++) {
+        int64_t n = 0;
+        for (int32_t i = 0; i < nq; i++) {
+            const pikv_seq_layer *sl = &c->seqs[b->seq_ids[i]].layers[layer];
+            const int32_t *qexp = b->experts ? b->experts + (size_t)i * (size_t)ept : NULL;
+            if (pass == 0) out->indptr[i] = (int32_t)n;
+            for (int32_t s = 0; s < c->n_shards; s++) {
+                const pikv_ring *ring = &sl->rings[s];
+                for (int64_t j = 0; j < ring->count; j++) {
+                    const uint32_t id = pikv_ring_at(ring, j);
+                    const bool forced = pikv_page_protected(c, id, sl, sel);
+                    if (!forced && qexp && !shard_wanted(c, sel, qexp, s, c->pages[id].expert_mask)) continue;
+                    if (!forced && !qexp && (sel->mode & PIKV_SELECT_EXPERTS) && c->params.n_experts > 1)
+                        continue;
+                    if (pass == 1) {
+                        out->ids[n] = id;
+                        out->forced[n] = forced;
+                    }
+                    n++;
+                }
+            }
+        }
+        if (pass == 0) {
+            PIKV_RETURN_ERROR_IF(n > INT32_MAX, ctx, PIKV_ERR_CAPACITY,
+                                 "attend: %lld candidate pages exceed the page-list range", (long long)n);
+            out->indptr[nq] = (int32_t)n;
+            out->ids = pikv_host_calloc(ctx, (size_t)(n ? n : 1), sizeof(uint32_t));
+            out->forced = pikv_host_calloc(ctx, (size_t)(n ? n : 1), 1);
+            PIKV_RETURN_ERROR_IF(!out->ids || !out->forced, ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                 "attend: candidate list of %lld pages: allocation failed", (long long)n);
+        }
+    }
+    return PIKV_OK;
+}
+
+/* QUEST: score the non-forced candidates where they live, then keep the best of
+   each (query, KV head) under its budget. keep[(cand) * kvh + g]. */
+static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const pikv_select_params *sel,
+                                const candidates *cand, uint8_t *keep)
+{
+    pikv_context *ctx = c->ctx;
+    const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
+    const int64_t n_cand = cand->indptr[nq];
+    pikv_status st = PIKV_OK;
+    /* per device: CSR by query of its non-forced candidates */
+    int32_t *dev_indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)nq + 1), sizeof(int32_t));
+    uint32_t *dev_slots = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(uint32_t));
+    int32_t *dev_pos = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(int32_t)); /* -> cand */
+    float *scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
+    float *list_scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
+    int32_t *list_tokens = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(int32_t));
+    int32_t *list_indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
+    int64_t *budget = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh, sizeof(int64_t));
+    uint8_t *list_keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
+    int64_t dev_begin[PIKV_MAX_DEVICES + 1] = {0};
+    if (!dev_indptr || !dev_slots || !dev_pos || !scores || !list_scores || !list_tokens || !list_indptr ||
+        !budget || !list_keep) {
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: quest scratch for %lld candidates: allocation failed",
+                       (long long)n_cand);
+        goto done;
+    }
+    int64_t per_dev[PIKV_MAX_DEVICES] = {0};
+    for (int64_t k = 0; k < n_cand; k++)
+        if (!cand->forced[k]) per_dev[c->pages[cand->ids[k]].dev]++;
+    for (int32_t d = 0; d < nd; d++) dev_begin[d + 1] = dev_begin[d] + per_dev[d];
+    int64_t fill[PIKV_MAX_DEVICES];
+    for (int32_t d = 0; d < nd; d++) fill[d] = dev_begin[d];
+    for (int32_t i = 0; i < nq; i++) {
+        for (int32_t d = 0; d < nd; d++)
+            dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)i] = (int32_t)(fill[d] - dev_begin[d]);
+        for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
+            if (cand->forced[k]) continue;
+            const pikv_page_meta *m = &c->pages[cand->ids[k]];
+            dev_slots[fill[m->dev]] = m->slot;
+            dev_pos[fill[m->dev]++] = k;
+        }
+    }
+    for (int32_t d = 0; d < nd; d++)
+        dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)nq] = (int32_t)(fill[d] - dev_begin[d]);
+    /* scores[k * kvh + g] for candidate k, computed by its device */
+    for (int32_t d = 0; d < nd && st == PIKV_OK; d++) {
+        if (dev_begin[d + 1] == dev_begin[d]) continue;
+        pikv_page_pool *pool = &c->devs[d];
+        float *dev_scores = list_scores; /* borrowed: filled below anyway */
+        pikv_score_args args = {&pool->view, nq, c->params.n_q_heads, b->q,
+                                dev_indptr + (size_t)d * ((size_t)nq + 1), dev_slots + dev_begin[d], dev_scores};
+        st = pool->dev->iface->score(pool->dev, &args);
+        for (int64_t j = dev_begin[d]; j < dev_begin[d + 1] && st == PIKV_OK; j++)
+            memcpy(scores + (size_t)dev_pos[j] * (size_t)kvh, dev_scores + (size_t)(j - dev_begin[d]) * (size_t)kvh,
+                   (size_t)kvh * sizeof(float));
+    }
+    if (st != PIKV_OK) goto done;
+    /* lists (query, KV head) of non-forced candidates, budget = what forced pages leave */
+    int64_t e = 0;
+    for (int32_t i = 0; i < nq; i++) {
+        int64_t forced_tokens = 0;
+        for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++)
+            if (cand->forced[k]) forced_tokens += c->pages[cand->ids[k]].n_tokens;
+        for (int32_t g = 0; g < kvh; g++) {
+            const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
+            list_indptr[list] = (int32_t)e;
+            const int64_t left = (int64_t)sel->token_budget - forced_tokens;
+            budget[list] = left > 0 ? left : 0;
+            for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
+                if (cand->forced[k]) continue;
+                list_scores[e] = scores[(size_t)k * (size_t)kvh + (size_t)g];
+                list_tokens[e++] = c->pages[cand->ids[k]].n_tokens;
+            }
+        }
+    }
+    list_indptr[(size_t)nq * (size_t)kvh] = (int32_t)e;
+    pikv_topk_args targs = {nq * kvh, list_indptr, list_scores, list_tokens, budget, list_keep};
+    st = ctx->host_device->iface->topk(ctx->host_device, &targs);
+    if (st != PIKV_OK) goto done;
+    e = 0;
+    for (int32_t i = 0; i < nq; i++)
+        for (int32_t g = 0; g < kvh; g++)
+            for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
+                if (cand->forced[k]) continue;
+                keep[(size_t)k * (size_t)kvh + (size_t)g] = list_keep[e++];
+            }
+done:
+    pikv_host_free(ctx, dev_indptr);
+    pikv_host_free(ctx, dev_slots);
+    pikv_host_free(ctx, dev_pos);
+    pikv_host_free(ctx, scores);
+    pikv_host_free(ctx, list_scores);
+    pikv_host_free(ctx, list_tokens);
+    pikv_host_free(ctx, list_indptr);
+    pikv_host_free(ctx, budget);
+    pikv_host_free(ctx, list_keep);
+    return st;
+}
+
+pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,
+                            const pikv_select_params *sel, pikv_read_plan *plan)
+{
+    pikv_context *ctx = c->ctx;
+    const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
+    const int64_t n_lists = (int64_t)nq * kvh;
+    memset(plan, 0, sizeof *plan);
+    plan->n_lists = n_lists;
+    candidates cand = {0};
+    uint8_t *keep = NULL;
+    pikv_status st = gather_candidates(c, layer, b, sel, &cand);
+    const int64_t n_cand = st == PIKV_OK ? cand.indptr[nq] : 0;
+    if (st == PIKV_OK && (sel->mode & PIKV_SELECT_QUEST)) {
+        keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
+        st = keep ? quest_select(c, b, sel, &cand, keep)
+                  : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
+    }
+    /* count, then fill, the per-device lists of every (query, KV head) */
+    int64_t per_dev[PIKV_MAX_DEVICES] = {0};
+    for (int32_t i = 0; st == PIKV_OK && i < nq; i++)
+        for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++)
+            for (int32_t g = 0; g < kvh; g++)
+                if (cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])
+                    per_dev[c->pages[cand.ids[k]].dev]++;
+    if (st == PIKV_OK) {
+        for (int32_t d = 0; d < nd; d++) plan->dev_begin[d + 1] = plan->dev_begin[d] + per_dev[d];
+        const int64_t total = plan->dev_begin[nd];
+        if (total > INT32_MAX)
+            st = PIKV_FAIL(ctx, PIKV_ERR_CAPACITY, "attend: %lld page reads in one call exceed the page-list "
+                           "range", (long long)total);
+    }
+    if (st == PIKV_OK) {
+        const int64_t total = plan->dev_begin[nd];
+        plan->indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)n_lists + 1), sizeof(int32_t));
+        plan->slots = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(uint32_t));
+        plan->lens = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(int32_t));
+        plan->ids = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(uint32_t));
+        if (!plan->indptr || !plan->slots || !plan->lens || !plan->ids)
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: page lists of %lld reads: allocation failed",
+                           (long long)total);
+    }
+    if (st == PIKV_OK) {
+        int64_t fill[PIKV_MAX_DEVICES];
+        for (int32_t d = 0; d < nd; d++) fill[d] = plan->dev_begin[d];
+        for (int32_t i = 0; i < nq; i++)
+            for (int32_t g = 0; g < kvh; g++) {
+                const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
+                for (int32_t d = 0; d < nd; d++)
+                    plan->indptr[(size_t)d * ((size_t)n_lists + 1) + list] = (int32_t)(fill[d] - plan->dev_begin[d]);
+                for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++) {
+                    if (!(cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])) continue;
+                    const uint32_t id = cand.ids[k];
+                    const pikv_page_meta *m = &c->pages[id];
+                    plan->slots[fill[m->dev]] = m->slot;
+                    plan->lens[fill[m->dev]] = m->n_tokens;
+                    plan->ids[fill[m->dev]++] = id;
+                }
+            }
+        for (int32_t d = 0; d < nd; d++)
+            plan->indptr[(size_t)d * ((size_t)n_lists + 1) + (size_t)n_lists] = (int32_t)(fill[d] - plan->dev_begin[d]);
+    }
+    pikv_host_free(ctx, cand.indptr);
+    pikv_host_free(ctx, cand.ids);
+    pikv_host_free(ctx, cand.forced);
+    pikv_host_free(ctx, keep);
+    if (st != PIKV_OK) pikv_read_plan_free(ctx, plan);
+    return st;
+}
