@@ -222,12 +222,13 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
     if (st == PIKV_OK) {
         accumulate_mass(c, layer, &plan, lse, page_lse);
         const uint64_t row_bytes = 2 * (uint64_t)hd * (uint64_t)c->layout.elem_size; /* one KV head */
+        const uint64_t bounds_bytes = 2 * (uint64_t)kvh * (uint64_t)hd * sizeof(float); /* QUEST scoring */
         int64_t tokens = 0;
         c->last_bytes_read = 0;
         for (int32_t d = 0; d < c->n_devs; d++) {
             int64_t dev_tokens = 0;
             for (int64_t i = plan.dev_begin[d]; i < plan.dev_begin[d + 1]; i++) dev_tokens += plan.lens[i];
-            c->devs[d].last_bytes_read = (uint64_t)dev_tokens * row_bytes;
+            c->devs[d].last_bytes_read = (uint64_t)dev_tokens * row_bytes + (uint64_t)plan.scored[d] * bounds_bytes;
             c->devs[d].bytes_read += c->devs[d].last_bytes_read;
             c->last_bytes_read += c->devs[d].last_bytes_read;
             tokens += dev_tokens;

@@ -91,7 +91,7 @@ static pikv_status gather_candidates(pikv_cache *c, int32_t layer, const pikv_at
 /* QUEST: score the non-forced candidates where they live, then keep the best of
    each (query, KV head) under its budget. keep[(cand) * kvh + g]. */
 static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const pikv_select_params *sel,
-                                const candidates *cand, uint8_t *keep)
+                                const candidates *cand, uint8_t *keep, int64_t *scored)
 {
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
@@ -117,7 +117,10 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     int64_t per_dev[PIKV_MAX_DEVICES] = {0};
     for (int64_t k = 0; k < n_cand; k++)
         if (!cand->forced[k]) per_dev[c->pages[cand->ids[k]].dev]++;
-    for (int32_t d = 0; d < nd; d++) dev_begin[d + 1] = dev_begin[d] + per_dev[d];
+    for (int32_t d = 0; d < nd; d++) {
+        dev_begin[d + 1] = dev_begin[d] + per_dev[d];
+        scored[d] = per_dev[d];
+    }
     int64_t fill[PIKV_MAX_DEVICES];
     for (int32_t d = 0; d < nd; d++) fill[d] = dev_begin[d];
     for (int32_t i = 0; i < nq; i++) {
@@ -201,7 +204,7 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     const int64_t n_cand = st == PIKV_OK ? cand.indptr[nq] : 0;
     if (st == PIKV_OK && (sel->mode & PIKV_SELECT_QUEST)) {
         keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
-        st = keep ? quest_select(c, b, sel, &cand, keep)
+        st = keep ? quest_select(c, b, sel, &cand, keep, plan->scored)
                   : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
     }
     /* count, then fill, the per-device lists of every (query, KV head) */

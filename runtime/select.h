@@ -14,6 +14,7 @@ typedef struct pikv_read_plan {
     uint32_t *slots;
     int32_t *lens;
     uint32_t *ids;
+    int64_t scored[PIKV_MAX_DEVICES]; /* pages whose bounds QUEST read, per device */
 } pikv_read_plan;
 
 pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,

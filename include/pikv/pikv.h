@@ -347,7 +347,8 @@ typedef struct pikv_cache_stats {
     uint64_t page_bytes;          /* bytes of one page: K, V and Quest bounds, padded */
     /* The last attend call */
     int64_t last_pages_read;
-    uint64_t last_bytes_read;     /* K and V bytes of the token rows the kernels read */
+    uint64_t last_bytes_read;     /* K and V bytes of the token rows the kernels read, plus
+                                     the Quest bounds that page scoring read */
     int64_t last_tokens_read;
     /* Totals since creation */
     uint64_t bytes_read;          /* page bytes read by all attend calls since creation */
