@@ -204,19 +204,25 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
             pikv_read_plan_free(ctx, &exact);
         }
         if (st == PIKV_OK) {
-            double sum = 0.0, max_ref = 0.0, max_err = 0.0;
+            double sum = 0.0;
             int64_t n = 0;
             for (size_t i = 0; i < lse_floats; i++) {
                 if (exact_lse[i] == -INFINITY) continue;
                 sum += lse[i] == -INFINITY ? 0.0 : exp((double)lse[i] - (double)exact_lse[i]);
                 n++;
             }
-            for (size_t i = 0; i < out_floats; i++) {
-                max_ref = fmax(max_ref, fabs((double)exact_out[i]));
-                max_err = fmax(max_err, fabs((double)b->out[i] - (double)exact_out[i]));
-            }
             recall = n ? sum / (double)n : 1.0;
-            error = max_ref > 0.0 ? max_err / max_ref : max_err;
+            /* normalized per query, the worst query reported */
+            const size_t per_query = (size_t)hq * (size_t)hd;
+            for (int32_t i = 0; i < nq; i++) {
+                double max_ref = 0.0, max_err = 0.0;
+                for (size_t x = (size_t)i * per_query; x < (size_t)(i + 1) * per_query; x++) {
+                    max_ref = fmax(max_ref, fabs((double)exact_out[x]));
+                    max_err = fmax(max_err, fabs((double)b->out[x] - (double)exact_out[x]));
+                }
+                const double e = max_ref > 0.0 ? max_err / max_ref : max_err;
+                error = e > error ? e : error;
+            }
         }
     }
     if (st == PIKV_OK) {

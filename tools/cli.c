@@ -125,6 +125,55 @@ int cli_parse_u64(const cli_parser *p, const char *value, uint64_t *out)
     return 0;
 }
 
+/* One number from s up to a terminator in stop ("" = end of string); NULL if invalid. */
+static const char *parse_one_double(const char *s, char stop, double *out)
+{
+    if (!s || !*s || isspace((unsigned char)*s)) return NULL;
+    char *end = NULL;
+    errno = 0;
+    double x = strtod(s, &end);
+    if (errno != 0 || end == s || !isfinite(x)) return NULL;
+    if (*end != stop) return NULL;
+    *out = x;
+    return end;
+}
+
+int cli_parse_double(const cli_parser *p, const char *value, double min, double max,
+                     double *out)
+{
+    double x = 0.0;
+    if (!parse_one_double(value, '\0', &x) || x < min || x > max) {
+        cli_usage_error(p->cmd, "invalid value '%s' for %s: expected a number in [%g, %g]",
+                        value ? value : "", p->flag, min, max);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+int cli_parse_doubles(const cli_parser *p, const char *value, int n, double min, double max,
+                      double *out)
+{
+    const char *s = value;
+    int ok = s != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        double x = 0.0;
+        const char *end = parse_one_double(s, i + 1 < n ? ',' : '\0', &x);
+        ok = end && x >= min && x <= max;
+        if (ok) {
+            out[i] = x;
+            s = end + 1;
+        }
+    }
+    if (!ok) {
+        cli_usage_error(p->cmd, "invalid value '%s' for %s: expected %d comma-separated numbers "
+                                "in [%g, %g]",
+                        value ? value : "", p->flag, n, min, max);
+        return -1;
+    }
+    return 0;
+}
+
 int cli_parse_choice(const cli_parser *p, const char *value, const char *const *choices,
                      int *out)
 {

@@ -50,6 +50,12 @@ int cli_parse_i64(const cli_parser *p, const char *value, int64_t min, int64_t m
 int cli_parse_i32(const cli_parser *p, const char *value, int32_t min, int32_t max,
                   int32_t *out);
 int cli_parse_u64(const cli_parser *p, const char *value, uint64_t *out);
+/* A finite decimal number in [min, max]. */
+int cli_parse_double(const cli_parser *p, const char *value, double min, double max,
+                     double *out);
+/* n comma-separated finite numbers, each in [min, max] ("0.6,0.2,0.2"). */
+int cli_parse_doubles(const cli_parser *p, const char *value, int n, double min, double max,
+                      double *out);
 /* choices: NULL-terminated; *out gets the index. */
 int cli_parse_choice(const cli_parser *p, const char *value, const char *const *choices,
                      int *out);

@@ -1,41 +1,35 @@
 /*
  * `pikv run`: a seeded synthetic MoE decode workload driven through the cache.
  *
- * Prefill appends every sequence's context per layer in chunks; each decode step
- * attends a batch of all sequences' queries per layer, compares every output with
- * dense attention in double precision over the workload's own copy of the K/V,
- * then appends the step's token. Prints per-device memory and traffic, step time
- * and the error against the reference; exits 0 when the error is within bound.
+ * Options and the command itself; the run is in run_exec.c, the reports in
+ * run_report.c. A single run prints per-device memory and traffic, step time, the
+ * policies' quality figures and the error against a dense f64 reference over the full
+ * context; exact configurations exit 0 when the error is within bound. --compare runs
+ * a fixed set of policy configurations on the same seeded workload and prints one
+ * table.
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include <inttypes.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli.h"
-#include "workload.h"
+#include "run.h"
 
 /* ------------------------------------------------------------------------ */
 /* Options                                                                   */
 /* ------------------------------------------------------------------------ */
-typedef struct run_opts {
-    int32_t layers, q_heads, kv_heads, head_dim, experts, top_k;
-    int32_t page_size, shards, seqs, steps, chunk, devices, threads;
-    int64_t context, capacity;
-    uint64_t seed, device_memory;
-    pikv_placement placement;
-    pikv_dtype dtype;
-    const char *backend;
-    int devices_set, json, quiet, verbose;
-} run_opts;
-
 enum {
     OPT_HELP = 1, OPT_LAYERS, OPT_QHEADS, OPT_KVHEADS, OPT_HEADDIM, OPT_EXPERTS, OPT_TOPK,
     OPT_CONTEXT, OPT_SEQS, OPT_STEPS, OPT_PAGESIZE, OPT_PLACEMENT, OPT_SHARDS, OPT_DEVICES,
     OPT_DTYPE, OPT_BACKEND, OPT_SEED, OPT_THREADS, OPT_CHUNK, OPT_CAPACITY, OPT_MEMORY,
-    OPT_JSON, OPT_QUIET, OPT_VERBOSE
+    OPT_JSON, OPT_QUIET, OPT_VERBOSE,
+    OPT_SELECT, OPT_EXPERTS_K, OPT_TOKEN_BUDGET, OPT_SINKS, OPT_RECENT, OPT_MEASURE,
+    OPT_KV_BUDGET, OPT_BUDGET, OPT_BETA, OPT_EVICT, OPT_ALPHA, OPT_LAMBDA, OPT_DECAY,
+    OPT_COMPARE, OPT_COUNT_
 };
 
 static const cli_opt run_opts_table[] = {
@@ -63,11 +57,28 @@ static const cli_opt run_opts_table[] = {
     {"--json", NULL, 0, OPT_JSON},
     {"--quiet", "-q", 0, OPT_QUIET},
     {"--verbose", "-v", 0, OPT_VERBOSE},
+    {"--select", NULL, 1, OPT_SELECT},
+    {"--experts-k", NULL, 1, OPT_EXPERTS_K},
+    {"--token-budget", NULL, 1, OPT_TOKEN_BUDGET},
+    {"--sinks", NULL, 1, OPT_SINKS},
+    {"--recent", NULL, 1, OPT_RECENT},
+    {"--measure", NULL, 0, OPT_MEASURE},
+    {"--kv-budget", NULL, 1, OPT_KV_BUDGET},
+    {"--budget", NULL, 1, OPT_BUDGET},
+    {"--pyramid-beta", NULL, 1, OPT_BETA},
+    {"--evict", NULL, 1, OPT_EVICT},
+    {"--alpha", NULL, 1, OPT_ALPHA},
+    {"--route-lambda", NULL, 1, OPT_LAMBDA},
+    {"--miss-decay", NULL, 1, OPT_DECAY},
+    {"--compare", NULL, 0, OPT_COMPARE},
     {NULL, NULL, 0, 0},
 };
 
-static const char *const placement_names[] = {"expert", "hash", "balanced", NULL};
-static const char *const dtype_names[] = {"f32", "f16", NULL};
+/* Choices of --budget and --evict (NONE is not offered). */
+static const char *const budget_choices[] = {"uniform", "pyramid", NULL};
+static const char *const evict_choices[] = {"lru", "lfu", "streaming", "h2o", "utility", NULL};
+
+#define COMPARE_DEFAULT_STEPS 16
 
 static void run_defaults(run_opts *o)
 {
@@ -92,18 +103,27 @@ static void run_defaults(run_opts *o)
     o->placement = PIKV_PLACEMENT_EXPERT;
     o->dtype = PIKV_DTYPE_F16;
     o->backend = "cpu";
+    /* The library's policy defaults: exact reads, no budget, plain top-k. */
+    const pikv_cache_params d = pikv_cache_default_params();
+    o->policy.select = d.select;
+    o->policy.budget = d.budget;
+    o->policy.evict = d.evict;
+    o->policy.route = d.route;
 }
 
 static void run_usage(FILE *f)
 {
+    const pikv_cache_params d = pikv_cache_default_params();
     fputs("usage: pikv run [options]\n"
           "\n"
           "Runs a seeded synthetic MoE decode workload through a PiKV cache: prefill of\n"
           "every sequence's context, then decode steps that attend a batch of all\n"
           "sequences per layer and append one token. Every attention output is compared\n"
-          "with dense attention computed in double precision. Prints per-device memory,\n"
-          "bytes read per step, step time and the error; exits 0 if the error is within\n"
-          "bound (1e-4 for f32, 5e-3 for f16), 1 if not or if a library call fails,\n"
+          "with dense attention computed in double precision over the full context. Prints\n"
+          "per-device memory, bytes read per step, step time, the policies' quality figures\n"
+          "and the error. Exit status: 0, or 1 if a library call fails or an exact\n"
+          "configuration (--select all, no --kv-budget) misses its error bound (1e-4 for\n"
+          "f32, 5e-3 for f16); a lossy configuration reports its error and has no bound.\n"
           "2 on a bad command line.\n"
           "\n"
           "model geometry:\n"
@@ -116,8 +136,9 @@ static void run_usage(FILE *f)
           "workload:\n"
           "  --context N         prefill tokens per sequence (default 2048)\n"
           "  --seqs N            sequences in the batch (default 4)\n"
-          "  --steps N           decode steps (default 32)\n"
-          "  --chunk N           prefill append chunk, tokens (default 256)\n"
+          "  --steps N           decode steps (default 32; 16 with --compare)\n"
+          "  --chunk N           prefill append chunk, tokens (default 256; with --kv-budget\n"
+          "                      at most max(--recent, --page-size), see below)\n"
           "  --seed N            workload seed, decimal or 0x hex (default 1)\n"
           "cache:\n"
           "  --page-size N       tokens per page, 1..4096 (default 16)\n"
@@ -127,7 +148,61 @@ static void run_usage(FILE *f)
           "  --shards N          hash/dense placement: shards per layer, 0 = library\n"
           "                      default (default 0)\n"
           "  --capacity N        tokens per layer the cache may hold, 0 = what the run\n"
-          "                      needs plus one page per sequence and shard (default 0)\n"
+          "                      needs plus one page per sequence and shard (default 0)\n",
+          f);
+    fprintf(f,
+            "selection (what each decode attend reads):\n"
+            "  --select S          all|experts|quest|experts+quest (default all = exact).\n"
+            "                      experts: only the shards of the query's experts (PiKV);\n"
+            "                      quest: the pages with the best Quest bound under a token\n"
+            "                      budget; experts+quest: Quest among the expert shards\n"
+            "  --experts-k N       experts: how many of the query's top-k experts to read,\n"
+            "                      0 = all top-k (default 0)\n"
+            "  --token-budget N    quest: tokens read per query and KV head, sink and recent\n"
+            "                      pages included, >= --sinks + --recent (default 1/8 of\n"
+            "                      --context, at least --sinks + --recent)\n"
+            "  --sinks N           first tokens of a sequence: always read, never evicted\n"
+            "                      (default %" PRId32 ")\n"
+            "  --recent N          last tokens of a sequence: always read, never evicted\n"
+            "                      (default %" PRId32 ")\n"
+            "  --measure           also run exact attention at every attend to measure the\n"
+            "                      selection's recall and error vs exact (a second full pass,\n"
+            "                      included in the step time; implied by --compare)\n"
+            "budgets and eviction:\n"
+            "  --kv-budget N       tokens each sequence keeps, summed over all layers; turns\n"
+            "                      on per-layer budgets and eviction (default: no budget)\n"
+            "  --budget B          uniform|pyramid split over layers (default pyramid)\n"
+            "  --pyramid-beta X    pyramid shape, >= 1: the top layer keeps N/(X*layers), the\n"
+            "                      bottom 2N/layers minus that; 1 = uniform (default %g)\n"
+            "  --evict P           lru|lfu|streaming|h2o|utility: which pages go when a layer\n"
+            "                      is over budget (default streaming)\n"
+            "  --alpha A,R,F       utility weights of attention, recency and frequency, >= 0,\n"
+            "                      not all 0 (default %g,%g,%g)\n"
+            "                      With a budget, prefill appends chunks of at most\n"
+            "                      max(--recent, --page-size) tokens and each layer attends\n"
+            "                      every sequence's current query after each round (exact,\n"
+            "                      not in the step figures), as prefill attention would, so\n"
+            "                      the policies see attention and use before a page may go.\n"
+            "routing (every token is routed by pikv_route over the workload's router logits):\n"
+            "  --route-lambda X    cache-aware penalty: experts ranked by logit minus\n"
+            "                      X * log(1 + misses); 0 = plain top-k, the workload's own\n"
+            "                      choice (default %g)\n"
+            "  --miss-decay X      misses are multiplied by X at every routing call of a\n"
+            "                      layer, in [0, 1] (default %g)\n",
+            d.select.sink_tokens, d.select.recent_tokens, (double)d.budget.pyramid_beta,
+            (double)d.evict.alpha_attention, (double)d.evict.alpha_recency,
+            (double)d.evict.alpha_frequency, (double)d.route.lambda, (double)d.route.miss_decay);
+    fputs("comparison:\n"
+          "  --compare           run these configurations on the same seeded workload and\n"
+          "                      print one table: exact; experts (k=1); quest at 1/4, 1/8\n"
+          "                      and 1/16 of --context; experts+quest at 1/8; a pyramid\n"
+          "                      budget of 1/4 of the context per layer with streaming, lru,\n"
+          "                      lfu, h2o and utility eviction; the same budget uniform with\n"
+          "                      h2o; and pyramid h2o with cache-aware routing (lambda 1).\n"
+          "                      Budgets are raised to the --sinks + --recent floor where\n"
+          "                      needed. Geometry, workload, cache and device options apply,\n"
+          "                      as do --sinks, --recent, --pyramid-beta, --alpha and\n"
+          "                      --miss-decay; the other policy options are per row\n"
           "devices:\n"
           "  --backend LIST      backends to load (cpu, opencl, vulkan, cuda, a comma list,\n"
           "                      or all; default cpu). For a single non-CPU backend the\n"
@@ -137,10 +212,14 @@ static void run_usage(FILE *f)
           "  --threads N         CPU backend worker threads, 0 = online cores (default 0)\n"
           "  --device-memory N   bytes each CPU device may hold, 0 = unlimited (default 0)\n"
           "output:\n"
-          "  --json              print one JSON object on stdout instead of the table\n"
+          "  --json              print one JSON object on stdout instead of the table (with\n"
+          "                      --compare: an array of one object per row)\n"
           "  -q, --quiet         no progress on stderr; print only the one-line verdict\n"
-          "                      (with --json: only suppress progress)\n"
-          "  -v, --verbose       print the library's informational log messages\n"
+          "                      (with --json: only suppress progress; with --compare: the\n"
+          "                      table alone)\n"
+          "  -v, --verbose       per-layer memory, budget, eviction and routing figures (with\n"
+          "                      --compare: KV MiB per layer and row), and the library's\n"
+          "                      informational log messages\n"
           "  -h, --help          show this help\n",
           f);
 }
@@ -153,24 +232,22 @@ static int parse_run(int argc, char **argv, run_opts *o)
     run_defaults(o);
     const char *v;
     int id, choice;
-    int kv_set = 0, topk_set = 0;
+    int seen[OPT_COUNT_] = {0};
+    double x, alpha[3];
+    int64_t i64;
+    run_policy *pol = &o->policy;
     while ((id = cli_next_opt(&p, run_opts_table, &v)) != CLI_OPT_END) {
         int bad = 0;
+        if (id > 0 && id < OPT_COUNT_) seen[id] = 1;
         switch (id) {
         case CLI_OPT_ERROR: return 2;
         case OPT_HELP: run_usage(stdout); return 1;
         case OPT_LAYERS: bad = cli_parse_i32(&p, v, 1, 4096, &o->layers); break;
         case OPT_QHEADS: bad = cli_parse_i32(&p, v, 1, 1024, &o->q_heads); break;
-        case OPT_KVHEADS:
-            bad = cli_parse_i32(&p, v, 1, 1024, &o->kv_heads);
-            kv_set = 1;
-            break;
+        case OPT_KVHEADS: bad = cli_parse_i32(&p, v, 1, 1024, &o->kv_heads); break;
         case OPT_HEADDIM: bad = cli_parse_i32(&p, v, 1, WL_MAX_HEAD_DIM, &o->head_dim); break;
         case OPT_EXPERTS: bad = cli_parse_i32(&p, v, 1, 65536, &o->experts); break;
-        case OPT_TOPK:
-            bad = cli_parse_i32(&p, v, 1, WL_MAX_TOP_K, &o->top_k);
-            topk_set = 1;
-            break;
+        case OPT_TOPK: bad = cli_parse_i32(&p, v, 1, WL_MAX_TOP_K, &o->top_k); break;
         case OPT_CONTEXT: bad = cli_parse_i64(&p, v, 0, INT64_C(1) << 30, &o->context); break;
         case OPT_SEQS: bad = cli_parse_i32(&p, v, 1, 1 << 20, &o->seqs); break;
         case OPT_STEPS: bad = cli_parse_i32(&p, v, 0, 1 << 24, &o->steps); break;
@@ -186,11 +263,11 @@ static int parse_run(int argc, char **argv, run_opts *o)
         case OPT_MEMORY: bad = cli_parse_u64(&p, v, &o->device_memory); break;
         case OPT_SEED: bad = cli_parse_u64(&p, v, &o->seed); break;
         case OPT_PLACEMENT:
-            bad = cli_parse_choice(&p, v, placement_names, &choice);
+            bad = cli_parse_choice(&p, v, run_placement_names, &choice);
             if (!bad) o->placement = (pikv_placement)choice;
             break;
         case OPT_DTYPE:
-            bad = cli_parse_choice(&p, v, dtype_names, &choice);
+            bad = cli_parse_choice(&p, v, run_dtype_names, &choice);
             if (!bad) o->dtype = (pikv_dtype)choice;
             break;
         case OPT_BACKEND:
@@ -204,13 +281,64 @@ static int parse_run(int argc, char **argv, run_opts *o)
         case OPT_JSON: o->json = 1; break;
         case OPT_QUIET: o->quiet = 1; break;
         case OPT_VERBOSE: o->verbose = 1; break;
+        case OPT_SELECT:
+            bad = cli_parse_choice(&p, v, run_select_names, &choice);
+            if (!bad) pol->select.mode = (uint32_t)choice; /* the names are indexed by bits */
+            break;
+        case OPT_EXPERTS_K:
+            bad = cli_parse_i32(&p, v, 0, WL_MAX_TOP_K, &pol->select.experts_top_k);
+            break;
+        case OPT_TOKEN_BUDGET:
+            bad = cli_parse_i32(&p, v, 1, INT32_MAX, &pol->select.token_budget);
+            break;
+        case OPT_SINKS: bad = cli_parse_i32(&p, v, 0, 1 << 30, &pol->select.sink_tokens); break;
+        case OPT_RECENT: bad = cli_parse_i32(&p, v, 0, 1 << 30, &pol->select.recent_tokens); break;
+        case OPT_MEASURE: pol->select.measure = 1; break;
+        case OPT_KV_BUDGET:
+            bad = cli_parse_i64(&p, v, 1, INT64_MAX / 4, &i64);
+            if (!bad) pol->budget.total_tokens = i64;
+            break;
+        case OPT_BUDGET:
+            bad = cli_parse_choice(&p, v, budget_choices, &choice);
+            if (!bad) pol->budget.mode = choice == 0 ? PIKV_BUDGET_UNIFORM : PIKV_BUDGET_PYRAMID;
+            break;
+        case OPT_BETA:
+            bad = cli_parse_double(&p, v, 1.0, 1e6, &x);
+            if (!bad) pol->budget.pyramid_beta = (float)x;
+            break;
+        case OPT_EVICT:
+            bad = cli_parse_choice(&p, v, evict_choices, &choice);
+            if (!bad) pol->evict.policy = (pikv_evict_policy)(choice + 1); /* after NONE */
+            break;
+        case OPT_ALPHA:
+            bad = cli_parse_doubles(&p, v, 3, 0.0, 1e6, alpha);
+            if (!bad && alpha[0] + alpha[1] + alpha[2] <= 0.0) {
+                cli_usage_error(p.cmd, "invalid value '%s' for --alpha: the weights must not "
+                                       "all be 0", v);
+                bad = 1;
+            }
+            if (!bad) {
+                pol->evict.alpha_attention = (float)alpha[0];
+                pol->evict.alpha_recency = (float)alpha[1];
+                pol->evict.alpha_frequency = (float)alpha[2];
+            }
+            break;
+        case OPT_LAMBDA:
+            bad = cli_parse_double(&p, v, 0.0, 1e6, &x);
+            if (!bad) pol->route.lambda = (float)x;
+            break;
+        case OPT_DECAY:
+            bad = cli_parse_double(&p, v, 0.0, 1.0, &x);
+            if (!bad) pol->route.miss_decay = (float)x;
+            break;
+        case OPT_COMPARE: o->compare = 1; break;
         default: bad = 1;
         }
         if (bad) return 2;
     }
     /* Cross-flag consistency; defaults adapt to explicit settings where obvious. */
-    if (!kv_set && o->q_heads % o->kv_heads != 0) o->kv_heads = o->q_heads;
-    if (!topk_set && o->top_k > o->experts) o->top_k = o->experts;
+    if (!seen[OPT_KVHEADS] && o->q_heads % o->kv_heads != 0) o->kv_heads = o->q_heads;
+    if (!seen[OPT_TOPK] && o->top_k > o->experts) o->top_k = o->experts;
     if (o->q_heads % o->kv_heads != 0) {
         cli_usage_error(p.cmd, "--q-heads %" PRId32 " is not a multiple of --kv-heads %" PRId32,
                         o->q_heads, o->kv_heads);
@@ -221,229 +349,94 @@ static int parse_run(int argc, char **argv, run_opts *o)
                         o->experts);
         return 2;
     }
+    const int64_t floor_tokens = (int64_t)pol->select.sink_tokens + pol->select.recent_tokens;
+    if (o->compare) {
+        static const struct { int id; const char *name; } per_row[] = {
+            {OPT_SELECT, "--select"},     {OPT_EXPERTS_K, "--experts-k"},
+            {OPT_TOKEN_BUDGET, "--token-budget"}, {OPT_KV_BUDGET, "--kv-budget"},
+            {OPT_BUDGET, "--budget"},     {OPT_EVICT, "--evict"},
+            {OPT_LAMBDA, "--route-lambda"},
+        };
+        for (size_t i = 0; i < sizeof per_row / sizeof per_row[0]; i++) {
+            if (seen[per_row[i].id]) {
+                cli_usage_error(p.cmd, "%s cannot be combined with --compare, which sets it per "
+                                       "row (see 'pikv run --help')", per_row[i].name);
+                return 2;
+            }
+        }
+        if (!seen[OPT_STEPS]) o->steps = COMPARE_DEFAULT_STEPS;
+        pol->select.measure = 1;
+        if (floor_tokens > INT32_MAX / 2) {
+            cli_usage_error(p.cmd, "--sinks + --recent = %" PRId64 " is too large", floor_tokens);
+            return 2;
+        }
+        return 0;
+    }
+    /* Selection. */
+    const uint32_t mode = pol->select.mode;
+    if (seen[OPT_EXPERTS_K] && !(mode & PIKV_SELECT_EXPERTS)) {
+        cli_usage_error(p.cmd, "--experts-k needs --select experts or experts+quest");
+        return 2;
+    }
+    if (pol->select.experts_top_k > o->top_k) {
+        cli_usage_error(p.cmd, "invalid value '%" PRId32 "' for --experts-k: exceeds --top-k %" PRId32,
+                        pol->select.experts_top_k, o->top_k);
+        return 2;
+    }
+    if (seen[OPT_TOKEN_BUDGET] && !(mode & PIKV_SELECT_QUEST)) {
+        cli_usage_error(p.cmd, "--token-budget needs --select quest or experts+quest");
+        return 2;
+    }
+    if (mode & PIKV_SELECT_QUEST) {
+        if (!seen[OPT_TOKEN_BUDGET]) {
+            int64_t tb = o->context / 8;
+            if (tb < floor_tokens) tb = floor_tokens;
+            if (tb < 1) tb = 1;
+            if (tb > INT32_MAX) tb = INT32_MAX;
+            pol->select.token_budget = (int32_t)tb;
+        } else if ((int64_t)pol->select.token_budget < floor_tokens) {
+            cli_usage_error(p.cmd, "invalid value '%" PRId32 "' for --token-budget: must be at "
+                                   "least --sinks + --recent = %" PRId64,
+                            pol->select.token_budget, floor_tokens);
+            return 2;
+        }
+    }
+    /* Budgets and eviction. */
+    if (!seen[OPT_KV_BUDGET]) {
+        static const struct { int id; const char *name; } needs[] = {
+            {OPT_BUDGET, "--budget"}, {OPT_BETA, "--pyramid-beta"}, {OPT_EVICT, "--evict"},
+            {OPT_ALPHA, "--alpha"},
+        };
+        for (size_t i = 0; i < sizeof needs / sizeof needs[0]; i++) {
+            if (seen[needs[i].id]) {
+                cli_usage_error(p.cmd, "%s needs --kv-budget", needs[i].name);
+                return 2;
+            }
+        }
+        return 0;
+    }
+    if (!seen[OPT_BUDGET]) pol->budget.mode = PIKV_BUDGET_PYRAMID;
+    if (!seen[OPT_EVICT]) pol->evict.policy = PIKV_EVICT_STREAMING;
+    if (seen[OPT_BETA] && pol->budget.mode != PIKV_BUDGET_PYRAMID) {
+        cli_usage_error(p.cmd, "--pyramid-beta needs --budget pyramid");
+        return 2;
+    }
+    if (seen[OPT_ALPHA] && pol->evict.policy != PIKV_EVICT_UTILITY) {
+        cli_usage_error(p.cmd, "--alpha needs --evict utility");
+        return 2;
+    }
+    if (pol->budget.total_tokens < floor_tokens * o->layers) {
+        cli_usage_error(p.cmd, "invalid value '%" PRId64 "' for --kv-budget: must be at least "
+                               "--layers x (--sinks + --recent) = %" PRId64,
+                        pol->budget.total_tokens, floor_tokens * o->layers);
+        return 2;
+    }
     return 0;
 }
 
 /* ------------------------------------------------------------------------ */
-/* The run                                                                   */
+/* The command                                                               */
 /* ------------------------------------------------------------------------ */
-typedef struct dev_row {
-    pikv_cache_device_stats st;
-    char name[32];
-    const char *backend;
-    uint64_t read_total;       /* sum of last_bytes_read after every decode attend */
-} dev_row;
-
-typedef struct run_result {
-    pikv_cache_stats stats;
-    int32_t n_devs;
-    dev_row *devs;
-    int64_t expected_tokens;
-    int64_t capacity;
-    double prefill_s;
-    double decode_s;           /* attend + append */
-    double attend_s;
-    double reference_s;
-    uint64_t bytes_read_total; /* sum over steps and layers of last_bytes_read */
-    int64_t pages_read_total;
-    int64_t tokens_read_total;
-    double max_err;
-    double max_lse_err;
-    double bound;
-    int rebalanced;
-    int64_t moved_pages;
-    double rebalance_s;
-    int routing_mismatch;
-} run_result;
-
-static size_t dtype_bytes(pikv_dtype t) { return t == PIKV_DTYPE_F32 ? 4 : 2; }
-
-/* Normalized max error of one query's output against the reference. */
-static double output_error(const float *out, const double *ref, size_t n)
-{
-    double maxref = 0.0, maxdiff = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double r = fabs(ref[i]);
-        if (r > maxref) maxref = r;
-        if (!isfinite(out[i])) return INFINITY;
-        double d = fabs((double)out[i] - ref[i]);
-        if (d > maxdiff) maxdiff = d;
-    }
-    return maxref > 0.0 ? maxdiff / maxref : maxdiff;
-}
-
-static const char *placement_name(pikv_placement p)
-{
-    return (p >= PIKV_PLACEMENT_EXPERT && p <= PIKV_PLACEMENT_BALANCED) ? placement_names[p]
-                                                                       : "?";
-}
-
-static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
-
-static void print_table(const run_opts *o, const run_result *r)
-{
-    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
-    printf("pikv run (PiKV %s)\n", pikv_version_string());
-    printf("  model      %" PRId32 " layers, %" PRId32 " query heads, %" PRId32
-           " KV heads, head_dim %" PRId32 ", %" PRId32 " experts, top-%" PRId32 "\n",
-           o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k);
-    printf("  cache      %s pages of %" PRId32 " tokens, placement %s, %" PRId32
-           " shards/layer, capacity %" PRId64 " tokens/layer\n",
-           dtype_names[o->dtype], o->page_size, placement_name(o->placement),
-           r->stats.n_shards, r->capacity);
-    char threads[24];
-    if (o->threads)
-        snprintf(threads, sizeof threads, "%" PRId32, o->threads);
-    else
-        snprintf(threads, sizeof threads, "auto");
-    printf("  devices    %" PRId32 " (backend %s, CPU threads %s)\n", r->n_devs, o->backend,
-           threads);
-    printf("  workload   %" PRId32 " sequences x %" PRId64 " context tokens, %" PRId32
-           " decode steps, chunk %" PRId32 ", seed %" PRIu64 "\n",
-           o->seqs, o->context, o->steps, o->chunk, o->seed);
-    printf("\n");
-    printf("%-10s %-8s %7s %10s %9s %11s %11s %14s\n", "device", "backend", "shards", "tokens",
-           "pages", "alloc MiB", "used MiB", "read MiB/step");
-    int64_t sh = 0, tok = 0, pg = 0;
-    uint64_t al = 0, us = 0, rd = 0;
-    for (int32_t i = 0; i < r->n_devs; i++) {
-        const dev_row *d = &r->devs[i];
-        printf("%-10s %-8s %7" PRId32 " %10" PRId64 " %9" PRId64 " %11.2f %11.2f %14.3f\n",
-               d->name, d->backend, d->st.shards, d->st.tokens, d->st.pages,
-               mib(d->st.bytes_allocated), mib(d->st.bytes_used),
-               mib(d->read_total) / steps);
-        sh += d->st.shards;
-        tok += d->st.tokens;
-        pg += d->st.pages;
-        al += d->st.bytes_allocated;
-        us += d->st.bytes_used;
-        rd += d->read_total;
-    }
-    if (r->n_devs > 1)
-        printf("%-10s %-8s %7" PRId64 " %10" PRId64 " %9" PRId64 " %11.2f %11.2f %14.3f\n",
-               "total", "", sh, tok, pg, mib(al), mib(us), mib(rd) / steps);
-    printf("\n");
-
-    const uint64_t raw = (uint64_t)r->stats.tokens * (uint64_t)o->kv_heads *
-                         (uint64_t)o->head_dim * 2u * dtype_bytes(o->dtype);
-    const double prefill_tokens = (double)o->seqs * (double)o->context;
-    printf("  tokens             %" PRId64 " over all layers (expected %" PRId64 ")%s\n",
-           r->stats.tokens, r->expected_tokens,
-           r->stats.tokens == r->expected_tokens ? "" : "  MISMATCH");
-    printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64
-           " pages (raw %s K+V: %.2f)\n",
-           mib(r->stats.bytes_used), mib(r->stats.bytes_allocated), r->stats.pages,
-           dtype_names[o->dtype], mib(raw));
-    if (o->steps > 0) {
-        printf("  read per step      %.3f MiB, %.1f pages, %.1f tokens (all layers)\n",
-               mib(r->bytes_read_total) / steps, (double)r->pages_read_total / steps,
-               (double)r->tokens_read_total / steps);
-    }
-    printf("  prefill            %.0f tokens x %" PRId32 " layers in %.3f s (%.0f tokens/s)\n",
-           prefill_tokens, o->layers, r->prefill_s,
-           r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
-    if (r->rebalanced)
-        printf("  rebalance          %" PRId64 " pages moved in %.3f s\n", r->moved_pages,
-               r->rebalance_s);
-    if (o->steps > 0) {
-        printf("  mean step time     %.3f ms (attend %.3f ms + append, %" PRId32
-               " layers; reference %.3f ms)\n",
-               1e3 * r->decode_s / steps, 1e3 * r->attend_s / steps, o->layers,
-               1e3 * r->reference_s / steps);
-        printf("  decode tokens/s    %.1f (%" PRId32 " sequences)\n",
-               r->decode_s > 0 ? (double)o->seqs * (double)o->steps / r->decode_s : 0.0,
-               o->seqs);
-        printf("  KV read bandwidth  %.2f GiB/s\n",
-               r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s / 1073741824.0
-                               : 0.0);
-        printf("  max norm. error    %.3e vs dense f64 reference (bound %.0e)\n", r->max_err,
-               r->bound);
-        printf("  max lse error      %.3e\n", r->max_lse_err);
-    }
-    if (r->routing_mismatch) printf("  warning: workload routing was not reproducible\n");
-    printf("  result             %s\n", r->max_err <= r->bound ? "PASS" : "FAIL");
-}
-
-static void print_json(const run_opts *o, const run_result *r)
-{
-    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
-    FILE *f = stdout;
-    fprintf(f, "{\n  \"pikv_version\": ");
-    cli_json_string(f, pikv_version_string());
-    fprintf(f, ",\n  \"config\": {\"layers\": %" PRId32 ", \"q_heads\": %" PRId32
-               ", \"kv_heads\": %" PRId32 ", \"head_dim\": %" PRId32 ", \"experts\": %" PRId32
-               ", \"top_k\": %" PRId32 ", \"page_size\": %" PRId32 ", \"dtype\": ",
-            o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k,
-            o->page_size);
-    cli_json_string(f, dtype_names[o->dtype]);
-    fprintf(f, ", \"placement\": ");
-    cli_json_string(f, placement_name(o->placement));
-    fprintf(f, ", \"shards_per_layer\": %" PRId32 ", \"capacity_tokens\": %" PRId64
-               ", \"backend\": ",
-            r->stats.n_shards, r->capacity);
-    cli_json_string(f, o->backend);
-    fprintf(f, ", \"devices\": %" PRId32 ", \"threads\": %" PRId32 ", \"context\": %" PRId64
-               ", \"seqs\": %" PRId32 ", \"steps\": %" PRId32 ", \"chunk\": %" PRId32
-               ", \"seed\": %" PRIu64 "},\n",
-            r->n_devs, o->threads, o->context, o->seqs, o->steps, o->chunk, o->seed);
-    fprintf(f, "  \"devices\": [");
-    for (int32_t i = 0; i < r->n_devs; i++) {
-        const dev_row *d = &r->devs[i];
-        fprintf(f, "%s\n    {\"index\": %" PRId32 ", \"name\": ", i ? "," : "", d->st.device);
-        cli_json_string(f, d->name);
-        fprintf(f, ", \"backend\": ");
-        cli_json_string(f, d->backend);
-        fprintf(f, ", \"shards\": %" PRId32 ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64
-                   ", \"bytes_allocated\": %" PRIu64 ", \"bytes_used\": %" PRIu64
-                   ", \"bytes_read_per_step\": ",
-                d->st.shards, d->st.tokens, d->st.pages, d->st.bytes_allocated,
-                d->st.bytes_used);
-        cli_json_number(f, (double)d->read_total / steps);
-        fputc('}', f);
-    }
-    fprintf(f, "%s],\n", r->n_devs ? "\n  " : "");
-    const double prefill_tokens = (double)o->seqs * (double)o->context;
-    fprintf(f, "  \"summary\": {\"tokens\": %" PRId64 ", \"expected_tokens\": %" PRId64
-               ", \"pages\": %" PRId64 ", \"bytes_allocated\": %" PRIu64
-               ", \"bytes_used\": %" PRIu64 ", \"kv_mib\": ",
-            r->stats.tokens, r->expected_tokens, r->stats.pages, r->stats.bytes_allocated,
-            r->stats.bytes_used);
-    cli_json_number(f, mib(r->stats.bytes_used));
-    fprintf(f, ", \"bytes_read_per_step\": ");
-    cli_json_number(f, (double)r->bytes_read_total / steps);
-    fprintf(f, ", \"pages_read_per_step\": ");
-    cli_json_number(f, (double)r->pages_read_total / steps);
-    fprintf(f, ", \"tokens_read_per_step\": ");
-    cli_json_number(f, (double)r->tokens_read_total / steps);
-    fprintf(f, ", \"prefill_s\": ");
-    cli_json_number(f, r->prefill_s);
-    fprintf(f, ", \"prefill_tokens_per_s\": ");
-    cli_json_number(f, r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
-    fprintf(f, ", \"rebalance_moved_pages\": ");
-    if (r->rebalanced)
-        fprintf(f, "%" PRId64, r->moved_pages);
-    else
-        fputs("null", f);
-    fprintf(f, ", \"mean_step_ms\": ");
-    cli_json_number(f, o->steps > 0 ? 1e3 * r->decode_s / steps : NAN);
-    fprintf(f, ", \"mean_attend_ms\": ");
-    cli_json_number(f, o->steps > 0 ? 1e3 * r->attend_s / steps : NAN);
-    fprintf(f, ", \"mean_reference_ms\": ");
-    cli_json_number(f, o->steps > 0 ? 1e3 * r->reference_s / steps : NAN);
-    fprintf(f, ", \"decode_tokens_per_s\": ");
-    cli_json_number(f, r->decode_s > 0 ? (double)o->seqs * (double)o->steps / r->decode_s
-                                       : NAN);
-    fprintf(f, ", \"kv_read_bytes_per_s\": ");
-    cli_json_number(f, r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s : NAN);
-    fprintf(f, ", \"max_norm_error\": ");
-    cli_json_number(f, r->max_err);
-    fprintf(f, ", \"max_lse_error\": ");
-    cli_json_number(f, r->max_lse_err);
-    fprintf(f, ", \"error_bound\": ");
-    cli_json_number(f, r->bound);
-    fprintf(f, ", \"pass\": %s}\n}\n", r->max_err <= r->bound ? "true" : "false");
-}
-
 /* Picks the cache's devices for --backend; returns the count (0 = all of the context),
    or -1 after printing an error. */
 static int32_t select_devices(const run_opts *o, pikv_context *ctx, int32_t **out)
@@ -487,14 +480,99 @@ static int32_t select_devices(const run_opts *o, pikv_context *ctx, int32_t **ou
     return count;
 }
 
-#define LIB(call, name)                                                                    \
-    do {                                                                                   \
-        pikv_status st_ = (call);                                                          \
-        if (st_ != PIKV_OK) {                                                              \
-            rc = cli_lib_error(ctx, name, st_);                                            \
-            goto done;                                                                     \
-        }                                                                                  \
-    } while (0)
+/* --compare's rows; returns how many (at most COMPARE_MAX_ROWS). */
+#define COMPARE_MAX_ROWS 16
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static void set_label(run_policy *row, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(row->label, sizeof row->label, fmt, ap);
+    va_end(ap);
+}
+
+static int compare_rows(const run_opts *o, run_policy *rows)
+{
+    const pikv_cache_params d = pikv_cache_default_params();
+    run_policy base = o->policy; /* sinks, recent, beta, alphas, decay; measure on */
+    base.select.mode = PIKV_SELECT_ALL;
+    base.select.experts_top_k = 0;
+    base.select.token_budget = d.select.token_budget;
+    base.budget.mode = PIKV_BUDGET_NONE;
+    base.budget.total_tokens = d.budget.total_tokens;
+    base.evict.policy = PIKV_EVICT_NONE;
+    base.route.lambda = 0.0f;
+    const int64_t floor_tokens = (int64_t)base.select.sink_tokens + base.select.recent_tokens;
+    int n = 0;
+
+    rows[n] = base;
+    set_label(&rows[n++], "exact");
+
+    rows[n] = base;
+    rows[n].select.mode = PIKV_SELECT_EXPERTS;
+    rows[n].select.experts_top_k = 1;
+    set_label(&rows[n++], "experts k=1");
+
+    static const int fractions[] = {4, 8, 16};
+    for (int i = 0; i < 3; i++) {
+        int64_t tb = o->context / fractions[i];
+        const int floored = tb < floor_tokens;
+        if (floored) tb = floor_tokens;
+        if (tb < 1) tb = 1;
+        rows[n] = base;
+        rows[n].select.mode = PIKV_SELECT_QUEST;
+        rows[n].select.token_budget = (int32_t)tb;
+        set_label(&rows[n++], "quest 1/%d: %" PRId64 "%s", fractions[i], tb,
+                  floored ? "*" : "");
+    }
+    {
+        int64_t tb = o->context / 8;
+        const int floored = tb < floor_tokens;
+        if (floored) tb = floor_tokens;
+        if (tb < 1) tb = 1;
+        rows[n] = base;
+        rows[n].select.mode = PIKV_SELECT_EXPERTS | PIKV_SELECT_QUEST;
+        rows[n].select.experts_top_k = 1;
+        rows[n].select.token_budget = (int32_t)tb;
+        set_label(&rows[n++], "experts k=1 + quest 1/8: %" PRId64 "%s", tb,
+                  floored ? "*" : "");
+    }
+
+    /* Budgets: 1/4 of the context per layer on average, at least the floor. */
+    int64_t total = o->context / 4 * o->layers;
+    const int floored = total < floor_tokens * o->layers;
+    if (floored) total = floor_tokens * o->layers;
+    if (total < 1) total = 1;
+    const char *fl = floored ? "*" : "";
+    static const pikv_evict_policy policies[] = {PIKV_EVICT_STREAMING, PIKV_EVICT_LRU,
+                                                 PIKV_EVICT_LFU, PIKV_EVICT_H2O,
+                                                 PIKV_EVICT_UTILITY};
+    for (int i = 0; i < 5; i++) {
+        rows[n] = base;
+        rows[n].budget.mode = PIKV_BUDGET_PYRAMID;
+        rows[n].budget.total_tokens = total;
+        rows[n].evict.policy = policies[i];
+        set_label(&rows[n++], "pyramid %" PRId64 "%s %s", total, fl,
+                 run_evict_names[policies[i]]);
+    }
+    rows[n] = base;
+    rows[n].budget.mode = PIKV_BUDGET_UNIFORM;
+    rows[n].budget.total_tokens = total;
+    rows[n].evict.policy = PIKV_EVICT_H2O;
+    set_label(&rows[n++], "uniform %" PRId64 "%s h2o", total, fl);
+
+    rows[n] = base;
+    rows[n].budget.mode = PIKV_BUDGET_PYRAMID;
+    rows[n].budget.total_tokens = total;
+    rows[n].evict.policy = PIKV_EVICT_H2O;
+    rows[n].route.lambda = 1.0f;
+    set_label(&rows[n++], "pyramid %" PRId64 "%s h2o lambda=1", total,
+             fl);
+    return n;
+}
 
 int cli_cmd_run(int argc, char **argv)
 {
@@ -504,16 +582,12 @@ int cli_cmd_run(int argc, char **argv)
     if (pr != 0) return CLI_EXIT_USAGE;
 
     int rc = CLI_EXIT_FAIL;
-    pikv_context *ctx = NULL;
-    pikv_cache *cache = NULL;
-    wl_workload *wl = NULL;
-    int32_t *dev_list = NULL;
-    float *k = NULL, *v = NULL, *q = NULL, *out = NULL, *lse = NULL;
-    float *nk = NULL, *nv = NULL;
-    int32_t *ex = NULL, *qex = NULL, *nex = NULL, *seq_ids = NULL;
-    double *ref = NULL, *ref_lse = NULL;
-    run_result r;
-    memset(&r, 0, sizeof r);
+    run_shared sh;
+    memset(&sh, 0, sizeof sh);
+    run_policy rows[COMPARE_MAX_ROWS];
+    run_result res[COMPARE_MAX_ROWS];
+    memset(res, 0, sizeof res);
+    int n_rows = 0;
     cli_progress prog;
     cli_progress_init(&prog, !o.quiet);
 
@@ -527,46 +601,17 @@ int cli_cmd_run(int argc, char **argv)
     cp.log_level = cli_log_filter_init(&log_filter, o.verbose, o.quiet);
     cp.log_fn = cli_log;
     cp.log_user = &log_filter;
-    LIB(pikv_context_create(&cp, &ctx), "pikv_context_create");
-    int32_t n_sel = select_devices(&o, ctx, &dev_list);
-    if (n_sel < 0) goto done;
-
-    /* Cache. */
-    const int64_t per_seq = o.context + o.steps;
-    const int32_t shards_guess = o.shards > 0 ? o.shards : o.experts;
-    r.capacity = o.capacity > 0 ? o.capacity
-                                : (int64_t)o.seqs * (per_seq + (int64_t)shards_guess * o.page_size);
-    r.expected_tokens = (int64_t)o.layers * o.seqs * per_seq;
-    r.bound = o.dtype == PIKV_DTYPE_F32 ? 1e-4 : 5e-3;
-
-    pikv_cache_params cpar = pikv_cache_default_params();
-    cpar.n_layers = o.layers;
-    cpar.n_q_heads = o.q_heads;
-    cpar.n_kv_heads = o.kv_heads;
-    cpar.head_dim = o.head_dim;
-    cpar.n_experts = o.experts;
-    cpar.experts_per_token = o.top_k;
-    cpar.page_size = o.page_size;
-    cpar.dtype = o.dtype;
-    cpar.capacity_tokens = r.capacity;
-    cpar.max_sequences = o.seqs;
-    cpar.placement = o.placement;
-    cpar.n_shards = o.shards;
-    cpar.devices = dev_list;
-    cpar.n_devices = n_sel;
-    cpar.attn_scale = 0.0f;
-    LIB(pikv_cache_create(ctx, &cpar, &cache), "pikv_cache_create");
-    for (int32_t s = 0; s < o.seqs; s++) LIB(pikv_seq_add(cache, s), "pikv_seq_add");
-    LIB(pikv_cache_get_stats(cache, &r.stats), "pikv_cache_get_stats");
-
-    r.n_devs = r.stats.n_devices > 0 ? r.stats.n_devices : 0;
-    r.devs = calloc((size_t)(r.n_devs > 0 ? r.n_devs : 1), sizeof *r.devs);
-    if (!r.devs) {
-        fprintf(stderr, "pikv: out of memory\n");
+    pikv_context *ctx = NULL;
+    pikv_status st = pikv_context_create(&cp, &ctx);
+    if (st != PIKV_OK) {
+        rc = cli_lib_error(ctx, "pikv_context_create", st);
         goto done;
     }
+    sh.ctx = ctx;
+    sh.n_sel = select_devices(&o, ctx, &sh.dev_list);
+    if (sh.n_sel < 0) goto done;
 
-    /* Workload. */
+    /* Workload (shared by every row of --compare: rewound for each run). */
     wl_config wc;
     memset(&wc, 0, sizeof wc);
     wc.n_layers = o.layers;
@@ -577,9 +622,9 @@ int cli_cmd_run(int argc, char **argv)
     wc.top_k = o.top_k;
     wc.n_seqs = o.seqs;
     wc.context = o.context;
-    wc.max_tokens = per_seq;
+    wc.max_tokens = o.context + o.steps;
     wc.seed = o.seed;
-    if (wl_create(&wc, &wl) != 0) {
+    if (wl_create(&wc, &sh.wl) != 0) {
         char b[32];
         fprintf(stderr, "pikv: cannot allocate the workload's reference copy of K/V (%s); "
                         "use a smaller --context, --seqs, --layers or --steps\n",
@@ -587,172 +632,71 @@ int cli_cmd_run(int argc, char **argv)
         goto done;
     }
 
-    const size_t G = (size_t)o.kv_heads, D = (size_t)o.head_dim, QH = (size_t)o.q_heads;
-    const size_t S = (size_t)o.seqs, K = (size_t)o.top_k;
-    const size_t chunk = (size_t)(o.context < o.chunk ? (o.context > 0 ? o.context : 1)
-                                                       : o.chunk);
-    k = malloc(chunk * G * D * sizeof *k);
-    v = malloc(chunk * G * D * sizeof *v);
-    ex = malloc(chunk * K * sizeof *ex);
-    q = malloc(S * QH * D * sizeof *q);
-    out = malloc(S * QH * D * sizeof *out);
-    lse = malloc(S * QH * sizeof *lse);
-    qex = malloc(S * K * sizeof *qex);
-    nk = malloc(S * G * D * sizeof *nk);
-    nv = malloc(S * G * D * sizeof *nv);
-    nex = malloc(S * K * sizeof *nex);
-    seq_ids = malloc(S * sizeof *seq_ids);
-    ref = malloc(QH * D * sizeof *ref);
-    ref_lse = malloc(QH * sizeof *ref_lse);
-    if (!k || !v || !ex || !q || !out || !lse || !qex || !nk || !nv || !nex || !seq_ids ||
-        !ref || !ref_lse) {
-        fprintf(stderr, "pikv: out of memory for the run's buffers\n");
+    if (!o.compare) {
+        rc = run_exec(&o, &o.policy, &sh, &prog, "", &res[0]);
+        n_rows = 1;
+        cli_progress_done(&prog);
+        if (rc != CLI_EXIT_OK) goto done;
+        if (o.json)
+            run_print_json(&o, &res[0]);
+        else if (o.quiet)
+            run_print_quiet(&o, &res[0]);
+        else
+            run_print_table(&o, &res[0]);
+        fflush(stdout);
+        rc = res[0].exact && !run_passed(&res[0]) ? CLI_EXIT_FAIL : CLI_EXIT_OK;
         goto done;
     }
-    for (size_t s = 0; s < S; s++) seq_ids[s] = (int32_t)s;
 
-    /* Prefill: per layer, per sequence, in chunks. Only the library calls are timed. */
-    for (int32_t l = 0; l < o.layers; l++) {
-        cli_progress_update(&prog, "prefill %" PRId32 "/%" PRId32 " layers", l, o.layers);
-        for (int32_t s = 0; s < o.seqs; s++) {
-            for (int64_t t = 0; t < o.context;) {
-                int32_t n = (int32_t)(o.context - t < (int64_t)chunk ? o.context - t
-                                                                     : (int64_t)chunk);
-                if (wl_next_tokens(wl, l, s, n, k, v, ex) != 0) {
-                    fprintf(stderr, "pikv: internal error: workload overflow\n");
-                    goto done;
-                }
-                double t0 = cli_now();
-                LIB(pikv_cache_append(cache, l, s, n, k, v, NULL, ex), "pikv_cache_append");
-                r.prefill_s += cli_now() - t0;
-                t += n;
-            }
+    /* --compare: the decode queries' references are computed once, by the first row. */
+    const double ref_doubles = (double)o.steps * o.layers * o.seqs * o.q_heads * (o.head_dim + 1.0);
+    if (o.steps > 0 && ref_doubles * 8.0 <= 512.0 * 1024.0 * 1024.0) {
+        const size_t queries = (size_t)o.steps * (size_t)o.layers * (size_t)o.seqs;
+        sh.ref_out = malloc(queries * (size_t)o.q_heads * (size_t)o.head_dim * sizeof(double));
+        sh.ref_lse = malloc(queries * (size_t)o.q_heads * sizeof(double));
+        if (!sh.ref_out || !sh.ref_lse) { /* recompute per row instead */
+            free(sh.ref_out);
+            free(sh.ref_lse);
+            sh.ref_out = sh.ref_lse = NULL;
         }
     }
-
-    if (o.placement == PIKV_PLACEMENT_BALANCED) {
-        cli_progress_update(&prog, "rebalance");
-        double t0 = cli_now();
-        LIB(pikv_cache_rebalance(cache, &r.moved_pages), "pikv_cache_rebalance");
-        r.rebalance_s = cli_now() - t0;
-        r.rebalanced = 1;
-    }
-
-    /* Decode. */
-    const double scale = 1.0 / sqrt((double)o.head_dim);
-    pikv_attend_batch batch;
-    memset(&batch, 0, sizeof batch); /* fields added later default to 0 / NULL */
-    batch.n_queries = o.seqs;
-    batch.seq_ids = seq_ids;
-    batch.q = q;
-    batch.experts = qex;
-    batch.out = out;
-    batch.lse = lse;
-    for (int32_t step = 0; step < o.steps; step++) {
-        cli_progress_update(&prog, "decode step %" PRId32 "/%" PRId32, step, o.steps);
-        for (int32_t l = 0; l < o.layers; l++) {
-            for (size_t s = 0; s < S; s++)
-                wl_next_query(wl, l, (int32_t)s, q + s * QH * D, qex + s * K);
-
-            double t0 = cli_now();
-            LIB(pikv_cache_attend(cache, l, &batch), "pikv_cache_attend");
-            double t1 = cli_now();
-            r.attend_s += t1 - t0;
-            r.decode_s += t1 - t0;
-
-            pikv_cache_stats cs;
-            LIB(pikv_cache_get_stats(cache, &cs), "pikv_cache_get_stats");
-            r.bytes_read_total += cs.last_bytes_read;
-            r.pages_read_total += cs.last_pages_read;
-            r.tokens_read_total += cs.last_tokens_read;
-            for (int32_t d = 0; d < r.n_devs; d++) {
-                pikv_cache_device_stats ds;
-                LIB(pikv_cache_get_device_stats(cache, d, &ds), "pikv_cache_get_device_stats");
-                r.devs[d].read_total += ds.last_bytes_read;
-            }
-
-            double t2 = cli_now();
-            for (size_t s = 0; s < S; s++) {
-                wl_reference(wl, l, (int32_t)s, q + s * QH * D, scale, ref, ref_lse);
-                double e = output_error(out + s * QH * D, ref, QH * D);
-                if (!(e <= r.max_err)) r.max_err = e; /* NaN/inf propagate */
-                for (size_t h = 0; h < QH; h++) {
-                    double le = fabs((double)lse[s * QH + h] - ref_lse[h]);
-                    if (isinf(ref_lse[h]) && isinf(lse[s * QH + h]) && lse[s * QH + h] < 0)
-                        le = 0.0;
-                    if (!(le <= r.max_lse_err)) r.max_lse_err = le;
-                }
-            }
-            r.reference_s += cli_now() - t2;
-
-            for (size_t s = 0; s < S; s++) {
-                if (wl_next_tokens(wl, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
-                                   nex + s * K) != 0) {
-                    fprintf(stderr, "pikv: internal error: workload overflow\n");
-                    goto done;
-                }
-                if (memcmp(nex + s * K, qex + s * K, K * sizeof *nex) != 0)
-                    r.routing_mismatch = 1;
-            }
-            double t3 = cli_now();
-            for (size_t s = 0; s < S; s++)
-                LIB(pikv_cache_append(cache, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
-                                      NULL, nex + s * K),
-                    "pikv_cache_append");
-            r.decode_s += cli_now() - t3;
+    n_rows = compare_rows(&o, rows);
+    const double t0 = cli_now();
+    for (int i = 0; i < n_rows; i++) {
+        char tag[96];
+        snprintf(tag, sizeof tag, "[%d/%d %.48s] ", i + 1, n_rows, rows[i].label);
+        rc = run_exec(&o, &rows[i], &sh, &prog, tag, &res[i]);
+        if (rc != CLI_EXIT_OK) goto done;
+        if (res[i].measured) { /* the step time without the exact measuring pass */
+            run_policy timing = rows[i];
+            timing.select.measure = 0;
+            run_result tr;
+            snprintf(tag, sizeof tag, "[%d/%d %.48s, timing] ", i + 1, n_rows, rows[i].label);
+            rc = run_exec(&o, &timing, &sh, &prog, tag, &tr);
+            if (rc == CLI_EXIT_OK) res[i].step_ms_unmeasured = run_step_ms(&o, &tr);
+            run_result_free(&tr);
+            if (rc != CLI_EXIT_OK) goto done;
         }
     }
     cli_progress_done(&prog);
-
-    /* Final statistics. */
-    LIB(pikv_cache_get_stats(cache, &r.stats), "pikv_cache_get_stats");
-    if (r.stats.n_devices != r.n_devs) {
-        fprintf(stderr, "pikv: the cache's device count changed during the run (%" PRId32
-                        " -> %" PRId32 ")\n",
-                r.n_devs, r.stats.n_devices);
-        goto done;
-    }
-    for (int32_t d = 0; d < r.n_devs; d++) {
-        dev_row *row = &r.devs[d];
-        LIB(pikv_cache_get_device_stats(cache, d, &row->st), "pikv_cache_get_device_stats");
-        pikv_device_info info;
-        LIB(pikv_device_get_info(ctx, row->st.device, &info), "pikv_device_get_info");
-        memcpy(row->name, info.name, sizeof row->name);
-        row->name[sizeof row->name - 1] = '\0';
-        row->backend = pikv_backend_name(info.backend);
-    }
-
     if (o.json)
-        print_json(&o, &r);
-    else if (o.quiet)
-        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f\n",
-               r.max_err <= r.bound ? "PASS" : "FAIL", r.max_err, r.bound,
-               o.steps > 0 ? 1e3 * r.decode_s / o.steps : 0.0,
-               r.decode_s > 0 ? (double)o.seqs * o.steps / r.decode_s : 0.0);
+        run_print_compare_json(&o, rows, res, n_rows);
     else
-        print_table(&o, &r);
+        run_print_compare(&o, rows, res, n_rows);
+    if (!o.json && !o.quiet)
+        printf("  %d configurations in %.1f s\n", n_rows, cli_now() - t0);
     fflush(stdout);
-    rc = r.max_err <= r.bound ? CLI_EXIT_OK : CLI_EXIT_FAIL;
+    rc = CLI_EXIT_OK;
+    for (int i = 0; i < n_rows; i++)
+        if (res[i].exact && !run_passed(&res[i])) rc = CLI_EXIT_FAIL;
 
 done:
     cli_progress_done(&prog);
-    free(k);
-    free(v);
-    free(ex);
-    free(q);
-    free(out);
-    free(lse);
-    free(qex);
-    free(nk);
-    free(nv);
-    free(nex);
-    free(seq_ids);
-    free(ref);
-    free(ref_lse);
-    free(r.devs);
-    free(dev_list);
-    wl_free(wl);
-    pikv_cache_free(cache);
+    for (int i = 0; i < COMPARE_MAX_ROWS; i++) run_result_free(&res[i]);
+    free(sh.ref_out);
+    free(sh.ref_lse);
+    free(sh.dev_list);
+    wl_free(sh.wl);
     pikv_context_free(ctx);
     return rc;
 }

@@ -131,7 +131,9 @@ struct wl_workload {
     float *k;          /* [L][S][max_tokens][G][D] */
     float *v;          /* [L][S][max_tokens][G][D] */
     int64_t *len;      /* [L][S] */
+    int64_t *made;     /* [L][S] tokens whose K/V were generated (wl_rewind keeps them) */
     double *scores;    /* [max_tokens] scratch for the reference */
+    double *logits;    /* [n_experts] scratch for routing */
 };
 
 static size_t row_floats(const wl_config *c) { return (size_t)c->n_kv_heads * (size_t)c->head_dim; }
@@ -175,7 +177,9 @@ void wl_free(wl_workload *wl)
     free(wl->k);
     free(wl->v);
     free(wl->len);
+    free(wl->made);
     free(wl->scores);
+    free(wl->logits);
     free(wl);
 }
 
@@ -218,9 +222,11 @@ int wl_create(const wl_config *cfg, wl_workload **out)
     wl->k = malloc(L * S * T * GD * sizeof(float));
     wl->v = malloc(L * S * T * GD * sizeof(float));
     wl->len = calloc(L * S, sizeof(int64_t));
+    wl->made = calloc(L * S, sizeof(int64_t));
     wl->scores = malloc(T * sizeof(double));
+    wl->logits = malloc(E * sizeof(double));
     if (!wl->centroid || !wl->sink || !wl->router || !wl->pos_basis || !wl->pop_cdf || !wl->heavy_pos ||
-        !wl->heavy_dir || !wl->k || !wl->v || !wl->len || !wl->scores) {
+        !wl->heavy_dir || !wl->k || !wl->v || !wl->len || !wl->made || !wl->scores || !wl->logits) {
         wl_free(wl);
         return -1;
     }
@@ -282,6 +288,15 @@ int wl_create(const wl_config *cfg, wl_workload **out)
     return 0;
 }
 
+void wl_rewind(wl_workload *wl)
+{
+    const size_t ls = (size_t)wl->cfg.n_layers * (size_t)wl->cfg.n_seqs;
+    for (size_t i = 0; i < ls; i++) {
+        if (wl->len[i] > wl->made[i]) wl->made[i] = wl->len[i];
+        wl->len[i] = 0;
+    }
+}
+
 int64_t wl_length(const wl_workload *wl, int32_t layer, int32_t seq)
 {
     return wl->len[(size_t)layer * (size_t)wl->cfg.n_seqs + (size_t)seq];
@@ -296,9 +311,11 @@ static int32_t sample_expert(const wl_workload *wl, int32_t layer, rng *r)
     return e;
 }
 
-/* Router top-k of the token at pos (top-1 first). */
-static void route(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos,
-                  int32_t *experts)
+/* Router logits of the token at pos: similarity of a per-token latent (near the router
+   centroid of its dominant expert: the segment's topic or a random one) to every
+   expert's router centroid, plus noise. */
+static void router_logits(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos,
+                          double *logits)
 {
     const wl_config *c = &wl->cfg;
     rng seg, r;
@@ -312,15 +329,26 @@ static void route(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos
     double z[ROUTER_DIM];
     for (int i = 0; i < ROUTER_DIM; i++)
         z[i] = rc[(size_t)dom * ROUTER_DIM + (size_t)i] + ROUTER_LATENT_NOISE * rng_normal(&r);
+    for (int32_t e = 0; e < c->n_experts; e++) {
+        double dot = 0.0;
+        for (int i = 0; i < ROUTER_DIM; i++) dot += z[i] * rc[(size_t)e * ROUTER_DIM + (size_t)i];
+        logits[e] = ROUTER_GAIN * dot + ROUTER_LOGIT_NOISE * rng_normal(&r);
+    }
+}
 
+/* Router top-k of the token at pos (top-1 first). */
+static void route(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos,
+                  int32_t *experts)
+{
+    const wl_config *c = &wl->cfg;
+    double *logits = wl->logits;
+    router_logits(wl, layer, seq, pos, logits);
     /* Insertion into a sorted top-k list (descending logit, ties by lower index). */
     double best[WL_MAX_TOP_K];
     const int32_t k = c->top_k;
     int32_t filled = 0;
     for (int32_t e = 0; e < c->n_experts; e++) {
-        double dot = 0.0;
-        for (int i = 0; i < ROUTER_DIM; i++) dot += z[i] * rc[(size_t)e * ROUTER_DIM + (size_t)i];
-        double logit = ROUTER_GAIN * dot + ROUTER_LOGIT_NOISE * rng_normal(&r);
+        double logit = logits[e];
         if (filled == k && logit <= best[k - 1]) continue;
         int32_t j = filled < k ? filled++ : k - 1;
         while (j > 0 && best[j - 1] < logit) {
@@ -330,6 +358,16 @@ static void route(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos
         }
         best[j] = logit;
         experts[j] = e;
+    }
+}
+
+void wl_logits(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos, int32_t n,
+               float *logits)
+{
+    const size_t E = (size_t)wl->cfg.n_experts;
+    for (int32_t t = 0; t < n; t++) {
+        router_logits(wl, layer, seq, pos + t, wl->logits);
+        for (size_t e = 0; e < E; e++) logits[(size_t)t * E + e] = (float)wl->logits[e];
     }
 }
 
@@ -406,6 +444,8 @@ int wl_next_tokens(wl_workload *wl, int32_t layer, int32_t seq, int32_t n, float
     int64_t *len = &wl->len[(size_t)layer * (size_t)c->n_seqs + (size_t)seq];
     if (n < 0 || *len + n > c->max_tokens) return -1;
     const int32_t G = c->n_kv_heads, D = c->head_dim;
+    const size_t row = row_floats(c);
+    const int64_t made = wl->made[(size_t)layer * (size_t)c->n_seqs + (size_t)seq];
     const double ds = wl->dim_scale;
     const double noise_sigma = K_NOISE * ds / sqrt((double)D);
     const double special_sigma = K_NOISE_SPECIAL * ds / sqrt((double)D);
@@ -415,6 +455,11 @@ int wl_next_tokens(wl_workload *wl, int32_t layer, int32_t seq, int32_t n, float
         int64_t pos = *len + t;
         int32_t *ex = experts + (size_t)t * (size_t)c->top_k;
         route(wl, layer, seq, pos, ex);
+        if (pos < made) { /* replay after wl_rewind: the stored copy is what was generated */
+            memcpy(k + (size_t)t * row, stored(wl->k, wl, layer, seq, pos), row * sizeof(float));
+            memcpy(v + (size_t)t * row, stored(wl->v, wl, layer, seq, pos), row * sizeof(float));
+            continue;
+        }
         rng_seed(&r, hash5(c->seed, TAG_TOKEN, (uint64_t)layer, (uint64_t)seq, (uint64_t)pos));
         int hh = pos < WL_SINK_TOKENS ? -1 : heavy_index(wl, layer, seq, pos);
         for (int32_t g = 0; g < G; g++) {
@@ -442,7 +487,6 @@ int wl_next_tokens(wl_workload *wl, int32_t layer, int32_t seq, int32_t n, float
                 vr[d] = (float)rng_normal(&r);
             }
         }
-        size_t row = row_floats(c);
         memcpy(stored(wl->k, wl, layer, seq, pos), k + (size_t)t * row, row * sizeof(float));
         memcpy(stored(wl->v, wl, layer, seq, pos), v + (size_t)t * row, row * sizeof(float));
     }

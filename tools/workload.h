@@ -52,6 +52,11 @@ size_t wl_memory_bytes(const wl_config *cfg);
 int wl_create(const wl_config *cfg, wl_workload **out);
 void wl_free(wl_workload *wl);
 
+/* Starts the workload over: every (layer, seq) is empty again, and the next calls
+   replay exactly the same tokens, queries and references (K/V already generated are
+   copied from the workload's own copy instead of being generated again). */
+void wl_rewind(wl_workload *wl);
+
 /* Tokens generated so far for (layer, seq). */
 int64_t wl_length(const wl_workload *wl, int32_t layer, int32_t seq);
 
@@ -63,6 +68,15 @@ int64_t wl_length(const wl_workload *wl, int32_t layer, int32_t seq);
  */
 int wl_next_tokens(wl_workload *wl, int32_t layer, int32_t seq, int32_t n, float *k, float *v,
                    int32_t *experts);
+
+/*
+ * Router logits of the n tokens of (layer, seq) at positions pos..pos+n-1 (any
+ * positions: a pure function of the seed): logits [n][n_experts]. The top-k that
+ * wl_next_tokens and wl_next_query return is the plain top-k of these logits (computed
+ * in double precision; ties to the lower expert id).
+ */
+void wl_logits(const wl_workload *wl, int32_t layer, int32_t seq, int64_t pos, int32_t n,
+               float *logits);
 
 /*
  * The decode query of the next token of (layer, seq), i.e. of the token that the

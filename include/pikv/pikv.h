@@ -355,7 +355,8 @@ typedef struct pikv_cache_stats {
     /* Quality of the last attend (selection, residency) */
     double last_recall;           /* exact attention mass held by the pages read, mean over
                                      (query, head); 1 in exact mode; -1 unless measured */
-    double last_output_error;     /* max |out - exact| / max |exact|; -1 unless measured */
+    double last_output_error;     /* max over queries of max |out - exact| / max |exact|
+                                     (per query); -1 unless measured */
     double last_hit_rate;         /* share of the queries' expert shards holding pages for
                                      their sequence; -1 without expert information */
     int64_t evicted_pages;        /* since creation */

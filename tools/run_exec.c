@@ -1,0 +1,401 @@
+/*
+ * One run of `pikv run`: the seeded workload through a new cache with one set of
+ * policies.
+ *
+ * Routing: every token's experts come from pikv_route over the workload's router
+ * logits (lambda 0 is the plain top-k, the same experts the workload itself picks).
+ * Prefill appends every sequence's context per layer in chunks; with a budget the
+ * chunk is at most the recent window, and after each round the layer attends every
+ * sequence's current query exactly (the prefill's attention, unmeasured and not
+ * counted in the step figures), so that eviction policies see attention and use
+ * before a page leaves the protected recent window. Each decode step routes, attends
+ * a batch of all sequences' queries per layer, compares every output with dense
+ * attention in double precision over the FULL context (the workload's own copy of
+ * every K/V, whatever the cache has evicted), then appends the step's token.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "run.h"
+
+const char *const run_placement_names[] = {"expert", "hash", "balanced", NULL};
+const char *const run_dtype_names[] = {"f32", "f16", NULL};
+const char *const run_select_names[] = {"all", "experts", "quest", "experts+quest", NULL};
+const char *const run_budget_names[] = {"none", "uniform", "pyramid", NULL};
+const char *const run_evict_names[] = {"none", "lru", "lfu", "streaming", "h2o", "utility", NULL};
+
+int run_policy_exact(const run_policy *p)
+{
+    return p->select.mode == PIKV_SELECT_ALL && p->budget.mode == PIKV_BUDGET_NONE;
+}
+
+const char *run_policy_describe(const run_policy *p, char *buf, size_t size)
+{
+    size_t n = 0;
+#define PUT(...)                                                                           \
+    do {                                                                                   \
+        if (n < size) {                                                                    \
+            int w_ = snprintf(buf + n, size - n, __VA_ARGS__);                             \
+            n += w_ > 0 ? (size_t)w_ : 0;                                                  \
+        }                                                                                  \
+    } while (0)
+    const uint32_t m = p->select.mode & 3u;
+    PUT("%s", run_select_names[m]);
+    if ((m & PIKV_SELECT_EXPERTS) && p->select.experts_top_k > 0)
+        PUT(" k=%" PRId32, p->select.experts_top_k);
+    if (m & PIKV_SELECT_QUEST) PUT(" %" PRId32, p->select.token_budget);
+    if (p->budget.mode != PIKV_BUDGET_NONE) {
+        PUT(", %s %" PRId64, run_budget_names[p->budget.mode], p->budget.total_tokens);
+        if (p->budget.mode == PIKV_BUDGET_PYRAMID && p->budget.pyramid_beta != 4.0f)
+            PUT(" b=%g", (double)p->budget.pyramid_beta);
+        PUT(" %s", run_evict_names[p->evict.policy]);
+    }
+    if (p->route.lambda > 0.0f) PUT(", lambda %g", (double)p->route.lambda);
+#undef PUT
+    if (size) buf[n < size ? n : size - 1] = '\0';
+    return buf;
+}
+
+double run_mean(double sum, int64_t n) { return n > 0 ? sum / (double)n : NAN; }
+
+double run_step_ms(const run_opts *o, const run_result *r)
+{
+    return o->steps > 0 ? 1e3 * r->decode_s / (double)o->steps : NAN;
+}
+
+int run_passed(const run_result *r) { return r->exact && r->max_err <= r->bound; }
+
+void run_result_free(run_result *r)
+{
+    free(r->devs);
+    free(r->layers);
+    r->devs = NULL;
+    r->layers = NULL;
+}
+
+/* Normalized max error of one query's output against the reference. */
+static double output_error(const float *out, const double *ref, size_t n)
+{
+    double maxref = 0.0, maxdiff = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double r = fabs(ref[i]);
+        if (r > maxref) maxref = r;
+        if (!isfinite(out[i])) return INFINITY;
+        double d = fabs((double)out[i] - ref[i]);
+        if (d > maxdiff) maxdiff = d;
+    }
+    return maxref > 0.0 ? maxdiff / maxref : maxdiff;
+}
+
+#define LIB(call, name)                                                                    \
+    do {                                                                                   \
+        pikv_status st_ = (call);                                                          \
+        if (st_ != PIKV_OK) {                                                              \
+            rc = cli_lib_error(ctx, name, st_);                                            \
+            goto done;                                                                     \
+        }                                                                                  \
+    } while (0)
+
+int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progress *prog,
+             const char *tag, run_result *r)
+{
+    int rc = CLI_EXIT_FAIL;
+    pikv_context *ctx = sh->ctx;
+    wl_workload *wl = sh->wl;
+    pikv_cache *cache = NULL;
+    float *k = NULL, *v = NULL, *q = NULL, *out = NULL, *lse = NULL, *nk = NULL, *nv = NULL;
+    float *logits = NULL;
+    int32_t *ex = NULL, *rex = NULL, *qex = NULL, *qrex = NULL, *nex = NULL, *seq_ids = NULL;
+    double *ref_buf = NULL, *ref_lse_buf = NULL;
+    memset(r, 0, sizeof *r);
+    r->step_ms_unmeasured = NAN;
+    r->exact = run_policy_exact(pol);
+    r->measured = pol->select.measure != 0 && pol->select.mode != PIKV_SELECT_ALL;
+
+    wl_rewind(wl);
+
+    /* Cache. */
+    const int64_t per_seq = o->context + o->steps;
+    const int32_t shards_guess = o->shards > 0 ? o->shards : o->experts;
+    r->capacity = o->capacity > 0 ? o->capacity
+                                  : (int64_t)o->seqs * (per_seq + (int64_t)shards_guess * o->page_size);
+    r->expected_tokens = (int64_t)o->layers * o->seqs * per_seq;
+    r->bound = o->dtype == PIKV_DTYPE_F32 ? 1e-4 : 5e-3;
+
+    pikv_cache_params cpar = pikv_cache_default_params();
+    cpar.n_layers = o->layers;
+    cpar.n_q_heads = o->q_heads;
+    cpar.n_kv_heads = o->kv_heads;
+    cpar.head_dim = o->head_dim;
+    cpar.n_experts = o->experts;
+    cpar.experts_per_token = o->top_k;
+    cpar.page_size = o->page_size;
+    cpar.dtype = o->dtype;
+    cpar.capacity_tokens = r->capacity;
+    cpar.max_sequences = o->seqs;
+    cpar.placement = o->placement;
+    cpar.n_shards = o->shards;
+    cpar.devices = sh->dev_list;
+    cpar.n_devices = sh->n_sel;
+    cpar.attn_scale = 0.0f;
+    cpar.select = pol->select;
+    cpar.budget = pol->budget;
+    cpar.evict = pol->evict;
+    cpar.route = pol->route;
+    LIB(pikv_cache_create(ctx, &cpar, &cache), "pikv_cache_create");
+    for (int32_t s = 0; s < o->seqs; s++) LIB(pikv_seq_add(cache, s), "pikv_seq_add");
+    LIB(pikv_cache_get_stats(cache, &r->stats), "pikv_cache_get_stats");
+
+    r->n_devs = r->stats.n_devices > 0 ? r->stats.n_devices : 0;
+    r->devs = calloc((size_t)(r->n_devs > 0 ? r->n_devs : 1), sizeof *r->devs);
+    r->layers = calloc((size_t)o->layers, sizeof *r->layers);
+    if (!r->devs || !r->layers) {
+        fprintf(stderr, "pikv: out of memory\n");
+        goto done;
+    }
+
+    const int budgeted = pol->budget.mode != PIKV_BUDGET_NONE;
+    const size_t G = (size_t)o->kv_heads, D = (size_t)o->head_dim, QH = (size_t)o->q_heads;
+    const size_t S = (size_t)o->seqs, K = (size_t)o->top_k, E = (size_t)o->experts;
+    int64_t chunk_max = o->chunk;
+    if (budgeted) { /* new tokens stay protected until a prefill attention has seen them */
+        const int64_t window = pol->select.recent_tokens > o->page_size ? pol->select.recent_tokens
+                                                                        : o->page_size;
+        if (chunk_max > window) chunk_max = window;
+    }
+    const size_t chunk = (size_t)(o->context < chunk_max ? (o->context > 0 ? o->context : 1)
+                                                          : chunk_max);
+    r->prefill_chunk = (int32_t)chunk;
+    const size_t lg_rows = chunk > S ? chunk : S;
+    k = malloc(chunk * G * D * sizeof *k);
+    v = malloc(chunk * G * D * sizeof *v);
+    ex = malloc(chunk * K * sizeof *ex);
+    rex = malloc(chunk * K * sizeof *rex);
+    logits = malloc(lg_rows * E * sizeof *logits);
+    q = malloc(S * QH * D * sizeof *q);
+    out = malloc(S * QH * D * sizeof *out);
+    lse = malloc(S * QH * sizeof *lse);
+    qex = malloc(S * K * sizeof *qex);
+    qrex = malloc(S * K * sizeof *qrex);
+    nk = malloc(S * G * D * sizeof *nk);
+    nv = malloc(S * G * D * sizeof *nv);
+    nex = malloc(S * K * sizeof *nex);
+    seq_ids = malloc(S * sizeof *seq_ids);
+    ref_buf = malloc(QH * D * sizeof *ref_buf);
+    ref_lse_buf = malloc(QH * sizeof *ref_lse_buf);
+    if (!k || !v || !ex || !rex || !logits || !q || !out || !lse || !qex || !qrex || !nk ||
+        !nv || !nex || !seq_ids || !ref_buf || !ref_lse_buf) {
+        fprintf(stderr, "pikv: out of memory for the run's buffers\n");
+        goto done;
+    }
+    for (size_t s = 0; s < S; s++) seq_ids[s] = (int32_t)s;
+
+    pikv_attend_batch batch;
+    memset(&batch, 0, sizeof batch); /* fields added later default to 0 / NULL */
+    batch.n_queries = o->seqs;
+    batch.seq_ids = seq_ids;
+    batch.q = q;
+    batch.out = out;
+    batch.lse = lse;
+
+    /* The prefill's attention: exact, without experts (no hit-rate misses), unmeasured. */
+    pikv_select_params observe_sel = pol->select;
+    observe_sel.mode = PIKV_SELECT_ALL;
+    observe_sel.measure = 0;
+    pikv_attend_batch observe = batch;
+    observe.experts = NULL;
+    observe.select = &observe_sel;
+
+    /* Prefill: per layer, rounds of one chunk per sequence. Only library calls are timed. */
+    for (int32_t l = 0; l < o->layers; l++) {
+        cli_progress_update(prog, "%sprefill %" PRId32 "/%" PRId32 " layers", tag, l, o->layers);
+        for (int64_t t = 0; t < o->context;) {
+            const int32_t n = (int32_t)(o->context - t < (int64_t)chunk ? o->context - t
+                                                                        : (int64_t)chunk);
+            for (int32_t s = 0; s < o->seqs; s++) {
+                wl_logits(wl, l, s, t, n, logits);
+                if (wl_next_tokens(wl, l, s, n, k, v, ex) != 0) {
+                    fprintf(stderr, "pikv: internal error: workload overflow\n");
+                    goto done;
+                }
+                double t0 = cli_now();
+                LIB(pikv_route(cache, l, n, logits, rex, NULL), "pikv_route");
+                LIB(pikv_cache_append(cache, l, s, n, k, v, NULL, rex), "pikv_cache_append");
+                r->prefill_s += cli_now() - t0;
+                r->routed_tokens += n;
+                for (int32_t i = 0; i < n; i++)
+                    r->rerouted_tokens += memcmp(rex + (size_t)i * K, ex + (size_t)i * K,
+                                                 K * sizeof *ex) != 0;
+            }
+            t += n;
+            if (budgeted) {
+                for (size_t s = 0; s < S; s++)
+                    wl_next_query(wl, l, (int32_t)s, q + s * QH * D, qex + s * K);
+                double t0 = cli_now();
+                LIB(pikv_cache_attend(cache, l, &observe), "pikv_cache_attend");
+                r->observe_s += cli_now() - t0;
+                r->observe_attends++;
+            }
+        }
+    }
+
+    if (o->placement == PIKV_PLACEMENT_BALANCED) {
+        cli_progress_update(prog, "%srebalance", tag);
+        double t0 = cli_now();
+        LIB(pikv_cache_rebalance(cache, &r->moved_pages), "pikv_cache_rebalance");
+        r->rebalance_s = cli_now() - t0;
+        r->rebalanced = 1;
+    }
+
+    /* Decode. */
+    const double scale = 1.0 / sqrt((double)o->head_dim);
+    const int use_refs = sh->ref_out != NULL;
+    batch.experts = qrex;
+    for (int32_t step = 0; step < o->steps; step++) {
+        cli_progress_update(prog, "%sdecode step %" PRId32 "/%" PRId32, tag, step, o->steps);
+        for (int32_t l = 0; l < o->layers; l++) {
+            for (size_t s = 0; s < S; s++) {
+                wl_next_query(wl, l, (int32_t)s, q + s * QH * D, qex + s * K);
+                wl_logits(wl, l, (int32_t)s, wl_length(wl, l, (int32_t)s), 1, logits + s * E);
+            }
+            double t0 = cli_now();
+            LIB(pikv_route(cache, l, o->seqs, logits, qrex, NULL), "pikv_route");
+            double t1 = cli_now();
+            LIB(pikv_cache_attend(cache, l, &batch), "pikv_cache_attend");
+            double t2 = cli_now();
+            r->attend_s += t2 - t1;
+            r->decode_s += t2 - t0;
+            r->routed_tokens += o->seqs;
+            for (size_t s = 0; s < S; s++)
+                r->rerouted_tokens += memcmp(qrex + s * K, qex + s * K, K * sizeof *qex) != 0;
+
+            pikv_cache_stats cs;
+            LIB(pikv_cache_get_stats(cache, &cs), "pikv_cache_get_stats");
+            r->bytes_read_total += cs.last_bytes_read;
+            r->pages_read_total += cs.last_pages_read;
+            r->tokens_read_total += cs.last_tokens_read;
+            if (cs.last_recall >= 0.0) {
+                r->recall_sum += cs.last_recall;
+                r->recall_n++;
+            }
+            if (cs.last_output_error >= 0.0) {
+                r->err_exact_sum += cs.last_output_error;
+                if (!(cs.last_output_error <= r->err_exact_max)) r->err_exact_max = cs.last_output_error;
+                r->err_exact_n++;
+            }
+            if (cs.last_hit_rate >= 0.0) {
+                r->hit_sum += cs.last_hit_rate;
+                r->hit_n++;
+            }
+            for (int32_t d = 0; d < r->n_devs; d++) {
+                pikv_cache_device_stats ds;
+                LIB(pikv_cache_get_device_stats(cache, d, &ds), "pikv_cache_get_device_stats");
+                r->devs[d].read_total += ds.last_bytes_read;
+            }
+            pikv_layer_stats ls;
+            LIB(pikv_cache_get_layer_stats(cache, l, &ls), "pikv_cache_get_layer_stats");
+            r->layers[l].read_total += ls.last_bytes_read;
+
+            for (size_t s = 0; s < S; s++) {
+                const size_t at = ((size_t)step * (size_t)o->layers + (size_t)l) * S + s;
+                double *ref = use_refs ? sh->ref_out + at * QH * D : ref_buf;
+                double *ref_lse = use_refs ? sh->ref_lse + at * QH : ref_lse_buf;
+                if (!use_refs || !sh->refs_ready) {
+                    double t3 = cli_now();
+                    wl_reference(wl, l, (int32_t)s, q + s * QH * D, scale, ref, ref_lse);
+                    r->reference_s += cli_now() - t3;
+                }
+                double e = output_error(out + s * QH * D, ref, QH * D);
+                if (!(e <= r->max_err)) r->max_err = e; /* NaN/inf propagate */
+                r->err_sum += e;
+                r->err_n++;
+                for (size_t h = 0; h < QH; h++) {
+                    const double got = (double)lse[s * QH + h];
+                    double le = fabs(got - ref_lse[h]);
+                    if (isinf(ref_lse[h]) && isinf(got) && got < 0) le = 0.0;
+                    if (!(le <= r->max_lse_err)) r->max_lse_err = le;
+                    if (isfinite(ref_lse[h])) {
+                        r->ctx_recall_sum += isinf(got) && got < 0 ? 0.0 : exp(got - ref_lse[h]);
+                        r->ctx_recall_n++;
+                    }
+                }
+            }
+
+            for (size_t s = 0; s < S; s++) {
+                if (wl_next_tokens(wl, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
+                                   nex + s * K) != 0) {
+                    fprintf(stderr, "pikv: internal error: workload overflow\n");
+                    goto done;
+                }
+                if (memcmp(nex + s * K, qex + s * K, K * sizeof *nex) != 0)
+                    r->routing_mismatch = 1;
+            }
+            double t4 = cli_now();
+            for (size_t s = 0; s < S; s++) /* the query's token, with its routed experts */
+                LIB(pikv_cache_append(cache, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
+                                      NULL, qrex + s * K),
+                    "pikv_cache_append");
+            r->decode_s += cli_now() - t4;
+        }
+    }
+    if (use_refs && o->steps > 0) sh->refs_ready = 1;
+
+    /* Final statistics. */
+    LIB(pikv_cache_get_stats(cache, &r->stats), "pikv_cache_get_stats");
+    if (r->stats.n_devices != r->n_devs) {
+        fprintf(stderr, "pikv: the cache's device count changed during the run (%" PRId32
+                        " -> %" PRId32 ")\n",
+                r->n_devs, r->stats.n_devices);
+        goto done;
+    }
+    for (int32_t d = 0; d < r->n_devs; d++) {
+        run_dev *row = &r->devs[d];
+        LIB(pikv_cache_get_device_stats(cache, d, &row->st), "pikv_cache_get_device_stats");
+        pikv_device_info info;
+        LIB(pikv_device_get_info(ctx, row->st.device, &info), "pikv_device_get_info");
+        memcpy(row->name, info.name, sizeof row->name);
+        row->name[sizeof row->name - 1] = '\0';
+        row->backend = pikv_backend_name(info.backend);
+    }
+    for (int32_t l = 0; l < o->layers; l++) {
+        run_layer *ly = &r->layers[l];
+        LIB(pikv_cache_get_layer_stats(cache, l, &ly->st), "pikv_cache_get_layer_stats");
+        if (ly->st.budget_tokens >= 0) r->budget_tokens += ly->st.budget_tokens * o->seqs;
+        int64_t max_routed = 0;
+        for (int32_t e = 0; e < o->experts; e++) {
+            pikv_expert_stats es;
+            LIB(pikv_cache_get_expert_stats(cache, l, e, &es), "pikv_cache_get_expert_stats");
+            ly->routed_tokens += es.routed_tokens;
+            if (es.routed_tokens > max_routed) max_routed = es.routed_tokens;
+            ly->misses += es.misses;
+        }
+        ly->imbalance = ly->routed_tokens > 0
+                            ? (double)max_routed * (double)o->experts / (double)ly->routed_tokens
+                            : NAN;
+    }
+    rc = CLI_EXIT_OK;
+
+done:
+    free(k);
+    free(v);
+    free(ex);
+    free(rex);
+    free(logits);
+    free(q);
+    free(out);
+    free(lse);
+    free(qex);
+    free(qrex);
+    free(nk);
+    free(nv);
+    free(nex);
+    free(seq_ids);
+    free(ref_buf);
+    free(ref_lse_buf);
+    pikv_cache_free(cache);
+    return rc;
+}

@@ -1,0 +1,577 @@
+/* `pikv run` reports: the table, the quiet line, JSON, and --compare's table. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <inttypes.h>
+#include <math.h>
+#include <string.h>
+
+#include "run.h"
+
+static size_t dtype_bytes(pikv_dtype t) { return t == PIKV_DTYPE_F32 ? 4 : 2; }
+
+static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
+
+static const char *placement_name(pikv_placement p)
+{
+    return (p >= PIKV_PLACEMENT_EXPERT && p <= PIKV_PLACEMENT_BALANCED) ? run_placement_names[p]
+                                                                       : "?";
+}
+
+/* Mean and worst layer imbalance (NAN when nothing was routed). */
+static void imbalance(const run_opts *o, const run_result *r, double *mean, double *worst,
+                      int32_t *worst_layer)
+{
+    double sum = 0.0;
+    int32_t n = 0;
+    *worst = NAN;
+    *worst_layer = -1;
+    for (int32_t l = 0; l < o->layers; l++) {
+        const double x = r->layers[l].imbalance;
+        if (!isfinite(x)) continue;
+        sum += x;
+        n++;
+        if (*worst_layer < 0 || x > *worst) {
+            *worst = x;
+            *worst_layer = l;
+        }
+    }
+    *mean = n ? sum / n : NAN;
+}
+
+static double total_misses(const run_opts *o, const run_result *r)
+{
+    double m = 0.0;
+    for (int32_t l = 0; l < o->layers; l++) m += r->layers[l].misses;
+    return m;
+}
+
+/* "%.4f" or "-" for NAN, right-aligned in width w. */
+static void put_fixed(double x, int w, int prec)
+{
+    if (isfinite(x))
+        printf(" %*.*f", w, prec, x);
+    else
+        printf(" %*s", w, "-");
+}
+
+static void put_sci(double x, int w)
+{
+    if (isfinite(x))
+        printf(" %*.2e", w, x);
+    else
+        printf(" %*s", w, "-");
+}
+
+static void print_policy_lines(const run_opts *o, const run_policy *p)
+{
+    const pikv_select_params *s = &p->select;
+    printf("  select     %s", run_select_names[s->mode & 3u]);
+    if (s->mode & PIKV_SELECT_EXPERTS)
+        printf(" (%" PRId32 " of the query's top-%" PRId32 " experts)",
+               s->experts_top_k > 0 ? s->experts_top_k : o->top_k, o->top_k);
+    if (s->mode & PIKV_SELECT_QUEST)
+        printf(" (budget %" PRId32 " tokens per query and KV head)", s->token_budget);
+    printf("; sinks %" PRId32 ", recent %" PRId32 "%s\n", s->sink_tokens, s->recent_tokens,
+           s->measure && s->mode != PIKV_SELECT_ALL ? "; recall measured" : "");
+    if (p->budget.mode == PIKV_BUDGET_NONE) {
+        printf("  budget     none (no eviction)\n");
+    } else {
+        printf("  budget     %s, %" PRId64 " tokens per sequence over all layers",
+               run_budget_names[p->budget.mode], p->budget.total_tokens);
+        if (p->budget.mode == PIKV_BUDGET_PYRAMID) printf(" (beta %g)", (double)p->budget.pyramid_beta);
+        printf("; evict %s", run_evict_names[p->evict.policy]);
+        if (p->evict.policy == PIKV_EVICT_UTILITY)
+            printf(" (alpha %g,%g,%g)", (double)p->evict.alpha_attention,
+                   (double)p->evict.alpha_recency, (double)p->evict.alpha_frequency);
+        printf("\n");
+    }
+    printf("  routing    pikv_route, lambda %g%s, miss decay %g\n", (double)p->route.lambda,
+           p->route.lambda > 0.0f ? " (cache-aware)" : " (plain top-k)",
+           (double)p->route.miss_decay);
+}
+
+void run_print_table(const run_opts *o, const run_result *r)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    const run_policy *pol = &o->policy;
+    printf("pikv run (PiKV %s)\n", pikv_version_string());
+    printf("  model      %" PRId32 " layers, %" PRId32 " query heads, %" PRId32
+           " KV heads, head_dim %" PRId32 ", %" PRId32 " experts, top-%" PRId32 "\n",
+           o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k);
+    printf("  cache      %s pages of %" PRId32 " tokens, placement %s, %" PRId32
+           " shards/layer, capacity %" PRId64 " tokens/layer\n",
+           run_dtype_names[o->dtype], o->page_size, placement_name(o->placement),
+           r->stats.n_shards, r->capacity);
+    char threads[24];
+    if (o->threads)
+        snprintf(threads, sizeof threads, "%" PRId32, o->threads);
+    else
+        snprintf(threads, sizeof threads, "auto");
+    printf("  devices    %" PRId32 " (backend %s, CPU threads %s)\n", r->n_devs, o->backend,
+           threads);
+    printf("  workload   %" PRId32 " sequences x %" PRId64 " context tokens, %" PRId32
+           " decode steps, chunk %" PRId32 ", seed %" PRIu64 "\n",
+           o->seqs, o->context, o->steps, r->prefill_chunk, o->seed);
+    print_policy_lines(o, pol);
+    printf("\n");
+    printf("%-10s %-8s %7s %10s %9s %11s %11s %14s\n", "device", "backend", "shards", "tokens",
+           "pages", "alloc MiB", "used MiB", "read MiB/step");
+    int64_t sh = 0, tok = 0, pg = 0;
+    uint64_t al = 0, us = 0, rd = 0;
+    for (int32_t i = 0; i < r->n_devs; i++) {
+        const run_dev *d = &r->devs[i];
+        printf("%-10s %-8s %7" PRId32 " %10" PRId64 " %9" PRId64 " %11.2f %11.2f %14.3f\n",
+               d->name, d->backend, d->st.shards, d->st.tokens, d->st.pages,
+               mib(d->st.bytes_allocated), mib(d->st.bytes_used),
+               mib(d->read_total) / steps);
+        sh += d->st.shards;
+        tok += d->st.tokens;
+        pg += d->st.pages;
+        al += d->st.bytes_allocated;
+        us += d->st.bytes_used;
+        rd += d->read_total;
+    }
+    if (r->n_devs > 1)
+        printf("%-10s %-8s %7" PRId64 " %10" PRId64 " %9" PRId64 " %11.2f %11.2f %14.3f\n",
+               "total", "", sh, tok, pg, mib(al), mib(us), mib(rd) / steps);
+    printf("\n");
+
+    if (o->verbose) {
+        printf("%-6s %9s %9s %8s %9s %9s %14s %10s %9s\n", "layer", "budget", "tokens", "pages",
+               "KV MiB", "evicted", "read MiB/step", "imbalance", "misses");
+        for (int32_t l = 0; l < o->layers; l++) {
+            const run_layer *ly = &r->layers[l];
+            char budget[24];
+            if (ly->st.budget_tokens >= 0)
+                snprintf(budget, sizeof budget, "%" PRId64, ly->st.budget_tokens);
+            else
+                snprintf(budget, sizeof budget, "-");
+            printf("%-6" PRId32 " %9s %9" PRId64 " %8" PRId64 " %9.3f %9" PRId64 " %14.3f", l,
+                   budget, ly->st.tokens, ly->st.pages, mib(ly->st.bytes_used),
+                   ly->st.evicted_pages, mib(ly->read_total) / steps);
+            put_fixed(ly->imbalance, 10, 3);
+            put_fixed(ly->misses, 9, 2);
+            printf("\n");
+        }
+        printf("  (budget: tokens per sequence; imbalance: max / mean of the experts' routed "
+               "tokens; misses: decayed)\n\n");
+    }
+
+    const uint64_t raw = (uint64_t)r->stats.tokens * (uint64_t)o->kv_heads *
+                         (uint64_t)o->head_dim * 2u * dtype_bytes(o->dtype);
+    const double prefill_tokens = (double)o->seqs * (double)o->context;
+    if (pol->budget.mode == PIKV_BUDGET_NONE)
+        printf("  tokens             %" PRId64 " over all layers (expected %" PRId64 ")%s\n",
+               r->stats.tokens, r->expected_tokens,
+               r->stats.tokens == r->expected_tokens ? "" : "  MISMATCH");
+    else
+        printf("  tokens             %" PRId64 " over all layers of %" PRId64
+               " generated (budgets: %" PRId64 " = layer budgets x sequences)\n",
+               r->stats.tokens, r->expected_tokens, r->budget_tokens);
+    printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64
+           " pages (raw %s K+V: %.2f)\n",
+           mib(r->stats.bytes_used), mib(r->stats.bytes_allocated), r->stats.pages,
+           run_dtype_names[o->dtype], mib(raw));
+    printf("  evicted            %" PRId64 " pages, %" PRId64 " tokens\n", r->stats.evicted_pages,
+           r->stats.evicted_tokens);
+    if (o->steps > 0) {
+        printf("  read per step      %.3f MiB, %.1f pages, %.1f tokens (all layers)\n",
+               mib(r->bytes_read_total) / steps, (double)r->pages_read_total / steps,
+               (double)r->tokens_read_total / steps);
+    }
+    printf("  prefill            %.0f tokens x %" PRId32 " layers in %.3f s (%.0f tokens/s)\n",
+           prefill_tokens, o->layers, r->prefill_s,
+           r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
+    if (r->observe_attends > 0)
+        printf("  prefill attention  %" PRId64 " exact passes (one per %" PRId32
+               "-token chunk and layer) in %.3f s\n",
+               r->observe_attends, r->prefill_chunk, r->observe_s);
+    if (r->rebalanced)
+        printf("  rebalance          %" PRId64 " pages moved in %.3f s\n", r->moved_pages,
+               r->rebalance_s);
+    if (o->steps > 0) {
+        printf("  mean step time     %.3f ms (route + attend + append, %" PRId32
+               " layers; attend %.3f ms; reference %.3f ms)%s\n",
+               1e3 * r->decode_s / steps, o->layers, 1e3 * r->attend_s / steps,
+               1e3 * r->reference_s / steps,
+               r->measured ? "; includes the exact pass of --measure" : "");
+        printf("  decode tokens/s    %.1f (%" PRId32 " sequences)\n",
+               r->decode_s > 0 ? (double)o->seqs * (double)o->steps / r->decode_s : 0.0,
+               o->seqs);
+        printf("  KV read bandwidth  %.2f GiB/s\n",
+               r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s / 1073741824.0
+                               : 0.0);
+        if (r->recall_n > 0)
+            printf("  recall             %.4f (selection vs the tokens the cache holds, mean "
+                   "over steps x layers)\n",
+                   run_mean(r->recall_sum, r->recall_n));
+        else
+            printf("  recall             not measured (--measure)\n");
+        printf("  context recall     %.4f (share of the full context's attention mass in the "
+               "tokens read)\n",
+               run_mean(r->ctx_recall_sum, r->ctx_recall_n));
+        if (r->err_exact_n > 0)
+            printf("  error vs exact     mean %.3e, max %.3e (selection vs exact attention over "
+                   "the tokens held)\n",
+                   run_mean(r->err_exact_sum, r->err_exact_n), r->err_exact_max);
+        else
+            printf("  error vs exact     not measured (--measure)\n");
+        printf("  error vs f64       mean %.3e, max %.3e vs dense f64 attention over the full "
+               "context%s\n",
+               run_mean(r->err_sum, r->err_n), r->max_err,
+               r->exact ? "" : " (no bound: lossy configuration)");
+        if (r->exact)
+            printf("  max norm. error    %.3e vs dense f64 reference (bound %.0e)\n", r->max_err,
+                   r->bound);
+        printf("  max lse error      %.3e\n", r->max_lse_err);
+        if (r->hit_n > 0)
+            printf("  hit rate           %.4f (query experts whose shard holds pages)\n",
+                   run_mean(r->hit_sum, r->hit_n));
+    }
+    double imb_mean, imb_worst;
+    int32_t imb_layer;
+    imbalance(o, r, &imb_mean, &imb_worst, &imb_layer);
+    if (imb_layer >= 0)
+        printf("  expert load        max/mean routed tokens %.3f (mean over layers), worst %.3f "
+               "(layer %" PRId32 ")\n",
+               imb_mean, imb_worst, imb_layer);
+    printf("  routing            %" PRId64 " tokens routed, %.2f%% differ from the plain top-k; "
+           "misses %.2f (decayed, all layers)\n",
+           r->routed_tokens,
+           r->routed_tokens > 0 ? 100.0 * (double)r->rerouted_tokens / (double)r->routed_tokens : 0.0,
+           total_misses(o, r));
+    if (r->routing_mismatch) printf("  warning: workload routing was not reproducible\n");
+    if (r->exact)
+        printf("  result             %s\n", run_passed(r) ? "PASS" : "FAIL");
+    else
+        printf("  result             LOSSY (no error bound; exit status 0)\n");
+}
+
+void run_print_quiet(const run_opts *o, const run_result *r)
+{
+    const double step_ms = o->steps > 0 ? 1e3 * r->decode_s / o->steps : 0.0;
+    const double tps = r->decode_s > 0 ? (double)o->seqs * o->steps / r->decode_s : 0.0;
+    if (r->exact) {
+        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f\n",
+               run_passed(r) ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps);
+        return;
+    }
+    char desc[96], recall[32], err[32];
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    if (r->recall_n > 0)
+        snprintf(recall, sizeof recall, "%.4f", run_mean(r->recall_sum, r->recall_n));
+    else
+        snprintf(recall, sizeof recall, "unmeasured");
+    if (r->err_exact_n > 0)
+        snprintf(err, sizeof err, "%.3e", r->err_exact_max);
+    else
+        snprintf(err, sizeof err, "unmeasured");
+    printf("LOSSY config='%s' recall=%s context_recall=%.4f err_vs_exact=%s "
+           "max_norm_error=%.3e kv_mib=%.2f read_mib_per_step=%.3f evicted_pages=%" PRId64
+           " mean_step_ms=%.3f\n",
+           run_policy_describe(&o->policy, desc, sizeof desc), recall,
+           run_mean(r->ctx_recall_sum, r->ctx_recall_n), err, r->max_err,
+           mib(r->stats.bytes_used), mib(r->bytes_read_total) / steps, r->stats.evicted_pages,
+           step_ms);
+}
+
+/* ---- JSON -------------------------------------------------------------- */
+
+static void json_policy(FILE *f, const run_policy *p)
+{
+    fprintf(f, "{\"select\": ");
+    cli_json_string(f, run_select_names[p->select.mode & 3u]);
+    fprintf(f, ", \"experts_top_k\": %" PRId32 ", \"token_budget\": %" PRId32
+               ", \"sink_tokens\": %" PRId32 ", \"recent_tokens\": %" PRId32
+               ", \"measure\": %s, \"budget\": ",
+            p->select.experts_top_k, p->select.token_budget, p->select.sink_tokens,
+            p->select.recent_tokens, p->select.measure ? "true" : "false");
+    cli_json_string(f, run_budget_names[p->budget.mode]);
+    fprintf(f, ", \"budget_total_tokens\": %" PRId64 ", \"pyramid_beta\": ",
+            p->budget.mode == PIKV_BUDGET_NONE ? 0 : p->budget.total_tokens);
+    cli_json_number(f, p->budget.pyramid_beta);
+    fprintf(f, ", \"evict\": ");
+    cli_json_string(f, run_evict_names[p->evict.policy]);
+    fprintf(f, ", \"alpha\": [");
+    cli_json_number(f, p->evict.alpha_attention);
+    fputs(", ", f);
+    cli_json_number(f, p->evict.alpha_recency);
+    fputs(", ", f);
+    cli_json_number(f, p->evict.alpha_frequency);
+    fprintf(f, "], \"route_lambda\": ");
+    cli_json_number(f, p->route.lambda);
+    fprintf(f, ", \"miss_decay\": ");
+    cli_json_number(f, p->route.miss_decay);
+    fputc('}', f);
+}
+
+static void json_layers(FILE *f, const run_opts *o, const run_result *r, const char *indent)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    fputc('[', f);
+    for (int32_t l = 0; l < o->layers; l++) {
+        const run_layer *ly = &r->layers[l];
+        fprintf(f, "%s\n%s{\"layer\": %" PRId32 ", \"budget_tokens\": ", l ? "," : "", indent, l);
+        if (ly->st.budget_tokens >= 0)
+            fprintf(f, "%" PRId64, ly->st.budget_tokens);
+        else
+            fputs("null", f);
+        fprintf(f, ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64 ", \"bytes_used\": %" PRIu64
+                   ", \"kv_mib\": ",
+                ly->st.tokens, ly->st.pages, ly->st.bytes_used);
+        cli_json_number(f, mib(ly->st.bytes_used));
+        fprintf(f, ", \"evicted_pages\": %" PRId64 ", \"bytes_read_per_step\": ",
+                ly->st.evicted_pages);
+        cli_json_number(f, (double)ly->read_total / steps);
+        fprintf(f, ", \"routed_tokens\": %" PRId64 ", \"imbalance\": ", ly->routed_tokens);
+        cli_json_number(f, ly->imbalance);
+        fprintf(f, ", \"misses\": ");
+        cli_json_number(f, ly->misses);
+        fputc('}', f);
+    }
+    fputc(']', f);
+}
+
+/* The quality and cost figures shared by the single run's summary and compare rows. */
+static void json_quality(FILE *f, const run_opts *o, const run_result *r)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    double imb_mean, imb_worst;
+    int32_t imb_layer;
+    imbalance(o, r, &imb_mean, &imb_worst, &imb_layer);
+    fprintf(f, "\"exact\": %s, \"kv_mib\": ", r->exact ? "true" : "false");
+    cli_json_number(f, mib(r->stats.bytes_used));
+    fprintf(f, ", \"bytes_used\": %" PRIu64 ", \"bytes_allocated\": %" PRIu64
+               ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64 ", \"evicted_pages\": %" PRId64
+               ", \"evicted_tokens\": %" PRId64 ", \"bytes_read_per_step\": ",
+            r->stats.bytes_used, r->stats.bytes_allocated, r->stats.tokens, r->stats.pages,
+            r->stats.evicted_pages, r->stats.evicted_tokens);
+    cli_json_number(f, (double)r->bytes_read_total / steps);
+    fprintf(f, ", \"mib_read_per_step\": ");
+    cli_json_number(f, mib(r->bytes_read_total) / steps);
+    fprintf(f, ", \"pages_read_per_step\": ");
+    cli_json_number(f, (double)r->pages_read_total / steps);
+    fprintf(f, ", \"tokens_read_per_step\": ");
+    cli_json_number(f, (double)r->tokens_read_total / steps);
+    fprintf(f, ", \"mean_step_ms\": ");
+    cli_json_number(f, run_step_ms(o, r));
+    fprintf(f, ", \"mean_attend_ms\": ");
+    cli_json_number(f, o->steps > 0 ? 1e3 * r->attend_s / steps : NAN);
+    fprintf(f, ", \"measured\": %s, \"recall\": ", r->measured ? "true" : "false");
+    cli_json_number(f, run_mean(r->recall_sum, r->recall_n));
+    fprintf(f, ", \"context_recall\": ");
+    cli_json_number(f, run_mean(r->ctx_recall_sum, r->ctx_recall_n));
+    fprintf(f, ", \"err_vs_exact_mean\": ");
+    cli_json_number(f, run_mean(r->err_exact_sum, r->err_exact_n));
+    fprintf(f, ", \"err_vs_exact_max\": ");
+    cli_json_number(f, r->err_exact_n > 0 ? r->err_exact_max : NAN);
+    fprintf(f, ", \"err_vs_f64_mean\": ");
+    cli_json_number(f, run_mean(r->err_sum, r->err_n));
+    fprintf(f, ", \"max_norm_error\": ");
+    cli_json_number(f, r->max_err);
+    fprintf(f, ", \"max_lse_error\": ");
+    cli_json_number(f, r->max_lse_err);
+    fprintf(f, ", \"hit_rate\": ");
+    cli_json_number(f, run_mean(r->hit_sum, r->hit_n));
+    fprintf(f, ", \"imbalance_mean\": ");
+    cli_json_number(f, imb_mean);
+    fprintf(f, ", \"imbalance_max\": ");
+    cli_json_number(f, imb_worst);
+    fprintf(f, ", \"misses\": ");
+    cli_json_number(f, total_misses(o, r));
+    fprintf(f, ", \"routed_tokens\": %" PRId64 ", \"rerouted_tokens\": %" PRId64
+               ", \"error_bound\": ",
+            r->routed_tokens, r->rerouted_tokens);
+    if (r->exact)
+        cli_json_number(f, r->bound);
+    else
+        fputs("null", f);
+    fprintf(f, ", \"pass\": %s", r->exact ? (run_passed(r) ? "true" : "false") : "null");
+}
+
+void run_print_json(const run_opts *o, const run_result *r)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    FILE *f = stdout;
+    fprintf(f, "{\n  \"pikv_version\": ");
+    cli_json_string(f, pikv_version_string());
+    fprintf(f, ",\n  \"config\": {\"layers\": %" PRId32 ", \"q_heads\": %" PRId32
+               ", \"kv_heads\": %" PRId32 ", \"head_dim\": %" PRId32 ", \"experts\": %" PRId32
+               ", \"top_k\": %" PRId32 ", \"page_size\": %" PRId32 ", \"dtype\": ",
+            o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k,
+            o->page_size);
+    cli_json_string(f, run_dtype_names[o->dtype]);
+    fprintf(f, ", \"placement\": ");
+    cli_json_string(f, placement_name(o->placement));
+    fprintf(f, ", \"shards_per_layer\": %" PRId32 ", \"capacity_tokens\": %" PRId64
+               ", \"backend\": ",
+            r->stats.n_shards, r->capacity);
+    cli_json_string(f, o->backend);
+    fprintf(f, ", \"devices\": %" PRId32 ", \"threads\": %" PRId32 ", \"context\": %" PRId64
+               ", \"seqs\": %" PRId32 ", \"steps\": %" PRId32 ", \"chunk\": %" PRId32
+               ", \"seed\": %" PRIu64 "},\n",
+            r->n_devs, o->threads, o->context, o->seqs, o->steps, r->prefill_chunk, o->seed);
+    fprintf(f, "  \"policy\": ");
+    json_policy(f, &o->policy);
+    fprintf(f, ",\n  \"devices\": [");
+    for (int32_t i = 0; i < r->n_devs; i++) {
+        const run_dev *d = &r->devs[i];
+        fprintf(f, "%s\n    {\"index\": %" PRId32 ", \"name\": ", i ? "," : "", d->st.device);
+        cli_json_string(f, d->name);
+        fprintf(f, ", \"backend\": ");
+        cli_json_string(f, d->backend);
+        fprintf(f, ", \"shards\": %" PRId32 ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64
+                   ", \"bytes_allocated\": %" PRIu64 ", \"bytes_used\": %" PRIu64
+                   ", \"bytes_read_per_step\": ",
+                d->st.shards, d->st.tokens, d->st.pages, d->st.bytes_allocated,
+                d->st.bytes_used);
+        cli_json_number(f, (double)d->read_total / steps);
+        fputc('}', f);
+    }
+    fprintf(f, "%s],\n", r->n_devs ? "\n  " : "");
+    fprintf(f, "  \"layers\": ");
+    json_layers(f, o, r, "    ");
+    fprintf(f, ",\n");
+    const double prefill_tokens = (double)o->seqs * (double)o->context;
+    fprintf(f, "  \"summary\": {\"expected_tokens\": %" PRId64 ", \"budget_tokens\": ",
+            r->expected_tokens);
+    if (o->policy.budget.mode != PIKV_BUDGET_NONE)
+        fprintf(f, "%" PRId64, r->budget_tokens);
+    else
+        fputs("null", f);
+    fprintf(f, ", ");
+    json_quality(f, o, r);
+    fprintf(f, ", \"prefill_s\": ");
+    cli_json_number(f, r->prefill_s);
+    fprintf(f, ", \"prefill_tokens_per_s\": ");
+    cli_json_number(f, r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
+    fprintf(f, ", \"prefill_attention_passes\": %" PRId64 ", \"prefill_attention_s\": ",
+            r->observe_attends);
+    cli_json_number(f, r->observe_s);
+    fprintf(f, ", \"rebalance_moved_pages\": ");
+    if (r->rebalanced)
+        fprintf(f, "%" PRId64, r->moved_pages);
+    else
+        fputs("null", f);
+    fprintf(f, ", \"mean_reference_ms\": ");
+    cli_json_number(f, o->steps > 0 ? 1e3 * r->reference_s / steps : NAN);
+    fprintf(f, ", \"decode_tokens_per_s\": ");
+    cli_json_number(f, r->decode_s > 0 ? (double)o->seqs * (double)o->steps / r->decode_s
+                                       : NAN);
+    fprintf(f, ", \"kv_read_bytes_per_s\": ");
+    cli_json_number(f, r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s : NAN);
+    fprintf(f, "}\n}\n");
+}
+
+/* ---- --compare ----------------------------------------------------------- */
+
+/* The step time to show: an unmeasured rerun's where there was one. */
+static double compare_step_ms(const run_opts *o, const run_result *r)
+{
+    return isfinite(r->step_ms_unmeasured) ? r->step_ms_unmeasured : run_step_ms(o, r);
+}
+
+void run_print_compare(const run_opts *o, const run_policy *rows, const run_result *res, int n)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    if (!o->quiet) {
+        printf("pikv run --compare (PiKV %s)\n", pikv_version_string());
+        printf("  model      %" PRId32 " layers, %" PRId32 " query heads, %" PRId32
+               " KV heads, head_dim %" PRId32 ", %" PRId32 " experts, top-%" PRId32 "\n",
+               o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k);
+        printf("  cache      %s pages of %" PRId32 " tokens, placement %s, %" PRId32
+               " devices (backend %s); sinks %" PRId32 ", recent %" PRId32 "\n",
+               run_dtype_names[o->dtype], o->page_size, placement_name(o->placement),
+               n > 0 ? res[0].n_devs : 0, o->backend, o->policy.select.sink_tokens,
+               o->policy.select.recent_tokens);
+        printf("  workload   %" PRId32 " sequences x %" PRId64 " context tokens, %" PRId32
+               " decode steps, seed %" PRIu64 " (the same for every row)\n\n",
+               o->seqs, o->context, o->steps, o->seed);
+    }
+    printf("%-30s %7s %9s %8s %7s %7s %9s %9s %9s %9s %6s %6s %8s\n", "config", "KV MiB",
+           "rd MiB/st", "step ms", "recall", "ctx rcl", "err/exct", "max", "err/f64", "max",
+           "hit", "imbal", "evicted");
+    for (int i = 0; i < n; i++) {
+        const run_result *r = &res[i];
+        double imb_mean, imb_worst;
+        int32_t imb_layer;
+        imbalance(o, r, &imb_mean, &imb_worst, &imb_layer);
+        printf("%-30.30s %7.2f %9.3f", rows[i].label, mib(r->stats.bytes_used),
+               mib(r->bytes_read_total) / steps);
+        put_fixed(compare_step_ms(o, r), 8, 2);
+        put_fixed(run_mean(r->recall_sum, r->recall_n), 7, 4);
+        put_fixed(run_mean(r->ctx_recall_sum, r->ctx_recall_n), 7, 4);
+        put_sci(run_mean(r->err_exact_sum, r->err_exact_n), 9);
+        put_sci(r->err_exact_n > 0 ? r->err_exact_max : NAN, 9);
+        put_sci(run_mean(r->err_sum, r->err_n), 9);
+        put_sci(r->max_err, 9);
+        put_fixed(run_mean(r->hit_sum, r->hit_n), 6, 3);
+        put_fixed(imb_mean, 6, 2);
+        printf(" %8" PRId64 "%s\n", r->stats.evicted_pages,
+               r->exact ? (run_passed(r) ? "  PASS" : "  FAIL") : "");
+    }
+    if (!o->quiet) {
+        printf("\n"
+               "  KV MiB: pages held at the end; rd MiB/st: K/V (and Quest bound) bytes read per "
+               "decode step, all layers;\n"
+               "  step ms: route + attend + append per step (rows with recall: a rerun without "
+               "the exact measuring pass);\n"
+               "  recall, err/exct (mean, max): the selection against exact attention over the "
+               "tokens the cache holds\n"
+               "  (library measure, 1 and 0 when every held token is read); ctx rcl: share of "
+               "the FULL context's attention mass\n"
+               "  in the tokens read; err/f64 (mean, max): normalized error vs dense f64 "
+               "attention over the full context,\n"
+               "  which also shows what eviction costs; hit: query experts whose shard holds "
+               "pages; imbal: max/mean routed\n"
+               "  tokens per expert (mean over layers); evicted: pages. Only exact rows have an "
+               "error bound (%.0e).\n",
+               n > 0 ? res[0].bound : 0.0);
+        int floored = 0;
+        for (int i = 0; i < n; i++) floored |= strchr(rows[i].label, '*') != NULL;
+        if (floored)
+            printf("  *: a budget raised to the floor the library requires (--sinks + --recent "
+                   "per layer).\n");
+    }
+    if (o->verbose) {
+        printf("\nKV MiB held per layer\n%-30s", "config");
+        for (int32_t l = 0; l < o->layers; l++) printf(" %6s%-2" PRId32, "L", l);
+        printf("\n");
+        for (int i = 0; i < n; i++) {
+            printf("%-30.30s", rows[i].label);
+            for (int32_t l = 0; l < o->layers; l++)
+                printf(" %8.3f", mib(res[i].layers[l].st.bytes_used));
+            printf("\n");
+        }
+    }
+}
+
+void run_print_compare_json(const run_opts *o, const run_policy *rows, const run_result *res,
+                            int n)
+{
+    FILE *f = stdout;
+    fputc('[', f);
+    for (int i = 0; i < n; i++) {
+        const run_result *r = &res[i];
+        char desc[96];
+        fprintf(f, "%s\n  {\"config\": ", i ? "," : "");
+        cli_json_string(f, rows[i].label);
+        fprintf(f, ", \"description\": ");
+        cli_json_string(f, run_policy_describe(&rows[i], desc, sizeof desc));
+        fprintf(f, ", \"layers\": %" PRId32 ", \"experts\": %" PRId32 ", \"top_k\": %" PRId32
+                   ", \"context\": %" PRId64 ", \"seqs\": %" PRId32 ", \"steps\": %" PRId32
+                   ", \"seed\": %" PRIu64 ", \"dtype\": ",
+                o->layers, o->experts, o->top_k, o->context, o->seqs, o->steps, o->seed);
+        cli_json_string(f, run_dtype_names[o->dtype]);
+        fprintf(f, ", \"policy\": ");
+        json_policy(f, &rows[i]);
+        fprintf(f, ", ");
+        json_quality(f, o, r);
+        fprintf(f, ", \"step_ms\": ");
+        cli_json_number(f, compare_step_ms(o, r));
+        fprintf(f, ", \"per_layer\": ");
+        json_layers(f, o, r, "    ");
+        fputc('}', f);
+    }
+    fprintf(f, "\n]\n");
+}
