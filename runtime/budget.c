@@ -5,15 +5,17 @@
 #include <math.h>
 #include <string.h>
 
-/* Sum of max(floor, min(c_i, cap)) over the layers. */
-static int64_t capped_sum(const int64_t *c, int32_t n, int64_t floor_tokens, int64_t cap)
+/* Whether sum_i max(floor, min(c_i, cap)) <= total, without overflowing. */
+static bool capped_fits(const int64_t *c, int32_t n, int64_t floor_tokens, int64_t cap, int64_t total)
 {
-    int64_t sum = 0;
+    int64_t left = total;
     for (int32_t i = 0; i < n; i++) {
         int64_t v = c[i] < cap ? c[i] : cap;
-        sum += v > floor_tokens ? v : floor_tokens;
+        v = v > floor_tokens ? v : floor_tokens;
+        if (v > left) return false;
+        left -= v;
     }
-    return sum;
+    return true;
 }
 
 pikv_status pikv_budgets_compute(const pikv_budget_params *p, int32_t n_layers, int64_t floor_tokens,
@@ -28,24 +30,30 @@ pikv_status pikv_budgets_compute(const pikv_budget_params *p, int32_t n_layers, 
     const int64_t total = p->total_tokens;
     if (total < 1 || floor_tokens > total / n_layers) return PIKV_ERR_INVALID_ARGUMENT;
     const double L = n_layers, T = (double)total;
-    if (p->mode == PIKV_BUDGET_UNIFORM) {
+    if (p->mode == PIKV_BUDGET_PYRAMID && (!(p->pyramid_beta >= 1.0f) || isinf(p->pyramid_beta)))
+        return PIKV_ERR_INVALID_ARGUMENT;
+    if (p->mode == PIKV_BUDGET_UNIFORM || n_layers == 1) {
         for (int32_t i = 0; i < n_layers; i++) out[i] = total / n_layers;
     } else {
         const double beta = p->pyramid_beta;
-        if (!(beta >= 1.0) || isinf(beta)) return PIKV_ERR_INVALID_ARGUMENT;
         /* PyramidKV: the top layer keeps T / (beta L), the bottom 2T/L minus that, and
            the layers between lie on the line: C_i = C_1 - (i-1) d. */
         const double top = T / (beta * L), bottom = 2.0 * T / L - top;
         const double d = n_layers > 1 ? (bottom - top) / (L - 1.0) : 0.0;
-        for (int32_t i = 0; i < n_layers; i++) out[i] = (int64_t)floor(bottom - d * i);
+        for (int32_t i = 0; i < n_layers; i++) {
+            /* clamp in double: a huge total must not overflow the conversion */
+            const double v = floor(bottom - d * i);
+            out[i] = v <= 0.0 ? 0 : v >= (double)total ? total : (int64_t)v;
+        }
     }
     /* Floors first; then, if the floors pushed the sum over the total, lower the
        largest budgets to a common cap (keeps them non-increasing). */
-    if (capped_sum(out, n_layers, floor_tokens, INT64_MAX) > total) {
+    if (!capped_fits(out, n_layers, floor_tokens, INT64_MAX, total)) {
         int64_t lo = floor_tokens, hi = total; /* largest cap whose sum fits */
         while (lo < hi) {
-            int64_t mid = lo + (hi - lo + 1) / 2;
-            if (capped_sum(out, n_layers, floor_tokens, mid) <= total) lo = mid;
+            const int64_t span = hi - lo; /* >= 1, no overflow: 0 <= lo < hi */
+            const int64_t mid = lo + span / 2 + (span & 1);
+            if (capped_fits(out, n_layers, floor_tokens, mid, total)) lo = mid;
             else hi = mid - 1;
         }
         for (int32_t i = 0; i < n_layers; i++) out[i] = out[i] < lo ? out[i] : lo;
