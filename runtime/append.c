@@ -19,6 +19,8 @@ typedef struct append_plan {
     int32_t *write_dev;   /* device of each write */
     pikv_page_write *dev_writes;
     uint32_t *new_ids;    /* [total new pages] ids taken for new pages, in shard order */
+    uint32_t *full_ids;   /* [writes] quantized caches: pages this append fills */
+    uint32_t *qslots;     /* [writes] their slots in the quantized pool */
 } append_plan;
 
 static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
@@ -45,7 +47,7 @@ static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n
                                  p->n_experts - 1);
     /* Non-finite values (or values f16 pages cannot hold) would poison every softmax
        they take part in: refuse them here, naming the first. */
-    const float limit = p->dtype == PIKV_DTYPE_F16 ? 65504.0f : FLT_MAX;
+    const float limit = p->dtype == PIKV_DTYPE_F32 ? FLT_MAX : 65504.0f; /* open pages of quantized caches are f16 */
     const int64_t n_vals = (int64_t)n * p->n_kv_heads * p->head_dim;
     for (int pass = 0; pass < 2; pass++) {
         const float *x = pass == 0 ? k : v;
@@ -54,7 +56,7 @@ static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n
                                  "pikv_cache_append: %s[%lld] = %g (token %lld) is not finite%s",
                                  pass == 0 ? "k" : "v", (long long)i, (double)x[i],
                                  (long long)(i / ((int64_t)p->n_kv_heads * p->head_dim)),
-                                 p->dtype == PIKV_DTYPE_F16 ? " or exceeds the f16 range 65504" : "");
+                                 p->dtype != PIKV_DTYPE_F32 ? " or exceeds the f16 range 65504" : "");
     }
     if (positions)
         for (int32_t i = 0; i < n; i++)
@@ -115,8 +117,9 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         for (int32_t s = 0; s < ns; s++) fill[s] = plan.shard_start[s];
         for (int32_t i = 0; i < n; i++) plan.order[fill[plan.shard_of[i]]++] = i;
     }
-    int64_t pending[PIKV_MAX_DEVICES] = {0};
+    int64_t pending[PIKV_MAX_DEVICES] = {0}, qpending[PIKV_MAX_DEVICES] = {0};
     int64_t total_new = 0, n_writes = 0;
+    const bool quant = c->qdevs != NULL;
     for (int32_t s = 0; s < ns; s++) {
         plan.new_pages[s] = 0;
         if (plan.shard_count[s] == 0) continue;
@@ -129,6 +132,11 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         plan.place[s] = dev;
         pending[dev] += plan.new_pages[s];
         total_new += plan.new_pages[s];
+        if (quant) { /* pages this append fills are quantized: the open page, full new pages */
+            const int32_t into_open = open < plan.shard_count[s] ? open : plan.shard_count[s];
+            if (open > 0 && into_open == open) qpending[c->pages[pikv_ring_back(&sl->rings[s])].dev]++;
+            qpending[dev] += (plan.shard_count[s] - into_open) / ps;
+        }
         n_writes += plan.new_pages[s] + (open > 0 ? 1 : 0);
     }
 
@@ -141,9 +149,12 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
                        "allocation failed", (long long)n_writes);
     plan.dev_writes = plan.writes ? plan.writes + n_writes : NULL;
     plan.new_ids = NULL;
+    plan.full_ids = plan.qslots = NULL;
     if (st == PIKV_OK) {
         plan.new_ids = pikv_host_calloc(ctx, (size_t)(total_new ? total_new : 1), sizeof(uint32_t));
-        if (!plan.new_ids)
+        plan.full_ids = pikv_host_calloc(ctx, (size_t)(n_writes ? n_writes : 1) * 2, sizeof(uint32_t));
+        plan.qslots = plan.full_ids ? plan.full_ids + (n_writes ? n_writes : 1) : NULL;
+        if (!plan.new_ids || !plan.full_ids)
             st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld new pages: "
                            "allocation failed", (long long)total_new);
     }
@@ -151,13 +162,17 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
     for (int32_t s = 0; s < ns && st == PIKV_OK; s++)
         if (plan.new_pages[s] > 0)
             st = pikv_ring_reserve(ctx, &sl->rings[s], sl->rings[s].count + plan.new_pages[s]);
-    int32_t added[PIKV_MAX_DEVICES] = {0};
+    int32_t added[PIKV_MAX_DEVICES] = {0}, qadded[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, pending[d], &added[d]);
+    for (int32_t d = 0; quant && d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_pool_reserve(ctx, &c->qdevs[d], &c->qlayout, qpending[d], &qadded[d]);
     if (st != PIKV_OK) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        for (int32_t d = 0; quant && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
         pikv_host_free(ctx, plan.writes);
         pikv_host_free(ctx, plan.write_dev);
+        pikv_host_free(ctx, plan.full_ids);
         pikv_host_free(ctx, plan.new_ids);
         pikv_host_free(ctx, ints);
         return st;
@@ -166,7 +181,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
     /* ---- write: take page ids and slots, then run the device ops. A device error
        here gives the ids and slots back and leaves the metadata as it was (the open
        pages' bounds may have widened, which keeps them valid upper bounds). ---- */
-    int64_t w = 0, n_new = 0;
+    int64_t w = 0, n_new = 0, n_full = 0;
     for (int32_t s = 0; s < ns; s++) {
         if (plan.shard_count[s] == 0) continue;
         const pikv_ring *ring = &sl->rings[s];
@@ -178,6 +193,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
             const int32_t rows = open < plan.shard_count[s] ? open : plan.shard_count[s];
             plan.writes[w] = (pikv_page_write){m->slot, m->n_tokens, rows, plan.shard_start[s]};
             plan.write_dev[w++] = m->dev;
+            if (quant && m->n_tokens + rows == ps) plan.full_ids[n_full++] = pikv_ring_back(ring);
             done = rows;
         }
         for (int32_t j = 0; j < plan.new_pages[s]; j++) {
@@ -188,6 +204,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
             plan.new_ids[n_new++] = id;
             plan.writes[w] = (pikv_page_write){c->pages[id].slot, 0, rows, plan.shard_start[s] + done};
             plan.write_dev[w++] = dev;
+            if (quant && rows == ps) plan.full_ids[n_full++] = id;
             done += rows;
         }
     }
@@ -200,7 +217,23 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, k, v};
         st = pool->dev->iface->append(pool->dev, &args);
     }
+    /* Quantize the pages this append filled (KIVI: the open page stays f16). */
+    double qerr[5] = {0, 0, 0, 0, 0};
+    int64_t n_quantized = 0;
+    while (st == PIKV_OK && n_quantized < n_full) {
+        const pikv_page_meta *m = &c->pages[plan.full_ids[n_quantized]];
+        pikv_page_pool *qpool = &c->qdevs[m->dev];
+        plan.qslots[n_quantized] = pikv_pool_take(qpool);
+        pikv_quantize_args qa = {&c->devs[m->dev].view, m->slot, plan.qslots[n_quantized], {0, 0, 0, 0, 0}};
+        st = qpool->dev->iface->quantize(qpool->dev, &qa);
+        n_quantized++; /* its slot is taken: given back below on failure */
+        for (int j = 0; j < 4; j++) qerr[j] += qa.err[j];
+        qerr[4] = qa.err[4] > qerr[4] ? qa.err[4] : qerr[4];
+    }
     if (st != PIKV_OK) {
+        for (int64_t i = n_quantized - 1; i >= 0; i--)
+            pikv_pool_give(&c->qdevs[c->pages[plan.full_ids[i]].dev], plan.qslots[i]);
+        for (int32_t d = 0; quant && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
         for (int64_t i = n_new - 1; i >= 0; i--) {
             const pikv_page_meta *m = &c->pages[plan.new_ids[i]];
             pikv_pool_give(&c->devs[m->dev], m->slot);
@@ -255,10 +288,27 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         c->layer_tokens[layer] += n;
         c->tokens += n;
         c->appends++;
+        /* move the filled pages to their quantized slots */
+        for (int64_t i = 0; i < n_full; i++) {
+            pikv_page_meta *m = &c->pages[plan.full_ids[i]];
+            pikv_page_pool *open_pool = &c->devs[m->dev], *qpool = &c->qdevs[m->dev];
+            pikv_pool_give(open_pool, m->slot);
+            open_pool->pages_used--;
+            open_pool->tokens -= m->n_tokens;
+            m->slot = plan.qslots[i];
+            m->quant = 1;
+            qpool->pages_used++;
+            qpool->tokens += m->n_tokens;
+            c->layer_qpages[layer]++;
+        }
+        double *le = c->layer_qerr + (size_t)layer * 5;
+        for (int j = 0; j < 4; j++) le[j] += qerr[j];
+        le[4] = qerr[4] > le[4] ? qerr[4] : le[4];
         pikv_evict_to_budget(c, layer, seq); /* allocates nothing: cannot fail */
     }
     pikv_host_free(ctx, plan.writes);
     pikv_host_free(ctx, plan.write_dev);
+    pikv_host_free(ctx, plan.full_ids);
     pikv_host_free(ctx, plan.new_ids);
     pikv_host_free(ctx, ints);
     return st;

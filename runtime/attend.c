@@ -227,14 +227,23 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
     }
     if (st == PIKV_OK) {
         accumulate_mass(c, layer, &plan, lse, page_lse);
-        const uint64_t row_bytes = 2 * (uint64_t)hd * (uint64_t)c->layout.elem_size; /* one KV head */
+        /* bytes of one token row of one KV head, K and V; quantized rows also read
+           their share of the page's scales and zero points */
+        const double row_bytes = 2.0 * (double)c->layout.row_bytes;
+        const double qrow_bytes = c->qdevs ? 2.0 * (double)c->qlayout.row_bytes +
+                                                 (double)c->qlayout.scale_bytes / ((double)kvh * c->qlayout.page_size)
+                                           : 0.0;
         const uint64_t bounds_bytes = 2 * (uint64_t)kvh * (uint64_t)hd * sizeof(float); /* QUEST scoring */
         int64_t tokens = 0;
         c->last_bytes_read = 0;
         for (int32_t d = 0; d < c->n_devs; d++) {
             int64_t dev_tokens = 0;
-            for (int64_t i = plan.dev_begin[d]; i < plan.dev_begin[d + 1]; i++) dev_tokens += plan.lens[i];
-            c->devs[d].last_bytes_read = (uint64_t)dev_tokens * row_bytes + (uint64_t)plan.scored[d] * bounds_bytes;
+            double bytes = 0.0;
+            for (int64_t i = plan.dev_begin[d]; i < plan.dev_begin[d + 1]; i++) {
+                dev_tokens += plan.lens[i];
+                bytes += plan.lens[i] * ((plan.slots[i] & PIKV_SLOT_QUANT) ? qrow_bytes : row_bytes);
+            }
+            c->devs[d].last_bytes_read = (uint64_t)(bytes + 0.5) + (uint64_t)plan.scored[d] * bounds_bytes;
             c->devs[d].bytes_read += c->devs[d].last_bytes_read;
             c->last_bytes_read += c->devs[d].last_bytes_read;
             tokens += dev_tokens;

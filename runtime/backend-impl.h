@@ -25,20 +25,39 @@ typedef struct pikv_buffer {
     void *handle;  /* backend object (cl_mem, VkBuffer, CUdeviceptr...) */
 } pikv_buffer;
 
-/* Byte layout of one page. K and V are [n_kv_heads][page_size][head_dim] in the
+/* Byte layout of one page. K and V are [n_kv_heads][page_size][row] in the
    storage dtype, so each KV head's rows are contiguous for streaming; the Quest
-   bounds are f32 [n_kv_heads][head_dim] min then max, over the stored keys. */
+   bounds are f32 [n_kv_heads][head_dim] min then max (over the stored keys, or,
+   for quantized pages, over the f16 keys before quantizing). Quantized pages
+   (INT8/INT4) add f16 scales and zero points: keys [n_kv_heads][k_groups]
+   [head_dim] (groups of `group` tokens per channel), values [n_kv_heads]
+   [page_size][v_groups] (groups of `group` channels per token). An INT4 row
+   packs channel 2j in the low and 2j+1 in the high nibble of byte j. */
 typedef struct pikv_page_layout {
     int32_t page_size;
     int32_t n_kv_heads;
     int32_t head_dim;
     pikv_dtype dtype;
-    int32_t elem_size;
+    int32_t elem_size;     /* F32/F16: bytes per value; 0 for quantized */
+    int32_t group;         /* quantized: group size; k_groups, v_groups below */
+    int32_t k_groups, v_groups;
+    uint64_t row_bytes;    /* one token row of one KV head */
     uint64_t k_offset, v_offset, kmin_offset, kmax_offset;
+    uint64_t kscale_offset, kzero_offset, vscale_offset, vzero_offset;
     uint64_t head_stride;  /* bytes between KV heads inside K (and inside V) */
     uint64_t page_bytes;   /* padded to 64 bytes */
     uint64_t data_bytes;   /* K + V bytes of a full page */
+    uint64_t scale_bytes;  /* scales + zero points (quantized) */
 } pikv_page_layout;
+
+static inline bool pikv_dtype_quantized(pikv_dtype t)
+{
+    return t == PIKV_DTYPE_INT8 || t == PIKV_DTYPE_INT4;
+}
+
+/* Slots handed to ops name a page of the open (full-precision) pool, or, with
+   this bit set, of the quantized pool of the same device. */
+#define PIKV_SLOT_QUANT 0x80000000u
 
 /* A device's page storage as the kernels see it. */
 typedef struct pikv_pool_view {
@@ -46,6 +65,8 @@ typedef struct pikv_pool_view {
     pikv_buffer *const *chunks;
     int32_t n_chunks;
     uint32_t pages_per_chunk;
+    /* the device's quantized pool, for slots with PIKV_SLOT_QUANT (NULL if none) */
+    const struct pikv_pool_view *quant;
 } pikv_pool_view;
 
 /* append: rows [row0, row0+n_rows) of page `slot` get source tokens
@@ -68,8 +89,9 @@ typedef struct pikv_append_args {
     const float *v;
 } pikv_append_args;
 
-/* copy the first n_rows rows of src_slot into dst_slot (same device) and
-   recompute the destination's bounds over those rows. */
+/* copy the first n_rows rows of src_slot into dst_slot (same device, same pool:
+   both slots carry PIKV_SLOT_QUANT or neither) and recompute the destination's
+   bounds over those rows; quantized pages are always full and copied whole. */
 typedef struct pikv_page_copy_args {
     const pikv_pool_view *pool;
     uint32_t src_slot;
@@ -125,6 +147,17 @@ typedef struct pikv_topk_args {
     uint8_t *keep;             /* out [entries]: 1 = selected */
 } pikv_topk_args;
 
+/* quantize a full open page (src_slot of pool) into a page of pool->quant
+   (dst_slot, without the flag bit), copying its Quest bounds; adds its
+   reconstruction error to err: [0] sum (x'-x)^2 keys, [1] sum x^2 keys, [2], [3]
+   the same for values, [4] max |x'-x|. */
+typedef struct pikv_quantize_args {
+    const pikv_pool_view *pool;
+    uint32_t src_slot;
+    uint32_t dst_slot;
+    double err[5];
+} pikv_quantize_args;
+
 /* exact merge of n_parts partials: out/lse [n_rows][dim] from
    part_out [n_parts][n_rows][dim] and part_lse [n_parts][n_rows]. */
 typedef struct pikv_merge_args {
@@ -144,6 +177,7 @@ typedef enum pikv_op {
     PIKV_OP_MERGE,
     PIKV_OP_SCORE,
     PIKV_OP_TOPK,
+    PIKV_OP_QUANTIZE,
     PIKV_OP_COUNT_
 } pikv_op;
 
@@ -164,6 +198,7 @@ typedef struct pikv_device_iface {
     pikv_status (*merge)(pikv_device *dev, const pikv_merge_args *args);
     pikv_status (*score)(pikv_device *dev, const pikv_score_args *args);
     pikv_status (*topk)(pikv_device *dev, const pikv_topk_args *args);
+    pikv_status (*quantize)(pikv_device *dev, pikv_quantize_args *args);
     pikv_status (*synchronize)(pikv_device *dev);
 } pikv_device_iface;
 
@@ -199,8 +234,9 @@ pikv_status pikv_backend_cpu_init(pikv_context *ctx, const pikv_context_params *
 pikv_status pikv_device_reserve_bytes(pikv_device *dev, uint64_t size);
 void pikv_device_release_bytes(pikv_device *dev, uint64_t size);
 
-/* The page layout for a geometry (pure; used by the runtime and the tests). */
+/* The page layout for a geometry (pure; used by the runtime and the tests).
+   group is used by quantized dtypes only. */
 void pikv_page_layout_init(pikv_page_layout *layout, int32_t page_size, int32_t n_kv_heads,
-                           int32_t head_dim, pikv_dtype dtype);
+                           int32_t head_dim, pikv_dtype dtype, int32_t group);
 
 #endif /* PIKV_BACKEND_IMPL_H */

@@ -49,6 +49,7 @@ typedef struct pikv_page_meta {
     int32_t shard;
     int32_t n_tokens; /* valid rows */
     int32_t refs;     /* sequences whose page tables hold it; 0 = free id */
+    int32_t quant;    /* 1: the slot is in the device's quantized pool */
     /* utility statistics for eviction (evict.c) */
     float attn_mass;  /* attention mass accumulated by the attention kernel */
     int32_t use_count;/* attend calls that read it */
@@ -118,12 +119,14 @@ struct pikv_cache {
     pikv_context *ctx;
     pikv_cache_params params;
     int32_t device_ids[PIKV_MAX_DEVICES]; /* context device indices */
-    pikv_page_layout layout;
+    pikv_page_layout layout;   /* open pages (and every page of a float cache) */
+    pikv_page_layout qlayout;  /* quantized pages (INT8/INT4 caches) */
     int32_t n_shards;
     float scale;
 
     int32_t n_devs;
-    pikv_page_pool *devs;
+    pikv_page_pool *devs;     /* open / float pages, one pool per device */
+    pikv_page_pool *qdevs;    /* quantized pages, one pool per device; NULL for float caches */
     pikv_shard *shards;   /* [n_layers][n_shards] */
     pikv_seq *seqs;       /* [max_sequences] */
     int64_t *layer_tokens;/* [n_layers] stored tokens */
@@ -143,6 +146,8 @@ struct pikv_cache {
     int64_t *layer_budget;   /* [n_layers] tokens per sequence; -1 = none */
     int64_t *layer_clock;    /* [n_layers] attend calls of the layer so far */
     int64_t *layer_pages;    /* [n_layers] live pages */
+    int64_t *layer_qpages;   /* [n_layers] live quantized pages */
+    double *layer_qerr;      /* [n_layers][5] summed reconstruction error (pikv_quantize_args.err) */
     int64_t *layer_evicted;  /* [n_layers] evicted pages */
     uint64_t *layer_last_bytes;
     int64_t *layer_last_pages;
@@ -161,6 +166,20 @@ struct pikv_cache {
     uint64_t last_bytes_read;
     uint64_t bytes_read;
 };
+
+/* The pool holding a page, and the slot as ops name it (flag bit for quantized). */
+static inline pikv_page_pool *pikv_page_pool_of(pikv_cache *c, const pikv_page_meta *m)
+{
+    return m->quant ? &c->qdevs[m->dev] : &c->devs[m->dev];
+}
+static inline uint32_t pikv_op_slot(const pikv_page_meta *m)
+{
+    return m->quant ? (m->slot | PIKV_SLOT_QUANT) : m->slot;
+}
+static inline const pikv_page_layout *pikv_layout_of(const pikv_cache *c, const pikv_page_meta *m)
+{
+    return m->quant ? &c->qlayout : &c->layout;
+}
 
 static inline pikv_shard *pikv_cache_shard(pikv_cache *c, int32_t layer, int32_t shard)
 {

@@ -5,22 +5,42 @@
 #include <string.h>
 
 void pikv_page_layout_init(pikv_page_layout *L, int32_t page_size, int32_t n_kv_heads,
-                           int32_t head_dim, pikv_dtype dtype)
+                           int32_t head_dim, pikv_dtype dtype, int32_t group)
 {
     memset(L, 0, sizeof *L);
+    const uint64_t ps = (uint64_t)page_size, kvh = (uint64_t)n_kv_heads, hd = (uint64_t)head_dim;
     L->page_size = page_size;
     L->n_kv_heads = n_kv_heads;
     L->head_dim = head_dim;
     L->dtype = dtype;
-    L->elem_size = dtype == PIKV_DTYPE_F16 ? 2 : 4;
-    L->head_stride = (uint64_t)page_size * (uint64_t)head_dim * (uint64_t)L->elem_size;
-    L->data_bytes = 2 * L->head_stride * (uint64_t)n_kv_heads;
-    const uint64_t bounds = (uint64_t)n_kv_heads * (uint64_t)head_dim * sizeof(float);
+    switch (dtype) {
+    case PIKV_DTYPE_F32: L->elem_size = 4; L->row_bytes = hd * 4; break;
+    case PIKV_DTYPE_F16: L->elem_size = 2; L->row_bytes = hd * 2; break;
+    case PIKV_DTYPE_INT8: L->row_bytes = hd; break;
+    case PIKV_DTYPE_INT4: L->row_bytes = (hd + 1) / 2; break;
+    }
+    L->head_stride = ps * L->row_bytes;
+    L->data_bytes = 2 * L->head_stride * kvh;
+    const uint64_t bounds = kvh * hd * sizeof(float);
     L->k_offset = 0;
-    L->v_offset = L->head_stride * (uint64_t)n_kv_heads;
-    L->kmin_offset = (L->data_bytes + 15) / 16 * 16; /* f32 bounds stay aligned */
-    L->kmax_offset = L->kmin_offset + bounds;
-    L->page_bytes = (L->kmax_offset + bounds + 63) / 64 * 64;
+    L->v_offset = L->head_stride * kvh;
+    uint64_t at = (L->data_bytes + 15) / 16 * 16; /* f32 bounds stay aligned */
+    L->kmin_offset = at;
+    L->kmax_offset = at + bounds;
+    at += 2 * bounds;
+    if (pikv_dtype_quantized(dtype)) {
+        L->group = group;
+        L->k_groups = (int32_t)((ps + (uint64_t)group - 1) / (uint64_t)group);
+        L->v_groups = (int32_t)((hd + (uint64_t)group - 1) / (uint64_t)group);
+        const uint64_t kmeta = kvh * (uint64_t)L->k_groups * hd * 2, vmeta = kvh * ps * (uint64_t)L->v_groups * 2;
+        L->kscale_offset = at;
+        L->kzero_offset = at + kmeta;
+        L->vscale_offset = at + 2 * kmeta;
+        L->vzero_offset = at + 2 * kmeta + vmeta;
+        L->scale_bytes = 2 * kmeta + 2 * vmeta;
+        at += L->scale_bytes;
+    }
+    L->page_bytes = (at + 63) / 64 * 64;
 }
 
 pikv_cache_params pikv_cache_default_params(void)
@@ -35,6 +55,7 @@ pikv_cache_params pikv_cache_default_params(void)
     p.experts_per_token = 1;
     p.page_size = 16;
     p.dtype = PIKV_DTYPE_F16;
+    p.quant_group = 32;
     p.capacity_tokens = 1 << 20;
     p.max_sequences = 64;
     p.placement = PIKV_PLACEMENT_EXPERT;
@@ -67,6 +88,7 @@ static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p
     CHECK_RANGE(experts_per_token, 1, p->n_experts);
     CHECK_RANGE(page_size, 1, 4096);
     CHECK_RANGE(capacity_tokens, 1, INT32_MAX);
+    CHECK_RANGE(quant_group, 1, 1024);
     CHECK_RANGE(max_sequences, 1, 1 << 20);
     CHECK_RANGE(n_shards, 0, 65536);
     CHECK_RANGE(hash_tokens, 0, INT32_MAX);
@@ -75,8 +97,8 @@ static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p
     PIKV_RETURN_ERROR_IF(p->n_q_heads % p->n_kv_heads != 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "n_q_heads = %d is not a multiple of n_kv_heads = %d", p->n_q_heads,
                          p->n_kv_heads);
-    PIKV_RETURN_ERROR_IF(p->dtype != PIKV_DTYPE_F32 && p->dtype != PIKV_DTYPE_F16, ctx,
-                         PIKV_ERR_INVALID_ARGUMENT, "dtype = %d is not a pikv_dtype", (int)p->dtype);
+    PIKV_RETURN_ERROR_IF((unsigned)p->dtype > PIKV_DTYPE_INT4, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "dtype = %d is not a pikv_dtype", (int)p->dtype);
     PIKV_RETURN_ERROR_IF(p->placement != PIKV_PLACEMENT_EXPERT && p->placement != PIKV_PLACEMENT_HASH &&
                              p->placement != PIKV_PLACEMENT_BALANCED,
                          ctx, PIKV_ERR_INVALID_ARGUMENT, "placement = %d is not a pikv_placement",
@@ -111,11 +133,14 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
                                  "devices[%d] = devices[%d] = %d: a device may be listed once", j, i,
                                  ids[i]);
         pikv_device *dev = ctx->devices[ids[i]];
-        static const pikv_op needed[] = {PIKV_OP_APPEND, PIKV_OP_PAGE_COPY, PIKV_OP_ATTENTION};
+        static const pikv_op needed[] = {PIKV_OP_APPEND, PIKV_OP_PAGE_COPY, PIKV_OP_ATTENTION, PIKV_OP_SCORE};
         for (size_t k = 0; k < sizeof needed / sizeof needed[0]; k++)
             PIKV_RETURN_ERROR_IF(!dev->iface->supports_op(dev, needed[k], p->dtype), ctx,
                                  PIKV_ERR_UNSUPPORTED, "device %s does not support op %d with dtype %d",
                                  dev->info.name, (int)needed[k], (int)p->dtype);
+        PIKV_RETURN_ERROR_IF(pikv_dtype_quantized(p->dtype) && !dev->iface->supports_op(dev, PIKV_OP_QUANTIZE, p->dtype),
+                             ctx, PIKV_ERR_UNSUPPORTED, "device %s cannot quantize pages to dtype %d",
+                             dev->info.name, (int)p->dtype);
     }
 
     pikv_cache *c = pikv_host_calloc(ctx, 1, sizeof *c);
@@ -135,9 +160,16 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     c->params.n_shards = c->n_shards;
     if (c->params.hash_tokens == 0) c->params.hash_tokens = c->n_shards;
     c->scale = p->attn_scale > 0.0f ? p->attn_scale : 1.0f / sqrtf((float)p->head_dim);
-    pikv_page_layout_init(&c->layout, p->page_size, p->n_kv_heads, p->head_dim, p->dtype);
+    /* Quantized caches keep open pages in f16 (the residual window) and full pages
+       in a second pool of the quantized layout. */
+    const bool quant = pikv_dtype_quantized(p->dtype);
+    pikv_page_layout_init(&c->layout, p->page_size, p->n_kv_heads, p->head_dim, quant ? PIKV_DTYPE_F16 : p->dtype,
+                          p->quant_group);
+    if (quant) pikv_page_layout_init(&c->qlayout, p->page_size, p->n_kv_heads, p->head_dim, p->dtype, p->quant_group);
 
     c->devs = pikv_host_calloc(ctx, (size_t)n_devs, sizeof *c->devs);
+    c->qdevs = quant ? pikv_host_calloc(ctx, (size_t)n_devs, sizeof *c->qdevs) : NULL;
+    c->layer_qerr = pikv_host_calloc(ctx, (size_t)p->n_layers * 5, sizeof(double));
     c->shards = pikv_host_calloc(ctx, (size_t)p->n_layers * (size_t)c->n_shards, sizeof *c->shards);
     c->seqs = pikv_host_calloc(ctx, (size_t)p->max_sequences, sizeof *c->seqs);
     c->layer_tokens = pikv_host_calloc(ctx, (size_t)p->n_layers, sizeof *c->layer_tokens);
@@ -145,6 +177,7 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     c->layer_budget = pikv_host_calloc(ctx, nl, sizeof(int64_t));
     c->layer_clock = pikv_host_calloc(ctx, nl, sizeof(int64_t));
     c->layer_pages = pikv_host_calloc(ctx, nl, sizeof(int64_t));
+    c->layer_qpages = pikv_host_calloc(ctx, nl, sizeof(int64_t));
     c->layer_evicted = pikv_host_calloc(ctx, nl, sizeof(int64_t));
     c->layer_last_bytes = pikv_host_calloc(ctx, nl, sizeof(uint64_t));
     c->layer_last_pages = pikv_host_calloc(ctx, nl, sizeof(int64_t));
@@ -152,7 +185,7 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     c->expert_routed = pikv_host_calloc(ctx, nle, sizeof(int64_t));
     c->expert_top1 = pikv_host_calloc(ctx, nle, sizeof(int64_t));
     c->last_recall = c->last_output_error = c->last_hit_rate = -1.0;
-    if (!c->devs || !c->shards || !c->seqs || !c->layer_tokens || !c->layer_budget || !c->layer_clock ||
+    if (!c->devs || (quant && !c->qdevs) || !c->layer_qerr || !c->layer_qpages || !c->shards || !c->seqs || !c->layer_tokens || !c->layer_budget || !c->layer_clock ||
         !c->layer_pages || !c->layer_evicted || !c->layer_last_bytes || !c->layer_last_pages ||
         !c->expert_misses || !c->expert_routed || !c->expert_top1) {
         pikv_cache_free(c);
@@ -173,6 +206,15 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         pool->pages_per_chunk = (uint32_t)per;
         pool->view.layout = &c->layout;
         pool->view.pages_per_chunk = (uint32_t)per;
+        if (quant) {
+            pikv_page_pool *qp = &c->qdevs[d];
+            qp->dev = pool->dev;
+            uint64_t qper = target / c->qlayout.page_bytes;
+            qp->pages_per_chunk = (uint32_t)(qper < 1 ? 1 : qper > 4096 ? 4096 : qper);
+            qp->view.layout = &c->qlayout;
+            qp->view.pages_per_chunk = qp->pages_per_chunk;
+            pool->view.quant = &qp->view;
+        }
     }
     pikv_placement_init(c);
     pikv_status st = pikv_policies_init(c);
@@ -199,7 +241,13 @@ void pikv_cache_free(pikv_cache *c)
     if (c->devs)
         for (int32_t d = 0; d < c->n_devs; d++)
             if (c->devs[d].dev) pikv_pool_free(&c->devs[d]);
+    if (c->qdevs)
+        for (int32_t d = 0; d < c->n_devs; d++)
+            if (c->qdevs[d].dev) pikv_pool_free(&c->qdevs[d]);
     pikv_host_free(ctx, c->devs);
+    pikv_host_free(ctx, c->qdevs);
+    pikv_host_free(ctx, c->layer_qerr);
+    pikv_host_free(ctx, c->layer_qpages);
     pikv_host_free(ctx, c->shards);
     pikv_host_free(ctx, c->seqs);
     pikv_host_free(ctx, c->layer_tokens);
@@ -266,7 +314,8 @@ void pikv_page_unref(pikv_cache *c, uint32_t id)
 {
     pikv_page_meta *m = &c->pages[id];
     if (--m->refs > 0) return;
-    pikv_page_pool *pool = &c->devs[m->dev];
+    pikv_page_pool *pool = pikv_page_pool_of(c, m);
+    if (m->quant) c->layer_qpages[m->layer]--;
     pikv_pool_give(pool, m->slot);
     pool->pages_used--;
     pool->tokens -= m->n_tokens;
@@ -288,12 +337,19 @@ pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
     memset(out, 0, sizeof *out);
     out->tokens = c->tokens;
     out->pages = c->pages_live;
-    for (int32_t d = 0; d < c->n_devs; d++) out->bytes_allocated += c->devs[d].bytes_allocated;
-    out->bytes_used = (uint64_t)c->pages_live * c->layout.page_bytes;
+    for (int32_t d = 0; d < c->n_devs; d++) {
+        out->bytes_allocated += c->devs[d].bytes_allocated;
+        out->bytes_used += (uint64_t)c->devs[d].pages_used * c->layout.page_bytes;
+        if (c->qdevs) {
+            out->bytes_allocated += c->qdevs[d].bytes_allocated;
+            out->bytes_used += (uint64_t)c->qdevs[d].pages_used * c->qlayout.page_bytes;
+        }
+    }
     out->sequences = c->n_seqs;
     out->n_devices = c->n_devs;
     out->n_shards = c->n_shards;
     out->page_bytes = c->layout.page_bytes;
+    out->quant_page_bytes = c->qdevs ? c->qlayout.page_bytes : 0;
     out->last_pages_read = c->last_pages_read;
     out->last_bytes_read = c->last_bytes_read;
     out->last_tokens_read = c->last_tokens_read;
@@ -321,8 +377,22 @@ pikv_status pikv_cache_get_device_stats(const pikv_cache *c, int32_t i, pikv_cac
     out->pages = pool->pages_used;
     out->bytes_allocated = pool->bytes_allocated;
     out->bytes_used = (uint64_t)pool->pages_used * c->layout.page_bytes;
+    out->bytes_open_pages = out->bytes_used;
     out->last_bytes_read = pool->last_bytes_read;
     out->bytes_read = pool->bytes_read;
+    if (c->qdevs) {
+        const pikv_page_pool *q = &c->qdevs[i];
+        const pikv_page_layout *Q = &c->qlayout;
+        const uint64_t n = (uint64_t)q->pages_used;
+        out->tokens += q->tokens;
+        out->pages += q->pages_used;
+        out->bytes_allocated += q->bytes_allocated;
+        out->bytes_used += n * Q->page_bytes;
+        out->quantized_pages = q->pages_used;
+        out->bytes_quant_data = n * Q->data_bytes;
+        out->bytes_quant_scales = n * Q->scale_bytes;
+        out->bytes_quant_other = n * (Q->page_bytes - Q->data_bytes - Q->scale_bytes);
+    }
     return PIKV_OK;
 }
 
@@ -357,7 +427,14 @@ pikv_status pikv_cache_get_layer_stats(const pikv_cache *c, int32_t layer, pikv_
     memset(out, 0, sizeof *out);
     out->tokens = c->layer_tokens[layer];
     out->pages = c->layer_pages[layer];
-    out->bytes_used = (uint64_t)c->layer_pages[layer] * c->layout.page_bytes;
+    const int64_t q = c->layer_qpages[layer];
+    out->bytes_used = (uint64_t)(c->layer_pages[layer] - q) * c->layout.page_bytes +
+                      (uint64_t)q * c->qlayout.page_bytes;
+    out->quantized_pages = q;
+    const double *e = c->layer_qerr + (size_t)layer * 5;
+    out->key_rel_error = c->qdevs ? (e[1] > 0 ? sqrt(e[0] / e[1]) : 0.0) : -1.0;
+    out->value_rel_error = c->qdevs ? (e[3] > 0 ? sqrt(e[2] / e[3]) : 0.0) : -1.0;
+    out->max_abs_error = c->qdevs ? e[4] : -1.0;
     out->budget_tokens = c->layer_budget[layer];
     out->evicted_pages = c->layer_evicted[layer];
     out->last_bytes_read = c->layer_last_bytes[layer];

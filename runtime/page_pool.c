@@ -66,10 +66,11 @@ void pikv_pool_free(pikv_page_pool *pool)
     pool->bytes_allocated = 0;
 }
 
-pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
+static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
 {
     pikv_context *ctx = c->ctx;
-    pikv_page_pool *pool = &c->devs[d];
+    pikv_page_pool *pool = quant ? &c->qdevs[d] : &c->devs[d];
+    const uint32_t flag = quant ? PIKV_SLOT_QUANT : 0;
     const int64_t per = pool->pages_per_chunk;
     const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
     if (keep >= pool->n_chunks) return PIKV_OK;
@@ -78,17 +79,17 @@ pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
     PIKV_RETURN_ERROR_IF(!used, ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "compact: map of %lld slots: allocation failed", (long long)n_slots);
     for (int64_t id = 0; id < c->pages_high; id++)
-        if (c->pages[id].refs > 0 && c->pages[id].dev == d) used[c->pages[id].slot] = 1;
+        if (c->pages[id].refs > 0 && c->pages[id].dev == d && c->pages[id].quant == quant) used[c->pages[id].slot] = 1;
     /* Move every page above the bound into a free slot below it. */
     int64_t low = 0;
     pikv_status st = PIKV_OK;
     for (int64_t id = 0; id < c->pages_high && st == PIKV_OK; id++) {
         pikv_page_meta *m = &c->pages[id];
-        if (m->refs == 0 || m->dev != d || (int64_t)m->slot < bound) continue;
+        if (m->refs == 0 || m->dev != d || m->quant != quant || (int64_t)m->slot < bound) continue;
         while (low < bound && used[low]) low++;
         if (low >= bound) break; /* cannot happen: bound holds pages_used slots */
-        pikv_page_copy_args args = {&pool->view, m->slot, (uint32_t)low, m->n_tokens};
-        st = pool->dev->iface->page_copy(pool->dev, &args);
+        pikv_page_copy_args args = {&c->devs[d].view, m->slot | flag, (uint32_t)low | flag, m->n_tokens};
+        st = pool->dev->iface->page_copy(pool->dev, &args); /* the open pool's view knows both */
         if (st != PIKV_OK) break;
         used[m->slot] = 0;
         used[low] = 1;
@@ -110,4 +111,10 @@ pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
         if (!used[i]) pool->free_slots[pool->n_free++] = (uint32_t)i;
     pikv_host_free(ctx, used);
     return st;
+}
+
+pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
+{
+    PIKV_FORWARD_IF_ERROR(compact_pool(c, d, 0));
+    return c->qdevs ? compact_pool(c, d, 1) : PIKV_OK;
 }

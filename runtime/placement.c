@@ -109,10 +109,12 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
     int32_t *target = pikv_host_calloc(ctx, (size_t)n_all, sizeof *target);
     int32_t *assign = pikv_host_calloc(ctx, (size_t)n_all * 2, sizeof *assign);
     int64_t *dev_load = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *dev_load);
-    int64_t *incoming = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *incoming);
-    int32_t *added = pikv_host_calloc(ctx, (size_t)c->n_devs, sizeof *added);
+    int64_t *incoming = pikv_host_calloc(ctx, (size_t)c->n_devs * 2, sizeof *incoming); /* [kind][dev] */
+    int32_t *added = pikv_host_calloc(ctx, (size_t)c->n_devs * 2, sizeof *added);
     int32_t *active = pikv_host_calloc(ctx, (size_t)(c->n_seqs ? c->n_seqs : 1), sizeof *active);
-    void *staging = pikv_host_alloc(ctx, (size_t)c->layout.page_bytes, 64);
+    const uint64_t staging_bytes = c->qdevs && c->qlayout.page_bytes > c->layout.page_bytes ? c->qlayout.page_bytes
+                                                                                         : c->layout.page_bytes;
+    void *staging = pikv_host_alloc(ctx, (size_t)staging_bytes, 64);
     pikv_status st = PIKV_OK;
     int64_t moved = 0;
     if (!loads || !target || !assign || !dev_load || !incoming || !added || !active || !staging) {
@@ -143,14 +145,26 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
     if (m_best >= current) goto done;
     for (int64_t i = 0; i < n; i++) {
         size_t k = (size_t)loads[i].layer * (size_t)c->n_shards + (size_t)loads[i].shard;
-        if (target[k] != best[i]) incoming[best[i]] += loads[i].pages;
+        if (target[k] != best[i]) { /* count the shard's pages by pool kind (shared ones may count twice) */
+            for (int32_t a = 0; a < n_active; a++) {
+                const pikv_ring *ring = &c->seqs[active[a]].layers[loads[i].layer].rings[loads[i].shard];
+                for (int64_t j = 0; j < ring->count; j++)
+                    incoming[(size_t)c->pages[pikv_ring_at(ring, j)].quant * (size_t)c->n_devs + (size_t)best[i]]++;
+            }
+        }
         target[k] = best[i];
     }
     /* Reserve every destination slot before moving anything. */
-    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, incoming[d], &added[d]);
+        if (st == PIKV_OK && c->qdevs)
+            st = pikv_pool_reserve(ctx, &c->qdevs[d], &c->qlayout, incoming[c->n_devs + d], &added[c->n_devs + d]);
+    }
     if (st != PIKV_OK) {
-        for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
+        for (int32_t d = 0; d < c->n_devs; d++) {
+            pikv_pool_unreserve(&c->devs[d], added[d]);
+            if (c->qdevs) pikv_pool_unreserve(&c->qdevs[d], added[c->n_devs + d]);
+        }
         goto done;
     }
     for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
@@ -158,21 +172,22 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             pikv_shard *sh = pikv_cache_shard(c, l, s);
             const int32_t to = target[(size_t)l * (size_t)c->n_shards + (size_t)s];
             if (sh->pages == 0 || to == sh->dev) continue;
-            pikv_page_pool *dst = &c->devs[to];
             for (int32_t a = 0; a < n_active && st == PIKV_OK; a++) {
                 const pikv_ring *ring = &c->seqs[active[a]].layers[l].rings[s];
                 for (int64_t i = 0; i < ring->count && st == PIKV_OK; i++) {
                     pikv_page_meta *m = &c->pages[pikv_ring_at(ring, i)];
                     if (m->dev == to) continue; /* shared page, already moved */
                     /* the page's own device: after a failed move a shard can span two */
-                    pikv_page_pool *src = &c->devs[m->dev];
+                    pikv_page_pool *src = pikv_page_pool_of(c, m);
+                    pikv_page_pool *dst = m->quant ? &c->qdevs[to] : &c->devs[to];
+                    const pikv_page_layout *L = pikv_layout_of(c, m);
                     uint64_t so, dof;
-                    pikv_buffer *sb = pikv_pool_chunk(src, m->slot, &so, &c->layout);
+                    pikv_buffer *sb = pikv_pool_chunk(src, m->slot, &so, L);
                     uint32_t slot = pikv_pool_take(dst);
-                    pikv_buffer *db = pikv_pool_chunk(dst, slot, &dof, &c->layout);
-                    st = src->dev->iface->buffer_read(src->dev, sb, so, staging, c->layout.page_bytes);
+                    pikv_buffer *db = pikv_pool_chunk(dst, slot, &dof, L);
+                    st = src->dev->iface->buffer_read(src->dev, sb, so, staging, L->page_bytes);
                     if (st == PIKV_OK)
-                        st = dst->dev->iface->buffer_write(dst->dev, db, dof, staging, c->layout.page_bytes);
+                        st = dst->dev->iface->buffer_write(dst->dev, db, dof, staging, L->page_bytes);
                     if (st != PIKV_OK) { /* the page stays where it was */
                         pikv_pool_give(dst, slot);
                         break;
@@ -189,7 +204,7 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             }
             if (st == PIKV_OK) {
                 c->devs[sh->dev].shards--;
-                dst->shards++;
+                c->devs[to].shards++;
                 sh->dev = to;
             }
         }

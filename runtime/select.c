@@ -129,7 +129,7 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
         for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
             if (cand->forced[k]) continue;
             const pikv_page_meta *m = &c->pages[cand->ids[k]];
-            dev_slots[fill[m->dev]] = m->slot;
+            dev_slots[fill[m->dev]] = pikv_op_slot(m);
             dev_pos[fill[m->dev]++] = k;
         }
     }
@@ -243,7 +243,7 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
                     if (!(cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])) continue;
                     const uint32_t id = cand.ids[k];
                     const pikv_page_meta *m = &c->pages[id];
-                    plan->slots[fill[m->dev]] = m->slot;
+                    plan->slots[fill[m->dev]] = pikv_op_slot(m);
                     plan->lens[fill[m->dev]] = m->n_tokens;
                     plan->ids[fill[m->dev]++] = id;
                 }

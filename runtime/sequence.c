@@ -174,6 +174,8 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 int32_t rows = rows_below(c, id, n);
                 if (rows == 0) break;
                 if (rows == (int32_t)ps) continue; /* shared below */
+                /* The copy is an open page (f16 for quantized caches): a prefix of a
+                   quantized page is dequantized into it. */
                 const pikv_page_meta *m = &c->pages[id];
                 pikv_page_pool *pool = &c->devs[m->dev];
                 uint32_t nid = pikv_page_id_take(c);
@@ -181,8 +183,9 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 c->pages[nid].slot = pikv_pool_take(pool);
                 c->pages[nid].n_tokens = rows;
                 c->pages[nid].refs = 0;
+                c->pages[nid].quant = 0;
                 copy_ids[n_copied++] = nid;
-                pikv_page_copy_args args = {&pool->view, m->slot, c->pages[nid].slot, rows};
+                pikv_page_copy_args args = {&pool->view, pikv_op_slot(m), c->pages[nid].slot, rows};
                 st = pool->dev->iface->page_copy(pool->dev, &args);
                 memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));

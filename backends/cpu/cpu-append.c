@@ -84,9 +84,34 @@ pikv_status pikv_cpu_append(pikv_device *dev, const pikv_append_args *args)
 pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args)
 {
     const pikv_cpu_backend *cb = pikv_cpu_device_backend(dev);
-    const pikv_page_layout *L = args->pool->layout;
+    const pikv_page_layout *L = pikv_cpu_slot_layout(args->pool, args->src_slot);
     const unsigned char *src = pikv_cpu_page_ptr(args->pool, args->src_slot);
     unsigned char *dst = pikv_cpu_page_ptr(args->pool, args->dst_slot);
+    if (pikv_dtype_quantized(L->dtype)) {
+        if (args->dst_slot & PIKV_SLOT_QUANT) { /* within the quantized pool: whole page */
+            memcpy(dst, src, (size_t)L->page_bytes);
+            return PIKV_OK;
+        }
+        /* a prefix of a quantized page into an open page: dequantize its rows */
+        const pikv_page_layout *D = args->pool->layout;
+        const int32_t hd = D->head_dim;
+        float row[MAX_STACK_DIM], stored[MAX_STACK_DIM];
+        for (int32_t g = 0; g < D->n_kv_heads; g++) {
+            unsigned char *kh = dst + D->k_offset + (uint64_t)g * D->head_stride;
+            unsigned char *vh = dst + D->v_offset + (uint64_t)g * D->head_stride;
+            float *kmin = (float *)(dst + D->kmin_offset) + (size_t)g * (size_t)hd;
+            float *kmax = (float *)(dst + D->kmax_offset) + (size_t)g * (size_t)hd;
+            for (int32_t r = 0; r < args->n_rows; r++) {
+                const uint64_t at = (uint64_t)r * D->row_bytes;
+                pikv_cpu_dequant_row(cb, L, src, g, r, true, row);
+                store_row(cb, D->dtype, kh + at, row, hd, stored);
+                widen_bounds(kmin, kmax, stored, hd, r == 0);
+                pikv_cpu_dequant_row(cb, L, src, g, r, false, row);
+                store_row(cb, D->dtype, vh + at, row, hd, NULL);
+            }
+        }
+        return PIKV_OK;
+    }
     const int32_t hd = L->head_dim;
     size_t rows_bytes = (size_t)args->n_rows * (size_t)hd * (size_t)L->elem_size;
     float row[MAX_STACK_DIM];

@@ -26,15 +26,22 @@ typedef struct attn_job {
     float *parts;         /* per task, per head: m, l, acc[head_dim] */
     float *scratch;       /* per thread */
     size_t scratch_floats;
-    void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
+    const pikv_cpu_backend *cb;
 } attn_job;
 
-static inline const float *row_f32(const attn_job *job, const pikv_page_layout *L,
-                                   const unsigned char *base, int32_t t, float *tmp)
+/* Row t of KV head g of a page, as f32 (dequantized inside the kernel for
+   quantized pages: no dequantized copy of a page ever exists). */
+static inline const float *row_f32(const attn_job *job, const pikv_page_layout *L, const unsigned char *page,
+                                   int32_t g, int32_t t, bool is_key, float *tmp)
 {
     const size_t hd = (size_t)L->head_dim;
+    if (pikv_dtype_quantized(L->dtype)) {
+        pikv_cpu_dequant_row(job->cb, L, page, g, t, is_key, tmp);
+        return tmp;
+    }
+    const unsigned char *base = page + (is_key ? L->k_offset : L->v_offset) + (uint64_t)g * L->head_stride;
     if (L->dtype == PIKV_DTYPE_F32) return (const float *)base + (size_t)t * hd;
-    job->f16_to_f32((const uint16_t *)base + (size_t)t * hd, tmp, L->head_dim);
+    job->cb->f16_to_f32((const uint16_t *)base + (size_t)t * hd, tmp, L->head_dim);
     return tmp;
 }
 
@@ -42,9 +49,9 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
 {
     attn_job *job = arg;
     const pikv_attention_args *a = job->a;
-    const pikv_page_layout *L = a->pool->layout;
+    const pikv_page_layout *L0 = a->pool->layout;
     const attn_task *t = &job->tasks[ti];
-    const int32_t hd = L->head_dim, G = job->group, ps = L->page_size;
+    const int32_t hd = L0->head_dim, G = job->group, ps = L0->page_size;
     const size_t part_stride = (size_t)hd + 2;
     float *part = job->parts + (size_t)ti * (size_t)G * part_stride;
     float *scores = job->scratch + (size_t)thread * job->scratch_floats; /* [G][page_size] */
@@ -62,10 +69,9 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
         const int32_t n = a->page_len[p];
         if (n <= 0) continue;
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[p]);
-        const unsigned char *kh = page + L->k_offset + (uint64_t)t->kv_head * L->head_stride;
-        const unsigned char *vh = page + L->v_offset + (uint64_t)t->kv_head * L->head_stride;
+        const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, a->slots[p]);
         for (int32_t r = 0; r < n; r++) {
-            const float *k = row_f32(job, L, kh, r, krow);
+            const float *k = row_f32(job, L, page, t->kv_head, r, true, krow);
             for (int32_t h = 0; h < G; h++)
                 scores[(size_t)h * (size_t)ps + (size_t)r] = pikv_cpu_dot(q + (size_t)h * (size_t)hd, k, hd) * a->scale;
         }
@@ -89,7 +95,7 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
                 for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
         }
         for (int32_t r = 0; r < n; r++) {
-            const float *v = row_f32(job, L, vh, r, vrow);
+            const float *v = row_f32(job, L, page, t->kv_head, r, false, vrow);
             for (int32_t h = 0; h < G; h++) {
                 const float w = scores[(size_t)h * (size_t)ps + (size_t)r];
                 float *acc = part + (size_t)h * part_stride + 2;
@@ -156,7 +162,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
         n_tasks += s < 1 ? 1 : s;
     }
-    attn_job job = {.a = a, .group = G, .f16_to_f32 = pikv_cpu_device_backend(dev)->f16_to_f32};
+    attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev)};
     job.scratch_floats = (size_t)G * (size_t)L->page_size + 2 * (size_t)L->head_dim;
     job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));

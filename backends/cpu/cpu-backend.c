@@ -9,7 +9,8 @@
 static bool cpu_supports_op(pikv_device *dev, pikv_op op, pikv_dtype dtype)
 {
     (void)dev;
-    bool dtype_ok = dtype == PIKV_DTYPE_F32 || dtype == PIKV_DTYPE_F16;
+    bool dtype_ok = dtype == PIKV_DTYPE_F32 || dtype == PIKV_DTYPE_F16 || dtype == PIKV_DTYPE_INT8 ||
+                    dtype == PIKV_DTYPE_INT4;
     return dtype_ok && op >= 0 && op < PIKV_OP_COUNT_;
 }
 
@@ -84,6 +85,7 @@ static const pikv_device_iface cpu_device_iface = {
     .merge = pikv_cpu_merge,
     .score = pikv_cpu_score,
     .topk = pikv_cpu_topk,
+    .quantize = pikv_cpu_quantize,
     .synchronize = cpu_synchronize,
 };
 

@@ -36,12 +36,23 @@ static inline pikv_cpu_pool *pikv_cpu_device_pool(pikv_device *dev)
     return ((pikv_cpu_backend *)dev->backend->context)->pool;
 }
 
-/* Host address of a page in a pool whose chunks are host memory. */
+/* Host address of a page in a pool whose chunks are host memory; a slot with
+   PIKV_SLOT_QUANT names a page of the device's quantized pool. */
 static inline unsigned char *pikv_cpu_page_ptr(const pikv_pool_view *pool, uint32_t slot)
 {
+    if (slot & PIKV_SLOT_QUANT) {
+        pool = pool->quant;
+        slot &= ~PIKV_SLOT_QUANT;
+    }
     uint32_t chunk = slot / pool->pages_per_chunk;
     uint32_t index = slot % pool->pages_per_chunk;
     return (unsigned char *)pool->chunks[chunk]->host + (uint64_t)index * pool->layout->page_bytes;
+}
+
+/* The layout of the page a slot names. */
+static inline const pikv_page_layout *pikv_cpu_slot_layout(const pikv_pool_view *pool, uint32_t slot)
+{
+    return (slot & PIKV_SLOT_QUANT) ? pool->quant->layout : pool->layout;
 }
 
 /* Ops, one file per family. */
@@ -51,6 +62,13 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *args
 pikv_status pikv_cpu_merge(pikv_device *dev, const pikv_merge_args *args);         /* cpu-merge.c */
 pikv_status pikv_cpu_score(pikv_device *dev, const pikv_score_args *args);         /* cpu-select.c */
 pikv_status pikv_cpu_topk(pikv_device *dev, const pikv_topk_args *args);           /* cpu-select.c */
+pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *args);         /* cpu-quant.c */
+
+/* Dequantize row t of KV head g of a quantized page into out[head_dim].
+   is_key selects the key (per-channel groups over tokens) or value (per-token
+   groups over channels) format. (cpu-quant.c) */
+void pikv_cpu_dequant_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                          int32_t g, int32_t t, bool is_key, float *out);
 
 /* The exact log-sum-exp merge of one row, shared by the attention kernel's
    split merge and the merge op: parts are (out_p normalized, lse_p). */

@@ -15,7 +15,7 @@ static void score_task(void *arg, int64_t cand, int32_t thread)
     (void)thread;
     const score_task_map *m = arg;
     const pikv_score_args *a = m->a;
-    const pikv_page_layout *L = a->pool->layout;
+    const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, a->slots[cand]);
     const int32_t kvh = L->n_kv_heads, hd = L->head_dim, G = a->n_q_heads / kvh;
     const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[cand]);
     const float *kmin = (const float *)(page + L->kmin_offset);

@@ -166,9 +166,16 @@ PIKV_API int pikv_backend_is_compiled(pikv_backend_kind kind);
 /* ------------------------------------------------------------------------ */
 typedef struct pikv_cache pikv_cache;
 
+/* Page storage. INT8/INT4 pages are quantized when they fill (the open page of
+   each shard stays f16, KIVI's residual window): keys per channel over groups of
+   quant_group tokens, values per token over groups of quant_group channels,
+   asymmetric (f16 scale and zero point per group); int4 packs two values a byte.
+   Attention reads them directly (docs/compression.md). */
 typedef enum pikv_dtype {
     PIKV_DTYPE_F32 = 0,
-    PIKV_DTYPE_F16 = 1
+    PIKV_DTYPE_F16 = 1,
+    PIKV_DTYPE_INT8 = 2,
+    PIKV_DTYPE_INT4 = 3
 } pikv_dtype;
 
 /*
@@ -260,6 +267,7 @@ typedef struct pikv_cache_params {
     /* Storage */
     int32_t page_size;            /* tokens per page, 1..4096 */
     pikv_dtype dtype;
+    int32_t quant_group;          /* INT8/INT4: values per scale/zero group, 1..1024; default 32 */
     int64_t capacity_tokens;      /* most tokens a layer may store over all sequences (tokens
                                      of a page shared by several sequences count once) */
     int32_t max_sequences;        /* sequence ids are 0..max_sequences-1 */
@@ -344,7 +352,11 @@ typedef struct pikv_cache_stats {
     int32_t sequences;
     int32_t n_devices;
     int32_t n_shards;             /* shards per layer */
-    uint64_t page_bytes;          /* bytes of one page: K, V and Quest bounds, padded */
+    uint64_t page_bytes;          /* bytes of one open (or float) page: K, V, Quest bounds,
+                                     padded */
+    uint64_t quant_page_bytes;    /* INT8/INT4: bytes of one quantized page (data, f16 scales
+                                     and zero points, bounds, padded); bytes_used = open
+                                     pages x page_bytes + quantized pages x this */
     /* The last attend call */
     int64_t last_pages_read;
     uint64_t last_bytes_read;     /* K and V bytes of the token rows the kernels read, plus
@@ -374,6 +386,13 @@ typedef struct pikv_cache_device_stats {
     uint64_t bytes_used;
     uint64_t last_bytes_read;
     uint64_t bytes_read;          /* since creation */
+    /* bytes_used by kind: open full-precision pages, and quantized pages split into
+       quantized values, scales and zero points, and the rest (Quest bounds, padding) */
+    uint64_t bytes_open_pages;
+    int64_t quantized_pages;
+    uint64_t bytes_quant_data;
+    uint64_t bytes_quant_scales;
+    uint64_t bytes_quant_other;
 } pikv_cache_device_stats;
 
 typedef struct pikv_layer_stats {
@@ -384,6 +403,13 @@ typedef struct pikv_layer_stats {
     int64_t evicted_pages;        /* since creation */
     uint64_t last_bytes_read;     /* by the layer's last attend */
     int64_t last_pages_read;
+    /* INT8/INT4: reconstruction error of every page quantized so far in the layer,
+       sqrt(sum (x' - x)^2 / sum x^2) over keys and over values, and the largest
+       |x' - x|; -1 for float caches */
+    double key_rel_error;
+    double value_rel_error;
+    double max_abs_error;
+    int64_t quantized_pages;      /* held now */
 } pikv_layer_stats;
 
 typedef struct pikv_expert_stats {

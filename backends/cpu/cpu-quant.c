@@ -1,0 +1,172 @@
+/* Quantized pages (INT8 / INT4), KIVI's layout: keys per channel over groups of
+ * `group` tokens, values per token over groups of `group` channels, asymmetric.
+ * A group with minimum lo and maximum hi (of the f16 values being quantized)
+ * stores zero = lo and scale = (hi - lo) / qmax rounded UP to f16, so every
+ * value maps into [0, qmax]; q = rint((x - zero) / scale) in f32 and the value
+ * read back is q * scale + zero (f32, no contraction). The rounding error is at
+ * most half a step (scale / 2). Every backend must use these exact operations so
+ * pages are bit-compatible. */
+#include "cpu-impl.h"
+#include "../../runtime/f16.h"
+
+#include <math.h>
+#include <string.h>
+
+static inline int32_t qmax_of(pikv_dtype t) { return t == PIKV_DTYPE_INT4 ? 15 : 255; }
+
+/* f16 of a positive value, rounded up. */
+static uint16_t f16_round_up(float x)
+{
+    uint16_t h = pikv_f32_to_f16(x);
+    if (pikv_f16_to_f32(h) < x) h++; /* positive finite: the next f16 is larger */
+    return h;
+}
+
+static inline void put_q(const pikv_page_layout *L, unsigned char *row, int32_t d, uint32_t q)
+{
+    if (L->dtype == PIKV_DTYPE_INT8) {
+        row[d] = (unsigned char)q;
+        return;
+    }
+    unsigned char *b = row + d / 2;
+    *b = (d & 1) ? (unsigned char)((*b & 0x0f) | (q << 4)) : (unsigned char)((*b & 0xf0) | q);
+}
+
+static inline uint32_t get_q(const pikv_page_layout *L, const unsigned char *row, int32_t d)
+{
+    if (L->dtype == PIKV_DTYPE_INT8) return row[d];
+    return (d & 1) ? (uint32_t)(row[d / 2] >> 4) : (uint32_t)(row[d / 2] & 0x0f);
+}
+
+/* Quantize n values x[i*stride] sharing one group: stores scale/zero, writes q
+   through put(i, q); returns sum of squared errors, tracks max error. */
+typedef struct group_io {
+    const float *x;
+    int64_t stride;
+    int32_t n;
+} group_io;
+
+static void group_params(const group_io *g, int32_t qmax, uint16_t *scale_h, uint16_t *zero_h)
+{
+    float lo = INFINITY, hi = -INFINITY;
+    for (int32_t i = 0; i < g->n; i++) {
+        const float v = g->x[(int64_t)i * g->stride];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    *zero_h = pikv_f32_to_f16(lo); /* lo is an f16 value: exact */
+    const float range = hi - lo;
+    *scale_h = range > 0.0f ? f16_round_up(range / (float)qmax) : 0;
+}
+
+static inline uint32_t quantize_value(float x, float scale, float zero, int32_t qmax)
+{
+    if (scale == 0.0f) return 0;
+    float q = rintf((x - zero) / scale);
+    q = q < 0.0f ? 0.0f : q > (float)qmax ? (float)qmax : q;
+    return (uint32_t)q;
+}
+
+/* The library is built with -ffp-contract=off: no fused multiply-add here, so
+   every backend computes the same bits. */
+static inline float dequant(uint32_t q, float scale, float zero)
+{
+    return (float)q * scale + zero;
+}
+
+pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *a)
+{
+    const pikv_cpu_backend *cb = pikv_cpu_device_backend(dev);
+    pikv_context *ctx = dev->ctx;
+    const pikv_pool_view *pool = a->pool;
+    const pikv_page_layout *S = pool->layout, *Q = pool->quant->layout;
+    const int32_t ps = S->page_size, kvh = S->n_kv_heads, hd = S->head_dim, G = Q->group;
+    const int32_t qmax = qmax_of(Q->dtype);
+    const unsigned char *src = pikv_cpu_page_ptr(pool, a->src_slot);
+    unsigned char *dst = pikv_cpu_page_ptr(pool, a->dst_slot | PIKV_SLOT_QUANT);
+    float *x = pikv_host_alloc(ctx, (size_t)ps * (size_t)hd * sizeof(float), 64);
+    PIKV_RETURN_ERROR_IF(!x, ctx, PIKV_ERR_OUT_OF_MEMORY, "quantize: scratch allocation failed");
+    memset(dst, 0, (size_t)Q->page_bytes);
+    /* Quest bounds: those of the f16 keys, computed before quantizing */
+    memcpy(dst + Q->kmin_offset, src + S->kmin_offset, 2 * (size_t)kvh * (size_t)hd * sizeof(float));
+    double kerr = 0, kss = 0, verr = 0, vss = 0, maxerr = 0;
+    for (int32_t g = 0; g < kvh; g++) {
+        for (int pass = 0; pass < 2; pass++) { /* keys, then values */
+            const bool key = pass == 0;
+            const unsigned char *sh = src + (key ? S->k_offset : S->v_offset) + (uint64_t)g * S->head_stride;
+            unsigned char *qh = dst + (key ? Q->k_offset : Q->v_offset) + (uint64_t)g * Q->head_stride;
+            for (int32_t t = 0; t < ps; t++) cb->f16_to_f32((const uint16_t *)sh + (size_t)t * (size_t)hd, x + (size_t)t * (size_t)hd, hd);
+            uint16_t *scales = (uint16_t *)(dst + (key ? Q->kscale_offset : Q->vscale_offset));
+            uint16_t *zeros = (uint16_t *)(dst + (key ? Q->kzero_offset : Q->vzero_offset));
+            const int32_t n_groups = key ? Q->k_groups : Q->v_groups;
+            /* keys: group (tg, d) = tokens [tg*G, ..) of channel d; values: group (t, vg) */
+            const int32_t outer = key ? n_groups : ps, inner = key ? hd : n_groups;
+            for (int32_t o = 0; o < outer; o++)
+                for (int32_t i = 0; i < inner; i++) {
+                    group_io io;
+                    int32_t t0, d0;
+                    if (key) {
+                        t0 = o * G;
+                        d0 = i;
+                        io = (group_io){x + (size_t)t0 * (size_t)hd + (size_t)d0, hd, (ps - t0) < G ? ps - t0 : G};
+                    } else {
+                        t0 = o;
+                        d0 = i * G;
+                        io = (group_io){x + (size_t)t0 * (size_t)hd + (size_t)d0, 1, (hd - d0) < G ? hd - d0 : G};
+                    }
+                    uint16_t sh16, zh16;
+                    group_params(&io, qmax, &sh16, &zh16);
+                    const size_t at = key ? ((size_t)g * (size_t)n_groups + (size_t)o) * (size_t)hd + (size_t)i
+                                          : ((size_t)g * (size_t)ps + (size_t)o) * (size_t)n_groups + (size_t)i;
+                    scales[at] = sh16;
+                    zeros[at] = zh16;
+                    const float scale = pikv_f16_to_f32(sh16), zero = pikv_f16_to_f32(zh16);
+                    for (int32_t j = 0; j < io.n; j++) {
+                        const int32_t t = key ? t0 + j : t0, d = key ? d0 : d0 + j;
+                        const float v = x[(size_t)t * (size_t)hd + (size_t)d];
+                        const uint32_t q = quantize_value(v, scale, zero, qmax);
+                        put_q(Q, qh + (uint64_t)t * Q->row_bytes, d, q);
+                        const double e = (double)dequant(q, scale, zero) - (double)v;
+                        if (key) {
+                            kerr += e * e;
+                            kss += (double)v * v;
+                        } else {
+                            verr += e * e;
+                            vss += (double)v * v;
+                        }
+                        maxerr = fabs(e) > maxerr ? fabs(e) : maxerr;
+                    }
+                }
+        }
+    }
+    pikv_host_free(ctx, x);
+    a->err[0] += kerr;
+    a->err[1] += kss;
+    a->err[2] += verr;
+    a->err[3] += vss;
+    a->err[4] = maxerr > a->err[4] ? maxerr : a->err[4];
+    return PIKV_OK;
+}
+
+void pikv_cpu_dequant_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                          int32_t g, int32_t t, bool is_key, float *out)
+{
+    (void)cb;
+    const int32_t hd = L->head_dim, ps = L->page_size;
+    const unsigned char *row = page + (is_key ? L->k_offset : L->v_offset) + (uint64_t)g * L->head_stride +
+                               (uint64_t)t * L->row_bytes;
+    const uint16_t *scales = (const uint16_t *)(page + (is_key ? L->kscale_offset : L->vscale_offset));
+    const uint16_t *zeros = (const uint16_t *)(page + (is_key ? L->kzero_offset : L->vzero_offset));
+    if (is_key) {
+        const size_t base = ((size_t)g * (size_t)L->k_groups + (size_t)(t / L->group)) * (size_t)hd;
+        for (int32_t d = 0; d < hd; d++)
+            out[d] = dequant(get_q(L, row, d), pikv_f16_to_f32(scales[base + (size_t)d]),
+                             pikv_f16_to_f32(zeros[base + (size_t)d]));
+    } else {
+        const size_t base = ((size_t)g * (size_t)ps + (size_t)t) * (size_t)L->v_groups;
+        for (int32_t d = 0; d < hd; d++) {
+            const size_t at = base + (size_t)(d / L->group);
+            out[d] = dequant(get_q(L, row, d), pikv_f16_to_f32(scales[at]), pikv_f16_to_f32(zeros[at]));
+        }
+    }
+}
