@@ -57,6 +57,7 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
     float *scores = job->scratch + (size_t)thread * job->scratch_floats; /* [G][page_size] */
     float *krow = scores + (size_t)G * (size_t)ps;
     float *vrow = krow + hd;
+    float *kscale = vrow + hd, *kzero = kscale + hd; /* quantized pages: a key group's f32 params */
     const float *q = a->q + ((size_t)t->query * (size_t)a->n_q_heads + (size_t)t->kv_head * (size_t)G) * (size_t)hd;
 
     for (int32_t h = 0; h < G; h++) {
@@ -70,8 +71,20 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
         if (n <= 0) continue;
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[p]);
         const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, a->slots[p]);
+        const bool quant = pikv_dtype_quantized(L->dtype);
+        int32_t key_group = -1; /* quantized: the key group whose scales are in kscale */
         for (int32_t r = 0; r < n; r++) {
-            const float *k = row_f32(job, L, page, t->kv_head, r, true, krow);
+            const float *k;
+            if (quant) {
+                if (r / L->group != key_group) {
+                    key_group = r / L->group;
+                    pikv_cpu_key_group_params(job->cb, L, page, t->kv_head, key_group, kscale, kzero);
+                }
+                pikv_cpu_dequant_key_row(L, page, t->kv_head, r, kscale, kzero, krow);
+                k = krow;
+            } else {
+                k = row_f32(job, L, page, t->kv_head, r, true, krow);
+            }
             for (int32_t h = 0; h < G; h++)
                 scores[(size_t)h * (size_t)ps + (size_t)r] = pikv_cpu_dot(q + (size_t)h * (size_t)hd, k, hd) * a->scale;
         }
@@ -95,7 +108,14 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
                 for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
         }
         for (int32_t r = 0; r < n; r++) {
-            const float *v = row_f32(job, L, page, t->kv_head, r, false, vrow);
+            const float *v;
+            if (quant) {
+                pikv_cpu_dequant_value_row(job->cb, L, page, t->kv_head, r, kscale, vrow); /* kscale reused as scratch */
+                v = vrow;
+                key_group = -1; /* the scratch was overwritten */
+            } else {
+                v = row_f32(job, L, page, t->kv_head, r, false, vrow);
+            }
             for (int32_t h = 0; h < G; h++) {
                 const float w = scores[(size_t)h * (size_t)ps + (size_t)r];
                 float *acc = part + (size_t)h * part_stride + 2;
@@ -163,7 +183,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         n_tasks += s < 1 ? 1 : s;
     }
     attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev)};
-    job.scratch_floats = (size_t)G * (size_t)L->page_size + 2 * (size_t)L->head_dim;
+    job.scratch_floats = (size_t)G * (size_t)L->page_size + 4 * (size_t)L->head_dim;
     job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));
     job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));

@@ -69,6 +69,15 @@ pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *args);      
    groups over channels) format. (cpu-quant.c) */
 void pikv_cpu_dequant_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
                           int32_t g, int32_t t, bool is_key, float *out);
+/* The fast path used by attention: a key group's f32 scales and zero points are
+   converted once (head_dim each) and reused for its rows; value rows convert
+   their own v_groups scales into group_scratch (2 x v_groups floats). */
+void pikv_cpu_key_group_params(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                               int32_t g, int32_t tg, float *scale, float *zero);
+void pikv_cpu_dequant_key_row(const pikv_page_layout *L, const unsigned char *page, int32_t g, int32_t t,
+                              const float *scale, const float *zero, float *out);
+void pikv_cpu_dequant_value_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                                int32_t g, int32_t t, float *group_scratch, float *out);
 
 /* The exact log-sum-exp merge of one row, shared by the attention kernel's
    split merge and the merge op: parts are (out_p normalized, lse_p). */

@@ -148,25 +148,65 @@ pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *a)
     return PIKV_OK;
 }
 
+/* Unpack row t's quantized values of one KV head to floats. */
+static void unpack_row(const pikv_page_layout *L, const unsigned char *row, float *out)
+{
+    const int32_t hd = L->head_dim;
+    if (L->dtype == PIKV_DTYPE_INT8) {
+        for (int32_t d = 0; d < hd; d++) out[d] = (float)row[d];
+        return;
+    }
+    const int32_t pairs = hd / 2;
+    for (int32_t j = 0; j < pairs; j++) {
+        const uint32_t b = row[j];
+        out[2 * j] = (float)(b & 0x0fu);
+        out[2 * j + 1] = (float)(b >> 4);
+    }
+    if (hd & 1) out[hd - 1] = (float)(row[pairs] & 0x0fu);
+}
+
+void pikv_cpu_key_group_params(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                               int32_t g, int32_t tg, float *scale, float *zero)
+{
+    const size_t at = ((size_t)g * (size_t)L->k_groups + (size_t)tg) * (size_t)L->head_dim;
+    cb->f16_to_f32((const uint16_t *)(page + L->kscale_offset) + at, scale, L->head_dim);
+    cb->f16_to_f32((const uint16_t *)(page + L->kzero_offset) + at, zero, L->head_dim);
+}
+
+void pikv_cpu_dequant_key_row(const pikv_page_layout *L, const unsigned char *page, int32_t g, int32_t t,
+                              const float *scale, const float *zero, float *out)
+{
+    const unsigned char *row = page + L->k_offset + (uint64_t)g * L->head_stride + (uint64_t)t * L->row_bytes;
+    unpack_row(L, row, out); /* out[d] = (float)q exactly, so this is dequant(q, ...) bit for bit */
+    for (int32_t d = 0; d < L->head_dim; d++) out[d] = out[d] * scale[d] + zero[d];
+}
+
+void pikv_cpu_dequant_value_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
+                                int32_t g, int32_t t, float *group_scratch, float *out)
+{
+    const int32_t hd = L->head_dim, vg = L->v_groups, G = L->group;
+    const unsigned char *row = page + L->v_offset + (uint64_t)g * L->head_stride + (uint64_t)t * L->row_bytes;
+    const size_t at = ((size_t)g * (size_t)L->page_size + (size_t)t) * (size_t)vg;
+    float *scale = group_scratch, *zero = group_scratch + vg;
+    cb->f16_to_f32((const uint16_t *)(page + L->vscale_offset) + at, scale, vg);
+    cb->f16_to_f32((const uint16_t *)(page + L->vzero_offset) + at, zero, vg);
+    unpack_row(L, row, out);
+    for (int32_t j = 0; j < vg; j++) {
+        const float sj = scale[j], zj = zero[j];
+        const int32_t end = (j + 1) * G < hd ? (j + 1) * G : hd;
+        for (int32_t d = j * G; d < end; d++) out[d] = out[d] * sj + zj;
+    }
+}
+
 void pikv_cpu_dequant_row(const pikv_cpu_backend *cb, const pikv_page_layout *L, const unsigned char *page,
                           int32_t g, int32_t t, bool is_key, float *out)
 {
-    (void)cb;
-    const int32_t hd = L->head_dim, ps = L->page_size;
-    const unsigned char *row = page + (is_key ? L->k_offset : L->v_offset) + (uint64_t)g * L->head_stride +
-                               (uint64_t)t * L->row_bytes;
-    const uint16_t *scales = (const uint16_t *)(page + (is_key ? L->kscale_offset : L->vscale_offset));
-    const uint16_t *zeros = (const uint16_t *)(page + (is_key ? L->kzero_offset : L->vzero_offset));
+    enum { MAX_DIM = 1024 };
+    float a[MAX_DIM], b[MAX_DIM];
     if (is_key) {
-        const size_t base = ((size_t)g * (size_t)L->k_groups + (size_t)(t / L->group)) * (size_t)hd;
-        for (int32_t d = 0; d < hd; d++)
-            out[d] = dequant(get_q(L, row, d), pikv_f16_to_f32(scales[base + (size_t)d]),
-                             pikv_f16_to_f32(zeros[base + (size_t)d]));
+        pikv_cpu_key_group_params(cb, L, page, g, t / L->group, a, b);
+        pikv_cpu_dequant_key_row(L, page, g, t, a, b, out);
     } else {
-        const size_t base = ((size_t)g * (size_t)ps + (size_t)t) * (size_t)L->v_groups;
-        for (int32_t d = 0; d < hd; d++) {
-            const size_t at = base + (size_t)(d / L->group);
-            out[d] = dequant(get_q(L, row, d), pikv_f16_to_f32(scales[at]), pikv_f16_to_f32(zeros[at]));
-        }
+        pikv_cpu_dequant_value_row(cb, L, page, g, t, a, out);
     }
 }
