@@ -4,9 +4,10 @@
  * Options and the command itself; the run is in run_exec.c, the reports in
  * run_report.c. A single run prints per-device memory and traffic, step time, the
  * policies' quality figures and the error against a dense f64 reference over the full
- * context; exact configurations exit 0 when the error is within bound. --compare runs
- * a fixed set of policy configurations on the same seeded workload and prints one
- * table.
+ * context, and for int8/int4 pages the bytes of data, scales and the rest and each
+ * layer's reconstruction error; exact configurations of f32/f16 pages exit 0 when the
+ * error is within bound. --compare runs a fixed set of storage and policy
+ * configurations on the same seeded workload and prints one table.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -25,7 +26,7 @@
 enum {
     OPT_HELP = 1, OPT_LAYERS, OPT_QHEADS, OPT_KVHEADS, OPT_HEADDIM, OPT_EXPERTS, OPT_TOPK,
     OPT_CONTEXT, OPT_SEQS, OPT_STEPS, OPT_PAGESIZE, OPT_PLACEMENT, OPT_SHARDS, OPT_DEVICES,
-    OPT_DTYPE, OPT_BACKEND, OPT_SEED, OPT_THREADS, OPT_CHUNK, OPT_CAPACITY, OPT_MEMORY,
+    OPT_DTYPE, OPT_QUANT_GROUP, OPT_BACKEND, OPT_SEED, OPT_THREADS, OPT_CHUNK, OPT_CAPACITY, OPT_MEMORY,
     OPT_JSON, OPT_QUIET, OPT_VERBOSE,
     OPT_SELECT, OPT_EXPERTS_K, OPT_TOKEN_BUDGET, OPT_SINKS, OPT_RECENT, OPT_MEASURE,
     OPT_KV_BUDGET, OPT_BUDGET, OPT_BETA, OPT_EVICT, OPT_ALPHA, OPT_LAMBDA, OPT_DECAY,
@@ -48,6 +49,7 @@ static const cli_opt run_opts_table[] = {
     {"--shards", NULL, 1, OPT_SHARDS},
     {"--devices", NULL, 1, OPT_DEVICES},
     {"--dtype", NULL, 1, OPT_DTYPE},
+    {"--quant-group", NULL, 1, OPT_QUANT_GROUP},
     {"--backend", NULL, 1, OPT_BACKEND},
     {"--seed", NULL, 1, OPT_SEED},
     {"--threads", NULL, 1, OPT_THREADS},
@@ -102,6 +104,7 @@ static void run_defaults(run_opts *o)
     o->device_memory = 0;
     o->placement = PIKV_PLACEMENT_EXPERT;
     o->dtype = PIKV_DTYPE_F16;
+    o->quant_group = 32;
     o->backend = "cpu";
     /* The library's policy defaults: exact reads, no budget, plain top-k. */
     const pikv_cache_params d = pikv_cache_default_params();
@@ -109,6 +112,8 @@ static void run_defaults(run_opts *o)
     o->policy.budget = d.budget;
     o->policy.evict = d.evict;
     o->policy.route = d.route;
+    o->policy.dtype = o->dtype;
+    if (d.quant_group > 0) o->quant_group = d.quant_group;
 }
 
 static void run_usage(FILE *f)
@@ -122,9 +127,10 @@ static void run_usage(FILE *f)
           "with dense attention computed in double precision over the full context. Prints\n"
           "per-device memory, bytes read per step, step time, the policies' quality figures\n"
           "and the error. Exit status: 0, or 1 if a library call fails or an exact\n"
-          "configuration (--select all, no --kv-budget) misses its error bound (1e-4 for\n"
-          "f32, 5e-3 for f16); a lossy configuration reports its error and has no bound.\n"
-          "2 on a bad command line.\n"
+          "configuration (--select all, no --kv-budget, f32 or f16 pages) misses its error\n"
+          "bound (1e-4 for f32, 5e-3 for f16); a lossy configuration (a selection, a\n"
+          "budget, or int8/int4 pages) reports its error and has no bound. 2 on a bad\n"
+          "command line.\n"
           "\n"
           "model geometry:\n"
           "  --layers N          layers (default 8)\n"
@@ -142,7 +148,17 @@ static void run_usage(FILE *f)
           "  --seed N            workload seed, decimal or 0x hex (default 1)\n"
           "cache:\n"
           "  --page-size N       tokens per page, 1..4096 (default 16)\n"
-          "  --dtype T           f32|f16 page storage (default f16)\n"
+          "  --dtype T           f32|f16|int8|int4 page storage (default f16). int8/int4:\n"
+          "                      a page is quantized when it fills (the open page of each\n"
+          "                      shard stays f16): keys per channel over groups of tokens\n"
+          "                      (within the page), values per token over groups of\n"
+          "                      channels, an f16 scale and zero point per group; int4\n"
+          "                      packs two values a byte. Lossy: no error bound; the run\n"
+          "                      reports the bytes of data, scales and the rest per device,\n"
+          "                      KV MiB vs the same pages in f16, and each layer's\n"
+          "                      reconstruction error\n"
+          "  --quant-group N     int8/int4: values per scale and zero point, 1..1024\n"
+          "                      (default 32; key groups are at most --page-size tokens)\n"
           "  --placement P       expert|hash|balanced (default expert); balanced also\n"
           "                      rebalances after prefill and reports pages moved\n"
           "  --shards N          hash/dense placement: shards per layer, 0 = library\n"
@@ -194,15 +210,21 @@ static void run_usage(FILE *f)
             (double)d.evict.alpha_frequency, (double)d.route.lambda, (double)d.route.miss_decay);
     fputs("comparison:\n"
           "  --compare           run these configurations on the same seeded workload and\n"
-          "                      print one table: exact; experts (k=1); quest at 1/4, 1/8\n"
-          "                      and 1/16 of --context; experts+quest at 1/8; a pyramid\n"
-          "                      budget of 1/4 of the context per layer with streaming, lru,\n"
-          "                      lfu, h2o and utility eviction; the same budget uniform with\n"
-          "                      h2o; and pyramid h2o with cache-aware routing (lambda 1).\n"
-          "                      Budgets are raised to the --sinks + --recent floor where\n"
-          "                      needed. Geometry, workload, cache and device options apply,\n"
-          "                      as do --sinks, --recent, --pyramid-beta, --alpha and\n"
-          "                      --miss-decay; the other policy options are per row\n"
+          "                      print one table: exact; int8 and int4 pages (exact\n"
+          "                      selection); experts (k=1); quest at 1/4, 1/8 and 1/16 of\n"
+          "                      --context; experts+quest at 1/8; a pyramid budget of 1/4\n"
+          "                      of the context per layer with streaming, lru, lfu, h2o\n"
+          "                      and utility eviction; the same budget uniform with h2o;\n"
+          "                      pyramid h2o with cache-aware routing (lambda 1); and int4\n"
+          "                      pages with quest 1/8 and with pyramid h2o (combined\n"
+          "                      PiKV). A recon K column shows the key reconstruction\n"
+          "                      error of int8/int4 rows. Rows without a dtype in their\n"
+          "                      name use --dtype (a quantized --dtype names it in every\n"
+          "                      row and drops the int row it would repeat). Budgets\n"
+          "                      are raised to the --sinks + --recent floor where needed.\n"
+          "                      Geometry, workload, cache and device options apply, as do\n"
+          "                      --quant-group, --sinks, --recent, --pyramid-beta, --alpha\n"
+          "                      and --miss-decay; the other policy options are per row\n"
           "devices:\n"
           "  --backend LIST      backends to load (cpu, opencl, vulkan, cuda, a comma list,\n"
           "                      or all; default cpu). For a single non-CPU backend the\n"
@@ -217,8 +239,10 @@ static void run_usage(FILE *f)
           "  -q, --quiet         no progress on stderr; print only the one-line verdict\n"
           "                      (with --json: only suppress progress; with --compare: the\n"
           "                      table alone)\n"
-          "  -v, --verbose       per-layer memory, budget, eviction and routing figures (with\n"
-          "                      --compare: KV MiB per layer and row), and the library's\n"
+          "  -v, --verbose       per-layer memory, budget, eviction and routing figures,\n"
+          "                      and for int8/int4 reconstruction error (with --compare: KV\n"
+          "                      MiB per layer and row, and the key/value reconstruction\n"
+          "                      error per layer of int8/int4 rows), and the library's\n"
           "                      informational log messages\n"
           "  -h, --help          show this help\n",
           f);
@@ -270,6 +294,7 @@ static int parse_run(int argc, char **argv, run_opts *o)
             bad = cli_parse_choice(&p, v, run_dtype_names, &choice);
             if (!bad) o->dtype = (pikv_dtype)choice;
             break;
+        case OPT_QUANT_GROUP: bad = cli_parse_i32(&p, v, 1, 1024, &o->quant_group); break;
         case OPT_BACKEND:
             if (!*v || strchr(v, ' ')) {
                 cli_usage_error(p.cmd, "invalid value '%s' for --backend: expected a backend "
@@ -337,6 +362,11 @@ static int parse_run(int argc, char **argv, run_opts *o)
         if (bad) return 2;
     }
     /* Cross-flag consistency; defaults adapt to explicit settings where obvious. */
+    pol->dtype = o->dtype;
+    if (seen[OPT_QUANT_GROUP] && !o->compare && !run_dtype_quantized(o->dtype)) {
+        cli_usage_error(p.cmd, "--quant-group needs --dtype int8 or int4 (or --compare)");
+        return 2;
+    }
     if (!seen[OPT_KVHEADS] && o->q_heads % o->kv_heads != 0) o->kv_heads = o->q_heads;
     if (!seen[OPT_TOPK] && o->top_k > o->experts) o->top_k = o->experts;
     if (o->q_heads % o->kv_heads != 0) {
@@ -481,7 +511,7 @@ static int32_t select_devices(const run_opts *o, pikv_context *ctx, int32_t **ou
 }
 
 /* --compare's rows; returns how many (at most COMPARE_MAX_ROWS). */
-#define COMPARE_MAX_ROWS 16
+#define COMPARE_MAX_ROWS 24
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
@@ -510,6 +540,15 @@ static int compare_rows(const run_opts *o, run_policy *rows)
 
     rows[n] = base;
     set_label(&rows[n++], "exact");
+
+    /* Quantized pages, exact selection (a quantized --dtype already is the first row). */
+    static const pikv_dtype quant[] = {PIKV_DTYPE_INT8, PIKV_DTYPE_INT4};
+    for (int i = 0; i < 2; i++) {
+        if (quant[i] == base.dtype) continue;
+        rows[n] = base;
+        rows[n].dtype = quant[i];
+        set_label(&rows[n++], "exact");
+    }
 
     rows[n] = base;
     rows[n].select.mode = PIKV_SELECT_EXPERTS;
@@ -571,6 +610,37 @@ static int compare_rows(const run_opts *o, run_policy *rows)
     rows[n].route.lambda = 1.0f;
     set_label(&rows[n++], "pyramid %" PRId64 "%s h2o lambda=1", total,
              fl);
+
+    /* Combined PiKV: int4 pages under a selection and under a budget. */
+    if (base.dtype != PIKV_DTYPE_INT4) {
+        int64_t tb = o->context / 8;
+        const int tb_floored = tb < floor_tokens;
+        if (tb_floored) tb = floor_tokens;
+        if (tb < 1) tb = 1;
+        rows[n] = base;
+        rows[n].dtype = PIKV_DTYPE_INT4;
+        rows[n].select.mode = PIKV_SELECT_QUEST;
+        rows[n].select.token_budget = (int32_t)tb;
+        set_label(&rows[n++], "quest 1/8: %" PRId64 "%s", tb, tb_floored ? "*" : "");
+
+        rows[n] = base;
+        rows[n].dtype = PIKV_DTYPE_INT4;
+        rows[n].budget.mode = PIKV_BUDGET_PYRAMID;
+        rows[n].budget.total_tokens = total;
+        rows[n].evict.policy = PIKV_EVICT_H2O;
+        set_label(&rows[n++], "pyramid %" PRId64 "%s h2o", total, fl);
+    }
+
+    /* Quantized rows name their dtype: "int4" (exact selection), "int4 + quest ...". */
+    for (int i = 0; i < n; i++) {
+        if (!run_dtype_quantized(rows[i].dtype)) continue;
+        char plain[sizeof rows[i].label];
+        memcpy(plain, rows[i].label, sizeof plain);
+        if (strcmp(plain, "exact") == 0)
+            set_label(&rows[i], "%s", run_dtype_names[rows[i].dtype]);
+        else
+            set_label(&rows[i], "%s + %s", run_dtype_names[rows[i].dtype], plain);
+    }
     return n;
 }
 
@@ -644,7 +714,7 @@ int cli_cmd_run(int argc, char **argv)
         else
             run_print_table(&o, &res[0]);
         fflush(stdout);
-        rc = res[0].exact && !run_passed(&res[0]) ? CLI_EXIT_FAIL : CLI_EXIT_OK;
+        rc = res[0].bounded && !run_passed(&res[0]) ? CLI_EXIT_FAIL : CLI_EXIT_OK;
         goto done;
     }
 
@@ -688,7 +758,7 @@ int cli_cmd_run(int argc, char **argv)
     fflush(stdout);
     rc = CLI_EXIT_OK;
     for (int i = 0; i < n_rows; i++)
-        if (res[i].exact && !run_passed(&res[i])) rc = CLI_EXIT_FAIL;
+        if (res[i].bounded && !run_passed(&res[i])) rc = CLI_EXIT_FAIL;
 
 done:
     cli_progress_done(&prog);

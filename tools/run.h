@@ -8,9 +8,10 @@
 #include "cli.h"
 #include "workload.h"
 
-/* One configuration of the cache's policies (a row of --compare). */
+/* One configuration of the cache's page storage and policies (a row of --compare). */
 typedef struct run_policy {
     char label[64];
+    pikv_dtype dtype;            /* page storage; the single run's is --dtype */
     pikv_select_params select;
     pikv_budget_params budget;
     pikv_evict_params evict;
@@ -23,7 +24,8 @@ typedef struct run_opts {
     int64_t context, capacity;
     uint64_t seed, device_memory;
     pikv_placement placement;
-    pikv_dtype dtype;
+    pikv_dtype dtype;            /* --dtype (the single run's; --compare's float rows) */
+    int32_t quant_group;         /* --quant-group: INT8/INT4 values per scale/zero group */
     const char *backend;
     int devices_set, json, quiet, verbose;
     int compare;
@@ -36,10 +38,14 @@ extern const char *const run_select_names[];  /* indexed by select mode bits (0.
 extern const char *const run_budget_names[];  /* indexed by pikv_budget_mode */
 extern const char *const run_evict_names[];   /* indexed by pikv_evict_policy */
 
-/* Exact: every token read, nothing evicted. Only then the error bound applies. */
+/* Exact: every token read, nothing evicted. The error bound applies only to exact
+   configurations of float pages (f32, f16); int8/int4 pages are lossy by design. */
 int run_policy_exact(const run_policy *p);
-/* "quest 256, budget pyramid 4096 (beta 4) h2o, lambda 1" into buf. */
-const char *run_policy_describe(const run_policy *p, char *buf, size_t size);
+int run_policy_bounded(const run_policy *p);
+int run_dtype_quantized(pikv_dtype t);
+/* "quest 256, pyramid 4096 b=2 h2o, lambda 1, int4 g32" into buf (the dtype only when
+   quantized; the group from o). */
+const char *run_policy_describe(const run_opts *o, const run_policy *p, char *buf, size_t size);
 
 typedef struct run_dev {
     pikv_cache_device_stats st;
@@ -90,13 +96,17 @@ typedef struct run_result {
     int64_t hit_n;
     int64_t routed_tokens;     /* tokens routed through pikv_route */
     int64_t rerouted_tokens;   /* ... whose experts differ from the plain top-k */
-    double bound;
-    int exact;                 /* run_policy_exact */
+    double bound;              /* NAN without one (!bounded) */
+    pikv_dtype dtype;          /* the run's page storage */
+    int quantized;             /* int8/int4 pages */
+    int exact;                 /* run_policy_exact: every token read, nothing evicted */
+    int bounded;               /* run_policy_bounded: exact and float pages */
     int measured;              /* select.measure and a lossy selection */
     int rebalanced;
     int64_t moved_pages;
     double rebalance_s;
     int routing_mismatch;
+    int storage_mismatch;      /* the device / layer storage figures do not add up */
     double step_ms_unmeasured; /* --compare: step time of an unmeasured rerun; NAN if none */
 } run_result;
 
@@ -122,7 +132,7 @@ void run_result_free(run_result *r);
 /* Derived figures. */
 double run_mean(double sum, int64_t n);           /* NAN when n == 0 */
 double run_step_ms(const run_opts *o, const run_result *r);
-int run_passed(const run_result *r);              /* exact and within the bound */
+int run_passed(const run_result *r);              /* bounded and within the bound */
 
 /* Reports (run_report.c). */
 void run_print_table(const run_opts *o, const run_result *r);

@@ -7,9 +7,77 @@
 
 #include "run.h"
 
-static size_t dtype_bytes(pikv_dtype t) { return t == PIKV_DTYPE_F32 ? 4 : 2; }
-
 static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
+
+/* Bytes of K and V of n tokens in a float dtype, unpadded. */
+static uint64_t raw_kv_bytes(const run_opts *o, int64_t tokens, size_t elem)
+{
+    return (uint64_t)tokens * (uint64_t)o->kv_heads * (uint64_t)o->head_dim * 2u * elem;
+}
+
+/* What the pages held would take as f16 pages (the open-page layout of a quantized
+   cache: K, V and bounds, padded); NAN for f32 caches (no f16 layout to read). */
+static double f16_equiv_bytes(const run_result *r)
+{
+    if (r->quantized) return (double)r->stats.pages * (double)r->stats.page_bytes;
+    if (r->dtype == PIKV_DTYPE_F16) return (double)r->stats.bytes_used;
+    return NAN;
+}
+
+/* Reconstruction error of a quantized cache, the worst layer of each figure
+   (pikv_layer_stats: relative RMS over keys and over values, max |x' - x|); all NAN
+   and layers -1 for float caches. */
+typedef struct recon_max {
+    double key, value, abs;
+    int32_t key_layer, value_layer, abs_layer;
+    int64_t quantized_pages;   /* over layers, held now */
+} recon_max;
+
+static recon_max recon(const run_opts *o, const run_result *r)
+{
+    recon_max m = {NAN, NAN, NAN, -1, -1, -1, 0};
+    if (!r->quantized) return m;
+    for (int32_t l = 0; l < o->layers; l++) {
+        const pikv_layer_stats *st = &r->layers[l].st;
+        m.quantized_pages += st->quantized_pages;
+        if (st->key_rel_error >= 0.0 && (m.key_layer < 0 || !(st->key_rel_error <= m.key))) {
+            m.key = st->key_rel_error;
+            m.key_layer = l;
+        }
+        if (st->value_rel_error >= 0.0 &&
+            (m.value_layer < 0 || !(st->value_rel_error <= m.value))) {
+            m.value = st->value_rel_error;
+            m.value_layer = l;
+        }
+        if (st->max_abs_error >= 0.0 && (m.abs_layer < 0 || !(st->max_abs_error <= m.abs))) {
+            m.abs = st->max_abs_error;
+            m.abs_layer = l;
+        }
+    }
+    return m;
+}
+
+/* Storage by kind over the devices. */
+typedef struct storage_sum {
+    int64_t pages, quantized_pages;
+    uint64_t open, data, scales, other;
+} storage_sum;
+
+static storage_sum storage(const run_result *r)
+{
+    storage_sum t;
+    memset(&t, 0, sizeof t);
+    for (int32_t i = 0; i < r->n_devs; i++) {
+        const pikv_cache_device_stats *d = &r->devs[i].st;
+        t.pages += d->pages;
+        t.quantized_pages += d->quantized_pages;
+        t.open += d->bytes_open_pages;
+        t.data += d->bytes_quant_data;
+        t.scales += d->bytes_quant_scales;
+        t.other += d->bytes_quant_other;
+    }
+    return t;
+}
 
 static const char *placement_name(pikv_placement p)
 {
@@ -98,9 +166,12 @@ void run_print_table(const run_opts *o, const run_result *r)
     printf("  model      %" PRId32 " layers, %" PRId32 " query heads, %" PRId32
            " KV heads, head_dim %" PRId32 ", %" PRId32 " experts, top-%" PRId32 "\n",
            o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k);
-    printf("  cache      %s pages of %" PRId32 " tokens, placement %s, %" PRId32
+    char qdesc[64] = "";
+    if (r->quantized)
+        snprintf(qdesc, sizeof qdesc, " (group %" PRId32 ", open pages f16)", o->quant_group);
+    printf("  cache      %s pages of %" PRId32 " tokens%s, placement %s, %" PRId32
            " shards/layer, capacity %" PRId64 " tokens/layer\n",
-           run_dtype_names[o->dtype], o->page_size, placement_name(o->placement),
+           run_dtype_names[o->dtype], o->page_size, qdesc, placement_name(o->placement),
            r->stats.n_shards, r->capacity);
     char threads[24];
     if (o->threads)
@@ -135,10 +206,34 @@ void run_print_table(const run_opts *o, const run_result *r)
         printf("%-10s %-8s %7" PRId64 " %10" PRId64 " %9" PRId64 " %11.2f %11.2f %14.3f\n",
                "total", "", sh, tok, pg, mib(al), mib(us), mib(rd) / steps);
     printf("\n");
+    if (r->quantized) { /* used MiB by kind */
+        const char *dt = run_dtype_names[o->dtype];
+        printf("%-10s %10s %9s %11s %10s %11s %10s\n", "device", "open pages", "open MiB",
+               "quant pages", "data MiB", "scales MiB", "other MiB");
+        for (int32_t i = 0; i < r->n_devs; i++) {
+            const pikv_cache_device_stats *d = &r->devs[i].st;
+            printf("%-10s %10" PRId64 " %9.3f %11" PRId64 " %10.3f %11.3f %10.3f\n",
+                   r->devs[i].name, d->pages - d->quantized_pages, mib(d->bytes_open_pages),
+                   d->quantized_pages, mib(d->bytes_quant_data), mib(d->bytes_quant_scales),
+                   mib(d->bytes_quant_other));
+        }
+        const storage_sum t = storage(r);
+        if (r->n_devs > 1)
+            printf("%-10s %10" PRId64 " %9.3f %11" PRId64 " %10.3f %11.3f %10.3f\n", "total",
+                   t.pages - t.quantized_pages, mib(t.open), t.quantized_pages, mib(t.data),
+                   mib(t.scales), mib(t.other));
+        printf("  (open: f16 pages still filling, %" PRIu64 " B each; quant: full %s pages, %"
+               PRIu64 " B each = data + f16 scales and zero points + other: Quest bounds and "
+               "padding)\n\n",
+               r->stats.page_bytes, dt, r->stats.quant_page_bytes);
+    }
 
     if (o->verbose) {
-        printf("%-6s %9s %9s %8s %9s %9s %14s %10s %9s\n", "layer", "budget", "tokens", "pages",
+        printf("%-6s %9s %9s %8s %9s %9s %14s %10s %9s", "layer", "budget", "tokens", "pages",
                "KV MiB", "evicted", "read MiB/step", "imbalance", "misses");
+        if (r->quantized)
+            printf(" %8s %10s %10s %10s", "quant pg", "K rel err", "V rel err", "max abs");
+        printf("\n");
         for (int32_t l = 0; l < o->layers; l++) {
             const run_layer *ly = &r->layers[l];
             char budget[24];
@@ -151,14 +246,22 @@ void run_print_table(const run_opts *o, const run_result *r)
                    ly->st.evicted_pages, mib(ly->read_total) / steps);
             put_fixed(ly->imbalance, 10, 3);
             put_fixed(ly->misses, 9, 2);
+            if (r->quantized) {
+                printf(" %8" PRId64, ly->st.quantized_pages);
+                put_sci(ly->st.key_rel_error, 10);
+                put_sci(ly->st.value_rel_error, 10);
+                put_sci(ly->st.max_abs_error, 10);
+            }
             printf("\n");
         }
         printf("  (budget: tokens per sequence; imbalance: max / mean of the experts' routed "
-               "tokens; misses: decayed)\n\n");
+               "tokens; misses: decayed%s)\n\n",
+               r->quantized ? "; quant pg: quantized pages held; K/V rel err: relative RMS "
+                              "reconstruction error of every page quantized in the layer, "
+                              "max abs: the largest |x' - x|"
+                            : "");
     }
 
-    const uint64_t raw = (uint64_t)r->stats.tokens * (uint64_t)o->kv_heads *
-                         (uint64_t)o->head_dim * 2u * dtype_bytes(o->dtype);
     const double prefill_tokens = (double)o->seqs * (double)o->context;
     if (pol->budget.mode == PIKV_BUDGET_NONE)
         printf("  tokens             %" PRId64 " over all layers (expected %" PRId64 ")%s\n",
@@ -168,10 +271,37 @@ void run_print_table(const run_opts *o, const run_result *r)
         printf("  tokens             %" PRId64 " over all layers of %" PRId64
                " generated (budgets: %" PRId64 " = layer budgets x sequences)\n",
                r->stats.tokens, r->expected_tokens, r->budget_tokens);
-    printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64
-           " pages (raw %s K+V: %.2f)\n",
-           mib(r->stats.bytes_used), mib(r->stats.bytes_allocated), r->stats.pages,
-           run_dtype_names[o->dtype], mib(raw));
+    if (!r->quantized) {
+        printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64
+               " pages (raw %s K+V: %.2f)\n",
+               mib(r->stats.bytes_used), mib(r->stats.bytes_allocated), r->stats.pages,
+               run_dtype_names[o->dtype],
+               mib(raw_kv_bytes(o, r->stats.tokens, o->dtype == PIKV_DTYPE_F32 ? 4 : 2)));
+    } else {
+        const char *dt = run_dtype_names[o->dtype];
+        const storage_sum t = storage(r);
+        const double f16 = f16_equiv_bytes(r);
+        const recon_max m = recon(o, r);
+        printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64 " pages (%" PRId64
+               " %s, %" PRId64 " open f16)\n",
+               mib(r->stats.bytes_used), mib(r->stats.bytes_allocated), r->stats.pages,
+               t.quantized_pages, dt, t.pages - t.quantized_pages);
+        printf("  vs f16             %.2f MiB for the same pages in f16: %.3fx (raw f16 K+V: "
+               "%.2f MiB)\n",
+               f16 / (1024.0 * 1024.0), f16 > 0 ? (double)r->stats.bytes_used / f16 : NAN,
+               mib(raw_kv_bytes(o, r->stats.tokens, 2)));
+        printf("  %-18s data %.2f MiB, scales + zero points %.2f MiB, other (bounds, padding) "
+               "%.2f MiB; open f16 pages %.2f MiB\n",
+               dt, mib(t.data), mib(t.scales), mib(t.other), mib(t.open));
+        if (m.key_layer >= 0)
+            printf("  recon error        keys %.3e, values %.3e relative RMS, max |x' - x| %.3e "
+                   "(max over layers: %" PRId32 ", %" PRId32 ", %" PRId32 ")\n",
+                   m.key, m.value, m.abs, m.key_layer, m.value_layer, m.abs_layer);
+        else
+            printf("  recon error        none (no page was quantized)\n");
+    }
+    if (r->storage_mismatch)
+        printf("  warning: the storage figures do not add up (see stderr)\n");
     printf("  evicted            %" PRId64 " pages, %" PRId64 " tokens\n", r->stats.evicted_pages,
            r->stats.evicted_tokens);
     if (o->steps > 0) {
@@ -208,8 +338,9 @@ void run_print_table(const run_opts *o, const run_result *r)
         else
             printf("  recall             not measured (--measure)\n");
         printf("  context recall     %.4f (share of the full context's attention mass in the "
-               "tokens read)\n",
-               run_mean(r->ctx_recall_sum, r->ctx_recall_n));
+               "tokens read%s)\n",
+               run_mean(r->ctx_recall_sum, r->ctx_recall_n),
+               r->quantized ? "; may pass 1: quantized keys shift the scores" : "");
         if (r->err_exact_n > 0)
             printf("  error vs exact     mean %.3e, max %.3e (selection vs exact attention over "
                    "the tokens held)\n",
@@ -219,8 +350,9 @@ void run_print_table(const run_opts *o, const run_result *r)
         printf("  error vs f64       mean %.3e, max %.3e vs dense f64 attention over the full "
                "context%s\n",
                run_mean(r->err_sum, r->err_n), r->max_err,
-               r->exact ? "" : " (no bound: lossy configuration)");
-        if (r->exact)
+               r->bounded ? "" : r->exact ? " (no bound: quantized pages are lossy)"
+                                          : " (no bound: lossy configuration)");
+        if (r->bounded)
             printf("  max norm. error    %.3e vs dense f64 reference (bound %.0e)\n", r->max_err,
                    r->bound);
         printf("  max lse error      %.3e\n", r->max_lse_err);
@@ -241,22 +373,24 @@ void run_print_table(const run_opts *o, const run_result *r)
            r->routed_tokens > 0 ? 100.0 * (double)r->rerouted_tokens / (double)r->routed_tokens : 0.0,
            total_misses(o, r));
     if (r->routing_mismatch) printf("  warning: workload routing was not reproducible\n");
-    if (r->exact)
+    if (r->bounded)
         printf("  result             %s\n", run_passed(r) ? "PASS" : "FAIL");
     else
-        printf("  result             LOSSY (no error bound; exit status 0)\n");
+        printf("  result             LOSSY (%sno error bound; exit status 0)\n",
+               r->quantized ? (r->exact ? "quantized pages; " : "quantized pages and policies; ")
+                            : "");
 }
 
 void run_print_quiet(const run_opts *o, const run_result *r)
 {
     const double step_ms = o->steps > 0 ? 1e3 * r->decode_s / o->steps : 0.0;
     const double tps = r->decode_s > 0 ? (double)o->seqs * o->steps / r->decode_s : 0.0;
-    if (r->exact) {
+    if (r->bounded) {
         printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f\n",
                run_passed(r) ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps);
         return;
     }
-    char desc[96], recall[32], err[32];
+    char desc[128], recall[32], err[32], quant[160] = "";
     const double steps = o->steps > 0 ? (double)o->steps : 1.0;
     if (r->recall_n > 0)
         snprintf(recall, sizeof recall, "%.4f", run_mean(r->recall_sum, r->recall_n));
@@ -266,13 +400,20 @@ void run_print_quiet(const run_opts *o, const run_result *r)
         snprintf(err, sizeof err, "%.3e", r->err_exact_max);
     else
         snprintf(err, sizeof err, "unmeasured");
+    if (r->quantized) {
+        const recon_max m = recon(o, r);
+        const double f16 = f16_equiv_bytes(r);
+        snprintf(quant, sizeof quant, " kv_ratio_vs_f16=%.3f key_rel_error=%.3e "
+                                      "value_rel_error=%.3e max_abs_error=%.3e",
+                 f16 > 0 ? (double)r->stats.bytes_used / f16 : NAN, m.key, m.value, m.abs);
+    }
     printf("LOSSY config='%s' recall=%s context_recall=%.4f err_vs_exact=%s "
            "max_norm_error=%.3e kv_mib=%.2f read_mib_per_step=%.3f evicted_pages=%" PRId64
-           " mean_step_ms=%.3f\n",
-           run_policy_describe(&o->policy, desc, sizeof desc), recall,
+           " mean_step_ms=%.3f%s\n",
+           run_policy_describe(o, &o->policy, desc, sizeof desc), recall,
            run_mean(r->ctx_recall_sum, r->ctx_recall_n), err, r->max_err,
            mib(r->stats.bytes_used), mib(r->bytes_read_total) / steps, r->stats.evicted_pages,
-           step_ms);
+           step_ms, quant);
 }
 
 /* ---- JSON -------------------------------------------------------------- */
@@ -327,6 +468,14 @@ static void json_layers(FILE *f, const run_opts *o, const run_result *r, const c
         cli_json_number(f, ly->imbalance);
         fprintf(f, ", \"misses\": ");
         cli_json_number(f, ly->misses);
+        fprintf(f, ", \"quantized_pages\": %" PRId64 ", \"key_rel_error\": ",
+                ly->st.quantized_pages);
+        /* the library's -1 (float cache) as null */
+        cli_json_number(f, ly->st.key_rel_error >= 0.0 ? ly->st.key_rel_error : NAN);
+        fprintf(f, ", \"value_rel_error\": ");
+        cli_json_number(f, ly->st.value_rel_error >= 0.0 ? ly->st.value_rel_error : NAN);
+        fprintf(f, ", \"max_abs_error\": ");
+        cli_json_number(f, ly->st.max_abs_error >= 0.0 ? ly->st.max_abs_error : NAN);
         fputc('}', f);
     }
     fputc(']', f);
@@ -339,8 +488,30 @@ static void json_quality(FILE *f, const run_opts *o, const run_result *r)
     double imb_mean, imb_worst;
     int32_t imb_layer;
     imbalance(o, r, &imb_mean, &imb_worst, &imb_layer);
-    fprintf(f, "\"exact\": %s, \"kv_mib\": ", r->exact ? "true" : "false");
+    const storage_sum t = storage(r);
+    const recon_max m = recon(o, r);
+    const double f16 = f16_equiv_bytes(r);
+    fprintf(f, "\"dtype\": ");
+    cli_json_string(f, run_dtype_names[r->dtype]);
+    fprintf(f, ", \"quantized\": %s, \"exact\": %s, \"kv_mib\": ",
+            r->quantized ? "true" : "false", r->exact ? "true" : "false");
     cli_json_number(f, mib(r->stats.bytes_used));
+    fprintf(f, ", \"kv_mib_f16_equiv\": ");
+    cli_json_number(f, f16 / (1024.0 * 1024.0));
+    fprintf(f, ", \"kv_ratio_vs_f16\": ");
+    cli_json_number(f, f16 > 0 ? (double)r->stats.bytes_used / f16 : NAN);
+    fprintf(f, ", \"page_bytes\": %" PRIu64 ", \"quant_page_bytes\": %" PRIu64
+               ", \"quantized_pages\": %" PRId64 ", \"bytes_open_pages\": %" PRIu64
+               ", \"bytes_quant_data\": %" PRIu64 ", \"bytes_quant_scales\": %" PRIu64
+               ", \"bytes_quant_other\": %" PRIu64 ", \"key_rel_error_max\": ",
+            r->stats.page_bytes, r->stats.quant_page_bytes, t.quantized_pages, t.open, t.data,
+            t.scales, t.other);
+    cli_json_number(f, m.key);
+    fprintf(f, ", \"value_rel_error_max\": ");
+    cli_json_number(f, m.value);
+    fprintf(f, ", \"max_abs_error\": ");
+    cli_json_number(f, m.abs);
+    fprintf(f, ", \"storage_consistent\": %s", r->storage_mismatch ? "false" : "true");
     fprintf(f, ", \"bytes_used\": %" PRIu64 ", \"bytes_allocated\": %" PRIu64
                ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64 ", \"evicted_pages\": %" PRId64
                ", \"evicted_tokens\": %" PRId64 ", \"bytes_read_per_step\": ",
@@ -382,11 +553,8 @@ static void json_quality(FILE *f, const run_opts *o, const run_result *r)
     fprintf(f, ", \"routed_tokens\": %" PRId64 ", \"rerouted_tokens\": %" PRId64
                ", \"error_bound\": ",
             r->routed_tokens, r->rerouted_tokens);
-    if (r->exact)
-        cli_json_number(f, r->bound);
-    else
-        fputs("null", f);
-    fprintf(f, ", \"pass\": %s", r->exact ? (run_passed(r) ? "true" : "false") : "null");
+    cli_json_number(f, r->bounded ? r->bound : NAN);
+    fprintf(f, ", \"pass\": %s", r->bounded ? (run_passed(r) ? "true" : "false") : "null");
 }
 
 void run_print_json(const run_opts *o, const run_result *r)
@@ -401,6 +569,11 @@ void run_print_json(const run_opts *o, const run_result *r)
             o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k,
             o->page_size);
     cli_json_string(f, run_dtype_names[o->dtype]);
+    fprintf(f, ", \"quant_group\": ");
+    if (r->quantized)
+        fprintf(f, "%" PRId32, o->quant_group);
+    else
+        fputs("null", f);
     fprintf(f, ", \"placement\": ");
     cli_json_string(f, placement_name(o->placement));
     fprintf(f, ", \"shards_per_layer\": %" PRId32 ", \"capacity_tokens\": %" PRId64
@@ -422,9 +595,12 @@ void run_print_json(const run_opts *o, const run_result *r)
         cli_json_string(f, d->backend);
         fprintf(f, ", \"shards\": %" PRId32 ", \"tokens\": %" PRId64 ", \"pages\": %" PRId64
                    ", \"bytes_allocated\": %" PRIu64 ", \"bytes_used\": %" PRIu64
-                   ", \"bytes_read_per_step\": ",
+                   ", \"bytes_open_pages\": %" PRIu64 ", \"quantized_pages\": %" PRId64
+                   ", \"bytes_quant_data\": %" PRIu64 ", \"bytes_quant_scales\": %" PRIu64
+                   ", \"bytes_quant_other\": %" PRIu64 ", \"bytes_read_per_step\": ",
                 d->st.shards, d->st.tokens, d->st.pages, d->st.bytes_allocated,
-                d->st.bytes_used);
+                d->st.bytes_used, d->st.bytes_open_pages, d->st.quantized_pages,
+                d->st.bytes_quant_data, d->st.bytes_quant_scales, d->st.bytes_quant_other);
         cli_json_number(f, (double)d->read_total / steps);
         fputc('}', f);
     }
@@ -474,29 +650,42 @@ static double compare_step_ms(const run_opts *o, const run_result *r)
 void run_print_compare(const run_opts *o, const run_policy *rows, const run_result *res, int n)
 {
     const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    int any_quant = 0, any_bounded = 0;
+    double bound = NAN;
+    int w = 30; /* the config column: the longest label, at least 30 */
+    for (int i = 0; i < n; i++) {
+        const int len = (int)strlen(rows[i].label);
+        if (len > w) w = len;
+        any_quant |= res[i].quantized;
+        if (res[i].bounded && !any_bounded) {
+            any_bounded = 1;
+            bound = res[i].bound;
+        }
+    }
     if (!o->quiet) {
         printf("pikv run --compare (PiKV %s)\n", pikv_version_string());
         printf("  model      %" PRId32 " layers, %" PRId32 " query heads, %" PRId32
                " KV heads, head_dim %" PRId32 ", %" PRId32 " experts, top-%" PRId32 "\n",
                o->layers, o->q_heads, o->kv_heads, o->head_dim, o->experts, o->top_k);
-        printf("  cache      %s pages of %" PRId32 " tokens, placement %s, %" PRId32
+        printf("  cache      %s pages of %" PRId32 " tokens (rows naming int8/int4: those, "
+               "quant group %" PRId32 ", open pages f16), placement %s, %" PRId32
                " devices (backend %s); sinks %" PRId32 ", recent %" PRId32 "\n",
-               run_dtype_names[o->dtype], o->page_size, placement_name(o->placement),
-               n > 0 ? res[0].n_devs : 0, o->backend, o->policy.select.sink_tokens,
-               o->policy.select.recent_tokens);
+               run_dtype_names[o->dtype], o->page_size, o->quant_group,
+               placement_name(o->placement), n > 0 ? res[0].n_devs : 0, o->backend,
+               o->policy.select.sink_tokens, o->policy.select.recent_tokens);
         printf("  workload   %" PRId32 " sequences x %" PRId64 " context tokens, %" PRId32
                " decode steps, seed %" PRIu64 " (the same for every row)\n\n",
                o->seqs, o->context, o->steps, o->seed);
     }
-    printf("%-30s %7s %9s %8s %7s %7s %9s %9s %9s %9s %6s %6s %8s\n", "config", "KV MiB",
+    printf("%-*s %7s %9s %8s %7s %7s %9s %9s %9s %9s %9s %6s %6s %8s\n", w, "config", "KV MiB",
            "rd MiB/st", "step ms", "recall", "ctx rcl", "err/exct", "max", "err/f64", "max",
-           "hit", "imbal", "evicted");
+           "recon K", "hit", "imbal", "evicted");
     for (int i = 0; i < n; i++) {
         const run_result *r = &res[i];
         double imb_mean, imb_worst;
         int32_t imb_layer;
         imbalance(o, r, &imb_mean, &imb_worst, &imb_layer);
-        printf("%-30.30s %7.2f %9.3f", rows[i].label, mib(r->stats.bytes_used),
+        printf("%-*.*s %7.2f %9.3f", w, w, rows[i].label, mib(r->stats.bytes_used),
                mib(r->bytes_read_total) / steps);
         put_fixed(compare_step_ms(o, r), 8, 2);
         put_fixed(run_mean(r->recall_sum, r->recall_n), 7, 4);
@@ -505,10 +694,12 @@ void run_print_compare(const run_opts *o, const run_policy *rows, const run_resu
         put_sci(r->err_exact_n > 0 ? r->err_exact_max : NAN, 9);
         put_sci(run_mean(r->err_sum, r->err_n), 9);
         put_sci(r->max_err, 9);
+        put_sci(recon(o, r).key, 9);
         put_fixed(run_mean(r->hit_sum, r->hit_n), 6, 3);
         put_fixed(imb_mean, 6, 2);
-        printf(" %8" PRId64 "%s\n", r->stats.evicted_pages,
-               r->exact ? (run_passed(r) ? "  PASS" : "  FAIL") : "");
+        printf(" %8" PRId64 "%s%s\n", r->stats.evicted_pages,
+               r->bounded ? (run_passed(r) ? "  PASS" : "  FAIL") : "",
+               r->storage_mismatch ? "  (storage figures do not add up)" : "");
     }
     if (!o->quiet) {
         printf("\n"
@@ -522,11 +713,20 @@ void run_print_compare(const run_opts *o, const run_policy *rows, const run_resu
                "the FULL context's attention mass\n"
                "  in the tokens read; err/f64 (mean, max): normalized error vs dense f64 "
                "attention over the full context,\n"
-               "  which also shows what eviction costs; hit: query experts whose shard holds "
-               "pages; imbal: max/mean routed\n"
-               "  tokens per expert (mean over layers); evicted: pages. Only exact rows have an "
-               "error bound (%.0e).\n",
-               n > 0 ? res[0].bound : 0.0);
+               "  which also shows what eviction and quantization cost; recon K: relative RMS "
+               "reconstruction error of the\n"
+               "  quantized keys, max over layers (-: float pages); hit: query experts whose "
+               "shard holds pages; imbal: max/mean\n"
+               "  routed tokens per expert (mean over layers); evicted: pages.");
+        if (any_quant)
+            printf("\n  ctx rcl of int8/int4 rows may pass 1 (quantized keys shift the scores)."
+                   " Figures of rows naming\n  int8/int4 are of those pages; the other rows use "
+                   "--dtype.");
+        if (any_bounded)
+            printf(" Only exact rows of float pages have an\n  error bound (%.0e)%s.\n", bound,
+                   any_quant ? "; int8/int4 pages are lossy by design" : "");
+        else
+            printf(" No row has an error bound (int8/int4 pages are\n  lossy by design).\n");
         int floored = 0;
         for (int i = 0; i < n; i++) floored |= strchr(rows[i].label, '*') != NULL;
         if (floored)
@@ -534,14 +734,28 @@ void run_print_compare(const run_opts *o, const run_policy *rows, const run_resu
                    "per layer).\n");
     }
     if (o->verbose) {
-        printf("\nKV MiB held per layer\n%-30s", "config");
+        printf("\nKV MiB held per layer\n%-*s", w, "config");
         for (int32_t l = 0; l < o->layers; l++) printf(" %6s%-2" PRId32, "L", l);
         printf("\n");
         for (int i = 0; i < n; i++) {
-            printf("%-30.30s", rows[i].label);
+            printf("%-*.*s", w, w, rows[i].label);
             for (int32_t l = 0; l < o->layers; l++)
                 printf(" %8.3f", mib(res[i].layers[l].st.bytes_used));
             printf("\n");
+        }
+        if (any_quant) {
+            printf("\nKey / value relative RMS reconstruction error per layer (quantized "
+                   "rows)\n%-*s", w, "config");
+            for (int32_t l = 0; l < o->layers; l++) printf(" %15s%-2" PRId32, "L", l);
+            printf("\n");
+            for (int i = 0; i < n; i++) {
+                if (!res[i].quantized) continue;
+                printf("%-*.*s", w, w, rows[i].label);
+                for (int32_t l = 0; l < o->layers; l++)
+                    printf(" %8.2e/%8.2e", res[i].layers[l].st.key_rel_error,
+                           res[i].layers[l].st.value_rel_error);
+                printf("\n");
+            }
         }
     }
 }
@@ -553,16 +767,19 @@ void run_print_compare_json(const run_opts *o, const run_policy *rows, const run
     fputc('[', f);
     for (int i = 0; i < n; i++) {
         const run_result *r = &res[i];
-        char desc[96];
+        char desc[128];
         fprintf(f, "%s\n  {\"config\": ", i ? "," : "");
         cli_json_string(f, rows[i].label);
         fprintf(f, ", \"description\": ");
-        cli_json_string(f, run_policy_describe(&rows[i], desc, sizeof desc));
+        cli_json_string(f, run_policy_describe(o, &rows[i], desc, sizeof desc));
         fprintf(f, ", \"layers\": %" PRId32 ", \"experts\": %" PRId32 ", \"top_k\": %" PRId32
                    ", \"context\": %" PRId64 ", \"seqs\": %" PRId32 ", \"steps\": %" PRId32
-                   ", \"seed\": %" PRIu64 ", \"dtype\": ",
+                   ", \"seed\": %" PRIu64 ", \"quant_group\": ",
                 o->layers, o->experts, o->top_k, o->context, o->seqs, o->steps, o->seed);
-        cli_json_string(f, run_dtype_names[o->dtype]);
+        if (r->quantized)
+            fprintf(f, "%" PRId32, o->quant_group);
+        else
+            fputs("null", f);
         fprintf(f, ", \"policy\": ");
         json_policy(f, &rows[i]);
         fprintf(f, ", ");

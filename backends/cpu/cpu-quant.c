@@ -32,12 +32,6 @@ static inline void put_q(const pikv_page_layout *L, unsigned char *row, int32_t 
     *b = (d & 1) ? (unsigned char)((*b & 0x0f) | (q << 4)) : (unsigned char)((*b & 0xf0) | q);
 }
 
-static inline uint32_t get_q(const pikv_page_layout *L, const unsigned char *row, int32_t d)
-{
-    if (L->dtype == PIKV_DTYPE_INT8) return row[d];
-    return (d & 1) ? (uint32_t)(row[d / 2] >> 4) : (uint32_t)(row[d / 2] & 0x0f);
-}
-
 /* Quantize n values x[i*stride] sharing one group: stores scale/zero, writes q
    through put(i, q); returns sum of squared errors, tracks max error. */
 typedef struct group_io {

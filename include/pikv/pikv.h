@@ -168,9 +168,12 @@ typedef struct pikv_cache pikv_cache;
 
 /* Page storage. INT8/INT4 pages are quantized when they fill (the open page of
    each shard stays f16, KIVI's residual window): keys per channel over groups of
-   quant_group tokens, values per token over groups of quant_group channels,
-   asymmetric (f16 scale and zero point per group); int4 packs two values a byte.
-   Attention reads them directly (docs/compression.md). */
+   quant_group tokens of the page (a group never spans pages, so at most page_size
+   tokens), values per token over groups of quant_group channels, asymmetric (f16
+   scale and zero point per group); int4 packs two values a byte. Attention reads
+   them directly. Their Quest bounds are those of the f16 keys before quantizing:
+   a dequantized key may pass them by half a quantization step. Format, arithmetic
+   and costs: docs/compression.md. */
 typedef enum pikv_dtype {
     PIKV_DTYPE_F32 = 0,
     PIKV_DTYPE_F16 = 1,
@@ -405,7 +408,8 @@ typedef struct pikv_layer_stats {
     int64_t last_pages_read;
     /* INT8/INT4: reconstruction error of every page quantized so far in the layer,
        sqrt(sum (x' - x)^2 / sum x^2) over keys and over values, and the largest
-       |x' - x|; -1 for float caches */
+       |x' - x|, where x are the f16 values of the open page (so the f16 rounding of
+       the inputs is not included); -1 for float caches */
     double key_rel_error;
     double value_rel_error;
     double max_abs_error;
