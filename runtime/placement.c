@@ -37,7 +37,7 @@ int32_t pikv_placement_pick_device(const pikv_cache *c, const int64_t *pending)
     int32_t best = 0;
     int64_t best_load = INT64_MAX;
     for (int32_t d = 0; d < c->n_devs; d++) {
-        int64_t load = c->devs[d].pages_used + pending[d];
+        int64_t load = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + pending[d];
         if (load < best_load) {
             best_load = load;
             best = d;
@@ -131,8 +131,10 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             target[(size_t)l * (size_t)c->n_shards + (size_t)s] = sh->dev;
             if (sh->pages > 0) loads[n++] = (shard_load){l, s, sh->pages};
         }
-    for (int32_t d = 0; d < c->n_devs; d++)
-        if (c->devs[d].pages_used > current) current = c->devs[d].pages_used;
+    for (int32_t d = 0; d < c->n_devs; d++) {
+        const int64_t pages = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0);
+        if (pages > current) current = pages;
+    }
     sort_by_pages_desc(loads, n);
     /* Greedy largest-first packing, then the same bounded by its makespan but
        keeping shards where they are when they fit: the second moves far fewer

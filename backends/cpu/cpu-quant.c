@@ -32,27 +32,6 @@ static inline void put_q(const pikv_page_layout *L, unsigned char *row, int32_t 
     *b = (d & 1) ? (unsigned char)((*b & 0x0f) | (q << 4)) : (unsigned char)((*b & 0xf0) | q);
 }
 
-/* Quantize n values x[i*stride] sharing one group: stores scale/zero, writes q
-   through put(i, q); returns sum of squared errors, tracks max error. */
-typedef struct group_io {
-    const float *x;
-    int64_t stride;
-    int32_t n;
-} group_io;
-
-static void group_params(const group_io *g, int32_t qmax, uint16_t *scale_h, uint16_t *zero_h)
-{
-    float lo = INFINITY, hi = -INFINITY;
-    for (int32_t i = 0; i < g->n; i++) {
-        const float v = g->x[(int64_t)i * g->stride];
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-    }
-    *zero_h = pikv_f32_to_f16(lo); /* lo is an f16 value: exact */
-    const float range = hi - lo;
-    *scale_h = range > 0.0f ? f16_round_up(range / (float)qmax) : 0;
-}
-
 static inline uint32_t quantize_value(float x, float scale, float zero, int32_t qmax)
 {
     if (scale == 0.0f) return 0;
@@ -68,72 +47,81 @@ static inline float dequant(uint32_t q, float scale, float zero)
     return (float)q * scale + zero;
 }
 
+/* Allocates nothing (it runs inside an append's commit, where a host allocation
+   failure could no longer be undone cleanly): keys are read element by element,
+   value rows through a row buffer on the stack (head_dim <= 1024). */
 pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *a)
 {
+    enum { MAX_DIM = 1024 };
     const pikv_cpu_backend *cb = pikv_cpu_device_backend(dev);
-    pikv_context *ctx = dev->ctx;
     const pikv_pool_view *pool = a->pool;
     const pikv_page_layout *S = pool->layout, *Q = pool->quant->layout;
     const int32_t ps = S->page_size, kvh = S->n_kv_heads, hd = S->head_dim, G = Q->group;
     const int32_t qmax = qmax_of(Q->dtype);
     const unsigned char *src = pikv_cpu_page_ptr(pool, a->src_slot);
     unsigned char *dst = pikv_cpu_page_ptr(pool, a->dst_slot | PIKV_SLOT_QUANT);
-    float *x = pikv_host_alloc(ctx, (size_t)ps * (size_t)hd * sizeof(float), 64);
-    PIKV_RETURN_ERROR_IF(!x, ctx, PIKV_ERR_OUT_OF_MEMORY, "quantize: scratch allocation failed");
     memset(dst, 0, (size_t)Q->page_bytes);
     /* Quest bounds: those of the f16 keys, computed before quantizing */
     memcpy(dst + Q->kmin_offset, src + S->kmin_offset, 2 * (size_t)kvh * (size_t)hd * sizeof(float));
     double kerr = 0, kss = 0, verr = 0, vss = 0, maxerr = 0;
+    float row[MAX_DIM];
     for (int32_t g = 0; g < kvh; g++) {
-        for (int pass = 0; pass < 2; pass++) { /* keys, then values */
-            const bool key = pass == 0;
-            const unsigned char *sh = src + (key ? S->k_offset : S->v_offset) + (uint64_t)g * S->head_stride;
-            unsigned char *qh = dst + (key ? Q->k_offset : Q->v_offset) + (uint64_t)g * Q->head_stride;
-            for (int32_t t = 0; t < ps; t++) cb->f16_to_f32((const uint16_t *)sh + (size_t)t * (size_t)hd, x + (size_t)t * (size_t)hd, hd);
-            uint16_t *scales = (uint16_t *)(dst + (key ? Q->kscale_offset : Q->vscale_offset));
-            uint16_t *zeros = (uint16_t *)(dst + (key ? Q->kzero_offset : Q->vzero_offset));
-            const int32_t n_groups = key ? Q->k_groups : Q->v_groups;
-            /* keys: group (tg, d) = tokens [tg*G, ..) of channel d; values: group (t, vg) */
-            const int32_t outer = key ? n_groups : ps, inner = key ? hd : n_groups;
-            for (int32_t o = 0; o < outer; o++)
-                for (int32_t i = 0; i < inner; i++) {
-                    group_io io;
-                    int32_t t0, d0;
-                    if (key) {
-                        t0 = o * G;
-                        d0 = i;
-                        io = (group_io){x + (size_t)t0 * (size_t)hd + (size_t)d0, hd, (ps - t0) < G ? ps - t0 : G};
-                    } else {
-                        t0 = o;
-                        d0 = i * G;
-                        io = (group_io){x + (size_t)t0 * (size_t)hd + (size_t)d0, 1, (hd - d0) < G ? hd - d0 : G};
-                    }
-                    uint16_t sh16, zh16;
-                    group_params(&io, qmax, &sh16, &zh16);
-                    const size_t at = key ? ((size_t)g * (size_t)n_groups + (size_t)o) * (size_t)hd + (size_t)i
-                                          : ((size_t)g * (size_t)ps + (size_t)o) * (size_t)n_groups + (size_t)i;
-                    scales[at] = sh16;
-                    zeros[at] = zh16;
-                    const float scale = pikv_f16_to_f32(sh16), zero = pikv_f16_to_f32(zh16);
-                    for (int32_t j = 0; j < io.n; j++) {
-                        const int32_t t = key ? t0 + j : t0, d = key ? d0 : d0 + j;
-                        const float v = x[(size_t)t * (size_t)hd + (size_t)d];
-                        const uint32_t q = quantize_value(v, scale, zero, qmax);
-                        put_q(Q, qh + (uint64_t)t * Q->row_bytes, d, q);
-                        const double e = (double)dequant(q, scale, zero) - (double)v;
-                        if (key) {
-                            kerr += e * e;
-                            kss += (double)v * v;
-                        } else {
-                            verr += e * e;
-                            vss += (double)v * v;
-                        }
-                        maxerr = fabs(e) > maxerr ? fabs(e) : maxerr;
-                    }
+        /* keys: group (tg, d) = tokens [tg*G, ..) of channel d */
+        const uint16_t *ks = (const uint16_t *)(src + S->k_offset + (uint64_t)g * S->head_stride);
+        unsigned char *kq = dst + Q->k_offset + (uint64_t)g * Q->head_stride;
+        uint16_t *kscale = (uint16_t *)(dst + Q->kscale_offset), *kzero = (uint16_t *)(dst + Q->kzero_offset);
+        for (int32_t tg = 0; tg < Q->k_groups; tg++)
+            for (int32_t d = 0; d < hd; d++) {
+                const int32_t t0 = tg * G, n = ps - t0 < G ? ps - t0 : G;
+                float lo = INFINITY, hi = -INFINITY;
+                for (int32_t j = 0; j < n; j++) {
+                    const float v = pikv_f16_to_f32(ks[(size_t)(t0 + j) * (size_t)hd + (size_t)d]);
+                    lo = v < lo ? v : lo;
+                    hi = v > hi ? v : hi;
                 }
+                const size_t at = ((size_t)g * (size_t)Q->k_groups + (size_t)tg) * (size_t)hd + (size_t)d;
+                kzero[at] = pikv_f32_to_f16(lo); /* lo is an f16 value: exact */
+                kscale[at] = hi > lo ? f16_round_up((hi - lo) / (float)qmax) : 0;
+                const float scale = pikv_f16_to_f32(kscale[at]), zero = pikv_f16_to_f32(kzero[at]);
+                for (int32_t j = 0; j < n; j++) {
+                    const float v = pikv_f16_to_f32(ks[(size_t)(t0 + j) * (size_t)hd + (size_t)d]);
+                    const uint32_t q = quantize_value(v, scale, zero, qmax);
+                    put_q(Q, kq + (uint64_t)(t0 + j) * Q->row_bytes, d, q);
+                    const double e = (double)dequant(q, scale, zero) - (double)v;
+                    kerr += e * e;
+                    kss += (double)v * v;
+                    maxerr = fabs(e) > maxerr ? fabs(e) : maxerr;
+                }
+            }
+        /* values: group (t, vg) = channels [vg*G, ..) of token t */
+        const uint16_t *vs = (const uint16_t *)(src + S->v_offset + (uint64_t)g * S->head_stride);
+        unsigned char *vq = dst + Q->v_offset + (uint64_t)g * Q->head_stride;
+        uint16_t *vscale = (uint16_t *)(dst + Q->vscale_offset), *vzero = (uint16_t *)(dst + Q->vzero_offset);
+        for (int32_t t = 0; t < ps; t++) {
+            cb->f16_to_f32(vs + (size_t)t * (size_t)hd, row, hd);
+            for (int32_t vg = 0; vg < Q->v_groups; vg++) {
+                const int32_t d0 = vg * G, n = hd - d0 < G ? hd - d0 : G;
+                float lo = INFINITY, hi = -INFINITY;
+                for (int32_t j = 0; j < n; j++) {
+                    lo = row[d0 + j] < lo ? row[d0 + j] : lo;
+                    hi = row[d0 + j] > hi ? row[d0 + j] : hi;
+                }
+                const size_t at = ((size_t)g * (size_t)ps + (size_t)t) * (size_t)Q->v_groups + (size_t)vg;
+                vzero[at] = pikv_f32_to_f16(lo);
+                vscale[at] = hi > lo ? f16_round_up((hi - lo) / (float)qmax) : 0;
+                const float scale = pikv_f16_to_f32(vscale[at]), zero = pikv_f16_to_f32(vzero[at]);
+                for (int32_t j = 0; j < n; j++) {
+                    const float v = row[d0 + j];
+                    const uint32_t q = quantize_value(v, scale, zero, qmax);
+                    put_q(Q, vq + (uint64_t)t * Q->row_bytes, d0 + j, q);
+                    const double e = (double)dequant(q, scale, zero) - (double)v;
+                    verr += e * e;
+                    vss += (double)v * v;
+                    maxerr = fabs(e) > maxerr ? fabs(e) : maxerr;
+                }
+            }
         }
     }
-    pikv_host_free(ctx, x);
     a->err[0] += kerr;
     a->err[1] += kss;
     a->err[2] += verr;
