@@ -11,7 +11,8 @@ pikv_status pikv_pool_reserve(pikv_context *ctx, pikv_page_pool *pool,
     const int64_t per = pool->pages_per_chunk;
     const int64_t chunks_needed = (n - pool->n_free + per - 1) / per;
     const int64_t total_slots = ((int64_t)pool->n_chunks + chunks_needed) * per;
-    PIKV_RETURN_ERROR_IF(total_slots > (int64_t)UINT32_MAX, ctx, PIKV_ERR_CAPACITY,
+    /* bit 31 of a slot marks the quantized pool in op arguments (PIKV_SLOT_QUANT) */
+    PIKV_RETURN_ERROR_IF(total_slots > (int64_t)0x7fffffff, ctx, PIKV_ERR_CAPACITY,
                          "device %s: %lld page slots exceed the slot index range",
                          pool->dev->info.name, (long long)total_slots);
     /* Index arrays first: growing them changes nothing observable. */

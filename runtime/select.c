@@ -96,6 +96,9 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
     const int64_t n_cand = cand->indptr[nq];
+    PIKV_RETURN_ERROR_IF(n_cand * kvh > INT32_MAX, ctx, PIKV_ERR_CAPACITY,
+                         "attend: %lld candidate pages x %d KV heads exceed the page-list range",
+                         (long long)n_cand, kvh);
     pikv_status st = PIKV_OK;
     /* per device: CSR by query of its non-forced candidates */
     int32_t *dev_indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)nq + 1), sizeof(int32_t));

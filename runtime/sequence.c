@@ -190,6 +190,9 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->row_expert + nid * ps, c->row_expert + id * ps, (size_t)rows * sizeof(int32_t));
+                c->pages[nid].expert_mask = 0; /* of the copied rows only */
+                for (int32_t r = 0; r < rows; r++)
+                    c->pages[nid].expert_mask |= 1ull << (c->row_expert[nid * ps + (size_t)r] % 64);
             }
         }
     if (st != PIKV_OK) {

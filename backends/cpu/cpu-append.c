@@ -28,6 +28,13 @@ static void load_row(const pikv_cpu_backend *cb, pikv_dtype dtype, const unsigne
     cb->f16_to_f32((const uint16_t *)src, out, n);
 }
 
+/* A dequantized value can pass the f16 range by part of a step (scales round up);
+   the value it approximates was within it, so clamping keeps the error bound. */
+static void clamp_f16_range(float *x, int32_t n)
+{
+    for (int32_t d = 0; d < n; d++) x[d] = x[d] > 65504.0f ? 65504.0f : x[d] < -65504.0f ? -65504.0f : x[d];
+}
+
 static void widen_bounds(float *kmin, float *kmax, const float *row, int32_t n, bool init)
 {
     if (init) {
@@ -104,9 +111,11 @@ pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args
             for (int32_t r = 0; r < args->n_rows; r++) {
                 const uint64_t at = (uint64_t)r * D->row_bytes;
                 pikv_cpu_dequant_row(cb, L, src, g, r, true, row);
+                clamp_f16_range(row, hd);
                 store_row(cb, D->dtype, kh + at, row, hd, stored);
                 widen_bounds(kmin, kmax, stored, hd, r == 0);
                 pikv_cpu_dequant_row(cb, L, src, g, r, false, row);
+                clamp_f16_range(row, hd);
                 store_row(cb, D->dtype, vh + at, row, hd, NULL);
             }
         }

@@ -184,7 +184,7 @@ void pikv_cpu_dequant_row(const pikv_cpu_backend *cb, const pikv_page_layout *L,
                           int32_t g, int32_t t, bool is_key, float *out)
 {
     enum { MAX_DIM = 1024 };
-    float a[MAX_DIM], b[MAX_DIM];
+    float a[2 * MAX_DIM], b[MAX_DIM]; /* values use a[] for 2 x v_groups scales and zero points */
     if (is_key) {
         pikv_cpu_key_group_params(cb, L, page, g, t / L->group, a, b);
         pikv_cpu_dequant_key_row(L, page, g, t, a, b, out);
