@@ -91,18 +91,25 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
         for (int32_t h = 0; h < G; h++) {
             float *s = scores + (size_t)h * (size_t)ps;
             float *ph = part + (size_t)h * part_stride;
-            float mx = ph[0];
-            for (int32_t r = 0; r < n; r++) mx = s[r] > mx ? s[r] : mx;
-            float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
+            /* Exponents against the page's own maximum, so its log-mass stays exact
+               however small it is next to earlier pages; then one factor brings
+               them to the running maximum. */
+            float page_max = -INFINITY;
+            for (int32_t r = 0; r < n; r++) page_max = s[r] > page_max ? s[r] : page_max;
+            const float mx = page_max > ph[0] ? page_max : ph[0];
+            const float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
+            const float to_running = expf(page_max - mx);
             float page_sum = 0.0f;
             for (int32_t r = 0; r < n; r++) {
-                s[r] = expf(s[r] - mx);
+                s[r] = expf(s[r] - page_max);
                 page_sum += s[r];
             }
             if (a->page_lse) /* the page's attention mass, fused: no second pass */
-                a->page_lse[(size_t)p * (size_t)G + (size_t)h] = page_sum > 0.0f ? mx + logf(page_sum) : -INFINITY;
+                a->page_lse[(size_t)p * (size_t)G + (size_t)h] = page_max + logf(page_sum);
+            if (to_running != 1.0f)
+                for (int32_t r = 0; r < n; r++) s[r] *= to_running;
             ph[0] = mx;
-            ph[1] = ph[1] * rescale + page_sum;
+            ph[1] = ph[1] * rescale + page_sum * to_running;
             float *acc = ph + 2;
             if (rescale != 1.0f)
                 for (int32_t d = 0; d < hd; d++) acc[d] *= rescale;
