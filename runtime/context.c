@@ -85,7 +85,10 @@ const char *pikv_backend_name(pikv_backend_kind kind)
 
 int pikv_backend_is_compiled(pikv_backend_kind kind)
 {
-    return kind == PIKV_BACKEND_CPU; /* the accelerator backends land in later versions */
+#ifdef PIKV_HAVE_OPENCL
+    if (kind == PIKV_BACKEND_OPENCL) return 1;
+#endif
+    return kind == PIKV_BACKEND_CPU; /* the other accelerator backends land in later versions */
 }
 
 static pikv_status add_backend_devices(pikv_context *ctx, pikv_backend *b)
@@ -176,6 +179,17 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
         if (st != PIKV_OK) cpu->iface->free(cpu);
     }
     if (st == PIKV_OK) ctx->host_device = cpu->devices[0];
+#ifdef PIKV_HAVE_OPENCL
+    if (st == PIKV_OK && want[PIKV_BACKEND_OPENCL]) {
+        pikv_backend *ocl = NULL;
+        st = pikv_backend_opencl_init(ctx, &p, &ocl); /* no runtime: a backend without devices */
+        if (st == PIKV_OK) {
+            st = add_backend_devices(ctx, ocl);
+            if (st != PIKV_OK) ocl->iface->free(ocl);
+        }
+        want[PIKV_BACKEND_OPENCL] = false;
+    }
+#endif
     for (int k = 1; k < 4 && st == PIKV_OK; k++) {
         /* Backends not compiled into this build contribute no devices. */
         if (want[k])

@@ -11,6 +11,10 @@ asan=1
 [ "${1:-}" = "--no-asan" ] && asan=0
 
 step() { echo; echo "==== $*"; }
+# OpenCL program binaries (and PoCL's own kernel cache) are shared by the three builds.
+export PIKV_CACHE_DIR="${PIKV_CACHE_DIR:-$PWD/build/opencl-cache}"
+mkdir -p "$PIKV_CACHE_DIR"
+command -v clinfo >/dev/null && { echo "OpenCL platforms:"; clinfo -l 2>&1 | sed 's/^/  /'; }
 
 step "release build (build/)"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON

@@ -2,7 +2,9 @@
 # Installs what building and testing PiKV needs on Debian/Ubuntu.
 # Packages already present are not fetched again.
 set -euo pipefail
-packages=(build-essential cmake ninja-build pkg-config clang)
+# OpenCL: headers and the ICD loader to build the backend, PoCL to run it on the CPU
+packages=(build-essential cmake ninja-build pkg-config clang
+          ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

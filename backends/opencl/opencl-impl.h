@@ -1,0 +1,110 @@
+/* Private declarations of the OpenCL backend.
+ *
+ * One cl_context, one in-order queue and one program per device; a pikv_buffer
+ * is one cl_mem (pool chunks are ~1 MiB). Ops take host pointers: their inputs
+ * are uploaded into per-device scratch buffers (grown, reused), kernels run,
+ * outputs are read back, and every op has finished when it returns.
+ *
+ * Pages live in separate chunk buffers, and a kernel cannot take a variable
+ * number of buffers. Design: every op groups its pages by chunk on the host
+ * and launches its kernel once per chunk touched (page addresses become byte
+ * offsets into that chunk). Attention computes partial softmax states per
+ * (list, chunk, run of pages) and a second kernel merges them exactly (log-sum-
+ * exp), so a list may span any number of chunks and there is never a launch
+ * per page. */
+#ifndef PIKV_OPENCL_IMPL_H
+#define PIKV_OPENCL_IMPL_H
+
+#ifndef CL_TARGET_OPENCL_VERSION
+#define CL_TARGET_OPENCL_VERSION 120
+#endif
+#include <CL/cl.h>
+
+#include "../../runtime/backend-impl.h"
+
+/* Kernels of the embedded program. */
+typedef enum pikv_ocl_kernel {
+    PIKV_OCL_K_APPEND = 0,
+    PIKV_OCL_K_PAGE_COPY,
+    PIKV_OCL_K_ATTN_PART,
+    PIKV_OCL_K_ATTN_FINISH,
+    PIKV_OCL_K_MERGE,
+    PIKV_OCL_K_SCORE,
+    PIKV_OCL_K_QUANT_KEYS,
+    PIKV_OCL_K_QUANT_VALUES,
+    PIKV_OCL_K_TOPK,
+    PIKV_OCL_K_COUNT_
+} pikv_ocl_kernel;
+
+/* Scratch buffers reused by the ops (each grown on demand). */
+enum { PIKV_OCL_SCRATCH = 13 };
+
+typedef struct pikv_ocl_scratch_buf {
+    cl_mem mem;
+    size_t size;
+} pikv_ocl_scratch_buf;
+
+typedef struct pikv_ocl_device {
+    cl_platform_id platform;
+    cl_device_id id;
+    cl_context cl;
+    cl_command_queue queue;
+    bool is_cpu;
+    bool correct_div;      /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT */
+    cl_ulong local_mem;
+    size_t max_wg;
+    char dev_name[128];
+    char driver[64];
+    char platform_version[128];
+
+    /* built on first use (opencl-program.c) */
+    bool build_tried;
+    pikv_status build_status;
+    char build_error[PIKV_ERROR_LEN];
+    cl_program program;
+    cl_kernel kernels[PIKV_OCL_K_COUNT_];
+    size_t attn_wg;        /* work-group size of the attention kernel */
+
+    pikv_ocl_scratch_buf scratch[PIKV_OCL_SCRATCH];
+} pikv_ocl_device;
+
+static inline pikv_ocl_device *pikv_ocl_dev(pikv_device *dev)
+{
+    return (pikv_ocl_device *)dev->context;
+}
+
+/* "CL_OUT_OF_RESOURCES" etc. (opencl-backend.c) */
+const char *pikv_ocl_error_name(cl_int err);
+/* Records "device X: what failed: CL_..." as PIKV_ERR_BACKEND (OUT_OF_MEMORY
+   for allocation failures) and returns it. */
+pikv_status pikv_ocl_fail(pikv_device *dev, cl_int err, const char *what);
+
+/* opencl-buffers.c */
+pikv_status pikv_ocl_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **out);
+void pikv_ocl_buffer_free(pikv_device *dev, pikv_buffer *buf);
+pikv_status pikv_ocl_buffer_write(pikv_device *dev, pikv_buffer *buf, uint64_t offset, const void *src,
+                                  uint64_t size);
+pikv_status pikv_ocl_buffer_read(pikv_device *dev, const pikv_buffer *buf, uint64_t offset, void *dst,
+                                 uint64_t size);
+/* Scratch buffer i with at least size bytes (contents not kept on growth). */
+pikv_status pikv_ocl_scratch(pikv_device *dev, int i, size_t size, cl_mem *out);
+/* Uploads size bytes of host data into scratch buffer i (non-blocking: the
+   host data must stay alive until the op finishes, which every op waits for). */
+pikv_status pikv_ocl_upload(pikv_device *dev, int i, const void *src, size_t size, cl_mem *out);
+void pikv_ocl_scratch_free(pikv_ocl_device *od);
+
+/* opencl-program.c: builds (or loads from the binary cache) the program and
+   creates its kernels, once; later calls return the first outcome. */
+pikv_status pikv_ocl_ready(pikv_device *dev);
+void pikv_ocl_program_free(pikv_ocl_device *od);
+
+/* opencl-ops.c */
+pikv_status pikv_ocl_append(pikv_device *dev, const pikv_append_args *args);
+pikv_status pikv_ocl_page_copy(pikv_device *dev, const pikv_page_copy_args *args);
+pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *args);
+pikv_status pikv_ocl_merge(pikv_device *dev, const pikv_merge_args *args);
+pikv_status pikv_ocl_score(pikv_device *dev, const pikv_score_args *args);
+pikv_status pikv_ocl_quantize(pikv_device *dev, pikv_quantize_args *args);
+pikv_status pikv_ocl_topk(pikv_device *dev, const pikv_topk_args *args);
+
+#endif /* PIKV_OPENCL_IMPL_H */
