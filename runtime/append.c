@@ -231,6 +231,15 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         qerr[4] = qa.err[4] > qerr[4] ? qa.err[4] : qerr[4];
     }
     if (st != PIKV_OK) {
+        /* Open pages already written on some device had their bounds widened by rows
+           that are now dropped: recompute them over their old rows (best effort: the
+           device may be what failed). */
+        for (int64_t i = 0; i < w; i++) {
+            if (plan.writes[i].row0 == 0) continue;
+            pikv_page_pool *pool = &c->devs[plan.write_dev[i]];
+            pikv_page_copy_args restore = {&pool->view, plan.writes[i].slot, plan.writes[i].slot, plan.writes[i].row0};
+            (void)pool->dev->iface->page_copy(pool->dev, &restore);
+        }
         for (int64_t i = n_quantized - 1; i >= 0; i--)
             pikv_pool_give(&c->qdevs[c->pages[plan.full_ids[i]].dev], plan.qslots[i]);
         for (int32_t d = 0; quant && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);

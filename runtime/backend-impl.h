@@ -91,7 +91,8 @@ typedef struct pikv_append_args {
 
 /* copy the first n_rows rows of src_slot into dst_slot (same device, same pool:
    both slots carry PIKV_SLOT_QUANT or neither) and recompute the destination's
-   bounds over those rows; quantized pages are always full and copied whole. */
+   bounds over those rows; quantized pages are always full and copied whole.
+   src_slot == dst_slot recomputes a page's bounds over its first n_rows rows. */
 typedef struct pikv_page_copy_args {
     const pikv_pool_view *pool;
     uint32_t src_slot;

@@ -126,8 +126,10 @@ pikv_status pikv_cpu_page_copy(pikv_device *dev, const pikv_page_copy_args *args
     float row[MAX_STACK_DIM];
     for (int32_t g = 0; g < L->n_kv_heads; g++) {
         uint64_t h = (uint64_t)g * L->head_stride;
-        memcpy(dst + L->k_offset + h, src + L->k_offset + h, rows_bytes);
-        memcpy(dst + L->v_offset + h, src + L->v_offset + h, rows_bytes);
+        if (src != dst) { /* src == dst: only recompute the bounds of the first n_rows */
+            memcpy(dst + L->k_offset + h, src + L->k_offset + h, rows_bytes);
+            memcpy(dst + L->v_offset + h, src + L->v_offset + h, rows_bytes);
+        }
         float *kmin = (float *)(dst + L->kmin_offset) + (size_t)g * (size_t)hd;
         float *kmax = (float *)(dst + L->kmax_offset) + (size_t)g * (size_t)hd;
         /* A prefix of a page can have tighter bounds than the whole page. */

@@ -107,11 +107,26 @@ static void ocl_backend_free(pikv_backend *b)
 
 static const pikv_backend_iface ocl_backend_iface = {.free = ocl_backend_free};
 
-static void get_str(cl_device_id dev, cl_device_info what, char *buf, size_t n)
+/* A device string into buf[n]. A longer one is truncated and ends with a hash of the
+   whole string, so that two long names never look the same (they key the binary cache). */
+static void get_str(pikv_context *ctx, cl_device_id dev, cl_device_info what, char *buf, size_t n)
 {
     buf[0] = 0;
-    if (clGetDeviceInfo(dev, what, n - 1, buf, NULL) != CL_SUCCESS) buf[0] = 0;
-    buf[n - 1] = 0;
+    size_t need = 0;
+    if (clGetDeviceInfo(dev, what, 0, NULL, &need) != CL_SUCCESS || need == 0) return;
+    if (need <= n) {
+        if (clGetDeviceInfo(dev, what, n, buf, NULL) != CL_SUCCESS) buf[0] = 0;
+        buf[n - 1] = 0;
+        return;
+    }
+    char *full = pikv_host_alloc(ctx, need, 16);
+    if (!full) return;
+    if (clGetDeviceInfo(dev, what, need, full, NULL) == CL_SUCCESS && n > 18) {
+        uint64_t h = 0xcbf29ce484222325ull;
+        for (size_t i = 0; i < need; i++) h = (h ^ (unsigned char)full[i]) * 0x100000001b3ull;
+        snprintf(buf, n, "%.*s#%016llx", (int)(n - 18), full, (unsigned long long)h);
+    }
+    pikv_host_free(ctx, full);
 }
 
 /* A device of the context (NULL with a log line when it cannot be used). */
@@ -133,8 +148,8 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, cl_platform_i
     d->context = od;
     od->platform = plat;
     od->id = id;
-    get_str(id, CL_DEVICE_NAME, od->dev_name, sizeof od->dev_name);
-    get_str(id, CL_DRIVER_VERSION, od->driver, sizeof od->driver);
+    get_str(ctx, id, CL_DEVICE_NAME, od->dev_name, sizeof od->dev_name);
+    get_str(ctx, id, CL_DRIVER_VERSION, od->driver, sizeof od->driver);
     od->platform_version[0] = 0;
     clGetPlatformInfo(plat, CL_PLATFORM_VERSION, sizeof od->platform_version - 1, od->platform_version, NULL);
     od->platform_version[sizeof od->platform_version - 1] = 0;

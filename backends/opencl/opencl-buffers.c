@@ -88,6 +88,8 @@ pikv_status pikv_ocl_scratch(pikv_device *dev, int i, size_t size, cl_mem *out)
         *out = s->mem;
         return PIKV_OK;
     }
+    PIKV_RETURN_ERROR_IF(size > SIZE_MAX / 4, dev->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "device %s: scratch of %zu bytes is not allocatable", dev->info.name, size);
     size_t grown = s->size ? s->size : 4096;
     while (grown < size) grown *= 2;
     if (s->mem) {

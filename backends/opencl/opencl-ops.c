@@ -649,6 +649,7 @@ pikv_status pikv_ocl_topk(pikv_device *dev, const pikv_topk_args *a)
         CHECK_ST(launch(dev, k, (size_t)a->n_lists, 0));
     }
     if (n > 0) CHECK_ST(read_back(dev, mkeep, a->keep, (size_t)n));
+    CHECK_ST(finish(dev)); /* every op is complete when it returns: the caller frees its inputs */
 done:
     if (st != PIKV_OK) clFinish(od->queue);
     return st;

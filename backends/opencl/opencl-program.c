@@ -74,13 +74,22 @@ static bool cache_dir(char *out, size_t n)
         len = snprintf(out, n, "%s/.cache/pikv", env);
     }
     if (len <= 0 || (size_t)len >= n) return false;
-    return make_dirs(out);
+    if (!make_dirs(out)) return false;
+    /* The cache holds native code that will run: only a directory of our own that
+       nobody else can write is trusted. */
+    struct stat sb;
+    return stat(out, &sb) == 0 && sb.st_uid == geteuid() && (sb.st_mode & 022) == 0;
 }
 
 static unsigned char *read_cache(pikv_context *ctx, const char *path, uint64_t key, size_t *size)
 {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
+    struct stat fsb;
+    if (fstat(fileno(f), &fsb) != 0 || fsb.st_uid != geteuid()) {
+        fclose(f);
+        return NULL;
+    }
     unsigned char hdr[32];
     unsigned char *data = NULL;
     uint64_t k = 0, n = 0, sum = 0;
