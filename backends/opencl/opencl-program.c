@@ -275,13 +275,15 @@ pikv_status pikv_ocl_ready(pikv_device *dev)
             return PIKV_FAIL(dev->ctx, od->build_status, "%s", od->build_error);
         return PIKV_OK;
     }
+    const pikv_status st = build(dev);
+    if (st != PIKV_OK) pikv_ocl_program_free(od);
+    /* A program that does not compile never will: remember that. Running out of
+       memory while building is transient: the next op tries again. */
+    if (st == PIKV_ERR_OUT_OF_MEMORY) return st;
     od->build_tried = true;
-    od->build_status = build(dev);
-    if (od->build_status != PIKV_OK) {
-        snprintf(od->build_error, sizeof od->build_error, "%s", pikv_context_last_error(dev->ctx));
-        pikv_ocl_program_free(od);
-    }
-    return od->build_status;
+    od->build_status = st;
+    if (st != PIKV_OK) snprintf(od->build_error, sizeof od->build_error, "%s", pikv_context_last_error(dev->ctx));
+    return st;
 }
 
 void pikv_ocl_program_free(pikv_ocl_device *od)
