@@ -25,6 +25,7 @@
  * stops at the first failing operation and prints the seed and the operation number;
  * `cache_fuzz SEED OPS 1` replays that seed alone.
  */
+#include "fault-hook.h"
 #include "test-util.h"
 
 #include "cache-impl.h"
@@ -41,82 +42,6 @@
    the CPU backend's worker threads. */
 #define DEFAULT_SEEDS 300
 #define DEFAULT_OPS 300
-
-/* ------------------------------------------------------------------------ */
-/* Allocator hook: fails allocations on request, counts live ones            */
-/* ------------------------------------------------------------------------ */
-
-typedef struct fault_hook {
-    pthread_mutex_t mu; /* the CPU backend's worker threads may allocate too */
-    long long calls;    /* allocations since arming */
-    long long fail_at;  /* -1 = never fail */
-    int fail_rest;      /* also fail every allocation after fail_at */
-    long long refused;  /* allocations refused since arming */
-    long long live;     /* allocations not yet freed */
-} fault_hook;
-
-static fault_hook g_hook = {PTHREAD_MUTEX_INITIALIZER, 0, -1, 0, 0, 0};
-
-static void *hook_alloc(void *user, size_t size, size_t align)
-{
-    fault_hook *h = user;
-    pthread_mutex_lock(&h->mu);
-    long long n = h->calls++;
-    int fail = h->fail_at >= 0 && (n == h->fail_at || (h->fail_rest && n > h->fail_at));
-    if (fail)
-        h->refused++;
-    pthread_mutex_unlock(&h->mu);
-    if (fail)
-        return NULL;
-    if (align < sizeof(void *))
-        align = sizeof(void *);
-    void *p = NULL;
-    if (posix_memalign(&p, align, size ? size : 1) != 0)
-        return NULL;
-    pthread_mutex_lock(&h->mu);
-    h->live++;
-    pthread_mutex_unlock(&h->mu);
-    return p;
-}
-
-static void hook_free(void *user, void *ptr)
-{
-    fault_hook *h = user;
-    if (!ptr)
-        return;
-    pthread_mutex_lock(&h->mu);
-    h->live--;
-    pthread_mutex_unlock(&h->mu);
-    free(ptr);
-}
-
-static void hook_arm(long long fail_at, int fail_rest)
-{
-    pthread_mutex_lock(&g_hook.mu);
-    g_hook.calls = 0;
-    g_hook.refused = 0;
-    g_hook.fail_at = fail_at;
-    g_hook.fail_rest = fail_rest;
-    pthread_mutex_unlock(&g_hook.mu);
-}
-
-/* Returns how many allocations were refused while armed. */
-static long long hook_disarm(void)
-{
-    pthread_mutex_lock(&g_hook.mu);
-    long long refused = g_hook.refused;
-    g_hook.fail_at = -1;
-    pthread_mutex_unlock(&g_hook.mu);
-    return refused;
-}
-
-static long long hook_live(void)
-{
-    pthread_mutex_lock(&g_hook.mu);
-    long long live = g_hook.live;
-    pthread_mutex_unlock(&g_hook.mu);
-    return live;
-}
 
 /* ------------------------------------------------------------------------ */
 /* One seed's state                                                          */
@@ -168,7 +93,7 @@ static void maybe_arm(fuzz *f)
         return;
     long long fail_at = tu_int(&f->r, 0, 11);
     int fail_rest = coin(&f->r);
-    hook_arm(fail_at, fail_rest);
+    tu_fault_arm(fail_at, fail_rest);
     g_totals.armed++;
 }
 
@@ -219,9 +144,7 @@ static void draw_geometry(fuzz *f)
     cp->backends = "cpu";
     cp->cpu_devices = (int32_t)tu_int(r, 1, 3);
     cp->cpu_threads = (int32_t)tu_int(r, 1, 4);
-    cp->allocator.alloc = hook_alloc;
-    cp->allocator.free = hook_free;
-    cp->allocator.user = &g_hook;
+    tu_fault_install(cp);
     /* Half of the seeds limit device memory to 16-64 pages (plus an odd remainder), so
        chunks hold few pages, pools grow often and appends run out of device memory. */
     if (coin(r)) {
@@ -265,8 +188,8 @@ static void fuzz_close(fuzz *f)
     f->c = NULL;
     f->ctx = NULL;
     /* Everything the context allocated went through the hook: a leak check without ASan. */
-    CHECKF(hook_live() == 0, "seed %llu: %lld allocations live after pikv_context_free",
-           (unsigned long long)f->seed, hook_live());
+    CHECKF(tu_fault_live() == 0, "seed %llu: %lld allocations live after pikv_context_free",
+           (unsigned long long)f->seed, tu_fault_live());
 }
 
 /* ------------------------------------------------------------------------ */
@@ -500,7 +423,7 @@ static void op_seq_add(fuzz *f, int seq)
     tu_snap_take(f->c, &f->p, &before);
     maybe_arm(f);
     pikv_status st = pikv_seq_add(f->c, seq);
-    long long refused = hook_disarm();
+    long long refused = tu_fault_disarm();
     if (st == PIKV_OK)
         f->m.live[seq] = 1;
     else
@@ -539,7 +462,7 @@ static void op_append(fuzz *f, int seq)
     tu_snap_take(f->c, &f->p, &before);
     maybe_arm(f);
     pikv_status st = pikv_cache_append(f->c, layer, seq, n, k, v, NULL, experts);
-    long long refused = hook_disarm();
+    long long refused = tu_fault_disarm();
     if (st == PIKV_OK)
         tu_model_push(&f->m, layer, seq, n, k, v, experts);
     else
@@ -568,7 +491,7 @@ static void op_copy_prefix(fuzz *f, int src)
     tu_snap_take(f->c, &f->p, &before);
     maybe_arm(f);
     pikv_status st = pikv_seq_copy_prefix(f->c, src, dst, n);
-    long long refused = hook_disarm();
+    long long refused = tu_fault_disarm();
     if (st == PIKV_OK)
         tu_model_copy_prefix(&f->m, src, dst, n);
     else
@@ -592,7 +515,7 @@ static void op_rebalance_or_trim(fuzz *f)
     maybe_arm(f);
     int64_t moved = -1;
     pikv_status st = pikv_cache_rebalance(f->c, &moved);
-    long long refused = hook_disarm();
+    long long refused = tu_fault_disarm();
     if (st != PIKV_OK)
         check_failed_call(f, "rebalance", st, refused, 0, &before);
     tu_snap_free(&before);

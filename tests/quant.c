@@ -42,6 +42,7 @@
  *
  * PIKV_QUANT_CASES in the environment sets the number of random round-trip caches (1000).
  */
+#include "fault-hook.h"
 #include "test-util.h"
 
 #include "cache-impl.h"
@@ -2165,70 +2166,12 @@ static void test_evict(void)
 
 /* ---- allocation failures ---------------------------------------------------------------- */
 
-typedef struct hook {
-    pthread_mutex_t mu;
-    long long calls, fail_at, failed, live;
-    int fail_rest;
-} hook;
-static hook g_hook = {PTHREAD_MUTEX_INITIALIZER, 0, -1, 0, 0, 0};
-
-static void *hook_alloc(void *user, size_t size, size_t align)
-{
-    hook *h = user;
-    pthread_mutex_lock(&h->mu);
-    const long long n = h->calls++;
-    const int fail = h->fail_at >= 0 && (n == h->fail_at || (h->fail_rest && n > h->fail_at));
-    h->failed += fail;
-    pthread_mutex_unlock(&h->mu);
-    if (fail)
-        return NULL;
-    void *ptr = NULL;
-    if (posix_memalign(&ptr, align < sizeof(void *) ? sizeof(void *) : align, size ? size : 1) != 0)
-        return NULL;
-    pthread_mutex_lock(&h->mu);
-    h->live++;
-    pthread_mutex_unlock(&h->mu);
-    return ptr;
-}
-
-static void hook_free(void *user, void *ptr)
-{
-    hook *h = user;
-    if (!ptr)
-        return;
-    pthread_mutex_lock(&h->mu);
-    h->live--;
-    pthread_mutex_unlock(&h->mu);
-    free(ptr);
-}
-
-static void arm(long long n, int rest)
-{
-    pthread_mutex_lock(&g_hook.mu);
-    g_hook.calls = 0;
-    g_hook.failed = 0;
-    g_hook.fail_at = n;
-    g_hook.fail_rest = rest;
-    pthread_mutex_unlock(&g_hook.mu);
-}
-
-static long long disarm(void)
-{
-    pthread_mutex_lock(&g_hook.mu);
-    const long long f = g_hook.failed;
-    g_hook.fail_at = -1;
-    pthread_mutex_unlock(&g_hook.mu);
-    return f;
-}
-
 static pikv_context *hook_context(int devices)
 {
     pikv_context_params cp = pikv_context_default_params();
     cp.backends = "cpu";
     cp.cpu_devices = devices;
-    cp.allocator.alloc = hook_alloc;
-    cp.allocator.free = hook_free;
-    cp.allocator.user = &g_hook;
+    tu_fault_install(&cp);
     pikv_context *ctx = NULL;
     return pikv_context_create(&cp, &ctx) == PIKV_OK ? ctx : NULL;
 }
@@ -2309,9 +2252,9 @@ static void test_alloc_failure(void)
             qsnap_take(c, &qb);
             pikv_status st = PIKV_ERR_INTERNAL;
             for (long long k = 0; k < 500; k++) {
-                arm(k, rest);
+                tu_fault_arm(k, rest);
                 st = pikv_cache_append(c, 0, 0, n, K, V, NULL, ex);
-                const long long refused = disarm();
+                const long long refused = tu_fault_disarm();
                 if (st == PIKV_OK)
                     break;
                 attempts++;
@@ -2356,7 +2299,7 @@ static void test_alloc_failure(void)
     tu_set_case("alloc failure totals");
     /* the quantize step runs inside the append's commit: it must allocate nothing */
     CHECKF(quant_failures == 0, "%ld allocation failures hit the quantize step", quant_failures);
-    CHECKF(g_hook.live == 0, "%lld allocations leaked", g_hook.live);
+    CHECKF(tu_fault_live() == 0, "%lld allocations leaked", tu_fault_live());
     printf("alloc_failure: %ld failed appends, %ld of them in the quantize step\n", attempts, quant_failures);
 }
 
@@ -2419,9 +2362,9 @@ static void test_failed_quantize_bounds(void)
         b.out = o0;
         b.lse = &l0;
         CHECK_OK(pikv_cache_attend(c, 0, &b));
-        arm(k, 0);
+        tu_fault_arm(k, 0);
         const pikv_status st = pikv_cache_append(c, 0, 0, 2, Kbig, Vbig, NULL, NULL);
-        disarm();
+        tu_fault_disarm();
         if (st != PIKV_OK && strstr(pikv_context_last_error(ctx), "quantize") != NULL) hit = 1;
         if (st != PIKV_OK) {
             failures++;
