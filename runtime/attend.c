@@ -104,8 +104,9 @@ static pikv_status run_plan(pikv_cache *c, const pikv_attend_batch *b, const pik
     return st;
 }
 
-/* Each read page's share of the final softmax, summed over the query heads of
-   its KV head, is added to the page's attention mass; its use statistics move. */
+/* Each read page's use statistics move; with page_lse (policies that rank by
+   attention), its share of the final softmax, summed over the query heads of its
+   KV head, is added to the page's attention mass. */
 static void accumulate_mass(pikv_cache *c, int32_t layer, const pikv_read_plan *plan, const float *lse,
                             const float *page_lse)
 {
@@ -118,12 +119,14 @@ static void accumulate_mass(pikv_cache *c, int32_t layer, const pikv_read_plan *
             const float *l = lse + (size_t)list * (size_t)G; /* heads (i, g*G .. g*G+G-1) */
             for (int32_t e = indptr[list]; e < indptr[list + 1]; e++) {
                 pikv_page_meta *m = &c->pages[plan->ids[off + e]];
-                float mass = 0.0f;
-                for (int32_t h = 0; h < G; h++) {
-                    const float pl = page_lse[(size_t)(off + e) * (size_t)G + (size_t)h];
-                    if (pl != -INFINITY && l[h] != -INFINITY) mass += expf(pl - l[h]);
+                if (page_lse) {
+                    float mass = 0.0f;
+                    for (int32_t h = 0; h < G; h++) {
+                        const float pl = page_lse[(size_t)(off + e) * (size_t)G + (size_t)h];
+                        if (pl != -INFINITY && l[h] != -INFINITY) mass += expf(pl - l[h]);
+                    }
+                    m->attn_mass += mass;
                 }
-                m->attn_mass += mass;
                 if (m->last_use != clock) { /* once per call, however many heads read it */
                     m->last_use = clock;
                     m->use_count++;
@@ -173,21 +176,24 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
     const int32_t kvh = c->params.n_kv_heads, G = hq / kvh;
     const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
     const bool measure = sel->measure != 0 && sel->mode != PIKV_SELECT_ALL;
+    /* only H2O and utility eviction rank pages by attention mass */
+    const bool want_mass = c->params.evict.policy == PIKV_EVICT_H2O || c->params.evict.policy == PIKV_EVICT_UTILITY;
 
     pikv_read_plan plan;
     pikv_status st = pikv_plan_reads(c, layer, b, sel, &plan);
     if (st != PIKV_OK) return st;
     const int64_t entries = plan.dev_begin[c->n_devs];
     float *lse = b->lse;
-    float *scratch = pikv_host_alloc(ctx, ((size_t)entries * (size_t)G + lse_floats +
+    const size_t mass_floats = want_mass ? (size_t)entries * (size_t)G : 0;
+    float *scratch = pikv_host_alloc(ctx, (mass_floats + lse_floats +
                                           (measure ? out_floats + lse_floats : 0) + 1) * sizeof(float), 64);
     if (!scratch) {
         pikv_read_plan_free(ctx, &plan);
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_attend: scratch for %lld page reads: "
                          "allocation failed", (long long)entries);
     }
-    float *page_lse = scratch;
-    float *lse_own = scratch + (size_t)entries * (size_t)G;
+    float *page_lse = want_mass ? scratch : NULL;
+    float *lse_own = scratch + mass_floats;
     float *exact_out = lse_own + lse_floats, *exact_lse = exact_out + out_floats;
     if (!lse) lse = lse_own;
     st = run_plan(c, b, &plan, b->out, lse, page_lse);
