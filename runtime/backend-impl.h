@@ -234,6 +234,10 @@ pikv_status pikv_backend_cpu_init(pikv_context *ctx, const pikv_context_params *
 pikv_status pikv_backend_opencl_init(pikv_context *ctx, const pikv_context_params *params,
                                      pikv_backend **out);
 
+/* Built when PIKV_HAVE_VULKAN is defined (backends/vulkan). */
+pikv_status pikv_backend_vulkan_init(pikv_context *ctx, const pikv_context_params *params,
+                                     pikv_backend **out);
+
 /* Device memory accounting shared by all backends: reserve before allocating,
    release after freeing. Fails with OUT_OF_MEMORY past caps.memory_limit. */
 pikv_status pikv_device_reserve_bytes(pikv_device *dev, uint64_t size);

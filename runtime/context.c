@@ -88,6 +88,9 @@ int pikv_backend_is_compiled(pikv_backend_kind kind)
 #ifdef PIKV_HAVE_OPENCL
     if (kind == PIKV_BACKEND_OPENCL) return 1;
 #endif
+#ifdef PIKV_HAVE_VULKAN
+    if (kind == PIKV_BACKEND_VULKAN) return 1;
+#endif
     return kind == PIKV_BACKEND_CPU; /* the other accelerator backends land in later versions */
 }
 
@@ -188,6 +191,17 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
             if (st != PIKV_OK) ocl->iface->free(ocl);
         }
         want[PIKV_BACKEND_OPENCL] = false;
+    }
+#endif
+#ifdef PIKV_HAVE_VULKAN
+    if (st == PIKV_OK && want[PIKV_BACKEND_VULKAN]) {
+        pikv_backend *vk = NULL;
+        st = pikv_backend_vulkan_init(ctx, &p, &vk); /* no loader or driver: a backend without devices */
+        if (st == PIKV_OK) {
+            st = add_backend_devices(ctx, vk);
+            if (st != PIKV_OK) vk->iface->free(vk);
+        }
+        want[PIKV_BACKEND_VULKAN] = false;
     }
 #endif
     for (int k = 1; k < 4 && st == PIKV_OK; k++) {
