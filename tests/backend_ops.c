@@ -49,16 +49,19 @@
  * shape's dtype) is "unsupported" and counted as skipped, never passed; its output pages
  * are then copied from the reference so later ops still run.
  *
- * Usage: backend_ops [-o OP] [-b BACKEND] [-s SHAPE] [-v]
+ * Usage: backend_ops [-o OP] [-b BACKEND] [-s SHAPE] [-r] [-v]
  *   -o OP       only this op (append, bounds, quantize, page_copy, score, topk, attention,
  *               merge, buffer); the ops that build its input pages run on the reference
  *               only and their pages are copied to the device under test
  *   -b BACKEND  only devices whose backend (cpu, opencl, ...) or device name (cpu1) matches
  *   -s SHAPE    only shapes whose description contains SHAPE ("int4", "hd80", "ps1 ",
  *               "gqa8", ...)
+ *   -r          fail when no device is under test (a backend expected to be there is not)
  *   -v          print every case, and every unsupported one (else the first per group)
  * Prints one line per (op, device, dtype) group and, last, "N passed, N failed, N skipped";
- * exits non-zero on any failure.
+ * exits non-zero on any failure. Every error the library logs is a failure too; with
+ * PIKV_VULKAN_VALIDATION=1 in the environment the Khronos validation layer must be on and
+ * each of its errors (logged as library errors) fails the run.
  */
 #include "test-util.h"
 
@@ -98,6 +101,7 @@ static long g_passed, g_failed, g_skipped;
 static struct {
     const char *op, *backend, *shape;
     int verbose;
+    int require;     /* -r: fail when no device is under test */
 } g_opt;
 
 typedef struct dut {
@@ -1469,10 +1473,11 @@ static void step_buffer(const dut *d)
 static void usage(const char *prog)
 {
     fprintf(stderr,
-            "usage: %s [-o OP] [-b BACKEND] [-s SHAPE] [-v]\n"
+            "usage: %s [-o OP] [-b BACKEND] [-s SHAPE] [-r] [-v]\n"
             "  OP: append bounds quantize page_copy score topk attention merge buffer\n"
             "  BACKEND: a backend (cpu, opencl, vulkan, cuda) or a device name (cpu1)\n"
-            "  SHAPE: a substring of the case description, e.g. int4, hd80, \"ps1 \", gqa8\n",
+            "  SHAPE: a substring of the case description, e.g. int4, hd80, \"ps1 \", gqa8\n"
+            "  -r: fail when no device matches (a backend that should be there is not)\n",
             prog);
 }
 
@@ -1483,12 +1488,26 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static long g_log_errors;
+static char g_first_log_error[512];
+static int g_validation_on;
+
+static void count_log(pikv_log_level level, const char *message, void *user)
+{
+    (void)user;
+    if (strstr(message, "vulkan: validation: on")) g_validation_on = 1;
+    if (level != PIKV_LOG_ERROR) return;
+    if (!g_log_errors++) snprintf(g_first_log_error, sizeof g_first_log_error, "%s", message);
+}
+
 int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-v")) {
             g_opt.verbose = 1;
+        } else if (!strcmp(a, "-r")) {
+            g_opt.require = 1;
         } else if ((!strcmp(a, "-o") || !strcmp(a, "-b") || !strcmp(a, "-s")) && i + 1 < argc) {
             const char *v = argv[++i];
             if (a[1] == 'o') g_opt.op = v;
@@ -1508,11 +1527,16 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    /* Every error the library logs fails the run: with PIKV_VULKAN_VALIDATION=1 that
+       includes each Vulkan validation error, and the layer must then be on. */
+    const int want_validation = getenv("PIKV_VULKAN_VALIDATION") && strcmp(getenv("PIKV_VULKAN_VALIDATION"), "0");
     const char *reps = getenv("PIKV_BACKEND_OPS_REPS");
     if (reps && atoi(reps) > 0) g_reps = atoi(reps);
     pikv_context_params cp = pikv_context_default_params();
     cp.backends = "all";
     cp.cpu_devices = 2;
+    cp.log_fn = count_log;
+    cp.log_level = PIKV_LOG_INFO;
     pikv_status st = pikv_context_create(&cp, &g_ctx);
     if (st != PIKV_OK) {
         printf("pikv_context_create(backends \"all\", cpu_devices 2): %s\n", status_str(st));
@@ -1532,6 +1556,10 @@ int main(int argc, char **argv)
         snprintf(d->label, sizeof d->label, "%s(%s)", dev->info.name, bname);
         printf("under test: %s: %s%s\n", d->label, dev->info.description,
                d->exact ? " [must match the reference exactly]" : "");
+    }
+    if (g_opt.require && g_n_duts == 0) {
+        printf("no device under test%s%s (-r)\n", g_opt.backend ? " of " : "", g_opt.backend ? g_opt.backend : "");
+        g_failed++;
     }
     fflush(stdout);
     const double t0 = now_s();
@@ -1584,9 +1612,17 @@ int main(int argc, char **argv)
                        g->failed ? "  FAILED" : (g->passed ? "" : "  unsupported"));
             }
     printf("time %.2f s\n", now_s() - t0);
+    free(g_fill);
+    pikv_context_free(g_ctx); /* the validation layer also reports objects left at destruction */
+    if (g_log_errors) {
+        printf("library errors logged: %ld (the first: %s)\n", g_log_errors, g_first_log_error);
+        g_failed++;
+    }
+    if (want_validation) {
+        printf("Vulkan validation: %s\n", !g_validation_on ? "NOT ON (layer missing?)" : g_log_errors ? "on, errors logged" : "on, no errors logged");
+        if (!g_validation_on || g_log_errors) g_failed++;
+    }
     printf("%ld passed, %ld failed, %ld skipped\n", g_passed, g_failed, g_skipped);
     fflush(stdout);
-    free(g_fill);
-    pikv_context_free(g_ctx);
     return g_failed ? 1 : 0;
 }
