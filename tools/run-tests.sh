@@ -15,16 +15,19 @@ step() { echo; echo "==== $*"; }
 export PIKV_CACHE_DIR="${PIKV_CACHE_DIR:-$PWD/build/opencl-cache}"
 mkdir -p "$PIKV_CACHE_DIR"
 command -v clinfo >/dev/null && { echo "OpenCL platforms:"; clinfo -l 2>&1 | sed 's/^/  /'; }
+command -v vulkaninfo >/dev/null && { echo "Vulkan devices:"; vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion" | sed 's/^/  /'; }
+# The accelerator backends are auto-detected; said explicitly so a stale cache cannot drop one.
+backends=(-DPIKV_OPENCL=AUTO -DPIKV_VULKAN=AUTO)
 
 step "release build (build/)"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON "${backends[@]}"
 cmake --build build -j "$jobs"
 step "tests (release)"
 ctest --test-dir build -j "$jobs" --output-on-failure
 
 if command -v clang >/dev/null; then
   step "clang build (build-clang/)"
-  cmake -S . -B build-clang -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON -DCMAKE_C_COMPILER=clang
+  cmake -S . -B build-clang -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON -DCMAKE_C_COMPILER=clang "${backends[@]}"
   cmake --build build-clang -j "$jobs"
   step "tests (clang)"
   ctest --test-dir build-clang -j "$jobs" --output-on-failure
@@ -34,7 +37,7 @@ fi
 
 if [ "$asan" = 1 ]; then
   step "sanitizer build (build-asan/)"
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPIKV_WERROR=ON \
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPIKV_WERROR=ON "${backends[@]}" \
     "-DCMAKE_C_FLAGS=-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
   cmake --build build-asan -j "$jobs"
   step "tests (ASan + UBSan)"

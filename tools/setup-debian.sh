@@ -2,9 +2,12 @@
 # Installs what building and testing PiKV needs on Debian/Ubuntu.
 # Packages already present are not fetched again.
 set -euo pipefail
-# OpenCL: headers and the ICD loader to build the backend, PoCL to run it on the CPU
+# OpenCL: headers and the ICD loader to build the backend, PoCL to run it on the CPU.
+# Vulkan: headers and glslc to build the backend, the loader and Mesa's lavapipe
+# (software Vulkan) to run it, the Khronos validation layer for the validated test run.
 packages=(build-essential cmake ninja-build pkg-config clang
-          ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo)
+          ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
+          libvulkan-dev libvulkan1 glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,23 +2,39 @@
    capabilities and registration. No loader, no driver or no Vulkan 1.2 device
    means a backend without devices, not an error.
 
-   PIKV_VULKAN_VALIDATION=1 in the environment enables the Khronos validation
-   layer; its messages go to the context's log callback ("vulkan validation:",
+   One VkInstance per process, created on first use and never destroyed: the
+   loader unloads the driver when the last instance goes, and drivers then
+   lose (leak) their one-time state on every reload; contexts create their own
+   VkDevices on it.
+
+   PIKV_VULKAN_VALIDATION=1 in the environment (read when the instance is
+   created) enables the Khronos validation layer; its messages go to the log
+   callback of every live context with Vulkan devices ("vulkan validation:",
    errors at PIKV_LOG_ERROR). PIKV_VULKAN_NO_SUBGROUPS=1 forces the attention
    shader without subgroup operations. */
 #include "vulkan-impl.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { MAX_VK_DEVICES = 16, ATTENTION_BINDINGS = 10 };
 
-typedef struct pikv_vk_backend {
-    pikv_context *ctx;
+/* The process-wide instance (see above). */
+typedef struct pikv_vk_process {
     pikv_vk_loader loader;
     VkInstance instance;
     pikv_vk_instance_fns fn;
+    bool validation_requested, validation, debug_utils;
+    char error[160]; /* why there is no instance, when there is none */
+} pikv_vk_process;
+
+static pthread_once_t g_process_once = PTHREAD_ONCE_INIT;
+static pikv_vk_process g_vk;
+
+typedef struct pikv_vk_backend {
+    pikv_context *ctx;
     VkDebugUtilsMessengerEXT messenger;
 } pikv_vk_backend;
 
@@ -139,10 +155,7 @@ static void vk_backend_free(pikv_backend *b)
     for (int32_t i = 0; b->devices && i < b->n_devices; i++) vk_device_free(ctx, b->devices[i]);
     pikv_vk_backend *vb = b->context;
     if (vb) {
-        if (vb->messenger && vb->fn.vkDestroyDebugUtilsMessengerEXT)
-            vb->fn.vkDestroyDebugUtilsMessengerEXT(vb->instance, vb->messenger, NULL);
-        if (vb->instance) vb->fn.vkDestroyInstance(vb->instance, NULL);
-        pikv_vk_loader_close(&vb->loader);
+        if (vb->messenger) g_vk.fn.vkDestroyDebugUtilsMessengerEXT(g_vk.instance, vb->messenger, NULL);
         pikv_host_free(ctx, vb);
     }
     pikv_host_free(ctx, b->devices);
@@ -166,7 +179,7 @@ static const char *device_type_name(VkPhysicalDeviceType t)
 
 /* Creates the logical device and its queue, command buffer, timeline semaphore
    and descriptor pool. Returns a VkResult with *what naming the failed call. */
-static VkResult create_device(pikv_vk_backend *vb, pikv_vk_device *vd, const char **what)
+static VkResult create_device(pikv_vk_device *vd, const char **what)
 {
     VkPhysicalDeviceVulkan12Features f12 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES,
                                             .timelineSemaphore = VK_TRUE};
@@ -180,15 +193,15 @@ static VkResult create_device(pikv_vk_backend *vb, pikv_vk_device *vd, const cha
                               .queueCreateInfoCount = 1,
                               .pQueueCreateInfos = &qci};
     *what = "vkCreateDevice";
-    VkResult r = vb->fn.vkCreateDevice(vd->phys, &dci, NULL, &vd->device);
+    VkResult r = g_vk.fn.vkCreateDevice(vd->phys, &dci, NULL, &vd->device);
     if (r != VK_SUCCESS) {
         vd->device = VK_NULL_HANDLE;
         return r;
     }
     const char *missing = NULL;
-    if (!pikv_vk_load_device_fns(&vb->fn, vd->device, &vd->fn, &missing)) {
+    if (!pikv_vk_load_device_fns(&g_vk.fn, vd->device, &vd->fn, &missing)) {
         *what = missing;
-        PFN_vkDestroyDevice destroy = (PFN_vkDestroyDevice)vb->fn.vkGetDeviceProcAddr(vd->device, "vkDestroyDevice");
+        PFN_vkDestroyDevice destroy = (PFN_vkDestroyDevice)g_vk.fn.vkGetDeviceProcAddr(vd->device, "vkDestroyDevice");
         if (destroy) destroy(vd->device, NULL);
         vd->device = VK_NULL_HANDLE;
         return VK_ERROR_INITIALIZATION_FAILED;
@@ -224,12 +237,12 @@ static VkResult create_device(pikv_vk_backend *vb, pikv_vk_device *vd, const cha
 }
 
 /* A device of the context (*out NULL, with a log line, when it cannot be used). */
-static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backend *vb, VkPhysicalDevice phys,
+static pikv_status open_device(pikv_context *ctx, pikv_backend *b, VkPhysicalDevice phys,
                                pikv_device **out)
 {
     *out = NULL;
     VkPhysicalDeviceProperties props;
-    vb->fn.vkGetPhysicalDeviceProperties(phys, &props);
+    g_vk.fn.vkGetPhysicalDeviceProperties(phys, &props);
     if (VK_API_VERSION_MAJOR(props.apiVersion) == 1 && VK_API_VERSION_MINOR(props.apiVersion) < 2) {
         pikv_log(ctx, PIKV_LOG_INFO, "vulkan: device '%s' skipped: Vulkan %u.%u (1.2 needed)", props.deviceName,
                  VK_API_VERSION_MAJOR(props.apiVersion), VK_API_VERSION_MINOR(props.apiVersion));
@@ -237,7 +250,7 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backe
     }
     VkPhysicalDeviceVulkan12Features f12 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES};
     VkPhysicalDeviceFeatures2 f2 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, .pNext = &f12};
-    vb->fn.vkGetPhysicalDeviceFeatures2(phys, &f2);
+    g_vk.fn.vkGetPhysicalDeviceFeatures2(phys, &f2);
     const VkPhysicalDeviceLimits *lim = &props.limits;
     const char *why = NULL;
     if (!f12.timelineSemaphore) why = "no timeline semaphores";
@@ -246,10 +259,10 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backe
     else if (lim->maxComputeWorkGroupInvocations < 64 || lim->maxComputeWorkGroupSize[0] < 64)
         why = "workgroups under 64 invocations";
     uint32_t n_fam = 0;
-    vb->fn.vkGetPhysicalDeviceQueueFamilyProperties(phys, &n_fam, NULL);
+    g_vk.fn.vkGetPhysicalDeviceQueueFamilyProperties(phys, &n_fam, NULL);
     VkQueueFamilyProperties fams[32];
     if (n_fam > 32) n_fam = 32;
-    vb->fn.vkGetPhysicalDeviceQueueFamilyProperties(phys, &n_fam, fams);
+    g_vk.fn.vkGetPhysicalDeviceQueueFamilyProperties(phys, &n_fam, fams);
     uint32_t family = UINT32_MAX;
     for (uint32_t i = 0; i < n_fam && family == UINT32_MAX; i++) /* prefer a compute family without graphics */
         if ((fams[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && !(fams[i].queueFlags & VK_QUEUE_GRAPHICS_BIT)) family = i;
@@ -274,11 +287,11 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backe
     vd->limits = *lim;
     memcpy(vd->dev_name, props.deviceName, sizeof vd->dev_name);
     vd->dev_name[sizeof vd->dev_name - 1] = 0;
-    vb->fn.vkGetPhysicalDeviceMemoryProperties(phys, &vd->mem_props);
+    g_vk.fn.vkGetPhysicalDeviceMemoryProperties(phys, &vd->mem_props);
 
     VkPhysicalDeviceSubgroupProperties sg = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
     VkPhysicalDeviceProperties2 p2 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, .pNext = &sg};
-    vb->fn.vkGetPhysicalDeviceProperties2(phys, &p2);
+    g_vk.fn.vkGetPhysicalDeviceProperties2(phys, &p2);
     const VkSubgroupFeatureFlags need = VK_SUBGROUP_FEATURE_BASIC_BIT | VK_SUBGROUP_FEATURE_ARITHMETIC_BIT;
     vd->use_subgroups = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) && (sg.supportedOperations & need) == need &&
                         sg.subgroupSize >= 1 && !env_on("PIKV_VULKAN_NO_SUBGROUPS");
@@ -294,7 +307,7 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backe
     }
 
     const char *what = NULL;
-    VkResult r = create_device(vb, vd, &what);
+    VkResult r = create_device(vd, &what);
     if (r != VK_SUCCESS) {
         pikv_log(ctx, PIKV_LOG_WARN, "vulkan: device '%s' skipped: %s failed: %s (%d)", vd->dev_name, what,
                  pikv_vk_result_name(r), (int)r);
@@ -334,32 +347,81 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, pikv_vk_backe
     return PIKV_OK;
 }
 
-/* Whether the loader offers layer / instance extension `name`. */
-static bool has_layer(pikv_vk_backend *vb, const char *name)
+/* Whether the loader offers layer `name` / instance extension `name` (of `layer`). */
+static bool has_layer(const pikv_vk_loader *L, const char *name)
 {
-    uint32_t n = 0;
-    if (vb->loader.vkEnumerateInstanceLayerProperties(&n, NULL) != VK_SUCCESS || n == 0) return false;
-    VkLayerProperties *p = pikv_host_alloc(vb->ctx, n * sizeof *p, 16);
-    bool found = false;
-    if (p && vb->loader.vkEnumerateInstanceLayerProperties(&n, p) >= VK_SUCCESS)
-        for (uint32_t i = 0; i < n && !found; i++) found = strcmp(p[i].layerName, name) == 0;
-    pikv_host_free(vb->ctx, p);
-    return found;
+    VkLayerProperties p[64];
+    uint32_t n = 64;
+    if (L->vkEnumerateInstanceLayerProperties(&n, p) < VK_SUCCESS) return false;
+    for (uint32_t i = 0; i < n; i++)
+        if (strcmp(p[i].layerName, name) == 0) return true;
+    return false;
 }
 
-static bool has_instance_extension(pikv_vk_backend *vb, const char *layer, const char *name)
+static bool has_instance_extension(const pikv_vk_loader *L, const char *layer, const char *name)
 {
-    uint32_t n = 0;
-    if (vb->loader.vkEnumerateInstanceExtensionProperties(layer, &n, NULL) != VK_SUCCESS || n == 0) return false;
-    VkExtensionProperties *p = pikv_host_alloc(vb->ctx, n * sizeof *p, 16);
-    bool found = false;
-    if (p && vb->loader.vkEnumerateInstanceExtensionProperties(layer, &n, p) >= VK_SUCCESS)
-        for (uint32_t i = 0; i < n && !found; i++) found = strcmp(p[i].extensionName, name) == 0;
-    pikv_host_free(vb->ctx, p);
-    return found;
+    VkExtensionProperties p[256];
+    uint32_t n = 256;
+    if (L->vkEnumerateInstanceExtensionProperties(layer, &n, p) < VK_SUCCESS) return false;
+    for (uint32_t i = 0; i < n; i++)
+        if (strcmp(p[i].extensionName, name) == 0) return true;
+    return false;
 }
 
 static const char VALIDATION_LAYER[] = "VK_LAYER_KHRONOS_validation";
+
+static void create_process_instance(void)
+{
+    pikv_vk_process *P = &g_vk;
+    if (!pikv_vk_loader_open(&P->loader)) {
+        snprintf(P->error, sizeof P->error, "no loader (libvulkan.so.1)");
+        return;
+    }
+    uint32_t version = VK_API_VERSION_1_0;
+    if (P->loader.vkEnumerateInstanceVersion) P->loader.vkEnumerateInstanceVersion(&version);
+    if (VK_API_VERSION_MAJOR(version) == 1 && VK_API_VERSION_MINOR(version) < 2) {
+        snprintf(P->error, sizeof P->error, "the loader offers Vulkan %u.%u (1.2 needed)",
+                 VK_API_VERSION_MAJOR(version), VK_API_VERSION_MINOR(version));
+        return;
+    }
+    const char *layers[1], *exts[1];
+    uint32_t n_layers = 0, n_exts = 0;
+    P->validation_requested = env_on("PIKV_VULKAN_VALIDATION");
+    if (P->validation_requested && has_layer(&P->loader, VALIDATION_LAYER)) {
+        layers[n_layers++] = VALIDATION_LAYER;
+        if (has_instance_extension(&P->loader, VALIDATION_LAYER, VK_EXT_DEBUG_UTILS_EXTENSION_NAME) ||
+            has_instance_extension(&P->loader, NULL, VK_EXT_DEBUG_UTILS_EXTENSION_NAME))
+            exts[n_exts++] = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
+    }
+    VkApplicationInfo app = {.sType = VK_STRUCTURE_TYPE_APPLICATION_INFO,
+                             .pApplicationName = "pikv",
+                             .pEngineName = "pikv",
+                             .engineVersion = (uint32_t)PIKV_VERSION_NUMBER,
+                             .apiVersion = VK_API_VERSION_1_2};
+    VkInstanceCreateInfo ici = {.sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO,
+                                .pApplicationInfo = &app,
+                                .enabledLayerCount = n_layers,
+                                .ppEnabledLayerNames = layers,
+                                .enabledExtensionCount = n_exts,
+                                .ppEnabledExtensionNames = exts};
+    VkResult r = P->loader.vkCreateInstance(&ici, NULL, &P->instance);
+    if (r != VK_SUCCESS) { /* VK_ERROR_INCOMPATIBLE_DRIVER: no driver installed */
+        P->instance = VK_NULL_HANDLE;
+        snprintf(P->error, sizeof P->error, "vkCreateInstance: %s", pikv_vk_result_name(r));
+        return;
+    }
+    const char *missing = NULL;
+    if (!pikv_vk_load_instance_fns(&P->loader, P->instance, &P->fn, &missing)) {
+        PFN_vkDestroyInstance destroy =
+            (PFN_vkDestroyInstance)P->loader.vkGetInstanceProcAddr(P->instance, "vkDestroyInstance");
+        if (destroy) destroy(P->instance, NULL);
+        P->instance = VK_NULL_HANDLE;
+        snprintf(P->error, sizeof P->error, "the loader lacks %s", missing);
+        return;
+    }
+    P->validation = n_layers > 0;
+    P->debug_utils = n_exts > 0 && P->fn.vkCreateDebugUtilsMessengerEXT && P->fn.vkDestroyDebugUtilsMessengerEXT;
+}
 
 pikv_status pikv_backend_vulkan_init(pikv_context *ctx, const pikv_context_params *params, pikv_backend **out)
 {
@@ -381,69 +443,25 @@ pikv_status pikv_backend_vulkan_init(pikv_context *ctx, const pikv_context_param
     vb->ctx = ctx;
     *out = b;
 
-    if (!pikv_vk_loader_open(&vb->loader)) {
-        pikv_log(ctx, PIKV_LOG_INFO, "vulkan: no loader (libvulkan.so.1): the backend has no devices");
+    pthread_once(&g_process_once, create_process_instance);
+    if (!g_vk.instance) {
+        pikv_log(ctx, PIKV_LOG_INFO, "vulkan: %s: the backend has no devices", g_vk.error);
         return PIKV_OK;
     }
-    uint32_t version = VK_API_VERSION_1_0;
-    if (vb->loader.vkEnumerateInstanceVersion) vb->loader.vkEnumerateInstanceVersion(&version);
-    if (VK_API_VERSION_MINOR(version) < 2 && VK_API_VERSION_MAJOR(version) == 1) {
-        pikv_log(ctx, PIKV_LOG_INFO, "vulkan: the loader offers Vulkan %u.%u (1.2 needed): no devices",
-                 VK_API_VERSION_MAJOR(version), VK_API_VERSION_MINOR(version));
-        return PIKV_OK;
-    }
-
-    const char *layers[1], *exts[1];
-    uint32_t n_layers = 0, n_exts = 0;
-    if (env_on("PIKV_VULKAN_VALIDATION")) {
-        if (has_layer(vb, VALIDATION_LAYER)) {
-            layers[n_layers++] = VALIDATION_LAYER;
-            if (has_instance_extension(vb, VALIDATION_LAYER, VK_EXT_DEBUG_UTILS_EXTENSION_NAME) ||
-                has_instance_extension(vb, NULL, VK_EXT_DEBUG_UTILS_EXTENSION_NAME))
-                exts[n_exts++] = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
-        } else {
-            pikv_log(ctx, PIKV_LOG_WARN, "vulkan: PIKV_VULKAN_VALIDATION is set but %s is not installed "
-                     "(Debian: vulkan-validationlayers)", VALIDATION_LAYER);
-        }
-    }
-    VkApplicationInfo app = {.sType = VK_STRUCTURE_TYPE_APPLICATION_INFO,
-                             .pApplicationName = "pikv",
-                             .pEngineName = "pikv",
-                             .engineVersion = (uint32_t)PIKV_VERSION_NUMBER,
-                             .apiVersion = VK_API_VERSION_1_2};
-    VkDebugUtilsMessengerCreateInfoEXT mci = {
-        .sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT,
-        .messageSeverity = VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
-        .messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
-                       VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
-        .pfnUserCallback = on_validation_message,
-        .pUserData = vb};
-    VkInstanceCreateInfo ici = {.sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO,
-                                .pNext = n_exts ? &mci : NULL, /* also reports on instance creation itself */
-                                .pApplicationInfo = &app,
-                                .enabledLayerCount = n_layers,
-                                .ppEnabledLayerNames = layers,
-                                .enabledExtensionCount = n_exts,
-                                .ppEnabledExtensionNames = exts};
-    VkResult r = vb->loader.vkCreateInstance(&ici, NULL, &vb->instance);
-    if (r != VK_SUCCESS) { /* VK_ERROR_INCOMPATIBLE_DRIVER: no driver installed */
-        vb->instance = VK_NULL_HANDLE;
-        pikv_log(ctx, PIKV_LOG_INFO, "vulkan: vkCreateInstance: %s: the backend has no devices",
-                 pikv_vk_result_name(r));
-        return PIKV_OK;
-    }
-    const char *missing = NULL;
-    if (!pikv_vk_load_instance_fns(&vb->loader, vb->instance, &vb->fn, &missing)) {
-        PFN_vkDestroyInstance destroy =
-            (PFN_vkDestroyInstance)vb->loader.vkGetInstanceProcAddr(vb->instance, "vkDestroyInstance");
-        if (destroy) destroy(vb->instance, NULL);
-        vb->instance = VK_NULL_HANDLE;
-        pikv_log(ctx, PIKV_LOG_WARN, "vulkan: the loader lacks %s: the backend has no devices", missing);
-        return PIKV_OK;
-    }
-    if (n_layers) {
-        if (n_exts && vb->fn.vkCreateDebugUtilsMessengerEXT &&
-            vb->fn.vkCreateDebugUtilsMessengerEXT(vb->instance, &mci, NULL, &vb->messenger) == VK_SUCCESS)
+    if (g_vk.validation_requested && !g_vk.validation)
+        pikv_log(ctx, PIKV_LOG_WARN, "vulkan: PIKV_VULKAN_VALIDATION is set but %s is not installed "
+                 "(Debian: vulkan-validationlayers)", VALIDATION_LAYER);
+    if (g_vk.validation) {
+        VkDebugUtilsMessengerCreateInfoEXT mci = {
+            .sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT,
+            .messageSeverity =
+                VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
+            .messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+                           VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
+            .pfnUserCallback = on_validation_message,
+            .pUserData = vb};
+        if (g_vk.debug_utils && g_vk.fn.vkCreateDebugUtilsMessengerEXT(g_vk.instance, &mci, NULL, &vb->messenger) ==
+                                    VK_SUCCESS)
             pikv_log(ctx, PIKV_LOG_INFO, "vulkan: validation: on (%s, messages through the log callback)",
                      VALIDATION_LAYER);
         else
@@ -451,14 +469,14 @@ pikv_status pikv_backend_vulkan_init(pikv_context *ctx, const pikv_context_param
     }
 
     uint32_t n_phys = 0;
-    r = vb->fn.vkEnumeratePhysicalDevices(vb->instance, &n_phys, NULL);
+    VkResult r = g_vk.fn.vkEnumeratePhysicalDevices(g_vk.instance, &n_phys, NULL);
     VkPhysicalDevice phys[MAX_VK_DEVICES];
     if (n_phys > MAX_VK_DEVICES) n_phys = MAX_VK_DEVICES;
-    if (r >= VK_SUCCESS && n_phys) r = vb->fn.vkEnumeratePhysicalDevices(vb->instance, &n_phys, phys);
+    if (r >= VK_SUCCESS && n_phys) r = g_vk.fn.vkEnumeratePhysicalDevices(g_vk.instance, &n_phys, phys);
     if (r < VK_SUCCESS) n_phys = 0;
     for (uint32_t i = 0; i < n_phys; i++) {
         pikv_device *d = NULL;
-        pikv_status st = open_device(ctx, b, vb, phys[i], &d);
+        pikv_status st = open_device(ctx, b, phys[i], &d);
         if (st != PIKV_OK) {
             *out = NULL;
             vk_backend_free(b);

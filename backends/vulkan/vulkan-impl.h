@@ -69,9 +69,9 @@ typedef struct pikv_vk_loader {
     PFN_vkEnumerateInstanceExtensionProperties vkEnumerateInstanceExtensionProperties;
 } pikv_vk_loader;
 
-/* Opens the loader; false (and nothing to close) when it is not installed. */
+/* Opens the loader (once per process; it is never closed); false when it is
+   not installed or lacks its global functions. */
 bool pikv_vk_loader_open(pikv_vk_loader *loader);
-void pikv_vk_loader_close(pikv_vk_loader *loader);
 /* false when a required function is missing (names it in *missing). */
 bool pikv_vk_load_instance_fns(const pikv_vk_loader *loader, VkInstance inst, pikv_vk_instance_fns *fns,
                                const char **missing);
