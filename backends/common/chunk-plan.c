@@ -1,29 +1,36 @@
 /* Host-side planning of chunk-at-a-time backends (see chunk-plan.h). */
 #include "chunk-plan.h"
 
+#include "layout-words.h"
+
 #include <string.h>
+
+_Static_assert(LAYOUT_WORDS == PIKV_LAYOUT_WORDS, "layout-words.h and chunk-plan.h disagree");
+_Static_assert(DT_F32 == PIKV_DTYPE_F32 && DT_F16 == PIKV_DTYPE_F16 && DT_INT8 == PIKV_DTYPE_INT8 &&
+                   DT_INT4 == PIKV_DTYPE_INT4,
+               "layout-words.h's dtype codes are pikv_dtype's");
 
 void pikv_layout_words(uint32_t *o, const pikv_page_layout *L)
 {
     memset(o, 0, PIKV_LAYOUT_WORDS * sizeof *o);
-    o[0] = (uint32_t)L->page_size;
-    o[1] = (uint32_t)L->n_kv_heads;
-    o[2] = (uint32_t)L->head_dim;
-    o[3] = (uint32_t)L->dtype;
-    o[4] = (uint32_t)L->group;
-    o[5] = (uint32_t)L->k_groups;
-    o[6] = (uint32_t)L->v_groups;
-    o[7] = (uint32_t)L->row_bytes;
-    o[8] = (uint32_t)L->k_offset;
-    o[9] = (uint32_t)L->v_offset;
-    o[10] = (uint32_t)L->kmin_offset;
-    o[11] = (uint32_t)L->kmax_offset;
-    o[12] = (uint32_t)L->kscale_offset;
-    o[13] = (uint32_t)L->kzero_offset;
-    o[14] = (uint32_t)L->vscale_offset;
-    o[15] = (uint32_t)L->vzero_offset;
-    o[16] = (uint32_t)L->head_stride;
-    o[17] = (uint32_t)L->page_bytes;
+    o[L_PS] = (uint32_t)L->page_size;
+    o[L_KVH] = (uint32_t)L->n_kv_heads;
+    o[L_HD] = (uint32_t)L->head_dim;
+    o[L_DTYPE] = (uint32_t)L->dtype;
+    o[L_GROUP] = (uint32_t)L->group;
+    o[L_KG] = (uint32_t)L->k_groups;
+    o[L_VG] = (uint32_t)L->v_groups;
+    o[L_ROW] = (uint32_t)L->row_bytes;
+    o[L_K] = (uint32_t)L->k_offset;
+    o[L_V] = (uint32_t)L->v_offset;
+    o[L_KMIN] = (uint32_t)L->kmin_offset;
+    o[L_KMAX] = (uint32_t)L->kmax_offset;
+    o[L_KSC] = (uint32_t)L->kscale_offset;
+    o[L_KZE] = (uint32_t)L->kzero_offset;
+    o[L_VSC] = (uint32_t)L->vscale_offset;
+    o[L_VZE] = (uint32_t)L->vzero_offset;
+    o[L_HS] = (uint32_t)L->head_stride;
+    o[L_PB] = (uint32_t)L->page_bytes;
 }
 
 void pikv_pool_layout_words(uint32_t out[2 * PIKV_LAYOUT_WORDS], const pikv_pool_view *pool)
@@ -276,4 +283,24 @@ done:
     pikv_host_free(ctx, eoff);
     if (st != PIKV_OK) pikv_attention_plan_free(ctx, p);
     return st;
+}
+
+/* ---- quantize ------------------------------------------------------------------ */
+
+void pikv_quantize_errors_add(pikv_quantize_args *a, const float *ek, size_t n_key_items, const float *ev,
+                              size_t n_value_items)
+{
+    double e[5] = {0, 0, 0, 0, 0};
+    for (size_t i = 0; i < n_key_items; i++) {
+        e[0] += ek[3 * i];
+        e[1] += ek[3 * i + 1];
+        e[4] = ek[3 * i + 2] > e[4] ? ek[3 * i + 2] : e[4];
+    }
+    for (size_t i = 0; i < n_value_items; i++) {
+        e[2] += ev[3 * i];
+        e[3] += ev[3 * i + 1];
+        e[4] = ev[3 * i + 2] > e[4] ? ev[3 * i + 2] : e[4];
+    }
+    for (int i = 0; i < 4; i++) a->err[i] += e[i];
+    a->err[4] = e[4] > a->err[4] ? e[4] : a->err[4];
 }

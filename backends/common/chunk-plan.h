@@ -68,4 +68,9 @@ pikv_status pikv_attention_plan_build(pikv_device *dev, const pikv_attention_arg
                                       pikv_attention_plan *plan);
 void pikv_attention_plan_free(pikv_context *ctx, pikv_attention_plan *plan);
 
+/* quantize: adds the per-work-item reconstruction errors ({sum e^2, sum x^2,
+   max |e|} triples of the key items then of the value items) into args->err. */
+void pikv_quantize_errors_add(pikv_quantize_args *args, const float *key_items, size_t n_key_items,
+                              const float *value_items, size_t n_value_items);
+
 #endif /* PIKV_CHUNK_PLAN_H */

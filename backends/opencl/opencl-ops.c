@@ -405,22 +405,7 @@ pikv_status pikv_ocl_quantize(pikv_device *dev, pikv_quantize_args *a)
     }
     CHECK_ST(read_back(dev, mek, errs, 3 * n_keys_items * sizeof(float)));
     CHECK_ST(read_back(dev, mev, errs + 3 * n_keys_items, 3 * n_val_items * sizeof(float)));
-    {
-        double e[5] = {0, 0, 0, 0, 0};
-        for (size_t i = 0; i < n_keys_items; i++) {
-            e[0] += errs[3 * i];
-            e[1] += errs[3 * i + 1];
-            e[4] = errs[3 * i + 2] > e[4] ? errs[3 * i + 2] : e[4];
-        }
-        const float *ev = errs + 3 * n_keys_items;
-        for (size_t i = 0; i < n_val_items; i++) {
-            e[2] += ev[3 * i];
-            e[3] += ev[3 * i + 1];
-            e[4] = ev[3 * i + 2] > e[4] ? ev[3 * i + 2] : e[4];
-        }
-        for (int i = 0; i < 4; i++) a->err[i] += e[i];
-        a->err[4] = e[4] > a->err[4] ? e[4] : a->err[4];
-    }
+    pikv_quantize_errors_add(a, errs, n_keys_items, errs + 3 * n_keys_items, n_val_items);
 done:
     if (st != PIKV_OK) clFinish(od->queue);
     pikv_host_free(ctx, errs);

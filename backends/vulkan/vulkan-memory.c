@@ -312,63 +312,49 @@ static pikv_status staging(pikv_device *dev, pikv_vk_host_buffer **out)
     return PIKV_OK;
 }
 
-static void record_copy(pikv_vk_device *vd, VkBuffer src, VkDeviceSize src_off, VkBuffer dst, VkDeviceSize dst_off,
-                        VkDeviceSize n)
+/* Moves size bytes between host memory and a device buffer through the staging
+   buffer, in pieces of its size: to the device when `to_device`. */
+static pikv_status transfer(pikv_device *dev, const pikv_buffer *buf, uint64_t offset, void *host, uint64_t size,
+                            bool to_device)
 {
-    VkBufferCopy region = {.srcOffset = src_off, .dstOffset = dst_off, .size = n};
-    vd->fn.vkCmdCopyBuffer(vd->cmd, src, dst, 1, &region);
+    PIKV_RETURN_ERROR_IF(offset > buf->size || size > buf->size - offset, dev->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "device %s: %s of %llu bytes at %llu is past a buffer of %llu", dev->info.name,
+                         to_device ? "write" : "read", (unsigned long long)size, (unsigned long long)offset,
+                         (unsigned long long)buf->size);
+    pikv_vk_device *vd = pikv_vk_dev(dev);
+    pikv_vk_host_buffer *stg;
+    PIKV_FORWARD_IF_ERROR(staging(dev, &stg));
+    const VkBuffer dev_buffer = ((const pikv_vk_buffer *)buf->handle)->buffer;
+    for (uint64_t done = 0; done < size;) {
+        const uint64_t n = size - done < STAGING_BYTES ? size - done : STAGING_BYTES;
+        if (to_device) memcpy(stg->map, (const char *)host + done, (size_t)n);
+        pikv_status st = pikv_vk_begin(dev);
+        if (st == PIKV_OK) {
+            VkBufferCopy region = {.srcOffset = to_device ? 0 : offset + done,
+                                   .dstOffset = to_device ? offset + done : 0,
+                                   .size = n};
+            vd->fn.vkCmdCopyBuffer(vd->cmd, to_device ? stg->buffer : dev_buffer, to_device ? dev_buffer : stg->buffer,
+                                   1, &region);
+            st = pikv_vk_submit(dev);
+        }
+        if (st != PIKV_OK) {
+            pikv_vk_abandon(dev);
+            return st;
+        }
+        if (!to_device) memcpy((char *)host + done, stg->map, (size_t)n);
+        done += n;
+    }
+    return PIKV_OK;
 }
 
 pikv_status pikv_vk_buffer_write(pikv_device *dev, pikv_buffer *buf, uint64_t offset, const void *src, uint64_t size)
 {
-    PIKV_RETURN_ERROR_IF(offset > buf->size || size > buf->size - offset, dev->ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "device %s: write of %llu bytes at %llu is past a buffer of %llu", dev->info.name,
-                         (unsigned long long)size, (unsigned long long)offset, (unsigned long long)buf->size);
-    pikv_vk_device *vd = pikv_vk_dev(dev);
-    pikv_vk_host_buffer *stg;
-    PIKV_FORWARD_IF_ERROR(staging(dev, &stg));
-    const pikv_vk_buffer *vb = buf->handle;
-    for (uint64_t done = 0; done < size;) {
-        const uint64_t n = size - done < STAGING_BYTES ? size - done : STAGING_BYTES;
-        memcpy(stg->map, (const char *)src + done, (size_t)n);
-        pikv_status st = pikv_vk_begin(dev);
-        if (st == PIKV_OK) {
-            record_copy(vd, stg->buffer, 0, vb->buffer, offset + done, n);
-            st = pikv_vk_submit(dev);
-        }
-        if (st != PIKV_OK) {
-            pikv_vk_abandon(dev);
-            return st;
-        }
-        done += n;
-    }
-    return PIKV_OK;
+    return transfer(dev, buf, offset, (void *)(uintptr_t)src, size, true); /* src is only read */
 }
 
 pikv_status pikv_vk_buffer_read(pikv_device *dev, const pikv_buffer *buf, uint64_t offset, void *dst, uint64_t size)
 {
-    PIKV_RETURN_ERROR_IF(offset > buf->size || size > buf->size - offset, dev->ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "device %s: read of %llu bytes at %llu is past a buffer of %llu", dev->info.name,
-                         (unsigned long long)size, (unsigned long long)offset, (unsigned long long)buf->size);
-    pikv_vk_device *vd = pikv_vk_dev(dev);
-    pikv_vk_host_buffer *stg;
-    PIKV_FORWARD_IF_ERROR(staging(dev, &stg));
-    const pikv_vk_buffer *vb = buf->handle;
-    for (uint64_t done = 0; done < size;) {
-        const uint64_t n = size - done < STAGING_BYTES ? size - done : STAGING_BYTES;
-        pikv_status st = pikv_vk_begin(dev);
-        if (st == PIKV_OK) {
-            record_copy(vd, vb->buffer, offset + done, stg->buffer, 0, n);
-            st = pikv_vk_submit(dev);
-        }
-        if (st != PIKV_OK) {
-            pikv_vk_abandon(dev);
-            return st;
-        }
-        memcpy((char *)dst + done, stg->map, (size_t)n);
-        done += n;
-    }
-    return PIKV_OK;
+    return transfer(dev, buf, offset, dst, size, false);
 }
 
 void pikv_vk_memory_free(pikv_context *ctx, pikv_vk_device *vd)

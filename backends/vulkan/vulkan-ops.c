@@ -318,22 +318,7 @@ pikv_status pikv_vk_quantize(pikv_device *dev, pikv_quantize_args *a)
                                   groups_for(dev, n_val_items)));
     }
     CHECK_ST(pikv_vk_submit(dev));
-    {
-        const float *ek = mek->map, *ev = mev->map;
-        double e[5] = {0, 0, 0, 0, 0};
-        for (size_t i = 0; i < n_key_items; i++) {
-            e[0] += ek[3 * i];
-            e[1] += ek[3 * i + 1];
-            e[4] = ek[3 * i + 2] > e[4] ? ek[3 * i + 2] : e[4];
-        }
-        for (size_t i = 0; i < n_val_items; i++) {
-            e[2] += ev[3 * i];
-            e[3] += ev[3 * i + 1];
-            e[4] = ev[3 * i + 2] > e[4] ? ev[3 * i + 2] : e[4];
-        }
-        for (int i = 0; i < 4; i++) a->err[i] += e[i];
-        a->err[4] = e[4] > a->err[4] ? e[4] : a->err[4];
-    }
+    pikv_quantize_errors_add(a, mek->map, n_key_items, mev->map, n_val_items);
 done:
     if (st != PIKV_OK) pikv_vk_abandon(dev);
     return st;

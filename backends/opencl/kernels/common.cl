@@ -2,7 +2,7 @@
  *
  * Pages live in chunk buffers (one cl_mem per pool chunk); a kernel gets one
  * chunk as a byte pointer plus byte offsets of its pages. The page layout
- * (runtime/backend-impl.h, pikv_page_layout) comes as a row of LAYOUT_STRIDE
+ * (runtime/backend-impl.h, pikv_page_layout) comes as a row of LAYOUT_WORDS
  * uints in a small buffer: row 0 the open pool, row 1 the quantized pool.
  * f16 is storage only: vload_half / vstore_half_rte (core in 1.2), so no
  * cl_khr_fp16 is needed; rounding is to nearest even like runtime/f16.h.
@@ -10,30 +10,8 @@
  * backend (docs/compression.md). */
 #pragma OPENCL FP_CONTRACT OFF
 
-#define L_PS 0
-#define L_KVH 1
-#define L_HD 2
-#define L_DTYPE 3
-#define L_GROUP 4
-#define L_KG 5
-#define L_VG 6
-#define L_ROW 7
-#define L_K 8
-#define L_V 9
-#define L_KMIN 10
-#define L_KMAX 11
-#define L_KSC 12
-#define L_KZE 13
-#define L_VSC 14
-#define L_VZE 15
-#define L_HS 16
-#define L_PB 17
-#define LAYOUT_STRIDE 20
-
-#define DT_F32 0
-#define DT_F16 1
-#define DT_INT8 2
-#define DT_INT4 3
+/* L_* field indices, LAYOUT_WORDS and DT_* come from backends/common/layout-words.h,
+   embedded before this file. */
 
 typedef __global const uchar *page_ptr;
 

@@ -43,7 +43,7 @@ inline float2 group_params(__global half *scales, __global half *zeros, size_t a
 __kernel void pikv_quant_keys(__global const uchar *src_chunk, uint src_off, __global uchar *dst_chunk,
                               uint dst_off, __global const uint *lay, __global float *err)
 {
-    __global const uint *S = lay, *Q = lay + LAYOUT_STRIDE;
+    __global const uint *S = lay, *Q = lay + LAYOUT_WORDS;
     const int ps = (int)S[L_PS], kvh = (int)S[L_KVH], hd = (int)S[L_HD];
     const int dtype = (int)Q[L_DTYPE], G = (int)Q[L_GROUP], kg = (int)Q[L_KG];
     const int qmax = dtype == DT_INT4 ? 15 : 255;
@@ -85,7 +85,7 @@ __kernel void pikv_quant_keys(__global const uchar *src_chunk, uint src_off, __g
 __kernel void pikv_quant_values(__global const uchar *src_chunk, uint src_off, __global uchar *dst_chunk,
                                 uint dst_off, __global const uint *lay, __global float *err)
 {
-    __global const uint *S = lay, *Q = lay + LAYOUT_STRIDE;
+    __global const uint *S = lay, *Q = lay + LAYOUT_WORDS;
     const int ps = (int)S[L_PS], kvh = (int)S[L_KVH], hd = (int)S[L_HD];
     const int dtype = (int)Q[L_DTYPE], G = (int)Q[L_GROUP], vgs = (int)Q[L_VG];
     const int qmax = dtype == DT_INT4 ? 15 : 255;

@@ -16,25 +16,7 @@
  * readable page buffer (uint words). */
 #extension GL_GOOGLE_include_directive : require
 
-#define L_PS 0
-#define L_KVH 1
-#define L_HD 2
-#define L_DTYPE 3
-#define L_GROUP 4
-#define L_KG 5
-#define L_VG 6
-#define L_ROW 7
-#define L_K 8
-#define L_V 9
-#define L_KMIN 10
-#define L_KMAX 11
-#define L_KSC 12
-#define L_KZE 13
-#define L_VSC 14
-#define L_VZE 15
-#define L_HS 16
-#define L_PB 17
-#define LAYOUT_WORDS 20
+#include "../../common/layout-words.h" /* L_* field indices, LAYOUT_WORDS, DT_* */
 
 /* Dispatches past maxComputeWorkGroupCount[0] groups are 2-D (the host splits
    them): the flat invocation / workgroup index. */
@@ -42,11 +24,6 @@
 #define FLAT_GROUP int(gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x)
 
 #define F_INF uintBitsToFloat(0x7f800000u)
-
-#define DT_F32 0
-#define DT_F16 1
-#define DT_INT8 2
-#define DT_INT4 3
 
 /* The layout fields the hot loops use, loaded once. */
 struct layout_t {
