@@ -1413,6 +1413,57 @@ static void step_merge(const scen *s, const dut *d)
 }
 
 /* buffer_write / buffer_read round trips, with the untouched bytes checked. */
+/* top-k on scores with NaNs, infinities, signed zeros and denormals (a score can be NaN: 0 * inf
+   bounds): any order of the odd values is allowed, but the op must succeed, keep must be 0 or 1,
+   the kept tokens within each list's budget, and no byte outside the output written. */
+static void step_topk_odd_scores(const dut *d)
+{
+    if (!op_selected(T_TOPK)) return;
+    if (g_opt.shape && !strstr("- odd scores ", g_opt.shape)) return;
+    enum { N = 300 };
+    float sc[N];
+    int32_t tok[N];
+    tu_rng r = tu_rng_seed(0x0ddull);
+    const float odd[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e-40f, -1e-40f, 1.0f};
+    int64_t total = 0;
+    for (int i = 0; i < N; i++) {
+        sc[i] = tu_int(&r, 0, 2) == 0 ? odd[tu_int(&r, 0, 7)] : (float)tu_int(&r, -5, 5);
+        tok[i] = (int32_t)tu_int(&r, 1, 16);
+        total += tok[i];
+    }
+    const int32_t indptr[3] = {0, N / 2, N};
+    const int64_t budget[2] = {total / 4, total / 3};
+    gbuf kb;
+    uint8_t *keep = gbuf_alloc(&kb, N);
+    pikv_topk_args ta;
+    memset(&ta, 0, sizeof ta);
+    ta.n_lists = 2;
+    ta.indptr = indptr;
+    ta.scores = sc;
+    ta.tokens = tok;
+    ta.budget = budget;
+    ta.keep = keep;
+    pikv_status st = d->dev->iface->topk(d->dev, &ta);
+    sync_dev(d->dev);
+    long bad = 0;
+    for (int l = 0; l < 2 && st == PIKV_OK; l++) {
+        int64_t kept = 0;
+        for (int i = indptr[l]; i < indptr[l + 1]; i++) {
+            if (keep[i] > 1) bad++;
+            if (keep[i] == 1) kept += tok[i];
+        }
+        if (kept > budget[l]) bad++;
+    }
+    const long guard = gbuf_damage(&kb);
+    if (st == PIKV_OK && !bad && !guard)
+        record(T_TOPK, d, 4, "odd scores (NaN, inf, +-0, denormals)", 0, 0, NULL);
+    else
+        record(T_TOPK, d, 4, "odd scores (NaN, inf, +-0, denormals)", 1, INFINITY,
+               "status %s, %ld invalid keeps or lists over budget, %ld guard bytes overwritten", status_str(st), bad,
+               guard);
+    gbuf_free(&kb);
+}
+
 static void step_buffer(const dut *d)
 {
     static const uint64_t sizes[] = {1, 63, 4097, (1u << 20) + 3};
@@ -1567,6 +1618,7 @@ int main(int argc, char **argv)
         const dut *d = &g_duts[di];
         const double td = now_s();
         step_buffer(d);
+        step_topk_odd_scores(d);
         int idx = 0;
         for (size_t a = 0; a < sizeof k_dt / sizeof k_dt[0]; a++)
             for (size_t b = 0; b < sizeof k_hd / sizeof k_hd[0]; b++)

@@ -347,25 +347,31 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, VkPhysicalDev
     return PIKV_OK;
 }
 
-/* Whether the loader offers layer `name` / instance extension `name` (of `layer`). */
+/* Whether the loader offers layer `name` / instance extension `name` (of
+   `layer`). The process-wide instance belongs to no context, so these use
+   malloc rather than a context's allocator. */
 static bool has_layer(const pikv_vk_loader *L, const char *name)
 {
-    VkLayerProperties p[64];
-    uint32_t n = 64;
-    if (L->vkEnumerateInstanceLayerProperties(&n, p) < VK_SUCCESS) return false;
-    for (uint32_t i = 0; i < n; i++)
-        if (strcmp(p[i].layerName, name) == 0) return true;
-    return false;
+    uint32_t n = 0;
+    if (L->vkEnumerateInstanceLayerProperties(&n, NULL) != VK_SUCCESS || n == 0) return false;
+    VkLayerProperties *p = malloc((size_t)n * sizeof *p);
+    bool found = false;
+    if (p && L->vkEnumerateInstanceLayerProperties(&n, p) >= VK_SUCCESS)
+        for (uint32_t i = 0; i < n && !found; i++) found = strcmp(p[i].layerName, name) == 0;
+    free(p);
+    return found;
 }
 
 static bool has_instance_extension(const pikv_vk_loader *L, const char *layer, const char *name)
 {
-    VkExtensionProperties p[256];
-    uint32_t n = 256;
-    if (L->vkEnumerateInstanceExtensionProperties(layer, &n, p) < VK_SUCCESS) return false;
-    for (uint32_t i = 0; i < n; i++)
-        if (strcmp(p[i].extensionName, name) == 0) return true;
-    return false;
+    uint32_t n = 0;
+    if (L->vkEnumerateInstanceExtensionProperties(layer, &n, NULL) != VK_SUCCESS || n == 0) return false;
+    VkExtensionProperties *p = malloc((size_t)n * sizeof *p);
+    bool found = false;
+    if (p && L->vkEnumerateInstanceExtensionProperties(layer, &n, p) >= VK_SUCCESS)
+        for (uint32_t i = 0; i < n && !found; i++) found = strcmp(p[i].extensionName, name) == 0;
+    free(p);
+    return found;
 }
 
 static const char VALIDATION_LAYER[] = "VK_LAYER_KHRONOS_validation";
@@ -405,6 +411,11 @@ static void create_process_instance(void)
                                 .enabledExtensionCount = n_exts,
                                 .ppEnabledExtensionNames = exts};
     VkResult r = P->loader.vkCreateInstance(&ici, NULL, &P->instance);
+    if (r != VK_SUCCESS && n_layers) { /* a broken layer must not cost the devices: try without it */
+        ici.enabledLayerCount = n_layers = 0;
+        ici.enabledExtensionCount = n_exts = 0;
+        r = P->loader.vkCreateInstance(&ici, NULL, &P->instance);
+    }
     if (r != VK_SUCCESS) { /* VK_ERROR_INCOMPATIBLE_DRIVER: no driver installed */
         P->instance = VK_NULL_HANDLE;
         snprintf(P->error, sizeof P->error, "vkCreateInstance: %s", pikv_vk_result_name(r));

@@ -52,9 +52,10 @@ static void block_free(pikv_context *ctx, pikv_vk_device *vd, pikv_vk_block *b)
     pikv_host_free(ctx, b);
 }
 
-/* Takes size bytes aligned to align from the block's free list (first fit). */
-static bool block_take(pikv_context *ctx, pikv_vk_block *b, VkDeviceSize size, VkDeviceSize align,
-                       VkDeviceSize *offset)
+/* Takes size bytes aligned to align from the block's free list (first fit):
+   1 taken, 0 no room, -1 no host memory to split a free range. */
+static int block_take(pikv_context *ctx, pikv_vk_block *b, VkDeviceSize size, VkDeviceSize align,
+                      VkDeviceSize *offset)
 {
     for (int32_t i = 0; i < b->n_free; i++) {
         pikv_vk_range *f = &b->free[i];
@@ -63,7 +64,7 @@ static bool block_take(pikv_context *ctx, pikv_vk_block *b, VkDeviceSize size, V
         const VkDeviceSize head = start - f->offset, tail = f->offset + f->size - (start + size);
         if (head && tail) { /* split in two: one more range */
             if (pikv_host_reserve(ctx, (void **)&b->free, sizeof *b->free, &b->free_cap, b->n_free + 1) != PIKV_OK)
-                return false;
+                return -1;
             f = &b->free[i];
             memmove(&b->free[i + 2], &b->free[i + 1], (size_t)(b->n_free - i - 1) * sizeof *b->free);
             b->free[i + 1] = (pikv_vk_range){start + size, tail};
@@ -79,13 +80,13 @@ static bool block_take(pikv_context *ctx, pikv_vk_block *b, VkDeviceSize size, V
             b->n_free--;
         }
         *offset = start;
-        return true;
+        return 1;
     }
-    return false;
+    return 0;
 }
 
-/* Returns a range to the block's free list, merging with its neighbours.
-   The list has room: a range taken once was in it. */
+/* Returns a range to the block's free list, merging with its neighbours (a
+   range that merges with neither needs one more entry). */
 static pikv_status block_give(pikv_context *ctx, pikv_vk_block *b, VkDeviceSize offset, VkDeviceSize size)
 {
     int32_t i = 0;
@@ -177,15 +178,22 @@ pikv_status pikv_vk_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **
     }
     pikv_vk_block *blk = NULL;
     VkDeviceSize offset = 0;
-    for (pikv_vk_block *b = vd->blocks; b && !blk; b = b->next)
-        if (b->type == type && block_take(ctx, b, req.size, req.alignment, &offset)) blk = b;
+    for (pikv_vk_block *b = vd->blocks; b && !blk; b = b->next) {
+        if (b->type != type) continue;
+        const int took = block_take(ctx, b, req.size, req.alignment, &offset);
+        if (took < 0) {
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "device %s: host allocation failed", dev->info.name);
+            goto fail;
+        }
+        if (took) blk = b;
+    }
     if (!blk) {
         VkDeviceSize bsize = vd->block_size ? vd->block_size : DEFAULT_BLOCK;
         if (req.size > bsize) bsize = req.size; /* a big buffer gets a block of its own */
         st = block_new(dev, bsize, type, &blk);
         if (st == PIKV_ERR_OUT_OF_MEMORY && bsize > req.size) st = block_new(dev, req.size, type, &blk);
         if (st != PIKV_OK) goto fail;
-        if (!block_take(ctx, blk, req.size, req.alignment, &offset)) { /* a fresh block always fits */
+        if (block_take(ctx, blk, req.size, req.alignment, &offset) != 1) { /* a fresh block always fits */
             block_unlink(vd, blk);
             block_free(ctx, vd, blk);
             st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "device %s: host allocation failed", dev->info.name);
@@ -195,6 +203,10 @@ pikv_status pikv_vk_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **
     VkResult r = vd->fn.vkBindBufferMemory(vd->device, vb->buffer, blk->memory, offset);
     if (r != VK_SUCCESS) {
         block_give(ctx, blk, offset, req.size);
+        if (blk->n_free == 1 && blk->free[0].size == blk->size) { /* empty again: give the memory back */
+            block_unlink(vd, blk);
+            block_free(ctx, vd, blk);
+        }
         st = pikv_vk_fail(dev, r, "vkBindBufferMemory");
         goto fail;
     }

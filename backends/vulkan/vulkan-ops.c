@@ -101,7 +101,9 @@ pikv_status pikv_vk_page_copy(pikv_device *dev, const pikv_page_copy_args *a)
         hbuf *lay;
         CHECK_ST(upload_layouts(dev, pool, &lay));
         const VkBuffer b[] = {chunk_of(pool, skey), chunk_of(pool, dkey), lay->buffer};
-        const uint32_t push[4] = {soff, doff, src_quant ? (uint32_t)PIKV_LAYOUT_WORDS : 0u, (uint32_t)a->n_rows};
+        /* the same page: only its bounds are recomputed (no stores racing with reads) */
+        const uint32_t push[5] = {soff, doff, src_quant ? (uint32_t)PIKV_LAYOUT_WORDS : 0u, (uint32_t)a->n_rows,
+                                  a->src_slot == a->dst_slot};
         const pikv_page_layout *L = pool->layout;
         CHECK_ST(pikv_vk_dispatch(dev, PIKV_VK_K_PAGE_COPY, VK_NULL_HANDLE, b, 3, push, sizeof push,
                                   groups_for(dev, (uint64_t)L->n_kv_heads * (uint64_t)L->head_dim)));
@@ -303,6 +305,7 @@ pikv_status pikv_vk_quantize(pikv_device *dev, pikv_quantize_args *a)
     {
         const VkBuffer src = chunk_of(pool, skey), dst = chunk_of(pool, dkey);
         vd->fn.vkCmdFillBuffer(vd->cmd, dst, doff, Q->page_bytes, 0); /* page_bytes is a multiple of 64 */
+        pikv_vk_barrier(dev); /* transfer commands are not ordered among themselves */
         /* Quest bounds: those of the f16 keys (min then max, contiguous in both layouts) */
         VkBufferCopy region = {.srcOffset = soff + S->kmin_offset,
                                .dstOffset = doff + Q->kmin_offset,

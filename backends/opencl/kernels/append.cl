@@ -64,9 +64,9 @@ __kernel void pikv_page_copy(__global const uchar *src_chunk, uint src_off, __gl
     for (int r = 0; r < n_rows; r++) {
         const size_t row = (size_t)r * D[L_ROW];
         float s;
-        if (quant) {
-            s = store_open(kh + row, dtype, d, load_key(src, S, g, r, d));
-            store_open(vh + row, dtype, d, load_value(src, S, g, r, d));
+        if (quant) { /* dequantized values may pass the f16 range by part of a step: clamped, like the CPU */
+            s = store_open(kh + row, dtype, d, clamp(load_key(src, S, g, r, d), -65504.0f, 65504.0f));
+            store_open(vh + row, dtype, d, clamp(load_value(src, S, g, r, d), -65504.0f, 65504.0f));
         } else if (dtype == DT_F32) {
             ((__global uint *)(kh + row))[d] = ((__global const uint *)(skh + row))[d];
             ((__global uint *)(vh + row))[d] = ((__global const uint *)(svh + row))[d];

@@ -149,7 +149,7 @@ void main()
         for (int h = 0; h < G; h++) {
             const float m_old = st[h];
             float mx = m_old;
-            for (int r = lid; r < n; r += W) mx = max(mx, sc[h * ps + r]);
+            for (int r = lid; r < n; r += W) mx = sc[h * ps + r] > mx ? sc[h * ps + r] : mx;
             mx = wg_max(mx);
             float sum = 0.0;
             for (int r = lid; r < n; r += W) {

@@ -10,7 +10,7 @@
  * f32 -> f16 is done with integer arithmetic (round to nearest even, like
  * runtime/f16.h) since the rounding of OpFConvert is not specified; min/max of
  * stored keys compare bit patterns, so denormals compare right even where the
- * device flushes them. f16 -> f32 (unpackHalf2x16) is exact.
+ * device flushes them. f16 -> f32 is integer code too (exact, denormals kept).
  *
  * A shader that includes this file first defines PAGES, the name of its
  * readable page buffer (uint words). */
@@ -65,9 +65,18 @@ uint f32_to_f16_bits(uint x)
     return sign | half_;
 }
 
+/* f16 bits to f32, in integer arithmetic: unpackHalf2x16 is not required to
+   keep f16 denormals, and the bounds must be bit-exact. */
 float f16_bits_to_f32(uint h)
 {
-    return unpackHalf2x16(h & 0xffffu).x;
+    const uint sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0u) {
+        if (m == 0u) return uintBitsToFloat(sign);
+        const int top = findMSB(m); /* m * 2^-24 = 1.f * 2^(top - 24) */
+        return uintBitsToFloat(sign | (uint(top + 103) << 23) | ((m << uint(23 - top)) & 0x7fffffu));
+    }
+    if (e == 31u) return uintBitsToFloat(sign | 0x7f800000u | (m << 13));
+    return uintBitsToFloat(sign | ((e + 112u) << 23) | (m << 13));
 }
 
 /* IEEE a < b on f32 bit patterns (false for NaN; -0 == +0), exact for denormals. */

@@ -22,7 +22,10 @@ void main()
     if (row >= pc.n_rows) return;
     const int o = row * pc.dim;
     float m = -F_INF;
-    for (int p = 0; p < pc.n_parts; p++) m = max(m, part_lse[p * pc.n_rows + row]);
+    for (int p = 0; p < pc.n_parts; p++) {
+        const float l = part_lse[p * pc.n_rows + row];
+        m = l > m ? l : m; /* NaN ignored, like the CPU */
+    }
     if (m == -F_INF) {
         for (int d = 0; d < pc.dim; d++) outv[o + d] = 0.0;
         if (pc.want_lse != 0) lse[row] = -F_INF;

@@ -14,6 +14,7 @@ layout(push_constant) uniform Push {
     uint dst_off;
     int src_lay;
     int n_rows;
+    uint same_page; /* source and destination are one page: recompute its bounds only */
 } pc;
 
 #define PAGES src_words
@@ -34,9 +35,12 @@ void main()
     for (int r = 0; r < pc.n_rows; r++) {
         const uint row = uint(r) * D.row;
         uint s;
-        if (quant) {
-            s = store_open(kh + row, dtype, d, floatBitsToUint(load_key(pc.src_off, S, g, r, d)));
-            store_open(vh + row, dtype, d, floatBitsToUint(load_value(pc.src_off, S, g, r, d)));
+        if (quant) { /* dequantized values may pass the f16 range by part of a step: clamped, like the CPU */
+            s = store_open(kh + row, dtype, d, floatBitsToUint(clamp(load_key(pc.src_off, S, g, r, d), -65504.0, 65504.0)));
+            store_open(vh + row, dtype, d, floatBitsToUint(clamp(load_value(pc.src_off, S, g, r, d), -65504.0, 65504.0)));
+        } else if (pc.same_page != 0u) {
+            s = dtype == DT_F32 ? src_words[(skh + row) / 4u + uint(d)]
+                                : floatBitsToUint(f16_bits_to_f32(rd_u16(skh + row + 2u * uint(d))));
         } else if (dtype == DT_F32) {
             s = src_words[(skh + row) / 4u + uint(d)];
             dst_words[(kh + row) / 4u + uint(d)] = s;

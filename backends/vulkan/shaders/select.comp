@@ -40,9 +40,9 @@ void main()
         for (int d = 0; d < hd; d++) {
             const float x = q[qh + d] * uintBitsToFloat(chunk[lo + uint(d)]);
             const float y = q[qh + d] * uintBitsToFloat(chunk[hi + uint(d)]);
-            bound += max(x, y);
+            bound += x > y ? x : y;
         }
-        best = max(bound, best);
+        best = bound > best ? bound : best;
     }
     scores[c * kvh + g] = best;
 }

@@ -14,13 +14,20 @@ layout(std430, binding = 1) readonly buffer Scores { float scores[]; };
 layout(std430, binding = 2) readonly buffer Tokens { int tokens[]; };
 layout(std430, binding = 3) readonly buffer Budget { int budget[]; };
 layout(std430, binding = 4) writeonly buffer Keep { uint keep[]; };
-layout(std430, binding = 5) buffer Sorted { int sorted[]; };
+layout(std430, binding = 5) coherent buffer Sorted { int sorted[]; }; /* read by invocation 0 */
 
 layout(push_constant) uniform Push {
     int n_lists;
 } pc;
 
 #include "common.glsl"
+
+int order_key(float x)
+{
+    const uint u = floatBitsToUint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return int(0x80000000u); /* NaN: below everything */
+    return (u & 0x80000000u) != 0u ? -int(u & 0x7fffffffu) : int(u);
+}
 
 void main()
 {
@@ -29,10 +36,10 @@ void main()
     const int lid = int(gl_LocalInvocationID.x);
     const int b = indptr[l], e = indptr[l + 1];
     for (int i = b + lid; i < e; i += int(WG)) {
-        const float s = scores[i];
+        const int s = order_key(scores[i]);
         int rank = 0;
         for (int j = b; j < e; j++) {
-            const float t = scores[j];
+            const int t = order_key(scores[j]);
             rank += (t > s || (t == s && j < i)) ? 1 : 0;
         }
         sorted[b + rank] = i;
