@@ -167,7 +167,6 @@ typedef struct pikv_vk_device {
     VkDescriptorPool desc_pool;
 
     /* memory */
-    VkDeviceSize block_size;
     pikv_vk_block *blocks;
     pikv_vk_host_buffer staging;
     pikv_vk_host_buffer scratch[PIKV_VK_SCRATCH];

@@ -188,7 +188,7 @@ pikv_status pikv_vk_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **
         if (took) blk = b;
     }
     if (!blk) {
-        VkDeviceSize bsize = vd->block_size ? vd->block_size : DEFAULT_BLOCK;
+        VkDeviceSize bsize = DEFAULT_BLOCK;
         if (req.size > bsize) bsize = req.size; /* a big buffer gets a block of its own */
         st = block_new(dev, bsize, type, &blk);
         if (st == PIKV_ERR_OUT_OF_MEMORY && bsize > req.size) st = block_new(dev, req.size, type, &blk);
