@@ -1,11 +1,17 @@
 /* Transactional append. A dry run computes where every token goes (its shard,
  * the shard's open page or new pages), checks capacity and reserves every
  * resource (page ids, ring room, device slots, scratch); only then is anything
- * written. A failure before the commit leaves the cache exactly as it was. */
+ * written. A failure before the commit leaves the cache exactly as it was.
+ *
+ * Zero copy (pikv_cache_append_device): k and v are in a device's memory. They
+ * are checked there (find_out_of_range), pages on that device are written by its
+ * kernel straight from them, and pages on other devices from one host copy made
+ * during the dry run, only when such a page is written. */
 #include "cache-impl.h"
 
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef struct append_plan {
@@ -23,51 +29,107 @@ typedef struct append_plan {
     uint32_t *qslots;     /* [writes] their slots in the quantized pool */
 } append_plan;
 
-static pikv_status validate(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
-                            const float *v, const int32_t *positions, const int32_t *experts)
+/* Non-finite values (or values f16 pages cannot hold) would poison every softmax
+   they take part in: refuse them, naming the first. Open pages of quantized caches
+   are f16 too. */
+static float value_limit(const pikv_cache *c)
+{
+    return c->params.dtype == PIKV_DTYPE_F32 ? FLT_MAX : 65504.0f;
+}
+
+static pikv_status bad_value(pikv_cache *c, const char *fn, const char *name, int64_t i, float x)
+{
+    const pikv_cache_params *p = &c->params;
+    return PIKV_FAIL(c->ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: %s[%lld] = %g (token %lld) is not finite%s", fn,
+                     name, (long long)i, (double)x, (long long)(i / ((int64_t)p->n_kv_heads * p->head_dim)),
+                     p->dtype != PIKV_DTYPE_F32 ? " or exceeds the f16 range 65504" : "");
+}
+
+static pikv_status check_host_values(pikv_cache *c, const char *fn, int32_t n, const float *k, const float *v)
+{
+    const float limit = value_limit(c);
+    const int64_t n_vals = (int64_t)n * c->params.n_kv_heads * c->params.head_dim;
+    for (int pass = 0; pass < 2; pass++) {
+        const float *x = pass == 0 ? k : v;
+        for (int64_t i = 0; i < n_vals; i++)
+            if (!(fabsf(x[i]) <= limit)) return bad_value(c, fn, pass == 0 ? "k" : "v", i, x[i]);
+    }
+    return PIKV_OK;
+}
+
+/* Host copy of k and v (one block, k then v) read from the source device. */
+static pikv_status copy_to_host(pikv_cache *c, const char *fn, int32_t n, pikv_device *src, const float *k,
+                                const float *v, float **out)
+{
+    const size_t n_vals = (size_t)n * (size_t)c->params.n_kv_heads * (size_t)c->params.head_dim;
+    float *h = pikv_host_alloc(c->ctx, 2 * n_vals * sizeof(float), 64);
+    PIKV_RETURN_ERROR_IF(!h, c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "%s: host copy of k and v (%d tokens) for pages off device %s: allocation failed",
+                         fn, n, src->info.name);
+    pikv_status st = src->iface->memory_read(src, k, h, n_vals * sizeof(float));
+    if (st == PIKV_OK) st = src->iface->memory_read(src, v, h + n_vals, n_vals * sizeof(float));
+    if (st != PIKV_OK) {
+        pikv_host_free(c->ctx, h);
+        return st;
+    }
+    *out = h;
+    return PIKV_OK;
+}
+
+/* The values of k and v in the source device's memory, checked there (the same
+   limit as check_host_values), so nothing comes back to the host. */
+static pikv_status check_device_values(pikv_cache *c, const char *fn, int32_t n, pikv_device *src,
+                                       const float *k, const float *v)
+{
+    const int64_t n_vals = (int64_t)n * c->params.n_kv_heads * c->params.head_dim;
+    for (int pass = 0; pass < 2; pass++) {
+        int64_t first;
+        float x;
+        PIKV_FORWARD_IF_ERROR(pikv_device_find_out_of_range(src, pass == 0 ? k : v, n_vals, value_limit(c),
+                                                            &first, &x));
+        if (first >= 0) return bad_value(c, fn, pass == 0 ? "k" : "v", first, x);
+    }
+    return PIKV_OK;
+}
+
+/* Arguments, and with src == NULL (host tensors) the values of k and v; values on a
+   device are checked by check_device_values() after this. */
+static pikv_status validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                            pikv_device *src, const float *k, const float *v, const int32_t *positions,
+                            const int32_t *experts)
 {
     pikv_context *ctx = c->ctx;
     const pikv_cache_params *p = &c->params;
     PIKV_RETURN_ERROR_IF(layer < 0 || layer >= p->n_layers, ctx, PIKV_ERR_OUT_OF_RANGE,
-                         "pikv_cache_append: layer %d is outside 0..%d", layer, p->n_layers - 1);
-    PIKV_FORWARD_IF_ERROR(pikv_seq_check(c, seq, "pikv_cache_append:"));
+                         "%s: layer %d is outside 0..%d", fn, layer, p->n_layers - 1);
+    char what[64];
+    snprintf(what, sizeof what, "%s:", fn);
+    PIKV_FORWARD_IF_ERROR(pikv_seq_check(c, seq, what));
     PIKV_RETURN_ERROR_IF(n < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_append: n_tokens = %d is negative", n);
+                         "%s: n_tokens = %d is negative", fn, n);
     if (n == 0) return PIKV_OK;
-    PIKV_RETURN_ERROR_IF(!k || !v, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_cache_append: %s is NULL",
+    PIKV_RETURN_ERROR_IF(!k || !v, ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
                          !k ? "k" : "v");
     PIKV_RETURN_ERROR_IF(!experts && p->n_experts > 1, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_append: experts is NULL but the cache has n_experts = %d",
-                         p->n_experts);
+                         "%s: experts is NULL but the cache has n_experts = %d",
+                         fn, p->n_experts);
     if (experts)
         for (int64_t i = 0; i < (int64_t)n * p->experts_per_token; i++)
             PIKV_RETURN_ERROR_IF(experts[i] < 0 || experts[i] >= p->n_experts, ctx, PIKV_ERR_OUT_OF_RANGE,
-                                 "pikv_cache_append: experts[%lld] = %d (token %lld) is outside 0..%d",
-                                 (long long)i, experts[i], (long long)(i / p->experts_per_token),
+                                 "%s: experts[%lld] = %d (token %lld) is outside 0..%d",
+                                 fn, (long long)i, experts[i], (long long)(i / p->experts_per_token),
                                  p->n_experts - 1);
-    /* Non-finite values (or values f16 pages cannot hold) would poison every softmax
-       they take part in: refuse them here, naming the first. */
-    const float limit = p->dtype == PIKV_DTYPE_F32 ? FLT_MAX : 65504.0f; /* open pages of quantized caches are f16 */
-    const int64_t n_vals = (int64_t)n * p->n_kv_heads * p->head_dim;
-    for (int pass = 0; pass < 2; pass++) {
-        const float *x = pass == 0 ? k : v;
-        for (int64_t i = 0; i < n_vals; i++)
-            PIKV_RETURN_ERROR_IF(!(fabsf(x[i]) <= limit), ctx, PIKV_ERR_INVALID_ARGUMENT,
-                                 "pikv_cache_append: %s[%lld] = %g (token %lld) is not finite%s",
-                                 pass == 0 ? "k" : "v", (long long)i, (double)x[i],
-                                 (long long)(i / ((int64_t)p->n_kv_heads * p->head_dim)),
-                                 p->dtype != PIKV_DTYPE_F32 ? " or exceeds the f16 range 65504" : "");
-    }
+    if (!src) PIKV_FORWARD_IF_ERROR(check_host_values(c, fn, n, k, v));
     if (positions)
         for (int32_t i = 0; i < n; i++)
             PIKV_RETURN_ERROR_IF(positions[i] < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                                 "pikv_cache_append: positions[%d] = %d is negative", i, positions[i]);
+                                 "%s: positions[%d] = %d is negative", fn, i, positions[i]);
     const pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
     PIKV_RETURN_ERROR_IF(sl->next_index + n > INT32_MAX, ctx, PIKV_ERR_CAPACITY,
-                         "pikv_cache_append: sequence %d would pass %d tokens", seq, INT32_MAX);
+                         "%s: sequence %d would pass %d tokens", fn, seq, INT32_MAX);
     PIKV_RETURN_ERROR_IF(c->layer_tokens[layer] + n > p->capacity_tokens, ctx, PIKV_ERR_CAPACITY,
-                         "pikv_cache_append: layer %d holds %lld tokens; %d more exceed capacity_tokens "
-                         "= %lld", layer, (long long)c->layer_tokens[layer], n,
+                         "%s: layer %d holds %lld tokens; %d more exceed capacity_tokens "
+                         "= %lld", fn, layer, (long long)c->layer_tokens[layer], n,
                          (long long)p->capacity_tokens);
     return PIKV_OK;
 }
@@ -80,23 +142,31 @@ static int32_t open_rows(const pikv_cache *c, const pikv_ring *ring)
     return c->params.page_size - m->n_tokens;
 }
 
-pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
-                              const float *v, const int32_t *positions, const int32_t *experts)
+/* k and v are host memory (src == NULL) or in src's memory (zero copy): writes to
+   pages on src get the device pointers; pages on other devices are written from a
+   host copy, made once and only when some page needs it. */
+static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                          pikv_device *src, const float *k, const float *v, const int32_t *positions,
+                          const int32_t *experts)
 {
-    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
-    PIKV_FORWARD_IF_ERROR(validate(c, layer, seq, n, k, v, positions, experts));
+    PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, seq, n, src, k, v, positions, experts));
     if (n == 0) return PIKV_OK;
     pikv_context *ctx = c->ctx;
     const pikv_cache_params *p = &c->params;
     const int32_t ps = p->page_size, ns = c->n_shards;
+    const size_t n_vals = (size_t)n * (size_t)p->n_kv_heads * (size_t)p->head_dim;
     pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
+    float *host_kv = NULL; /* zero copy: k then v read from src, when needed */
+    if (src) PIKV_FORWARD_IF_ERROR(check_device_values(c, fn, n, src, k, v));
 
     /* ---- dry run: plan ---- */
     append_plan plan;
     const size_t n_ints = (size_t)n * 2 + (size_t)ns * 4 + 1;
     int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
-    PIKV_RETURN_ERROR_IF(!ints, ctx, PIKV_ERR_OUT_OF_MEMORY,
-                         "pikv_cache_append: scratch for %d tokens: allocation failed", n);
+    if (!ints) {
+        pikv_host_free(ctx, host_kv);
+        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %d tokens: allocation failed", fn, n);
+    }
     plan.shard_of = ints;
     plan.order = plan.shard_of + n;
     plan.shard_count = plan.order + n;
@@ -145,8 +215,8 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
     plan.writes = pikv_host_calloc(ctx, (size_t)n_writes * 2, sizeof(pikv_page_write));
     plan.write_dev = pikv_host_calloc(ctx, (size_t)n_writes, sizeof(int32_t));
     if (!plan.writes || !plan.write_dev)
-        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld page writes: "
-                       "allocation failed", (long long)n_writes);
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %lld page writes: "
+                       "allocation failed", fn, (long long)n_writes);
     plan.dev_writes = plan.writes ? plan.writes + n_writes : NULL;
     plan.new_ids = NULL;
     plan.full_ids = plan.qslots = NULL;
@@ -155,8 +225,8 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         plan.full_ids = pikv_host_calloc(ctx, (size_t)(n_writes ? n_writes : 1) * 2, sizeof(uint32_t));
         plan.qslots = plan.full_ids ? plan.full_ids + (n_writes ? n_writes : 1) : NULL;
         if (!plan.new_ids || !plan.full_ids)
-            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_append: scratch for %lld new pages: "
-                           "allocation failed", (long long)total_new);
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %lld new pages: "
+                           "allocation failed", fn, (long long)total_new);
     }
     if (st == PIKV_OK) st = pikv_page_ids_reserve(c, total_new);
     for (int32_t s = 0; s < ns && st == PIKV_OK; s++)
@@ -167,6 +237,17 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, pending[d], &added[d]);
     for (int32_t d = 0; quant && d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->qdevs[d], &c->qlayout, qpending[d], &qadded[d]);
+    if (st == PIKV_OK && src && !host_kv) {
+        /* zero copy: pages on devices other than the source are written from host memory */
+        bool need_host = false;
+        for (int32_t s = 0; s < ns && !need_host; s++) {
+            if (plan.shard_count[s] == 0) continue;
+            const pikv_ring *ring = &sl->rings[s];
+            if (open_rows(c, ring) > 0 && c->devs[c->pages[pikv_ring_back(ring)].dev].dev != src) need_host = true;
+            if (plan.new_pages[s] > 0 && c->devs[plan.place[s]].dev != src) need_host = true;
+        }
+        if (need_host) st = copy_to_host(c, fn, n, src, k, v, &host_kv);
+    }
     if (st != PIKV_OK) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         for (int32_t d = 0; quant && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
@@ -175,6 +256,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
         pikv_host_free(ctx, plan.full_ids);
         pikv_host_free(ctx, plan.new_ids);
         pikv_host_free(ctx, ints);
+        pikv_host_free(ctx, host_kv);
         return st;
     }
 
@@ -208,13 +290,17 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
             done += rows;
         }
     }
+    /* host tensors: the caller's, or for zero copy the host copy (made if some page needs it) */
+    const float *hk = src ? host_kv : k, *hv = src ? (host_kv ? host_kv + n_vals : NULL) : v;
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
         int32_t nw = 0;
         for (int64_t i = 0; i < w; i++)
             if (plan.write_dev[i] == d) plan.dev_writes[nw++] = plan.writes[i];
         if (nw == 0) continue;
         pikv_page_pool *pool = &c->devs[d];
-        pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, k, v};
+        const bool direct = src && pool->dev == src; /* zero copy: the kernel reads the engine's tensors */
+        pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, direct ? k : hk, direct ? v : hv,
+                                 direct};
         st = pool->dev->iface->append(pool->dev, &args);
     }
     /* Quantize the pages this append filled (KIVI: the open page stays f16). */
@@ -320,5 +406,23 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
     pikv_host_free(ctx, plan.full_ids);
     pikv_host_free(ctx, plan.new_ids);
     pikv_host_free(ctx, ints);
+    pikv_host_free(ctx, host_kv);
     return st;
+}
+
+pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const float *k,
+                              const float *v, const int32_t *positions, const int32_t *experts)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    return append(c, "pikv_cache_append", layer, seq, n, NULL, k, v, positions, experts);
+}
+
+pikv_status pikv_cache_append_device(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, int32_t device,
+                                     const float *k, const float *v, const int32_t *positions,
+                                     const int32_t *experts)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_device *src;
+    PIKV_FORWARD_IF_ERROR(pikv_zero_copy_device(c->ctx, device, "pikv_cache_append_device", &src));
+    return append(c, "pikv_cache_append_device", layer, seq, n, src, k, v, positions, experts);
 }

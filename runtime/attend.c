@@ -6,64 +6,77 @@
  * final softmax and accumulated for the eviction policies. */
 #include "select.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
-static pikv_status validate(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,
-                            const pikv_select_params *sel)
+/* Arguments; q is checked where it lives (io: a device's memory, else the host). */
+static pikv_status validate(pikv_cache *c, const char *fn, int32_t layer, const pikv_attend_batch *b,
+                            const pikv_select_params *sel, pikv_device *io)
 {
     pikv_context *ctx = c->ctx;
-    PIKV_RETURN_ERROR_IF(!b, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_cache_attend: batch is NULL");
+    PIKV_RETURN_ERROR_IF(!b, ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: batch is NULL", fn);
     PIKV_RETURN_ERROR_IF(layer < 0 || layer >= c->params.n_layers, ctx, PIKV_ERR_OUT_OF_RANGE,
-                         "pikv_cache_attend: layer %d is outside 0..%d", layer, c->params.n_layers - 1);
+                         "%s: layer %d is outside 0..%d", fn, layer, c->params.n_layers - 1);
     PIKV_RETURN_ERROR_IF(b->n_queries < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_attend: n_queries = %d is negative", b->n_queries);
-    if (b->select) PIKV_FORWARD_IF_ERROR(pikv_select_validate(ctx, c, b->select, "pikv_cache_attend"));
+                         "%s: n_queries = %d is negative", fn, b->n_queries);
+    if (b->select) PIKV_FORWARD_IF_ERROR(pikv_select_validate(ctx, c, b->select, fn));
     if (b->n_queries == 0) return PIKV_OK;
     PIKV_RETURN_ERROR_IF(!b->seq_ids || !b->q || !b->out, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_attend: batch %s is NULL",
+                         "%s: batch %s is NULL", fn,
                          !b->seq_ids ? "seq_ids" : !b->q ? "q" : "out");
     PIKV_RETURN_ERROR_IF((sel->mode & PIKV_SELECT_EXPERTS) && c->params.n_experts > 1 && !b->experts, ctx,
                          PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_attend: EXPERTS selection needs the queries' experts (batch experts is NULL)");
+                         "%s: EXPERTS selection needs the queries' experts (batch experts is NULL)", fn);
     for (int32_t i = 0; i < b->n_queries; i++) {
         const int32_t s = b->seq_ids[i];
         PIKV_RETURN_ERROR_IF(s < 0 || s >= c->params.max_sequences, ctx, PIKV_ERR_OUT_OF_RANGE,
-                             "pikv_cache_attend: seq_ids[%d] = %d is outside 0..%d", i, s,
+                             "%s: seq_ids[%d] = %d is outside 0..%d", fn, i, s,
                              c->params.max_sequences - 1);
         PIKV_RETURN_ERROR_IF(!c->seqs[s].active, ctx, PIKV_ERR_NOT_FOUND,
-                             "pikv_cache_attend: seq_ids[%d] = %d has not been added", i, s);
+                             "%s: seq_ids[%d] = %d has not been added", fn, i, s);
     }
     const int64_t n_q = (int64_t)b->n_queries * c->params.n_q_heads;
     PIKV_RETURN_ERROR_IF(n_q > INT32_MAX || (int64_t)b->n_queries * c->params.n_kv_heads >= INT32_MAX, ctx,
                          PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_attend: n_queries = %d times n_q_heads = %d exceeds %d rows",
-                         b->n_queries, c->params.n_q_heads, INT32_MAX);
-    for (int64_t i = 0; i < n_q * c->params.head_dim; i++)
-        PIKV_RETURN_ERROR_IF(!isfinite(b->q[i]), ctx, PIKV_ERR_INVALID_ARGUMENT,
-                             "pikv_cache_attend: q[%lld] = %g (query %lld) is not finite", (long long)i,
-                             (double)b->q[i], (long long)(i / ((int64_t)c->params.n_q_heads * c->params.head_dim)));
+                         "%s: n_queries = %d times n_q_heads = %d exceeds %d rows",
+                         fn, b->n_queries, c->params.n_q_heads, INT32_MAX);
+    const int64_t n_vals = n_q * c->params.head_dim;
+    int64_t first = -1;
+    float x = 0.0f;
+    if (io) {
+        PIKV_FORWARD_IF_ERROR(pikv_device_find_out_of_range(io, b->q, n_vals, FLT_MAX, &first, &x));
+    } else {
+        for (int64_t i = 0; i < n_vals && first < 0; i++)
+            if (!isfinite(b->q[i])) first = i, x = b->q[i];
+    }
+    PIKV_RETURN_ERROR_IF(first >= 0, ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: q[%lld] = %g (query %lld) is not finite",
+                         fn, (long long)first, (double)x,
+                         (long long)(first / ((int64_t)c->params.n_q_heads * c->params.head_dim)));
     if (b->experts)
         for (int64_t i = 0; i < (int64_t)b->n_queries * c->params.experts_per_token; i++)
             PIKV_RETURN_ERROR_IF(b->experts[i] < 0 || b->experts[i] >= c->params.n_experts, ctx,
                                  PIKV_ERR_OUT_OF_RANGE,
-                                 "pikv_cache_attend: experts[%lld] = %d is outside 0..%d", (long long)i,
+                                 "%s: experts[%lld] = %d is outside 0..%d", fn, (long long)i,
                                  b->experts[i], c->params.n_experts - 1);
     return PIKV_OK;
 }
 
 /* Run the plan: partials per device, merged into out/lse. page_lse (entries x
-   group, in plan order) is filled when non-NULL. */
-static pikv_status run_plan(pikv_cache *c, const pikv_attend_batch *b, const pikv_read_plan *plan,
-                            float *out, float *lse, float *page_lse)
+   group, in plan order) is filled when non-NULL. With io_on_device, q, out and lse
+   are in the memory of the plan's one active device (the caller made sure). */
+static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const float *q, const pikv_read_plan *plan, float *out,
+                            float *lse, float *page_lse, bool io_on_device)
 {
     pikv_context *ctx = c->ctx;
-    const int32_t nq = b->n_queries, hq = c->params.n_q_heads, hd = c->params.head_dim;
+    const int32_t hq = c->params.n_q_heads, hd = c->params.head_dim;
     const int32_t G = hq / c->params.n_kv_heads;
     const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
     int32_t active[PIKV_MAX_DEVICES], n_active = 0;
     for (int32_t d = 0; d < c->n_devs; d++)
         if (plan->dev_begin[d + 1] > plan->dev_begin[d]) active[n_active++] = d;
+    PIKV_RETURN_ERROR_IF(io_on_device && n_active != 1, ctx, PIKV_ERR_INTERNAL,
+                         "%s: device-resident output with %d devices to read", fn, n_active);
     if (n_active == 0) { /* nothing to read */
         memset(out, 0, out_floats * sizeof(float));
         for (size_t i = 0; i < lse_floats; i++) lse[i] = -INFINITY;
@@ -74,7 +87,7 @@ static pikv_status run_plan(pikv_cache *c, const pikv_attend_batch *b, const pik
     if (n_active > 1) {
         parts = pikv_host_alloc(ctx, (size_t)n_active * (out_floats + lse_floats) * sizeof(float), 64);
         PIKV_RETURN_ERROR_IF(!parts, ctx, PIKV_ERR_OUT_OF_MEMORY,
-                             "pikv_cache_attend: partials of %d devices: allocation failed", n_active);
+                             "%s: partials of %d devices: allocation failed", fn, n_active);
     }
     pikv_status st = PIKV_OK;
     for (int32_t a = 0; a < n_active && st == PIKV_OK; a++) {
@@ -85,7 +98,7 @@ static pikv_status run_plan(pikv_cache *c, const pikv_attend_batch *b, const pik
             .pool = &pool->view,
             .n_queries = nq,
             .n_q_heads = hq,
-            .q = b->q,
+            .q = q,
             .indptr = plan->indptr + (size_t)d * ((size_t)plan->n_lists + 1),
             .slots = plan->slots + off,
             .page_len = plan->lens + off,
@@ -93,6 +106,7 @@ static pikv_status run_plan(pikv_cache *c, const pikv_attend_batch *b, const pik
             .out = n_active > 1 ? parts + (size_t)a * out_floats : out,
             .lse = n_active > 1 ? parts + (size_t)n_active * out_floats + (size_t)a * lse_floats : lse,
             .page_lse = page_lse ? page_lse + (size_t)off * (size_t)G : NULL,
+            .io_on_device = io_on_device,
         };
         st = pool->dev->iface->attention(pool->dev, &args);
     }
@@ -116,10 +130,10 @@ static void accumulate_mass(pikv_cache *c, int32_t layer, const pikv_read_plan *
         const int32_t *indptr = plan->indptr + (size_t)d * ((size_t)plan->n_lists + 1);
         const int64_t off = plan->dev_begin[d];
         for (int64_t list = 0; list < plan->n_lists; list++) {
-            const float *l = lse + (size_t)list * (size_t)G; /* heads (i, g*G .. g*G+G-1) */
             for (int32_t e = indptr[list]; e < indptr[list + 1]; e++) {
                 pikv_page_meta *m = &c->pages[plan->ids[off + e]];
                 if (page_lse) {
+                    const float *l = lse + (size_t)list * (size_t)G; /* heads (i, g*G .. g*G+G-1) */
                     float mass = 0.0f;
                     for (int32_t h = 0; h < G; h++) {
                         const float pl = page_lse[(size_t)(off + e) * (size_t)G + (size_t)h];
@@ -165,11 +179,41 @@ static double expert_hit_rate(pikv_cache *c, int32_t layer, const pikv_attend_ba
     return total ? (double)hits / (double)total : -1.0;
 }
 
-pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_batch *b)
+/* A host copy of a device batch's q (n floats). */
+static pikv_status read_q(pikv_cache *c, const char *fn, pikv_device *io, const float *q, size_t n, float **out)
 {
-    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    float *h = pikv_host_alloc(c->ctx, n * sizeof(float), 64);
+    PIKV_RETURN_ERROR_IF(!h, c->ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: host copy of q (%zu floats): allocation failed", fn,
+                         n);
+    pikv_status st = io->iface->memory_read(io, q, h, n * sizeof(float));
+    if (st != PIKV_OK) {
+        pikv_host_free(c->ctx, h);
+        return st;
+    }
+    *out = h;
+    return PIKV_OK;
+}
+
+/* The address of a buffer's bytes in its device's memory: the host pointer of
+   host-visible backends, else the handle, which for backends with addressable memory
+   (memory_read set: CPU, CUDA) is the device address. */
+static float *device_address(pikv_buffer *buf)
+{
+    return (float *)(buf->host ? buf->host : buf->handle);
+}
+
+/* The batch's q, out and lse are host memory (io == NULL) or in io's memory (zero
+   copy). Zero copy runs the attention kernel on the engine's tensors when every page
+   read lives on io and nothing on the host needs the output (no measurement); else
+   it is staged: q is read to the host, the host path runs, out and lse are written
+   back. QUEST scores pages with a host copy of q either way (the score op takes host
+   q); mass-ranking eviction reads lse back (a small device scratch when batch->lse
+   is NULL). */
+static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pikv_attend_batch *b,
+                          pikv_device *io)
+{
     const pikv_select_params *sel = b && b->select ? b->select : &c->params.select;
-    PIKV_FORWARD_IF_ERROR(validate(c, layer, b, sel));
+    PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, b, sel, io));
     if (b->n_queries == 0) return PIKV_OK;
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, hq = c->params.n_q_heads, hd = c->params.head_dim;
@@ -179,24 +223,63 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
     /* only H2O and utility eviction rank pages by attention mass */
     const bool want_mass = c->params.evict.policy == PIKV_EVICT_H2O || c->params.evict.policy == PIKV_EVICT_UTILITY;
 
+    /* The batch as the host-side planner sees it: for zero copy, q is a host copy when
+       QUEST scores with it, else not needed (NULL). */
+    pikv_attend_batch hb = *b;
+    float *q_host = NULL;
+    pikv_status st = PIKV_OK;
+    if (io) {
+        hb.q = NULL;
+        if (sel->mode & PIKV_SELECT_QUEST) {
+            st = read_q(c, fn, io, b->q, out_floats, &q_host);
+            if (st != PIKV_OK) return st;
+            hb.q = q_host;
+        }
+    }
     pikv_read_plan plan;
-    pikv_status st = pikv_plan_reads(c, layer, b, sel, &plan);
-    if (st != PIKV_OK) return st;
+    st = pikv_plan_reads(c, layer, &hb, sel, &plan);
+    if (st != PIKV_OK) {
+        pikv_host_free(ctx, q_host);
+        return st;
+    }
+    /* zero copy straight on the engine's tensors, or staged through the host */
+    int32_t n_active = 0, active = -1;
+    for (int32_t d = 0; d < c->n_devs; d++)
+        if (plan.dev_begin[d + 1] > plan.dev_begin[d]) n_active++, active = d;
+    const bool direct = io && !measure && n_active == 1 && c->devs[active].dev == io;
+    const bool staged = io && !direct;
+    if (staged && !q_host) {
+        st = read_q(c, fn, io, b->q, out_floats, &q_host);
+        hb.q = q_host;
+    }
     const int64_t entries = plan.dev_begin[c->n_devs];
-    float *lse = b->lse;
     const size_t mass_floats = want_mass ? (size_t)entries * (size_t)G : 0;
-    float *scratch = pikv_host_alloc(ctx, (mass_floats + lse_floats +
-                                          (measure ? out_floats + lse_floats : 0) + 1) * sizeof(float), 64);
-    if (!scratch) {
+    float *scratch = NULL;
+    if (st == PIKV_OK) {
+        scratch = pikv_host_alloc(ctx, (mass_floats + lse_floats + (measure ? out_floats + lse_floats : 0) +
+                                        (staged ? out_floats : 0) + 1) * sizeof(float), 64);
+        if (!scratch)
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %lld page reads: allocation failed", fn,
+                           (long long)entries);
+    }
+    /* zero copy without batch->lse: the kernel still writes lse, into device scratch */
+    pikv_buffer *lse_buf = NULL;
+    if (st == PIKV_OK && direct && !b->lse) st = io->iface->buffer_alloc(io, lse_floats * sizeof(float), &lse_buf);
+    if (st != PIKV_OK) {
+        pikv_host_free(ctx, scratch);
+        pikv_host_free(ctx, q_host);
         pikv_read_plan_free(ctx, &plan);
-        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_cache_attend: scratch for %lld page reads: "
-                         "allocation failed", (long long)entries);
+        return st;
     }
     float *page_lse = want_mass ? scratch : NULL;
     float *lse_own = scratch + mass_floats;
-    float *exact_out = lse_own + lse_floats, *exact_lse = exact_out + out_floats;
-    if (!lse) lse = lse_own;
-    st = run_plan(c, b, &plan, b->out, lse, page_lse);
+    float *exact_out = lse_own + lse_floats, *exact_lse = measure ? exact_out + out_floats : exact_out;
+    float *out_host = exact_lse + (measure ? lse_floats : 0);
+    /* where the kernels read q and write out and lse */
+    const float *q = staged ? q_host : b->q;
+    float *out = staged ? out_host : b->out;
+    float *lse = direct ? (b->lse ? b->lse : device_address(lse_buf)) : staged ? lse_own : b->lse ? b->lse : lse_own;
+    st = run_plan(c, fn, nq, q, &plan, out, lse, page_lse, direct);
 
     /* Measurement: the same batch read exactly, for recall and output error. */
     double recall = 1.0, error = 0.0;
@@ -204,9 +287,9 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
         pikv_select_params all = *sel;
         all.mode = PIKV_SELECT_ALL;
         pikv_read_plan exact;
-        st = pikv_plan_reads(c, layer, b, &all, &exact);
+        st = pikv_plan_reads(c, layer, &hb, &all, &exact);
         if (st == PIKV_OK) {
-            st = run_plan(c, b, &exact, exact_out, exact_lse, NULL);
+            st = run_plan(c, fn, nq, q, &exact, exact_out, exact_lse, NULL, false);
             pikv_read_plan_free(ctx, &exact);
         }
         if (st == PIKV_OK) {
@@ -224,15 +307,25 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
                 double max_ref = 0.0, max_err = 0.0;
                 for (size_t x = (size_t)i * per_query; x < (size_t)(i + 1) * per_query; x++) {
                     max_ref = fmax(max_ref, fabs((double)exact_out[x]));
-                    max_err = fmax(max_err, fabs((double)b->out[x] - (double)exact_out[x]));
+                    max_err = fmax(max_err, fabs((double)out[x] - (double)exact_out[x]));
                 }
                 const double e = max_ref > 0.0 ? max_err / max_ref : max_err;
                 error = e > error ? e : error;
             }
         }
     }
+    /* Staged: the output goes to the device. Zero copy: mass accumulation reads lse on the host. */
+    if (st == PIKV_OK && staged) {
+        st = io->iface->memory_write(io, b->out, out, out_floats * sizeof(float));
+        if (st == PIKV_OK && b->lse) st = io->iface->memory_write(io, b->lse, lse, lse_floats * sizeof(float));
+    }
+    const float *mass_lse = lse;
+    if (st == PIKV_OK && direct && page_lse) {
+        st = io->iface->memory_read(io, lse, lse_own, lse_floats * sizeof(float));
+        mass_lse = lse_own;
+    }
     if (st == PIKV_OK) {
-        accumulate_mass(c, layer, &plan, lse, page_lse);
+        accumulate_mass(c, layer, &plan, mass_lse, page_lse);
         /* bytes of one token row of one KV head, K and V; quantized rows also read
            their share of the page's scales and zero points */
         const double row_bytes = 2.0 * (double)c->layout.row_bytes;
@@ -265,7 +358,23 @@ pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_ba
         c->last_output_error = sel->mode == PIKV_SELECT_ALL ? 0.0 : measure ? error : -1.0;
         c->attends++;
     }
+    if (lse_buf) io->iface->buffer_free(io, lse_buf);
     pikv_host_free(ctx, scratch);
+    pikv_host_free(ctx, q_host);
     pikv_read_plan_free(ctx, &plan);
     return st;
+}
+
+pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_batch *b)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    return attend(c, "pikv_cache_attend", layer, b, NULL);
+}
+
+pikv_status pikv_cache_attend_device(pikv_cache *c, int32_t layer, int32_t device, const pikv_attend_batch *b)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_device *io;
+    PIKV_FORWARD_IF_ERROR(pikv_zero_copy_device(c->ctx, device, "pikv_cache_attend_device", &io));
+    return attend(c, "pikv_cache_attend_device", layer, b, io);
 }

@@ -85,8 +85,9 @@ typedef struct pikv_append_args {
     int32_t n_writes;
     const pikv_page_write *writes;
     const int32_t *src_index;
-    const float *k;  /* host [n_src][n_kv_heads][head_dim] */
-    const float *v;
+    const float *k;  /* [n_src][n_kv_heads][head_dim]: host memory, or this device's */
+    const float *v;  /* memory when src_on_device (zero copy, see memory_read below) */
+    int32_t src_on_device;
 } pikv_append_args;
 
 /* copy the first n_rows rows of src_slot into dst_slot (same device, same pool:
@@ -120,6 +121,8 @@ typedef struct pikv_attention_args {
     float *out;                /* host [n_queries][n_q_heads][head_dim] */
     float *lse;                /* host [n_queries][n_q_heads] */
     float *page_lse;           /* host [entries][n_q_heads / n_kv_heads], or NULL */
+    int32_t io_on_device;      /* q, out and lse are in this device's memory (zero copy);
+                                  page_lse, indptr, slots and page_len stay host arrays */
 } pikv_attention_args;
 
 /* Quest page scores: for each candidate page c of query i (slots[indptr[i] ..
@@ -201,6 +204,17 @@ typedef struct pikv_device_iface {
     pikv_status (*topk)(pikv_device *dev, const pikv_topk_args *args);
     pikv_status (*quantize)(pikv_device *dev, pikv_quantize_args *args);
     pikv_status (*synchronize)(pikv_device *dev);
+
+    /* Zero copy: raw addresses of the device's own memory (an engine's tensors).
+       NULL for backends whose memory has no addresses a caller could hold
+       (OpenCL, Vulkan); for the CPU backend device memory is host memory.
+       memory_read/memory_write copy between such an address and host memory and
+       have finished when they return; find_out_of_range sets *first to the index
+       of the first element x of ptr[0..n) with !(|x| <= limit) (NaN included), or -1:
+       the value checks of zero-copy inputs, made where the values are. */
+    pikv_status (*memory_read)(pikv_device *dev, const void *src, void *dst_host, uint64_t size);
+    pikv_status (*memory_write)(pikv_device *dev, void *dst, const void *src_host, uint64_t size);
+    pikv_status (*find_out_of_range)(pikv_device *dev, const float *ptr, int64_t n, float limit, int64_t *first);
 } pikv_device_iface;
 
 struct pikv_device {
@@ -237,6 +251,10 @@ pikv_status pikv_backend_opencl_init(pikv_context *ctx, const pikv_context_param
 /* Built when PIKV_HAVE_VULKAN is defined (backends/vulkan). */
 pikv_status pikv_backend_vulkan_init(pikv_context *ctx, const pikv_context_params *params,
                                      pikv_backend **out);
+
+/* Built when PIKV_HAVE_CUDA is defined (backends/cuda). */
+pikv_status pikv_backend_cuda_init(pikv_context *ctx, const pikv_context_params *params,
+                                   pikv_backend **out);
 
 /* Device memory accounting shared by all backends: reserve before allocating,
    release after freeing. Fails with OUT_OF_MEMORY past caps.memory_limit. */

@@ -211,6 +211,16 @@ bool pikv_page_protected(const pikv_cache *c, uint32_t id, const pikv_seq_layer 
 /* route.c: record that expert e of a layer missed (evicted page, absent shard). */
 void pikv_expert_miss(pikv_cache *c, int32_t layer, uint64_t expert_mask, int32_t shard);
 
+/* ---- zero copy (cache.c) ------------------------------------------------------------ */
+/* The context device `device` as the source of a zero-copy call (fn names the API
+   function in messages): OUT_OF_RANGE outside the context's devices, UNSUPPORTED when
+   its backend has no addressable memory (no memory_read/memory_write/find_out_of_range). */
+pikv_status pikv_zero_copy_device(pikv_context *ctx, int32_t device, const char *fn, pikv_device **out);
+/* The first element x of ptr[0..n) (in dev's memory) with !(|x| <= limit), NaN included:
+   *first = its index (-1 if none) and *value = x. */
+pikv_status pikv_device_find_out_of_range(pikv_device *dev, const float *ptr, int64_t n, float limit,
+                                          int64_t *first, float *value);
+
 /* ---- placement.c ---------------------------------------------------------------- */
 int32_t pikv_placement_shard(const pikv_cache *c, int64_t token_index, int32_t top1_expert);
 /* Initial device of every shard (round robin, or unplaced for BALANCED). */

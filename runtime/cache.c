@@ -270,6 +270,37 @@ void pikv_cache_free(pikv_cache *c)
 
 pikv_context *pikv_cache_context(const pikv_cache *c) { return c ? c->ctx : NULL; }
 
+/* ---- zero copy: the source device of pikv_cache_append_device / attend_device ---- */
+
+pikv_status pikv_zero_copy_device(pikv_context *ctx, int32_t device, const char *fn, pikv_device **out)
+{
+    *out = NULL;
+    PIKV_RETURN_ERROR_IF(device < 0 || device >= ctx->n_devices, ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "%s: device %d is outside 0..%d", fn, device, ctx->n_devices - 1);
+    pikv_device *dev = ctx->devices[device];
+    const pikv_device_iface *f = dev->iface;
+    PIKV_RETURN_ERROR_IF(!f->memory_read || !f->memory_write || !f->find_out_of_range, ctx, PIKV_ERR_UNSUPPORTED,
+                         "%s: device %d (%s) of backend %s has no memory addresses an engine could hold: "
+                         "zero copy is unsupported there (use the host API)", fn, device, dev->info.name,
+                         pikv_backend_name(dev->info.backend));
+    *out = dev;
+    return PIKV_OK;
+}
+
+pikv_status pikv_device_find_out_of_range(pikv_device *dev, const float *ptr, int64_t n, float limit,
+                                          int64_t *first, float *value)
+{
+    *first = -1;
+    *value = 0.0f;
+    if (n <= 0) return PIKV_OK;
+    PIKV_FORWARD_IF_ERROR(dev->iface->find_out_of_range(dev, ptr, n, limit, first));
+    if (*first >= n) /* a backend bug: keep the message honest */
+        return PIKV_FAIL(dev->ctx, PIKV_ERR_INTERNAL, "device %s: find_out_of_range gave index %lld of %lld",
+                         dev->info.name, (long long)*first, (long long)n);
+    if (*first >= 0) PIKV_FORWARD_IF_ERROR(dev->iface->memory_read(dev, ptr + *first, value, sizeof *value));
+    return PIKV_OK;
+}
+
 /* ---- page ids ------------------------------------------------------------------ */
 
 pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n)

@@ -91,7 +91,10 @@ int pikv_backend_is_compiled(pikv_backend_kind kind)
 #ifdef PIKV_HAVE_VULKAN
     if (kind == PIKV_BACKEND_VULKAN) return 1;
 #endif
-    return kind == PIKV_BACKEND_CPU; /* the other accelerator backends land in later versions */
+#ifdef PIKV_HAVE_CUDA
+    if (kind == PIKV_BACKEND_CUDA) return 1;
+#endif
+    return kind == PIKV_BACKEND_CPU;
 }
 
 static pikv_status add_backend_devices(pikv_context *ctx, pikv_backend *b)
@@ -182,6 +185,17 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
         if (st != PIKV_OK) cpu->iface->free(cpu);
     }
     if (st == PIKV_OK) ctx->host_device = cpu->devices[0];
+#ifdef PIKV_HAVE_CUDA
+    if (st == PIKV_OK && want[PIKV_BACKEND_CUDA]) {
+        pikv_backend *cu = NULL;
+        st = pikv_backend_cuda_init(ctx, &p, &cu); /* no driver or GPU: a backend without devices */
+        if (st == PIKV_OK) {
+            st = add_backend_devices(ctx, cu);
+            if (st != PIKV_OK) cu->iface->free(cu);
+        }
+        want[PIKV_BACKEND_CUDA] = false;
+    }
+#endif
 #ifdef PIKV_HAVE_OPENCL
     if (st == PIKV_OK && want[PIKV_BACKEND_OPENCL]) {
         pikv_backend *ocl = NULL;

@@ -2,6 +2,7 @@
    is host memory from the context's allocator; every device accounts its own. */
 #include "cpu-impl.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -73,6 +74,36 @@ static pikv_status cpu_synchronize(pikv_device *dev)
     return PIKV_OK;
 }
 
+/* Zero copy: a CPU device's memory is host memory, so the engine's tensors are host
+   pointers; the ops read and write them as they are (src_on_device, io_on_device
+   change nothing here). */
+static pikv_status cpu_memory_read(pikv_device *dev, const void *src, void *dst_host, uint64_t size)
+{
+    (void)dev;
+    if (size) memcpy(dst_host, src, (size_t)size);
+    return PIKV_OK;
+}
+
+static pikv_status cpu_memory_write(pikv_device *dev, void *dst, const void *src_host, uint64_t size)
+{
+    (void)dev;
+    if (size) memcpy(dst, src_host, (size_t)size);
+    return PIKV_OK;
+}
+
+static pikv_status cpu_find_out_of_range(pikv_device *dev, const float *ptr, int64_t n, float limit,
+                                         int64_t *first)
+{
+    (void)dev;
+    *first = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!(fabsf(ptr[i]) <= limit)) {
+            *first = i;
+            break;
+        }
+    return PIKV_OK;
+}
+
 static const pikv_device_iface cpu_device_iface = {
     .supports_op = cpu_supports_op,
     .buffer_alloc = cpu_buffer_alloc,
@@ -87,6 +118,9 @@ static const pikv_device_iface cpu_device_iface = {
     .topk = pikv_cpu_topk,
     .quantize = pikv_cpu_quantize,
     .synchronize = cpu_synchronize,
+    .memory_read = cpu_memory_read,
+    .memory_write = cpu_memory_write,
+    .find_out_of_range = cpu_find_out_of_range,
 };
 
 static void cpu_backend_free(pikv_backend *b)

@@ -470,6 +470,70 @@ PIKV_API pikv_status pikv_cache_shard_info(const pikv_cache *cache, int32_t laye
                                            int32_t shard, int32_t *device, int64_t *pages,
                                            int64_t *tokens);
 
+/* ---- Zero copy (docs/api.md, "Zero copy (experimental)") ----------------
+ * An engine that keeps K, V, Q and the attention output in device memory hands
+ * PiKV its own pointers; the kernels of that device read and write them directly.
+ * `device` is a context device index (pikv_device_count), which the cache need not
+ * use: pages on other devices are served through a host copy (the staged path).
+ * PIKV_ERR_UNSUPPORTED when the device's backend has no addressable memory
+ * (OpenCL, Vulkan). */
+
+/* Zero copy. `device` is a context device index; k and v ([n_tokens][n_kv_heads][head_dim]
+   f32) are in that device's memory (for a CUDA device: device pointers on its GPU, e.g.
+   from cudaMalloc; for a CPU device: host memory). positions and experts stay host
+   memory. Same semantics, checks and transactional guarantee as pikv_cache_append. */
+PIKV_API pikv_status pikv_cache_append_device(pikv_cache *cache, int32_t layer, int32_t seq,
+                                              int32_t n_tokens, int32_t device, const float *k,
+                                              const float *v, const int32_t *positions,
+                                              const int32_t *experts);
+/* As pikv_cache_attend, with batch->q, batch->out and batch->lse (when not NULL) in the
+   memory of context device `device`; seq_ids, experts and select stay host memory. */
+PIKV_API pikv_status pikv_cache_attend_device(pikv_cache *cache, int32_t layer, int32_t device,
+                                              const pikv_attend_batch *batch);
+
+/* ---- Communication between ranks (docs/api.md, "Communication") ---------
+ * A communicator wraps one the engine created (PiKV never initializes or destroys
+ * the engine's NCCL/MPI state). Every collective call (pikv_comm_merge_partials)
+ * must be made by every rank, in the same order, with the same n_rows and dim; a
+ * rank that fails before reaching the collectives (bad arguments, no memory)
+ * leaves the others waiting, so treat such an error as fatal for the
+ * communicator. A communicator belongs to its context: one thread at a time. */
+typedef struct pikv_comm pikv_comm;
+
+/* A communicator over an NCCL communicator the engine created (an ncclComm_t,
+   passed as void *) for the GPU of context device `device`, which must be the
+   CUDA device the NCCL communicator was created on. PIKV_ERR_UNSUPPORTED when the
+   library was built without NCCL or the device is not a CUDA device. */
+PIKV_API pikv_status pikv_comm_create_nccl(pikv_context *ctx, int32_t device, void *nccl_comm,
+                                           pikv_comm **out);
+/* NULL is fine; does not destroy the engine's NCCL communicator. */
+PIKV_API void pikv_comm_free(pikv_comm *comm);
+PIKV_API int32_t pikv_comm_rank(const pikv_comm *comm); /* -1 for NULL */
+PIKV_API int32_t pikv_comm_size(const pikv_comm *comm); /* 0 for NULL */
+
+/*
+ * The exact merge of attention partials across ranks, in place (host memory):
+ *   out  [n_rows][dim]  on entry this rank's normalized partial output
+ *   lse  [n_rows]       on entry its log-sum-exp; -INFINITY for a row the rank holds
+ *                       nothing of (its out row is then ignored)
+ * On return every rank holds the merge: out = sum_r e^(l_r - M) o_r / sum_r e^(l_r - M)
+ * and lse = M + log sum_r e^(l_r - M), M = max_r l_r; a row empty on every rank
+ * gets zeros and -INFINITY. dim in 1..1024. Two collectives (a max of n_rows floats,
+ * a sum of n_rows (dim + 1) floats). On failure out and lse are unchanged.
+ */
+PIKV_API pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t dim,
+                                              float *out, float *lse);
+
+/* Totals since creation. Bytes are the collectives' logical payload: an allreduce
+   of B bytes counts B sent and B received on every rank, whatever algorithm the
+   implementation uses, so a merge counts 4 n_rows (dim + 2) bytes each way. */
+typedef struct pikv_comm_stats {
+    uint64_t bytes_sent;
+    uint64_t bytes_received;
+    int64_t collectives;          /* collective operations completed */
+} pikv_comm_stats;
+PIKV_API pikv_status pikv_comm_get_stats(const pikv_comm *comm, pikv_comm_stats *out);
+
 #ifdef __cplusplus
 }
 #endif
