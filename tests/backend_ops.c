@@ -713,7 +713,26 @@ static int want_case(int t, const dut *d, const scen *s, pikv_dtype dtype)
 static double tol_for(const dut *d, double tol) { return d->exact ? 0.0 : tol; }
 
 /* append: two calls, then page bytes and bounds. Returns 0 when the pools could not be set. */
-static void run_append_on(const scen *s, dpool *p, int phase, const int *split, pikv_status *st)
+/* Zero copy (backends with addressable memory: memory_read set): a buffer of the
+   device's own memory stands in for an engine's tensor; its address is the host
+   pointer on host-visible backends, else the handle (a CUDA device pointer). */
+static int has_zero_copy(const pikv_device *dev) { return dev->iface->memory_read != NULL; }
+
+static void *device_copy(pikv_device *dev, const void *src, size_t bytes, pikv_buffer **buf)
+{
+    *buf = NULL;
+    if (dev->iface->buffer_alloc(dev, bytes ? bytes : 1, buf) != PIKV_OK) return NULL;
+    void *addr = (*buf)->host ? (*buf)->host : (*buf)->handle;
+    if (src && bytes && dev->iface->memory_write(dev, addr, src, bytes) != PIKV_OK) {
+        dev->iface->buffer_free(dev, *buf);
+        *buf = NULL;
+        return NULL;
+    }
+    return addr;
+}
+
+/* zero_copy: k and v are passed in the device's memory (src_on_device). */
+static void run_append_on(const scen *s, dpool *p, int phase, const int *split, int zero_copy, pikv_status *st)
 {
     pikv_page_write *w = tu_xcalloc((size_t)s->n_pages, sizeof *w);
     int32_t *idx = tu_xmalloc((size_t)(s->len[0] + s->len[1]) * sizeof *idx);
@@ -740,8 +759,17 @@ static void run_append_on(const scen *s, dpool *p, int phase, const int *split, 
     a.src_index = idx;
     a.k = s->k;
     a.v = s->v;
-    *st = p->dev->iface->append(p->dev, &a);
+    pikv_buffer *bk = NULL, *bv = NULL;
+    if (zero_copy) {
+        const size_t bytes = (size_t)s->n_src * (size_t)s->kvh * (size_t)s->hd * sizeof(float);
+        a.k = device_copy(p->dev, s->k, bytes, &bk);
+        a.v = device_copy(p->dev, s->v, bytes, &bv);
+        a.src_on_device = 1;
+    }
+    *st = zero_copy && (!a.k || !a.v) ? PIKV_ERR_BACKEND : p->dev->iface->append(p->dev, &a);
     sync_dev(p->dev);
+    if (bk) p->dev->iface->buffer_free(p->dev, bk);
+    if (bv) p->dev->iface->buffer_free(p->dev, bv);
     free(w);
     free(idx);
 }
@@ -774,11 +802,13 @@ static void step_append(scen *s, dpool *ref, dpool *dut_p, const dut *d)
     /* an unselected (-o) or unsupported op runs on the reference only; its pages are copied */
     const int run_dut = wa > 0 || wb > 0;
     pikv_status sr = PIKV_OK, sd = PIKV_OK, st;
+    /* every other case reads K/V from the device's own memory where it can (zero copy) */
+    const int zero_copy = has_zero_copy(d->dev) && (s->idx & 1);
     for (int phase = 0; phase < 2; phase++) {
-        run_append_on(s, ref, phase, split, &st);
+        run_append_on(s, ref, phase, split, 0, &st);
         if (st != PIKV_OK) sr = st;
         if (run_dut) {
-            run_append_on(s, dut_p, phase, split, &st);
+            run_append_on(s, dut_p, phase, split, zero_copy, &st);
             if (st != PIKV_OK) sd = st;
         }
     }
@@ -1260,9 +1290,11 @@ static void step_attention(scen *s, dpool *ref, dpool *dut_p, const dut *d)
     const size_t n_lse = (size_t)s->n_queries * (size_t)s->nqh;
     const size_t n_plse = (size_t)(n ? n : 1) * (size_t)G;
     const double tol = tol_for(d, has_quant ? 1e-4 : 1e-5);
-    for (int with_plse = 0; with_plse < 2; with_plse++) {
+    /* mode 0: plain, 1: with page_lse, 2: q, out and lse in the device's memory (zero copy) */
+    for (int mode = 0; mode < (has_zero_copy(d->dev) ? 3 : 2); mode++) {
+        const int with_plse = mode == 1, io_dev = mode == 2;
         char shape[220];
-        snprintf(shape, sizeof shape, "%s entries=%d%s", s->shape, n, with_plse ? " page_lse" : "");
+        snprintf(shape, sizeof shape, "%s entries=%d%s", s->shape, n, with_plse ? " page_lse" : io_dev ? " zero-copy" : "");
         if (w == 0) {
             record(T_ATTENTION, d, dt, shape, 2, 0, NULL);
             continue;
@@ -1289,8 +1321,24 @@ static void step_attention(scen *s, dpool *ref, dpool *dut_p, const dut *d)
             a.out = out[k];
             a.lse = lse[k];
             a.page_lse = with_plse ? plse[k] : NULL;
-            st[k] = p->dev->iface->attention(p->dev, &a);
+            pikv_buffer *bq = NULL, *bo = NULL, *bl = NULL;
+            if (io_dev && k == 1) {
+                a.q = device_copy(p->dev, s->q, n_out * sizeof(float), &bq);
+                a.out = device_copy(p->dev, NULL, n_out * sizeof(float), &bo);
+                a.lse = device_copy(p->dev, NULL, n_lse * sizeof(float), &bl);
+                a.io_on_device = 1;
+            }
+            st[k] = io_dev && k == 1 && (!a.q || !a.out || !a.lse) ? PIKV_ERR_BACKEND
+                                                                     : p->dev->iface->attention(p->dev, &a);
             sync_dev(p->dev);
+            if (io_dev && k == 1 && st[k] == PIKV_OK) {
+                if (p->dev->iface->memory_read(p->dev, a.out, out[k], n_out * sizeof(float)) != PIKV_OK ||
+                    p->dev->iface->memory_read(p->dev, a.lse, lse[k], n_lse * sizeof(float)) != PIKV_OK)
+                    st[k] = PIKV_ERR_BACKEND;
+            }
+            if (bq) p->dev->iface->buffer_free(p->dev, bq);
+            if (bo) p->dev->iface->buffer_free(p->dev, bo);
+            if (bl) p->dev->iface->buffer_free(p->dev, bl);
         }
         compare_pools(s, ref, dut_p, &c, 1);
         long guard = 0;
@@ -1517,6 +1565,61 @@ static void step_buffer(const dut *d)
     }
 }
 
+/* Zero-copy memory calls: memory_write/memory_read round trips at odd offsets of a
+   device buffer, and find_out_of_range with NaN, inf and past-limit values planted. */
+static void step_zero_copy_memory(const dut *d)
+{
+    if (!op_selected(T_BUFFER) || !has_zero_copy(d->dev)) return;
+    if (g_opt.shape && !strstr("- zero-copy ", g_opt.shape)) return;
+    pikv_device *dev = d->dev;
+    const int64_t n = 300007;
+    float *want = tu_xmalloc((size_t)n * sizeof(float)), *got = tu_xmalloc((size_t)n * sizeof(float));
+    tu_rng r = tu_rng_seed(0x2c0b1ull);
+    for (int64_t i = 0; i < n; i++) want[i] = test_value(&r, 100.0f);
+    pikv_buffer *b = NULL;
+    float *dp = device_copy(dev, want, (size_t)n * sizeof(float), &b);
+    long errs = !dp, bad = 0;
+    if (dp) {
+        errs += dev->iface->memory_read(dev, dp, got, (size_t)n * sizeof(float)) != PIKV_OK;
+        bad += memcmp(got, want, (size_t)n * sizeof(float)) != 0;
+        const int64_t off = 12345, len = 777;
+        for (int64_t i = 0; i < len; i++) want[off + i] = (float)i;
+        errs += dev->iface->memory_write(dev, dp + off, want + off, (size_t)len * sizeof(float)) != PIKV_OK;
+        gbuf g;
+        float *dst = gbuf_alloc(&g, (size_t)(len + 2) * sizeof(float));
+        errs += dev->iface->memory_read(dev, dp + off - 1, dst, (size_t)(len + 2) * sizeof(float)) != PIKV_OK;
+        bad += memcmp(dst, want + off - 1, (size_t)(len + 2) * sizeof(float)) != 0;
+        bad += gbuf_damage(&g) != 0;
+        gbuf_free(&g);
+        /* planted: past 65504 at 290001, inf at 200003, NaN at 150001 (only the lowest counts) */
+        const struct { int64_t at; float x; } plant[] = {{290001, 70000.0f}, {200003, INFINITY}, {150001, NAN}};
+        const struct { float limit; int upto; int64_t want; } q[] = {
+            {65504.0f, 0, -1}, {65504.0f, 1, 290001}, {3.0e38f, 1, -1}, {3.0e38f, 2, 200003}, {65504.0f, 3, 150001}};
+        int planted = 0;
+        for (size_t t = 0; t < sizeof q / sizeof q[0]; t++) {
+            while (planted < q[t].upto) {
+                errs += dev->iface->memory_write(dev, dp + plant[planted].at, &plant[planted].x, sizeof(float)) !=
+                        PIKV_OK;
+                planted++;
+            }
+            int64_t first = -2;
+            errs += dev->iface->find_out_of_range(dev, dp, n, q[t].limit, &first) != PIKV_OK;
+            if (first != q[t].want) {
+                bad++;
+                printf("  %s: find_out_of_range(limit %g) = %lld, expected %lld\n", d->label, (double)q[t].limit,
+                       (long long)first, (long long)q[t].want);
+            }
+        }
+        dev->iface->buffer_free(dev, b);
+    }
+    if (errs || bad)
+        record(T_BUFFER, d, 4, "zero-copy", 1, INFINITY, "%ld failed calls, %ld mismatches", errs, bad);
+    else
+        record(T_BUFFER, d, 4, "zero-copy", 0, 0, NULL);
+    free(want);
+    free(got);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Main                                                                      */
 /* ------------------------------------------------------------------------ */
@@ -1618,6 +1721,7 @@ int main(int argc, char **argv)
         const dut *d = &g_duts[di];
         const double td = now_s();
         step_buffer(d);
+        step_zero_copy_memory(d);
         step_topk_odd_scores(d);
         int idx = 0;
         for (size_t a = 0; a < sizeof k_dt / sizeof k_dt[0]; a++)
