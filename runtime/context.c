@@ -97,6 +97,23 @@ int pikv_backend_is_compiled(pikv_backend_kind kind)
     return kind == PIKV_BACKEND_CPU;
 }
 
+/* The accelerator backends compiled into this build, in device order. */
+static const struct {
+    pikv_backend_kind kind;
+    pikv_status (*init)(pikv_context *ctx, const pikv_context_params *params, pikv_backend **out);
+} k_accelerators[] = {
+#ifdef PIKV_HAVE_CUDA
+    {PIKV_BACKEND_CUDA, pikv_backend_cuda_init},
+#endif
+#ifdef PIKV_HAVE_OPENCL
+    {PIKV_BACKEND_OPENCL, pikv_backend_opencl_init},
+#endif
+#ifdef PIKV_HAVE_VULKAN
+    {PIKV_BACKEND_VULKAN, pikv_backend_vulkan_init},
+#endif
+    {PIKV_BACKEND_CPU, NULL}, /* keeps the array non-empty; the CPU backend is loaded apart */
+};
+
 static pikv_status add_backend_devices(pikv_context *ctx, pikv_backend *b)
 {
     PIKV_RETURN_ERROR_IF(ctx->n_backends >= PIKV_MAX_BACKENDS, ctx, PIKV_ERR_INTERNAL,
@@ -185,39 +202,19 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
         if (st != PIKV_OK) cpu->iface->free(cpu);
     }
     if (st == PIKV_OK) ctx->host_device = cpu->devices[0];
-#ifdef PIKV_HAVE_CUDA
-    if (st == PIKV_OK && want[PIKV_BACKEND_CUDA]) {
-        pikv_backend *cu = NULL;
-        st = pikv_backend_cuda_init(ctx, &p, &cu); /* no driver or GPU: a backend without devices */
+    /* The accelerator backends, one registration entry each, CUDA (primary) first: a
+       backend whose runtime, driver or device is missing comes back without devices. */
+    for (size_t i = 0; i < sizeof k_accelerators / sizeof k_accelerators[0] && st == PIKV_OK; i++) {
+        const pikv_backend_kind kind = k_accelerators[i].kind;
+        if (!k_accelerators[i].init || !want[kind]) continue;
+        pikv_backend *b = NULL;
+        st = k_accelerators[i].init(ctx, &p, &b);
         if (st == PIKV_OK) {
-            st = add_backend_devices(ctx, cu);
-            if (st != PIKV_OK) cu->iface->free(cu);
+            st = add_backend_devices(ctx, b);
+            if (st != PIKV_OK) b->iface->free(b);
         }
-        want[PIKV_BACKEND_CUDA] = false;
+        want[kind] = false;
     }
-#endif
-#ifdef PIKV_HAVE_OPENCL
-    if (st == PIKV_OK && want[PIKV_BACKEND_OPENCL]) {
-        pikv_backend *ocl = NULL;
-        st = pikv_backend_opencl_init(ctx, &p, &ocl); /* no runtime: a backend without devices */
-        if (st == PIKV_OK) {
-            st = add_backend_devices(ctx, ocl);
-            if (st != PIKV_OK) ocl->iface->free(ocl);
-        }
-        want[PIKV_BACKEND_OPENCL] = false;
-    }
-#endif
-#ifdef PIKV_HAVE_VULKAN
-    if (st == PIKV_OK && want[PIKV_BACKEND_VULKAN]) {
-        pikv_backend *vk = NULL;
-        st = pikv_backend_vulkan_init(ctx, &p, &vk); /* no loader or driver: a backend without devices */
-        if (st == PIKV_OK) {
-            st = add_backend_devices(ctx, vk);
-            if (st != PIKV_OK) vk->iface->free(vk);
-        }
-        want[PIKV_BACKEND_VULKAN] = false;
-    }
-#endif
     for (int k = 1; k < 4 && st == PIKV_OK; k++) {
         /* Backends not compiled into this build contribute no devices. */
         if (want[k])

@@ -56,6 +56,17 @@ int pikv_cuda_device_ordinal(const pikv_device *dev);
 /* A failed CUDA call as a status with its message ("device cuda0: what failed:
    name (code): description"); allocation failures are OUT_OF_MEMORY. */
 pikv_status pikv_cuda_fail(pikv_device *dev, cudaError_t err, const char *what);
+/* In a function with `pikv_device *dev`, `pikv_status st` and a `done:` label: a
+   failed CUDA call becomes st (via pikv_cuda_fail) and jumps to done. */
+#define CUDA_TRY(expr, what)                                     \
+    do {                                                         \
+        cudaError_t try_err_ = (expr);                           \
+        if (try_err_ != cudaSuccess) {                           \
+            st = pikv_cuda_fail(dev, try_err_, what);            \
+            goto done;                                           \
+        }                                                        \
+    } while (0)
+
 /* Makes the device current for this host thread, saving the caller's current
    device in *previous (an engine's own choice must survive calls into PiKV);
    fails on a device lost to a sticky error. pikv_cuda_leave restores it. */

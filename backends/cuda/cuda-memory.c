@@ -9,15 +9,6 @@
 
 enum { UPLOAD_STAGING = 8 << 20 }; /* buffer_write's pinned staging */
 
-#define CUDA_TRY(expr, what)                                     \
-    do {                                                         \
-        cudaError_t try_err_ = (expr);                           \
-        if (try_err_ != cudaSuccess) {                           \
-            st = pikv_cuda_fail(dev, try_err_, what);            \
-            goto done;                                           \
-        }                                                        \
-    } while (0)
-
 pikv_status pikv_cuda_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **out)
 {
     pikv_context *ctx = dev->ctx;

@@ -11,15 +11,6 @@
 #include <limits.h>
 #include <string.h>
 
-#define CUDA_TRY(expr, what)                                     \
-    do {                                                         \
-        cudaError_t try_err_ = (expr);                           \
-        if (try_err_ != cudaSuccess) {                           \
-            st = pikv_cuda_fail(dev, try_err_, what);            \
-            goto done;                                           \
-        }                                                        \
-    } while (0)
-
 #define CHECK_ST(expr)                                           \
     do {                                                         \
         st = (expr);                                             \
