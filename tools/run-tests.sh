@@ -17,9 +17,9 @@ mkdir -p "$PIKV_CACHE_DIR"
 command -v clinfo >/dev/null && { echo "OpenCL platforms:"; clinfo -l 2>&1 | sed 's/^/  /'; }
 command -v vulkaninfo >/dev/null && { echo "Vulkan devices:"; vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion" | sed 's/^/  /'; }
 # The accelerator backends are auto-detected; said explicitly so a stale cache cannot drop one.
-# CUDA (compiled and linked, not run: CI has no GPU) is built once, in the release build;
-# the clang and sanitizer builds leave it out to keep CI short (its host code is plain C
-# compiled in the release build with -Werror).
+# CUDA (compiled and linked, not run: CI has no GPU) is built in the release and sanitizer
+# builds (the latter checks its host code's discovery path under ASan/UBSan); the clang build
+# leaves it out to keep CI short.
 backends=(-DPIKV_OPENCL=AUTO -DPIKV_VULKAN=AUTO)
 # With the toolkit present (CI's machine has it), CUDA and NCCL are required, so a
 # broken detection fails the run instead of silently dropping the backend.
@@ -49,8 +49,10 @@ fi
 
 if [ "$asan" = 1 ]; then
   step "sanitizer build (build-asan/)"
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPIKV_WERROR=ON "${backends[@]}" "${no_cuda[@]}" \
-    "-DCMAKE_C_FLAGS=-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+  # executables linked through the CUDA toolchain get the sanitizer runtime from the linker flags
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPIKV_WERROR=ON "${backends[@]}" "${cuda[@]}" \
+    "-DCMAKE_C_FLAGS=-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
+    "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined"
   cmake --build build-asan -j "$jobs"
   step "tests (ASan + UBSan)"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
