@@ -156,6 +156,16 @@ static bool device_setup(pikv_context *ctx, pikv_cuda_device *cd, const char *na
     if (err == cudaSuccess) err = cudaEventCreate(&cd->time_begin);
     if (err == cudaSuccess) err = cudaEventCreate(&cd->time_end);
     if (err == cudaSuccess) {
+        int pools = 0;
+        what = "cudaDeviceGetAttribute (memory pools)";
+        err = cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, cd->ordinal);
+        if (err == cudaSuccess && !pools) {
+            pikv_log(ctx, PIKV_LOG_WARN, "cuda: device %d '%s' skipped: no stream-ordered memory pools "
+                     "(cudaDevAttrMemoryPoolsSupported is 0)", cd->ordinal, name);
+            return false;
+        }
+    }
+    if (err == cudaSuccess) {
         /* a pool of the device's memory that keeps what is freed for reuse:
            chunk and scratch allocations are stream-ordered and cheap */
         struct cudaMemPoolProps props;
