@@ -142,12 +142,50 @@ static int32_t open_rows(const pikv_cache *c, const pikv_ring *ring)
     return c->params.page_size - m->n_tokens;
 }
 
+pikv_status pikv_append_validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                                 const float *k, const float *v, const int32_t *positions, const int32_t *experts)
+{
+    return validate(c, fn, layer, seq, n, NULL, k, v, positions, experts);
+}
+
+void pikv_append_route(const pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const int32_t *experts,
+                       int32_t *shard_of, int32_t *shard_count, int32_t *new_pages, int32_t *place)
+{
+    const pikv_cache_params *p = &c->params;
+    const int32_t ps = p->page_size, ns = c->n_shards;
+    const pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
+    memset(shard_count, 0, (size_t)ns * sizeof *shard_count);
+    for (int32_t i = 0; i < n; i++) {
+        int32_t e = experts ? experts[(size_t)i * (size_t)p->experts_per_token] : 0;
+        int32_t s = pikv_placement_shard(c, sl->next_index + i, e);
+        shard_of[i] = s;
+        shard_count[s]++;
+    }
+    int64_t pending[PIKV_MAX_DEVICES] = {0};
+    for (int32_t s = 0; s < ns; s++) {
+        new_pages[s] = 0;
+        place[s] = -1;
+        if (shard_count[s] == 0) continue;
+        const int32_t open = open_rows(c, &sl->rings[s]);
+        int64_t rest = (int64_t)shard_count[s] - open;
+        if (rest < 0) rest = 0;
+        new_pages[s] = (int32_t)((rest + ps - 1) / ps);
+        int32_t dev = ((pikv_cache *)c)->shards[(size_t)layer * (size_t)ns + (size_t)s].dev;
+        if (dev < 0) dev = pikv_placement_pick_device(c, pending);
+        place[s] = dev;
+        pending[dev] += new_pages[s];
+    }
+}
+
 /* k and v are host memory (src == NULL) or in src's memory (zero copy): writes to
    pages on src get the device pointers; pages on other devices are written from a
-   host copy, made once and only when some page needs it. */
-static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
-                          pikv_device *src, const float *k, const float *v, const int32_t *positions,
-                          const int32_t *experts)
+   host copy, made once and only when some page needs it. With sync (a distributed
+   cache), every rank runs this with the same arguments and the status is exchanged
+   twice, after the dry run and after the writes, so all ranks commit or all roll
+   back; every path below makes both exchanges or returns after the first. */
+pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                               pikv_device *src, const float *k, const float *v, const int32_t *positions,
+                               const int32_t *experts, bool sync)
 {
     PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, seq, n, src, k, v, positions, experts));
     if (n == 0) return PIKV_OK;
@@ -161,11 +199,13 @@ static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t 
 
     /* ---- dry run: plan ---- */
     append_plan plan;
-    const size_t n_ints = (size_t)n * 2 + (size_t)ns * 4 + 1;
+    const size_t n_ints = (size_t)n * 2 + (size_t)ns * 5 + 1;
     int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
     if (!ints) {
         pikv_host_free(ctx, host_kv);
-        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %d tokens: allocation failed", fn, n);
+        pikv_status fail = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: scratch for %d tokens: allocation failed",
+                                     fn, n);
+        return sync ? pikv_dist_sync_status(c, fn, fail) : fail;
     }
     plan.shard_of = ints;
     plan.order = plan.shard_of + n;
@@ -173,17 +213,12 @@ static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t 
     plan.new_pages = plan.shard_count + ns;
     plan.place = plan.new_pages + ns;
     plan.shard_start = plan.place + ns;
-    for (int32_t i = 0; i < n; i++) {
-        int32_t e = experts ? experts[(size_t)i * (size_t)p->experts_per_token] : 0;
-        int32_t s = pikv_placement_shard(c, sl->next_index + i, e);
-        plan.shard_of[i] = s;
-        plan.shard_count[s]++;
-    }
+    pikv_append_route(c, layer, seq, n, experts, plan.shard_of, plan.shard_count, plan.new_pages, plan.place);
     plan.shard_start[0] = 0;
     for (int32_t s = 0; s < ns; s++) plan.shard_start[s + 1] = plan.shard_start[s] + plan.shard_count[s];
     {
         /* counting sort keeps input order within a shard */
-        int32_t *fill = plan.new_pages; /* borrowed as a cursor, reset below */
+        int32_t *fill = plan.shard_start + ns + 1; /* [ns] cursors */
         for (int32_t s = 0; s < ns; s++) fill[s] = plan.shard_start[s];
         for (int32_t i = 0; i < n; i++) plan.order[fill[plan.shard_of[i]]++] = i;
     }
@@ -191,15 +226,9 @@ static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t 
     int64_t total_new = 0, n_writes = 0;
     const bool quant = c->qdevs != NULL;
     for (int32_t s = 0; s < ns; s++) {
-        plan.new_pages[s] = 0;
         if (plan.shard_count[s] == 0) continue;
         const int32_t open = open_rows(c, &sl->rings[s]);
-        int64_t rest = (int64_t)plan.shard_count[s] - open;
-        if (rest < 0) rest = 0;
-        plan.new_pages[s] = (int32_t)((rest + ps - 1) / ps);
-        int32_t dev = pikv_cache_shard(c, layer, s)->dev;
-        if (dev < 0) dev = pikv_placement_pick_device(c, pending);
-        plan.place[s] = dev;
+        const int32_t dev = plan.place[s];
         pending[dev] += plan.new_pages[s];
         total_new += plan.new_pages[s];
         if (quant) { /* pages this append fills are quantized: the open page, full new pages */
@@ -248,6 +277,7 @@ static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t 
         }
         if (need_host) st = copy_to_host(c, fn, n, src, k, v, &host_kv);
     }
+    if (sync) st = pikv_dist_sync_status(c, fn, st); /* exchange 1: every rank reserved */
     if (st != PIKV_OK) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         for (int32_t d = 0; quant && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
@@ -316,6 +346,7 @@ static pikv_status append(pikv_cache *c, const char *fn, int32_t layer, int32_t 
         for (int j = 0; j < 4; j++) qerr[j] += qa.err[j];
         qerr[4] = qa.err[4] > qerr[4] ? qa.err[4] : qerr[4];
     }
+    if (sync) st = pikv_dist_sync_status(c, fn, st); /* exchange 2: every rank wrote its pages */
     if (st != PIKV_OK) {
         /* Open pages already written on some device had their bounds widened by rows
            that are now dropped: recompute them over their old rows (best effort: the
@@ -414,7 +445,8 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
                               const float *v, const int32_t *positions, const int32_t *experts)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
-    return append(c, "pikv_cache_append", layer, seq, n, NULL, k, v, positions, experts);
+    if (c->comm) return pikv_dist_append(c, "pikv_cache_append", layer, seq, n, k, v, positions, experts);
+    return pikv_append_tokens(c, "pikv_cache_append", layer, seq, n, NULL, k, v, positions, experts, false);
 }
 
 pikv_status pikv_cache_append_device(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, int32_t device,
@@ -423,6 +455,9 @@ pikv_status pikv_cache_append_device(pikv_cache *c, int32_t layer, int32_t seq, 
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
     pikv_device *src;
+    PIKV_RETURN_ERROR_IF(c->comm, c->ctx, PIKV_ERR_UNSUPPORTED,
+                         "pikv_cache_append_device: zero copy into a distributed cache is not supported yet "
+                         "(use pikv_cache_append)");
     PIKV_FORWARD_IF_ERROR(pikv_zero_copy_device(c->ctx, device, "pikv_cache_append_device", &src));
-    return append(c, "pikv_cache_append_device", layer, seq, n, src, k, v, positions, experts);
+    return pikv_append_tokens(c, "pikv_cache_append_device", layer, seq, n, src, k, v, positions, experts, false);
 }

@@ -5,6 +5,7 @@
  * page's log attention mass, which is turned into the page's share of the
  * final softmax and accumulated for the eviction policies. */
 #include "select.h"
+#include "comm.h"
 
 #include <float.h>
 #include <math.h>
@@ -21,6 +22,9 @@ static pikv_status validate(pikv_cache *c, const char *fn, int32_t layer, const 
     PIKV_RETURN_ERROR_IF(b->n_queries < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "%s: n_queries = %d is negative", fn, b->n_queries);
     if (b->select) PIKV_FORWARD_IF_ERROR(pikv_select_validate(ctx, c, b->select, fn));
+    PIKV_RETURN_ERROR_IF(c->comm && (sel->mode & PIKV_SELECT_QUEST), ctx, PIKV_ERR_UNSUPPORTED,
+                         "%s: QUEST selection over ranks is not supported yet (page scores live with the pages)",
+                         fn);
     if (b->n_queries == 0) return PIKV_OK;
     PIKV_RETURN_ERROR_IF(!b->seq_ids || !b->q || !b->out, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "%s: batch %s is NULL", fn,
@@ -73,8 +77,8 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
     const int32_t G = hq / c->params.n_kv_heads;
     const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
     int32_t active[PIKV_MAX_DEVICES], n_active = 0;
-    for (int32_t d = 0; d < c->n_devs; d++)
-        if (plan->dev_begin[d + 1] > plan->dev_begin[d]) active[n_active++] = d;
+    for (int32_t d = 0; d < c->n_devs; d++) /* over ranks: this rank's devices, its partial */
+        if (plan->dev_begin[d + 1] > plan->dev_begin[d] && pikv_cache_dev_local(c, d)) active[n_active++] = d;
     PIKV_RETURN_ERROR_IF(io_on_device && n_active != 1, ctx, PIKV_ERR_INTERNAL,
                          "%s: device-resident output with %d devices to read", fn, n_active);
     if (n_active == 0) { /* nothing to read */
@@ -116,6 +120,50 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
     }
     pikv_host_free(ctx, parts);
     return st;
+}
+
+/* run_plan, then over ranks the exact merge of every rank's partial (every rank
+   calls it: a rank with nothing to read contributes an empty partial). Only the
+   partials travel, n_queries x n_q_heads x (head_dim + 2) floats, never pages. */
+static pikv_status run_plan_ranks(pikv_cache *c, const char *fn, int32_t nq, const float *q,
+                                  const pikv_read_plan *plan, float *out, float *lse, float *page_lse,
+                                  bool io_on_device)
+{
+    pikv_status st = run_plan(c, fn, nq, q, plan, out, lse, page_lse, io_on_device);
+    if (!c->comm) return st;
+    PIKV_FORWARD_IF_ERROR(pikv_dist_sync_status(c, fn, st));
+    const uint64_t sent0 = c->comm->bytes_sent;
+    PIKV_FORWARD_IF_ERROR(pikv_comm_merge_partials(c->comm, nq * c->params.n_q_heads, c->params.head_dim, out, lse));
+    c->dist.last_partial_bytes += c->comm->bytes_sent - sent0;
+    return PIKV_OK;
+}
+
+/* Distribution figures of an attend: ranks whose pages each query read, and the
+   page bytes other ranks read (what gathering the pages here would have moved). */
+static void count_ranks(pikv_cache *c, const pikv_read_plan *plan, int32_t nq, const uint64_t *dev_bytes)
+{
+    const int32_t kvh = c->params.n_kv_heads;
+    int64_t touched = 0;
+    int32_t most = 0;
+    for (int32_t i = 0; i < nq; i++) {
+        bool hit[PIKV_MAX_DEVICES] = {false};
+        int32_t n = 0;
+        for (int32_t d = 0; d < c->n_devs; d++) {
+            const int32_t *indptr = plan->indptr + (size_t)d * ((size_t)plan->n_lists + 1);
+            const int32_t r = d / c->n_local;
+            if (hit[r] || indptr[(i + 1) * kvh] == indptr[i * kvh]) continue;
+            hit[r] = true;
+            n++;
+        }
+        touched += n;
+        most = n > most ? n : most;
+    }
+    uint64_t gather = 0;
+    for (int32_t d = 0; d < c->n_devs; d++)
+        if (!pikv_cache_dev_local(c, d)) gather += dev_bytes[d];
+    c->dist.last_ranks_per_query = nq ? (double)touched / (double)nq : 0.0;
+    c->dist.last_max_ranks = most;
+    c->dist.last_gather_bytes = gather;
 }
 
 /* Each read page's use statistics move; with page_lse (policies that rank by
@@ -213,7 +261,11 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
                           pikv_device *io)
 {
     const pikv_select_params *sel = b && b->select ? b->select : &c->params.select;
-    PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, b, sel, io));
+    pikv_status vst = validate(c, fn, layer, b, sel, io);
+    /* over ranks every rank must pass the same batch: a rank refusing its own alone
+       must not leave the others waiting in the merge */
+    if (c->comm) vst = pikv_dist_sync_status(c, fn, vst);
+    PIKV_FORWARD_IF_ERROR(vst);
     if (b->n_queries == 0) return PIKV_OK;
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, hq = c->params.n_q_heads, hd = c->params.head_dim;
@@ -240,7 +292,7 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     st = pikv_plan_reads(c, layer, &hb, sel, &plan);
     if (st != PIKV_OK) {
         pikv_host_free(ctx, q_host);
-        return st;
+        return c->comm ? pikv_dist_sync_status(c, fn, st) : st; /* the exchange the others make below */
     }
     /* zero copy straight on the engine's tensors, or staged through the host */
     int32_t n_active = 0, active = -1;
@@ -265,6 +317,7 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     /* zero copy without batch->lse: the kernel still writes lse, into device scratch */
     pikv_buffer *lse_buf = NULL;
     if (st == PIKV_OK && direct && !b->lse) st = io->iface->buffer_alloc(io, lse_floats * sizeof(float), &lse_buf);
+    if (c->comm) st = pikv_dist_sync_status(c, fn, st); /* every rank planned and has its scratch */
     if (st != PIKV_OK) {
         pikv_host_free(ctx, scratch);
         pikv_host_free(ctx, q_host);
@@ -279,7 +332,7 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     const float *q = staged ? q_host : b->q;
     float *out = staged ? out_host : b->out;
     float *lse = direct ? (b->lse ? b->lse : device_address(lse_buf)) : staged ? lse_own : b->lse ? b->lse : lse_own;
-    st = run_plan(c, fn, nq, q, &plan, out, lse, page_lse, direct);
+    st = run_plan_ranks(c, fn, nq, q, &plan, out, lse, page_lse, direct);
 
     /* Measurement: the same batch read exactly, for recall and output error. */
     double recall = 1.0, error = 0.0;
@@ -289,8 +342,10 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
         pikv_read_plan exact;
         st = pikv_plan_reads(c, layer, &hb, &all, &exact);
         if (st == PIKV_OK) {
-            st = run_plan(c, fn, nq, q, &exact, exact_out, exact_lse, NULL, false);
+            st = run_plan_ranks(c, fn, nq, q, &exact, exact_out, exact_lse, NULL, false);
             pikv_read_plan_free(ctx, &exact);
+        } else if (c->comm) {
+            st = pikv_dist_sync_status(c, fn, st); /* the exchange run_plan_ranks makes on the others */
         }
         if (st == PIKV_OK) {
             double sum = 0.0;
@@ -357,6 +412,11 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
         c->last_recall = sel->mode == PIKV_SELECT_ALL ? 1.0 : measure ? recall : -1.0;
         c->last_output_error = sel->mode == PIKV_SELECT_ALL ? 0.0 : measure ? error : -1.0;
         c->attends++;
+        if (c->comm) {
+            uint64_t dev_bytes[PIKV_MAX_DEVICES];
+            for (int32_t d = 0; d < c->n_devs; d++) dev_bytes[d] = c->devs[d].last_bytes_read;
+            count_ranks(c, &plan, nq, dev_bytes);
+        }
     }
     if (lse_buf) io->iface->buffer_free(io, lse_buf);
     pikv_host_free(ctx, scratch);
@@ -368,13 +428,25 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
 pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_batch *b)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
-    return attend(c, "pikv_cache_attend", layer, b, NULL);
+    if (!c->comm) return attend(c, "pikv_cache_attend", layer, b, NULL);
+    /* over ranks every call is a step of the figures, whatever path it returns by (no
+       queries, a failure): "last" never describes an earlier call */
+    const uint64_t sent0 = c->comm->bytes_sent, recv0 = c->comm->bytes_received;
+    c->dist.last_partial_bytes = c->dist.last_gather_bytes = 0;
+    c->dist.last_ranks_per_query = 0.0;
+    c->dist.last_max_ranks = 0;
+    const pikv_status st = attend(c, "pikv_cache_attend", layer, b, NULL);
+    pikv_dist_account(c, sent0, recv0);
+    return st;
 }
 
 pikv_status pikv_cache_attend_device(pikv_cache *c, int32_t layer, int32_t device, const pikv_attend_batch *b)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
     pikv_device *io;
+    PIKV_RETURN_ERROR_IF(c->comm, c->ctx, PIKV_ERR_UNSUPPORTED,
+                         "pikv_cache_attend_device: zero copy on a distributed cache is not supported yet "
+                         "(use pikv_cache_attend)");
     PIKV_FORWARD_IF_ERROR(pikv_zero_copy_device(c->ctx, device, "pikv_cache_attend_device", &io));
     return attend(c, "pikv_cache_attend_device", layer, b, io);
 }

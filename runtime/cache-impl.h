@@ -89,6 +89,11 @@ void pikv_pool_free(pikv_page_pool *pool);
    empty (page_pool.c). Attend results are unchanged, bit for bit. */
 struct pikv_cache;
 pikv_status pikv_cache_compact_device(struct pikv_cache *c, int32_t dev);
+/* pikv_cache_trim over ranks: every device compacted with one map allocated first, the
+   status exchanged before anything moves (a rank out of host memory alone stops every
+   rank) and after (a device error on the owner is reported everywhere; the pools' slots
+   may then differ between ranks). */
+pikv_status pikv_cache_compact_ranks(struct pikv_cache *c);
 /* Byte offset of a slot inside its chunk buffer. */
 static inline pikv_buffer *pikv_pool_chunk(const pikv_page_pool *p, uint32_t slot, uint64_t *offset,
                                            const pikv_page_layout *layout)
@@ -155,6 +160,15 @@ struct pikv_cache {
     int64_t *expert_routed;  /* [n_layers][n_experts] */
     int64_t *expert_top1;    /* [n_layers][n_experts] */
 
+    /* distribution (dist.c): devs[] holds every rank's devices, rank-major
+       (devs[r * n_local + j] is device j of rank r); another rank's devices are
+       remote devices (remote.c): pools whose metadata is kept here, identically on
+       every rank, while the page data lives on the owner */
+    pikv_comm *comm;          /* NULL: one process */
+    int32_t rank, n_ranks, n_local;
+    pikv_device **remote;     /* [n_devs]: the remote devices this cache created (NULL for own) */
+    pikv_cache_dist_stats dist;
+
     /* stats */
     int64_t pages_live;
     int64_t evicted_pages, evicted_tokens;
@@ -185,6 +199,65 @@ static inline pikv_shard *pikv_cache_shard(pikv_cache *c, int32_t layer, int32_t
 {
     return &c->shards[(size_t)layer * (size_t)c->n_shards + (size_t)shard];
 }
+
+/* Whether device d of the cache is this rank's (its ops run here). */
+static inline bool pikv_cache_dev_local(const pikv_cache *c, int32_t d)
+{
+    return !c->comm || d / c->n_local == c->rank;
+}
+
+/* ---- remote.c: another rank's device as this rank sees it -------------------------- */
+/* A device whose pools keep metadata only: buffers have no bytes, page-writing ops
+   (append, page copy, quantize) do nothing, reading ops fail as internal errors (the
+   runtime never runs them there). info mirrors the owner's (name "rank<r>:<name>",
+   memory limit). Freed with pikv_remote_device_free. */
+pikv_status pikv_remote_device_create(pikv_context *ctx, int32_t rank, const char *name, uint64_t memory_limit,
+                                      pikv_device **out);
+void pikv_remote_device_free(pikv_context *ctx, pikv_device *dev);
+
+/* ---- dist.c: collectives of a distributed cache ------------------------------------ */
+/* Every rank passes its own status; all get PIKV_OK or the lowest failing rank's
+   status, with that rank's message as the context's last error on the other ranks.
+   One-process caches return st. */
+pikv_status pikv_dist_sync_status(pikv_cache *c, const char *fn, pikv_status st);
+pikv_status pikv_dist_sync_status_comm(pikv_comm *comm, pikv_context *ctx, const char *fn, pikv_status st);
+/* Cache creation over p->comm, in two steps. The exchange (every rank, with its
+   own validation status st, before the cache is allocated) agrees on success and
+   checks that every rank passed the same parameters and the same number of
+   devices; *infos (freed by pikv_dist_create, or with pikv_host_free) holds every
+   rank's device names and memory limits. pikv_dist_create then builds the global
+   device list: c->devs[g].dev for g = r * n_local + j is this rank's device j, or a
+   remote device; limits[g] gets the owner's memory limit (for chunk sizes). */
+pikv_status pikv_dist_create_exchange(pikv_context *ctx, const pikv_cache_params *p, const int32_t *local_ids,
+                                      int32_t n_local, pikv_status st, void **infos);
+pikv_status pikv_dist_create(pikv_cache *c, void *infos, const int32_t *local_ids, int32_t n_local,
+                             uint64_t *limits);
+void pikv_dist_free(pikv_cache *c);
+/* Collective append: every rank passes its own n tokens (may be 0). The tokens of
+   all ranks, in rank order, are appended to the sequence; each K/V row travels once,
+   to the rank owning its shard. */
+pikv_status pikv_dist_append(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n, const float *k,
+                             const float *v, const int32_t *positions, const int32_t *experts);
+/* Sets the last call's bytes sent and received (the communicator's counts since
+   sent0 and recv0) and adds them to the totals. */
+void pikv_dist_account(pikv_cache *c, uint64_t sent0, uint64_t recv0);
+
+/* ---- append.c: the one-process append, as dist.c calls it ------------------------------ */
+/* The argument checks of pikv_cache_append for host tensors (no effect). */
+pikv_status pikv_append_validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                                 const float *k, const float *v, const int32_t *positions, const int32_t *experts);
+/* With `sync` set (distributed), the append exchanges its status with every rank
+   before it commits, so every rank commits or every rank rolls back; rows of k/v that
+   only remote pages take may hold anything. */
+pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
+                               pikv_device *src, const float *k, const float *v, const int32_t *positions,
+                               const int32_t *experts, bool sync);
+
+/* Where an append of n tokens (experts: the router's, or NULL) goes, as the dry run
+   plans it: each token's shard, tokens per shard, new pages per shard and the device
+   of each shard that receives tokens (-1 for the others). */
+void pikv_append_route(const pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const int32_t *experts,
+                       int32_t *shard_of, int32_t *shard_count, int32_t *new_pages, int32_t *place);
 
 /* ---- page ids (cache.c) -------------------------------------------------------- */
 /* Ensure `n` more ids can be taken without allocating; nothing changes on failure. */

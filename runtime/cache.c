@@ -1,5 +1,6 @@
 /* Cache creation, parameters, page ids and statistics. */
 #include "cache-impl.h"
+#include "comm.h"
 
 #include <math.h>
 #include <string.h>
@@ -113,17 +114,22 @@ static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p
     return PIKV_OK;
 }
 
-pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params, pikv_cache **out)
+/* The parameters and this process's devices (ids[*n_devs]). */
+static pikv_status check_create(pikv_context *ctx, const pikv_cache_params *p, int32_t *ids, int32_t *n_devs_out)
 {
-    if (out) *out = NULL;
-    if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
-    PIKV_RETURN_ERROR_IF(!params || !out, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_cache_create: %s is NULL", !params ? "params" : "out");
-    PIKV_FORWARD_IF_ERROR(validate_params(ctx, params));
-    const pikv_cache_params *p = params;
-
-    int32_t ids[PIKV_MAX_DEVICES];
+    PIKV_FORWARD_IF_ERROR(validate_params(ctx, p));
+    if (p->comm) {
+        /* the policies that need data only the page's owner has, or that move pages */
+        PIKV_RETURN_ERROR_IF(p->select.mode & PIKV_SELECT_QUEST, ctx, PIKV_ERR_UNSUPPORTED,
+                             "pikv_cache_create: QUEST selection over ranks is not supported yet (page scores "
+                             "live with the pages)");
+        PIKV_RETURN_ERROR_IF(p->evict.policy == PIKV_EVICT_H2O || p->evict.policy == PIKV_EVICT_UTILITY, ctx,
+                             PIKV_ERR_UNSUPPORTED,
+                             "pikv_cache_create: %s eviction over ranks is not supported yet (attention mass is "
+                             "measured where the pages are)", p->evict.policy == PIKV_EVICT_H2O ? "H2O" : "utility");
+    }
     int32_t n_devs = p->n_devices > 0 ? p->n_devices : ctx->n_devices;
+    *n_devs_out = n_devs;
     for (int32_t i = 0; i < n_devs; i++) {
         ids[i] = p->n_devices > 0 ? p->devices[i] : i;
         PIKV_RETURN_ERROR_IF(ids[i] < 0 || ids[i] >= ctx->n_devices, ctx, PIKV_ERR_OUT_OF_RANGE,
@@ -142,15 +148,42 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
                              ctx, PIKV_ERR_UNSUPPORTED, "device %s cannot quantize pages to dtype %d",
                              dev->info.name, (int)p->dtype);
     }
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params, pikv_cache **out)
+{
+    if (out) *out = NULL;
+    if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!params || !out, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_create: %s is NULL", !params ? "params" : "out");
+    const pikv_cache_params *p = params;
+    int32_t ids[PIKV_MAX_DEVICES], n_local = 0;
+    pikv_status st = check_create(ctx, p, ids, &n_local);
+    /* over ranks: every rank takes part in the exchange, with its own verdict */
+    void *infos = NULL;
+    if (p->comm) st = pikv_dist_create_exchange(ctx, p, ids, n_local, st, &infos);
+    if (st != PIKV_OK) return st;
+    const int32_t n_devs = p->comm ? pikv_comm_size(p->comm) * n_local : n_local;
+    uint64_t limits[PIKV_MAX_DEVICES];
 
     pikv_cache *c = pikv_host_calloc(ctx, 1, sizeof *c);
-    if (!c) return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation failed");
+    if (!c) {
+        pikv_host_free(ctx, infos);
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation failed");
+        return p->comm ? pikv_dist_sync_status_comm(p->comm, ctx, "pikv_cache_create", st) : st;
+    }
     c->ctx = ctx;
     c->params = *p;
     c->params.devices = NULL; /* the caller's array is not kept */
     c->params.n_devices = n_devs;
-    memcpy(c->device_ids, ids, (size_t)n_devs * sizeof ids[0]);
+    for (int32_t d = 0; d < n_devs; d++) /* context indices of this rank's devices, -1 for other ranks' */
+        c->device_ids[d] = !p->comm ? ids[d] : d / n_local == pikv_comm_rank(p->comm) ? ids[d % n_local] : -1;
     c->n_devs = n_devs;
+    c->comm = p->comm;
+    c->rank = p->comm ? pikv_comm_rank(p->comm) : 0;
+    c->n_ranks = p->comm ? pikv_comm_size(p->comm) : 1;
+    c->n_local = n_local;
     if (p->n_experts == 1)
         c->n_shards = p->n_shards > 0 ? p->n_shards : n_devs;
     else if (p->placement == PIKV_PLACEMENT_HASH)
@@ -187,18 +220,29 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     c->last_recall = c->last_output_error = c->last_hit_rate = -1.0;
     if (!c->devs || (quant && !c->qdevs) || !c->layer_qerr || !c->layer_qpages || !c->shards || !c->seqs || !c->layer_tokens || !c->layer_budget || !c->layer_clock ||
         !c->layer_pages || !c->layer_evicted || !c->layer_last_bytes || !c->layer_last_pages ||
-        !c->expert_misses || !c->expert_routed || !c->expert_top1) {
+        !c->expert_misses || !c->expert_routed || !c->expert_top1)
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation of tables failed");
+    if (st == PIKV_OK && p->comm) {
+        st = pikv_dist_create(c, infos, ids, n_local, limits);
+        infos = NULL;
+    }
+    for (int32_t d = 0; st == PIKV_OK && !p->comm && d < n_devs; d++) {
+        c->devs[d].dev = ctx->devices[ids[d]];
+        limits[d] = c->devs[d].dev->info.caps.memory_limit;
+    }
+    if (p->comm) st = pikv_dist_sync_status_comm(p->comm, ctx, "pikv_cache_create", st);
+    if (st != PIKV_OK) {
+        pikv_host_free(ctx, infos);
         pikv_cache_free(c);
-        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "cache: allocation of tables failed");
+        return st;
     }
     for (int32_t d = 0; d < n_devs; d++) {
         pikv_page_pool *pool = &c->devs[d];
-        pool->dev = ctx->devices[ids[d]];
         /* Chunks of about 1 MiB, rarely allocated; on a device with a memory limit at
            most 1/16 of it, so a small limit still holds pages and the last chunk
            wastes little. */
         uint64_t target = 1u << 20;
-        const uint64_t limit = pool->dev->info.caps.memory_limit;
+        const uint64_t limit = limits[d]; /* the owner's: every rank sizes the chunks alike */
         if (limit > 0 && limit / 16 < target) target = limit / 16;
         uint64_t per = target / c->layout.page_bytes;
         if (per < 1) per = 1;
@@ -217,7 +261,8 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         }
     }
     pikv_placement_init(c);
-    pikv_status st = pikv_policies_init(c);
+    st = pikv_policies_init(c);
+    if (p->comm) st = pikv_dist_sync_status_comm(p->comm, ctx, "pikv_cache_create", st);
     if (st != PIKV_OK) {
         pikv_cache_free(c);
         return st;
@@ -244,6 +289,7 @@ void pikv_cache_free(pikv_cache *c)
     if (c->qdevs)
         for (int32_t d = 0; d < c->n_devs; d++)
             if (c->qdevs[d].dev) pikv_pool_free(&c->qdevs[d]);
+    pikv_dist_free(c); /* remote devices, after their pools */
     pikv_host_free(ctx, c->devs);
     pikv_host_free(ctx, c->qdevs);
     pikv_host_free(ctx, c->layer_qerr);
@@ -445,6 +491,7 @@ pikv_status pikv_cache_shard_info(const pikv_cache *c, int32_t layer, int32_t sh
 pikv_status pikv_cache_trim(pikv_cache *c)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->comm) return pikv_cache_compact_ranks(c);
     for (int32_t d = 0; d < c->n_devs; d++) PIKV_FORWARD_IF_ERROR(pikv_cache_compact_device(c, d));
     return PIKV_OK;
 }

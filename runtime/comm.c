@@ -4,19 +4,313 @@
 #include "comm.h"
 
 #include <math.h>
+#include <sched.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
+
+void pikv_comm_init(pikv_comm *c, const pikv_comm_iface *iface, pikv_context *ctx,
+                    int32_t rank, int32_t size, void *impl)
+{
+    memset(c, 0, sizeof *c);
+    c->iface = iface;
+    c->ctx = ctx;
+    c->rank = rank;
+    c->size = size;
+    c->impl = impl;
+    c->timeout_s = PIKV_COMM_DEFAULT_TIMEOUT_S;
+}
+
+/* ---- waiting ------------------------------------------------------------ */
+
+static double comm_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void pikv_comm_wait_begin(pikv_comm_wait *w)
+{
+    w->start = comm_now();
+    w->polls = 0;
+}
+
+double pikv_comm_wait_elapsed(const pikv_comm_wait *w)
+{
+    return comm_now() - w->start;
+}
+
+bool pikv_comm_wait_pause(const pikv_comm *c, pikv_comm_wait *w)
+{
+    double waited = comm_now() - w->start;
+    if (c->timeout_s > 0.0 && waited >= c->timeout_s) return false;
+    w->polls++;
+    /* The first millisecond: poll as fast as the scheduler lets us, yielding the core
+       between polls (most collectives finish by then, and with more ranks than cores a
+       yield lets the peer we wait for run; sleeping instead costs the timer slack, some
+       50 us, per poll). Then sleep about 1/8 of the time waited so far, up to 1 ms: at
+       most ~12% added latency, and a rank waiting for a slow or stalled peer leaves its
+       core to the others. */
+    if (waited < 1e-3) {
+        sched_yield();
+        return true;
+    }
+    double pause = waited / 8.0;
+    if (pause < 1e-6) pause = 1e-6;
+    if (pause > 1e-3) pause = 1e-3;
+    if (c->timeout_s > 0.0 && waited + pause > c->timeout_s) pause = c->timeout_s - waited + 1e-6;
+    struct timespec ts;
+    ts.tv_sec = 0;
+    ts.tv_nsec = (long)(pause * 1e9);
+    if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
+    (void)nanosleep(&ts, NULL); /* EINTR: just poll earlier */
+    return true;
+}
+
+/* ---- the collective wrappers ------------------------------------------- */
+
+/* "the MPI" or "this" (before "communicator"), for messages */
+static const char *comm_the(const pikv_comm *c)
+{
+    return c->iface && c->iface->name ? "the " : "";
+}
+static const char *comm_kind(const pikv_comm *c)
+{
+    return c->iface && c->iface->name ? c->iface->name : "this";
+}
+
+/* A collective on a communicator marked failed: fails at once, saying why. */
+static pikv_status comm_broken(pikv_comm *c, const char *what)
+{
+    return PIKV_FAIL(c->ctx, PIKV_ERR_BACKEND,
+                     "comm_%s: %s%s communicator (rank %d of %d) is broken, every collective on "
+                     "it fails (the job should abort it): %s",
+                     what, comm_the(c), comm_kind(c), (int)c->rank, (int)c->size, c->failure);
+}
+
+static pikv_status comm_unsupported(pikv_comm *c, const char *what)
+{
+    return PIKV_FAIL(c->ctx, PIKV_ERR_UNSUPPORTED,
+                     "comm_%s: %s%s communicator does not implement %s", what, comm_the(c),
+                     comm_kind(c), what);
+}
+
+/* Marks c failed after its implementation returned st from collective `what`;
+   the reason is the message the implementation recorded. */
+static pikv_status comm_mark_failed(pikv_comm *c, const char *what, pikv_status st)
+{
+    if (!c->failed) {
+        c->failed = true;
+        int n = snprintf(c->failure, sizeof c->failure, "an earlier %s failed with %s: ", what,
+                         pikv_status_name(st));
+        if (n < 0) n = 0;
+        if ((size_t)n < sizeof c->failure) {
+            size_t room = sizeof c->failure - (size_t)n;
+            size_t len = strlen(c->ctx->last_error);
+            if (len >= room) len = room - 1;
+            memcpy(c->failure + n, c->ctx->last_error, len);
+            c->failure[(size_t)n + len] = '\0';
+        }
+    }
+    return st;
+}
+
+static void comm_count(pikv_comm *c, uint64_t sent, uint64_t received)
+{
+    c->bytes_sent += sent;
+    c->bytes_received += received;
+    c->collectives++;
+}
+
+static bool comm_overlap(const void *a, uint64_t na, const void *b, uint64_t nb)
+{
+    if (!na || !nb) return false;
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + nb && y < x + na;
+}
+
+static pikv_status check_allreduce_args(pikv_comm *c, const char *what, const void *buf,
+                                        int64_t n, pikv_reduce_op op, size_t elem)
+{
+    PIKV_RETURN_ERROR_IF(n < 0 || (uint64_t)n > (uint64_t)INT64_MAX / elem ||
+                         (uint64_t)n > SIZE_MAX / elem, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_%s: n = %lld is negative or too large", what, (long long)n);
+    PIKV_RETURN_ERROR_IF(n > 0 && !buf, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_%s: buf is NULL (n = %lld)", what, (long long)n);
+    PIKV_RETURN_ERROR_IF(op != PIKV_REDUCE_SUM && op != PIKV_REDUCE_MAX && op != PIKV_REDUCE_MIN,
+                         c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_%s: op = %d is not a reduce op (SUM, MAX, MIN)", what, (int)op);
+    return PIKV_OK;
+}
 
 pikv_status pikv_comm_allreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op)
 {
-    if (n == 0) return PIKV_OK;
-    PIKV_FORWARD_IF_ERROR(c->iface->allreduce(c, buf, n, op));
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->failed) return comm_broken(c, "allreduce");
+    PIKV_FORWARD_IF_ERROR(check_allreduce_args(c, "allreduce", buf, n, op, sizeof(float)));
+    if (n == 0) return PIKV_OK; /* the same on every rank: no collective */
+    if (!c->iface->allreduce) return comm_unsupported(c, "allreduce");
+    pikv_status st = c->iface->allreduce(c, buf, n, op);
+    if (st != PIKV_OK) return comm_mark_failed(c, "allreduce", st);
     /* Logical payload: B = 4n bytes sent and B received per rank, independent of
        how the implementation moves them (a ring moves about 2B(size-1)/size each
        way, a tree or an in-process one otherwise). */
     uint64_t bytes = (uint64_t)n * sizeof(float);
-    c->bytes_sent += bytes;
-    c->bytes_received += bytes;
-    c->collectives++;
+    comm_count(c, bytes, bytes);
+    return PIKV_OK;
+}
+
+pikv_status pikv_comm_allreduce_i64(pikv_comm *c, int64_t *buf, int64_t n, pikv_reduce_op op)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->failed) return comm_broken(c, "allreduce_i64");
+    PIKV_FORWARD_IF_ERROR(check_allreduce_args(c, "allreduce_i64", buf, n, op, sizeof(int64_t)));
+    if (n == 0) return PIKV_OK;
+    if (!c->iface->allreduce_i64) return comm_unsupported(c, "allreduce_i64");
+    pikv_status st = c->iface->allreduce_i64(c, buf, n, op);
+    if (st != PIKV_OK) return comm_mark_failed(c, "allreduce_i64", st);
+    uint64_t bytes = (uint64_t)n * sizeof(int64_t);
+    comm_count(c, bytes, bytes);
+    return PIKV_OK;
+}
+
+pikv_status pikv_comm_allgather(pikv_comm *c, const void *send, int64_t bytes, void *recv)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->failed) return comm_broken(c, "allgather");
+    PIKV_RETURN_ERROR_IF(bytes < 0, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgather: bytes = %lld is negative", (long long)bytes);
+    PIKV_RETURN_ERROR_IF((uint64_t)bytes > (uint64_t)INT64_MAX / (uint64_t)c->size ||
+                         (uint64_t)bytes * (uint64_t)c->size > SIZE_MAX, c->ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgather: %lld bytes from each of %d ranks overflow",
+                         (long long)bytes, (int)c->size);
+    if (bytes == 0) return PIKV_OK; /* the same on every rank: no collective */
+    uint64_t total = (uint64_t)bytes * (uint64_t)c->size;
+    PIKV_RETURN_ERROR_IF(!send, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgather: send is NULL (bytes = %lld)", (long long)bytes);
+    PIKV_RETURN_ERROR_IF(!recv, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgather: recv is NULL (%llu bytes)", (unsigned long long)total);
+    PIKV_RETURN_ERROR_IF(comm_overlap(send, (uint64_t)bytes, recv, total), c->ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgather: send (%lld bytes) overlaps recv (%llu bytes)",
+                         (long long)bytes, (unsigned long long)total);
+    if (!c->iface->allgather) return comm_unsupported(c, "allgather");
+    pikv_status st = c->iface->allgather(c, send, bytes, recv);
+    if (st != PIKV_OK) return comm_mark_failed(c, "allgather", st);
+    uint64_t others = (uint64_t)bytes * (uint64_t)(c->size - 1);
+    comm_count(c, others, others);
+    return PIKV_OK;
+}
+
+/* Checks counts[0..size) >= 0 and sums them (overflow-checked into *total and
+   *others, the sum without this rank's count). */
+static pikv_status check_counts(pikv_comm *c, const char *what, const char *name,
+                                const int64_t *counts, uint64_t *total, uint64_t *others)
+{
+    PIKV_RETURN_ERROR_IF(!counts, c->ctx, PIKV_ERR_INVALID_ARGUMENT, "comm_%s: %s is NULL",
+                         what, name);
+    uint64_t sum = 0;
+    for (int32_t r = 0; r < c->size; r++) {
+        PIKV_RETURN_ERROR_IF(counts[r] < 0, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                             "comm_%s: %s[%d] = %lld is negative", what, name, (int)r,
+                             (long long)counts[r]);
+        sum += (uint64_t)counts[r];
+        PIKV_RETURN_ERROR_IF(sum > (uint64_t)INT64_MAX || sum > SIZE_MAX, c->ctx,
+                             PIKV_ERR_INVALID_ARGUMENT,
+                             "comm_%s: the sum of %s[0..%d] overflows", what, name, (int)r);
+    }
+    *total = sum;
+    *others = sum - (uint64_t)counts[c->rank];
+    return PIKV_OK;
+}
+
+pikv_status pikv_comm_allgatherv(pikv_comm *c, const void *send, const int64_t *counts,
+                                 void *recv)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->failed) return comm_broken(c, "allgatherv");
+    uint64_t total = 0, others = 0;
+    PIKV_FORWARD_IF_ERROR(check_counts(c, "allgatherv", "counts", counts, &total, &others));
+    if (total == 0) return PIKV_OK; /* counts are the same on every rank: no collective */
+    uint64_t mine = (uint64_t)counts[c->rank];
+    PIKV_RETURN_ERROR_IF(mine > 0 && !send, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgatherv: send is NULL (counts[%d] = %llu)", (int)c->rank,
+                         (unsigned long long)mine);
+    PIKV_RETURN_ERROR_IF(!recv, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgatherv: recv is NULL (%llu bytes)", (unsigned long long)total);
+    PIKV_RETURN_ERROR_IF(comm_overlap(send, mine, recv, total), c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_allgatherv: send (%llu bytes) overlaps recv (%llu bytes)",
+                         (unsigned long long)mine, (unsigned long long)total);
+    if (!c->iface->allgatherv) return comm_unsupported(c, "allgatherv");
+    pikv_status st = c->iface->allgatherv(c, mine ? send : NULL, counts, recv);
+    if (st != PIKV_OK) return comm_mark_failed(c, "allgatherv", st);
+    comm_count(c, mine * (uint64_t)(c->size - 1), others);
+    return PIKV_OK;
+}
+
+pikv_status pikv_comm_alltoallv(pikv_comm *c, const void *send, const int64_t *send_counts,
+                                void *recv, const int64_t *recv_counts)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (c->failed) return comm_broken(c, "alltoallv");
+    uint64_t send_total = 0, send_others = 0, recv_total = 0, recv_others = 0;
+    PIKV_FORWARD_IF_ERROR(check_counts(c, "alltoallv", "send_counts", send_counts, &send_total,
+                                       &send_others));
+    PIKV_FORWARD_IF_ERROR(check_counts(c, "alltoallv", "recv_counts", recv_counts, &recv_total,
+                                       &recv_others));
+    PIKV_RETURN_ERROR_IF(send_counts[c->rank] != recv_counts[c->rank], c->ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_alltoallv: send_counts[%d] = %lld differs from recv_counts[%d] = "
+                         "%lld (what this rank sends itself)", (int)c->rank,
+                         (long long)send_counts[c->rank], (int)c->rank,
+                         (long long)recv_counts[c->rank]);
+    PIKV_RETURN_ERROR_IF(send_total > 0 && !send, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_alltoallv: send is NULL (%llu bytes)",
+                         (unsigned long long)send_total);
+    PIKV_RETURN_ERROR_IF(recv_total > 0 && !recv, c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_alltoallv: recv is NULL (%llu bytes)",
+                         (unsigned long long)recv_total);
+    PIKV_RETURN_ERROR_IF(comm_overlap(send, send_total, recv, recv_total), c->ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_alltoallv: send (%llu bytes) overlaps recv (%llu bytes)",
+                         (unsigned long long)send_total, (unsigned long long)recv_total);
+    if (!c->iface->alltoallv) return comm_unsupported(c, "alltoallv");
+    /* Always a collective: this rank cannot know whether the others send. */
+    pikv_status st = c->iface->alltoallv(c, send_total ? send : NULL, send_counts,
+                                         recv_total ? recv : NULL, recv_counts);
+    if (st != PIKV_OK) return comm_mark_failed(c, "alltoallv", st);
+    comm_count(c, send_others, recv_others);
+    return PIKV_OK;
+}
+
+/* ---- public API -------------------------------------------------------- */
+
+pikv_status pikv_comm_create_mpi(pikv_context *ctx, const void *mpi_comm, pikv_comm **out)
+{
+    if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!out, ctx, PIKV_ERR_INVALID_ARGUMENT, "comm_create_mpi: out is NULL");
+    *out = NULL;
+    PIKV_RETURN_ERROR_IF(!mpi_comm, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_create_mpi: mpi_comm is NULL (pass a pointer to an MPI_Comm)");
+#ifdef PIKV_HAVE_MPI
+    return pikv_comm_mpi_create(ctx, mpi_comm, out);
+#else
+    return PIKV_FAIL(ctx, PIKV_ERR_UNSUPPORTED,
+                     "comm_create_mpi: this build of PiKV has no MPI support (configure with "
+                     "-DPIKV_MPI=ON and an MPI library, e.g. Debian's libopenmpi-dev)");
+#endif
+}
+
+pikv_status pikv_comm_set_timeout(pikv_comm *comm, double seconds)
+{
+    if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!(seconds >= 0.0) || isinf(seconds), comm->ctx,
+                         PIKV_ERR_INVALID_ARGUMENT,
+                         "comm_set_timeout: seconds = %g is not a finite number >= 0 (0 = wait "
+                         "forever)", seconds);
+    comm->timeout_s = seconds;
     return PIKV_OK;
 }
 
@@ -93,6 +387,7 @@ pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t di
 {
     if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
     pikv_context *ctx = comm->ctx;
+    if (comm->failed) return comm_broken(comm, "merge_partials");
     PIKV_RETURN_ERROR_IF(n_rows < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "comm_merge_partials: n_rows = %d is negative", n_rows);
     PIKV_RETURN_ERROR_IF(dim < 1 || dim > 1024, ctx, PIKV_ERR_INVALID_ARGUMENT,
@@ -111,8 +406,13 @@ pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t di
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "comm_merge_partials: %d rows of %d floats overflow size_t", n_rows, dim);
     float *pack = pikv_host_alloc(ctx, bytes, 64);
-    PIKV_RETURN_ERROR_IF(!pack, ctx, PIKV_ERR_OUT_OF_MEMORY,
-                         "comm_merge_partials: host allocation of %zu bytes failed", bytes);
+    if (!pack) {
+        /* The other ranks are (or will be) waiting in the first allreduce. */
+        pikv_status st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                   "comm_merge_partials: host allocation of %zu bytes failed",
+                                   bytes);
+        return comm_mark_failed(comm, "merge_partials", st);
+    }
     float *wsum = pack + rows * d, *lmax = wsum + rows;
 
     memcpy(lmax, lse, rows * sizeof(float));

@@ -3,6 +3,8 @@
    per-page buffers slow or impossible); free page slots are a stack. */
 #include "cache-impl.h"
 
+#include <string.h>
+
 pikv_status pikv_pool_reserve(pikv_context *ctx, pikv_page_pool *pool,
                               const pikv_page_layout *layout, int64_t n, int32_t *added)
 {
@@ -67,7 +69,18 @@ void pikv_pool_free(pikv_page_pool *pool)
     pool->bytes_allocated = 0;
 }
 
-static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
+/* Slots of a pool's map when compaction would free chunks, else 0. */
+static int64_t compact_map_slots(const pikv_cache *c, int32_t d, int32_t quant)
+{
+    const pikv_page_pool *pool = quant ? &c->qdevs[d] : &c->devs[d];
+    const int64_t per = pool->pages_per_chunk;
+    const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
+    return keep >= pool->n_chunks ? 0 : (int64_t)pool->n_chunks * per;
+}
+
+/* Compacts one pool with `map`, zeroed, of at least compact_map_slots() bytes, left
+   zeroed (NULL: a map of its own, allocated here). */
+static pikv_status compact_pool_map(pikv_cache *c, int32_t d, int32_t quant, unsigned char *map)
 {
     pikv_context *ctx = c->ctx;
     pikv_page_pool *pool = quant ? &c->qdevs[d] : &c->devs[d];
@@ -76,7 +89,7 @@ static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
     const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
     if (keep >= pool->n_chunks) return PIKV_OK;
     const int64_t n_slots = (int64_t)pool->n_chunks * per, bound = keep * per;
-    unsigned char *used = pikv_host_calloc(ctx, (size_t)n_slots, 1);
+    unsigned char *used = map ? map : pikv_host_calloc(ctx, (size_t)n_slots, 1);
     PIKV_RETURN_ERROR_IF(!used, ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "compact: map of %lld slots: allocation failed", (long long)n_slots);
     for (int64_t id = 0; id < c->pages_high; id++)
@@ -110,12 +123,40 @@ static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
     pool->n_free = 0;
     for (int64_t i = (int64_t)pool->n_chunks * per - 1; i >= 0; i--)
         if (!used[i]) pool->free_slots[pool->n_free++] = (uint32_t)i;
-    pikv_host_free(ctx, used);
+    if (map) memset(map, 0, (size_t)n_slots);
+    else pikv_host_free(ctx, used);
     return st;
+}
+
+static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
+{
+    return compact_pool_map(c, d, quant, NULL);
 }
 
 pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
 {
     PIKV_FORWARD_IF_ERROR(compact_pool(c, d, 0));
     return c->qdevs ? compact_pool(c, d, 1) : PIKV_OK;
+}
+
+pikv_status pikv_cache_compact_ranks(pikv_cache *c)
+{
+    int64_t most = 0;
+    for (int32_t d = 0; d < c->n_devs; d++)
+        for (int32_t quant = 0; quant <= (c->qdevs != NULL); quant++) {
+            const int64_t n = compact_map_slots(c, d, quant);
+            most = n > most ? n : most;
+        }
+    unsigned char *map = most ? pikv_host_calloc(c->ctx, (size_t)most, 1) : NULL;
+    pikv_status st = most && !map ? PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                              "pikv_cache_trim: map of %lld slots: allocation failed",
+                                              (long long)most)
+                                  : PIKV_OK;
+    st = pikv_dist_sync_status(c, "pikv_cache_trim", st); /* every rank compacts, or none */
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK && map; d++) {
+        st = compact_pool_map(c, d, 0, map);
+        if (st == PIKV_OK && c->qdevs) st = compact_pool_map(c, d, 1, map);
+    }
+    pikv_host_free(c->ctx, map);
+    return pikv_dist_sync_status(c, "pikv_cache_trim", st);
 }

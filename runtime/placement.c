@@ -100,6 +100,9 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
     pikv_context *ctx = c->ctx;
     if (moved_pages) *moved_pages = 0;
+    PIKV_RETURN_ERROR_IF(c->comm, ctx, PIKV_ERR_UNSUPPORTED,
+                         "pikv_cache_rebalance: moving pages between ranks is not supported (a distributed cache "
+                         "places BALANCED shards when their first page arrives)");
     PIKV_RETURN_ERROR_IF(c->params.placement != PIKV_PLACEMENT_BALANCED, ctx,
                          PIKV_ERR_INVALID_ARGUMENT,
                          "rebalance needs BALANCED placement (the cache uses placement %d)",

@@ -51,8 +51,16 @@ pikv_status pikv_seq_add(pikv_cache *c, int32_t seq)
     PIKV_RETURN_ERROR_IF(c->seqs[seq].active, c->ctx, PIKV_ERR_EXISTS,
                          "pikv_seq_add: sequence %d already exists", seq);
     pikv_seq_layer *layers = alloc_seq_layers(c);
-    PIKV_RETURN_ERROR_IF(!layers, c->ctx, PIKV_ERR_OUT_OF_MEMORY,
-                         "pikv_seq_add: page tables of sequence %d: allocation failed", seq);
+    pikv_status st = layers ? PIKV_OK
+                            : PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                        "pikv_seq_add: page tables of sequence %d: allocation failed", seq);
+    /* over ranks, a rank out of host memory alone must not leave the others holding a
+       sequence it lacks: all add it or none does */
+    st = pikv_dist_sync_status(c, "pikv_seq_add", st);
+    if (st != PIKV_OK) {
+        free_seq_layers(c, layers);
+        return st;
+    }
     c->seqs[seq].layers = layers;
     c->seqs[seq].active = true;
     c->n_seqs++;
@@ -137,9 +145,15 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                              (long long)c->params.capacity_tokens);
     }
     /* Reserve everything. */
+    /* Over ranks (every rank runs this with the same arguments) the status is
+       exchanged after the reservations and after the copies, so all ranks commit or
+       all undo; a path that fails early makes the exchanges the others make. */
     pikv_seq_layer *layers = alloc_seq_layers(c);
-    PIKV_RETURN_ERROR_IF(!layers, ctx, PIKV_ERR_OUT_OF_MEMORY,
-                         "pikv_seq_copy_prefix: page tables of sequence %d: allocation failed", dst);
+    if (!layers) {
+        pikv_status fail = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                     "pikv_seq_copy_prefix: page tables of sequence %d: allocation failed", dst);
+        return pikv_dist_sync_status(c, "pikv_seq_copy_prefix", fail);
+    }
     pikv_status st = pikv_page_ids_reserve(c, total_copies);
     for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
         for (int32_t k = 0; k < c->n_shards && st == PIKV_OK; k++) {
@@ -151,6 +165,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     int32_t added[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, copies[d], &added[d]);
+    st = pikv_dist_sync_status(c, "pikv_seq_copy_prefix", st); /* exchange 1 */
     if (st != PIKV_OK) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         free_seq_layers(c, layers);
@@ -163,7 +178,8 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     if (!copy_ids) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         free_seq_layers(c, layers);
-        return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_seq_copy_prefix: allocation failed");
+        return pikv_dist_sync_status(c, "pikv_seq_copy_prefix", /* exchange 2 */
+                                     PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_seq_copy_prefix: allocation failed"));
     }
     int64_t n_copied = 0;
     for (int32_t l = 0; l < c->params.n_layers && st == PIKV_OK; l++)
@@ -195,6 +211,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                     c->pages[nid].expert_mask |= 1ull << (c->row_expert[nid * ps + (size_t)r] % 64);
             }
         }
+    st = pikv_dist_sync_status(c, "pikv_seq_copy_prefix", st); /* exchange 2 */
     if (st != PIKV_OK) {
         for (int64_t i = n_copied - 1; i >= 0; i--) {
             const pikv_page_meta *m = &c->pages[copy_ids[i]];

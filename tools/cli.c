@@ -202,11 +202,18 @@ int cli_streq_nocase(const char *a, const char *b)
 
 /* ---- Errors ------------------------------------------------------------ */
 
+static char msg_prefix[32] = "pikv";
+
+void cli_set_message_prefix(const char *prefix)
+{
+    snprintf(msg_prefix, sizeof msg_prefix, "%s", prefix && *prefix ? prefix : "pikv");
+}
+
 int cli_lib_error(const pikv_context *ctx, const char *fn, pikv_status status)
 {
     const char *msg = ctx ? pikv_context_last_error(ctx) : NULL;
     if (!msg || !*msg) msg = pikv_status_string(status);
-    fprintf(stderr, "pikv: %s: %s: %s\n", fn, pikv_status_name(status), msg);
+    fprintf(stderr, "%s: %s: %s: %s\n", msg_prefix, fn, pikv_status_name(status), msg);
     return CLI_EXIT_FAIL;
 }
 
@@ -226,7 +233,7 @@ void cli_log(pikv_log_level level, const char *message, void *user)
     const char *name = (level >= PIKV_LOG_ERROR && level <= PIKV_LOG_DEBUG)
                            ? names[level]
                            : "log";
-    fprintf(stderr, "pikv: library %s: %s\n", name, message ? message : "");
+    fprintf(stderr, "%s: library %s: %s\n", msg_prefix, name, message ? message : "");
 }
 
 /* ---- Progress ---------------------------------------------------------- */

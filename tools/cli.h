@@ -71,6 +71,9 @@ void cli_usage_error(const char *cmd, const char *fmt, ...)
 
 /* Prints "pikv: <fn>: <status name>: <last error>" and returns CLI_EXIT_FAIL. */
 int cli_lib_error(const pikv_context *ctx, const char *fn, pikv_status status);
+/* What starts the messages of cli_lib_error and cli_log: "pikv" by default, "pikv[rank
+   2]" over MPI ranks. */
+void cli_set_message_prefix(const char *prefix);
 
 /* Which library log messages cli_log prints. Error-level messages repeat what a
    failing call's status and last error say, so they are shown only when verbose. */

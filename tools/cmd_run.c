@@ -30,7 +30,7 @@ enum {
     OPT_JSON, OPT_QUIET, OPT_VERBOSE,
     OPT_SELECT, OPT_EXPERTS_K, OPT_TOKEN_BUDGET, OPT_SINKS, OPT_RECENT, OPT_MEASURE,
     OPT_KV_BUDGET, OPT_BUDGET, OPT_BETA, OPT_EVICT, OPT_ALPHA, OPT_LAMBDA, OPT_DECAY,
-    OPT_COMPARE, OPT_COUNT_
+    OPT_COMPARE, OPT_MPI, OPT_NO_MPI, OPT_MAX_IMBALANCE, OPT_COUNT_
 };
 
 static const cli_opt run_opts_table[] = {
@@ -73,6 +73,9 @@ static const cli_opt run_opts_table[] = {
     {"--route-lambda", NULL, 1, OPT_LAMBDA},
     {"--miss-decay", NULL, 1, OPT_DECAY},
     {"--compare", NULL, 0, OPT_COMPARE},
+    {"--mpi", NULL, 0, OPT_MPI},
+    {"--no-mpi", NULL, 0, OPT_NO_MPI},
+    {"--max-imbalance", NULL, 1, OPT_MAX_IMBALANCE},
     {NULL, NULL, 0, 0},
 };
 
@@ -233,6 +236,26 @@ static void run_usage(FILE *f)
           "                      non-CPU backend, use its first N devices\n"
           "  --threads N         CPU backend worker threads, 0 = online cores (default 0)\n"
           "  --device-memory N   bytes each CPU device may hold, 0 = unlimited (default 0)\n"
+          "ranks (MPI; docs/distributed.md):\n"
+          "  mpirun -np N pikv run ...  runs one cache over N ranks: shards are placed over\n"
+          "                      every rank's devices (--devices N per rank), each rank\n"
+          "                      holds only its shards' pages; every rank generates the\n"
+          "                      same seeded workload, appends its contiguous slice of each\n"
+          "                      prefill chunk (and the decode token of the sequences s\n"
+          "                      with s mod N = rank), attends the same batch and checks the\n"
+          "                      merged output against the reference. Rank 0 prints every\n"
+          "                      rank's memory, load imbalance and traffic. Not over\n"
+          "                      ranks: --select quest or experts+quest, --evict h2o or\n"
+          "                      utility, --compare; --placement balanced places shards\n"
+          "                      as their first page arrives (no rebalance)\n"
+          "  --mpi               use MPI even when the launcher is not recognized (or with\n"
+          "                      one rank); by default MPI is used when the environment\n"
+          "                      shows an MPI launcher that started more than one rank\n"
+          "                      (Open MPI, MPICH, Intel MPI, MVAPICH2)\n"
+          "  --no-mpi            never use MPI: under mpirun every rank runs alone\n"
+          "  --max-imbalance X   over ranks: exit 1 when the largest rank's device memory\n"
+          "                      exceeds X times the mean over ranks, X >= 1 (default: no\n"
+          "                      check)\n"
           "output:\n"
           "  --json              print one JSON object on stdout instead of the table (with\n"
           "                      --compare: an array of one object per row)\n"
@@ -357,12 +380,53 @@ static int parse_run(int argc, char **argv, run_opts *o)
             if (!bad) pol->route.miss_decay = (float)x;
             break;
         case OPT_COMPARE: o->compare = 1; break;
+        case OPT_MPI: o->mpi = 1; break;
+        case OPT_NO_MPI: o->mpi = -1; break;
+        case OPT_MAX_IMBALANCE: bad = cli_parse_double(&p, v, 1.0, 1e6, &o->max_imbalance); break;
         default: bad = 1;
         }
         if (bad) return 2;
     }
     /* Cross-flag consistency; defaults adapt to explicit settings where obvious. */
     pol->dtype = o->dtype;
+    if (seen[OPT_MPI] && seen[OPT_NO_MPI]) {
+        cli_usage_error(p.cmd, "--mpi and --no-mpi exclude each other");
+        return 2;
+    }
+    if (o->mpi > 0 && !run_mpi_compiled()) {
+        cli_usage_error(p.cmd, "--mpi: this pikv was built without MPI (configure with "
+                               "-DPIKV_MPI=ON; docs/distributed.md)");
+        return 2;
+    }
+    o->distributed = run_mpi_compiled() &&
+                     (o->mpi > 0 || (o->mpi == 0 && run_mpi_env_size() > 1));
+    if (o->distributed) {
+        /* what a cache over ranks cannot do yet (docs/distributed.md, "Not over ranks") */
+        const uint32_t m = pol->select.mode;
+        const char *why = NULL;
+        if (o->compare)
+            why = "--compare (its rows include Quest selection and H2O/utility eviction)";
+        else if (m & PIKV_SELECT_QUEST)
+            why = m & PIKV_SELECT_EXPERTS ? "--select experts+quest (Quest page bounds live with "
+                                            "the pages, on their owner rank)"
+                                          : "--select quest (Quest page bounds live with the "
+                                            "pages, on their owner rank)";
+        else if (seen[OPT_EVICT] && pol->evict.policy == PIKV_EVICT_H2O)
+            why = "--evict h2o (the attention mass it ranks pages by is measured on the pages' "
+                  "owner rank)";
+        else if (seen[OPT_EVICT] && pol->evict.policy == PIKV_EVICT_UTILITY)
+            why = "--evict utility (the attention mass it ranks pages by is measured on the "
+                  "pages' owner rank)";
+        if (why) {
+            cli_usage_error(p.cmd, "%s is not supported over MPI ranks (docs/distributed.md); "
+                                   "run it in one process (--no-mpi, or without mpirun)", why);
+            return 2;
+        }
+    } else if (seen[OPT_MAX_IMBALANCE]) {
+        cli_usage_error(p.cmd, "--max-imbalance needs a cache over MPI ranks (mpirun -np N pikv "
+                               "run ..., or --mpi)");
+        return 2;
+    }
     if (seen[OPT_QUANT_GROUP] && !o->compare && !run_dtype_quantized(o->dtype)) {
         cli_usage_error(p.cmd, "--quant-group needs --dtype int8 or int4 (or --compare)");
         return 2;
@@ -644,12 +708,60 @@ static int compare_rows(const run_opts *o, run_policy *rows)
     return n;
 }
 
+/* Over MPI ranks: rank 0 gathers every rank's figures and prints; the exit status is the
+   worst of every rank's (a rank whose output misses the bound fails the run). */
+static int run_over_ranks(const run_opts *o, run_shared *sh, cli_progress *prog,
+                          run_result *r)
+{
+    int rc = run_exec(o, &o->policy, sh, prog, "", r);
+    cli_progress_done(prog);
+    /* a library failure is the same on every rank (the library exchanges statuses) */
+    if (run_mpi_max(sh->mpi, rc) != CLI_EXIT_OK) return rc != CLI_EXIT_OK ? rc : CLI_EXIT_FAIL;
+    if (run_gather_ranks(sh, r) != 0) return CLI_EXIT_FAIL;
+    int verdict = r->bounded && !run_passed(r) ? CLI_EXIT_FAIL : CLI_EXIT_OK;
+    if (!run_ranks_balanced(o, r)) verdict = CLI_EXIT_FAIL;
+    if (sh->mpi->rank == 0) {
+        if (o->json)
+            run_print_json(o, r);
+        else if (o->quiet)
+            run_print_quiet(o, r);
+        else {
+            run_print_table(o, r);
+            run_print_ranks(o, r);
+        }
+        fflush(stdout);
+    }
+    return run_mpi_max(sh->mpi, verdict);
+}
+
 int cli_cmd_run(int argc, char **argv)
 {
     run_opts o;
+    /* under an MPI launcher every rank parses the same command line: only the first
+       prints its help or usage error */
+    run_mpi_silencer quiet_ranks;
+    run_mpi_silence(&quiet_ranks, run_mpi_env_size() > 1 && run_mpi_env_rank() > 0);
     int pr = parse_run(argc, argv, &o);
+    run_mpi_unsilence(&quiet_ranks);
     if (pr == 1) return CLI_EXIT_OK;
     if (pr != 0) return CLI_EXIT_USAGE;
+    if (!o.distributed && o.mpi == 0 && run_mpi_env_size() > 1 && run_mpi_env_rank() == 0)
+        fprintf(stderr, "pikv: warning: started by an MPI launcher (%d ranks) but %s: every rank "
+                        "runs the workload alone\n",
+                run_mpi_env_size(),
+                run_mpi_compiled() ? "--no-mpi was given" : "this pikv was built without MPI");
+
+    run_mpi mpi;
+    memset(&mpi, 0, sizeof mpi);
+    mpi.size = 1;
+    pikv_comm *comm = NULL;
+    if (o.distributed) {
+        if (run_mpi_start(&mpi) != 0) return CLI_EXIT_FAIL;
+        if (mpi.rank != 0) o.quiet = 1; /* progress and warnings: rank 0 alone */
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "pikv[rank %d]", mpi.rank);
+        cli_set_message_prefix(prefix);
+    }
 
     int rc = CLI_EXIT_FAIL;
     run_shared sh;
@@ -675,10 +787,23 @@ int cli_cmd_run(int argc, char **argv)
     pikv_status st = pikv_context_create(&cp, &ctx);
     if (st != PIKV_OK) {
         rc = cli_lib_error(ctx, "pikv_context_create", st);
+        if (o.distributed) run_mpi_abort(&mpi, rc); /* the others wait for this rank */
         goto done;
     }
     sh.ctx = ctx;
     sh.n_sel = select_devices(&o, ctx, &sh.dev_list);
+    if (o.distributed) {
+        /* every rank must reach the communicator's creation (collective): a rank without
+           its devices stops the job */
+        if (sh.n_sel < 0) run_mpi_abort(&mpi, CLI_EXIT_FAIL);
+        st = run_mpi_comm_create(&mpi, ctx, &comm);
+        if (st != PIKV_OK) {
+            rc = cli_lib_error(ctx, "pikv_comm_create_mpi", st);
+            goto done;
+        }
+        sh.comm = comm;
+        sh.mpi = &mpi;
+    }
     if (sh.n_sel < 0) goto done;
 
     /* Workload (shared by every row of --compare: rewound for each run). */
@@ -699,9 +824,15 @@ int cli_cmd_run(int argc, char **argv)
         fprintf(stderr, "pikv: cannot allocate the workload's reference copy of K/V (%s); "
                         "use a smaller --context, --seqs, --layers or --steps\n",
                 cli_format_bytes((uint64_t)wl_memory_bytes(&wc), b, sizeof b));
+        if (o.distributed) run_mpi_abort(&mpi, CLI_EXIT_FAIL);
         goto done;
     }
 
+    if (o.distributed) {
+        rc = run_over_ranks(&o, &sh, &prog, &res[0]);
+        n_rows = 1;
+        goto done;
+    }
     if (!o.compare) {
         rc = run_exec(&o, &o.policy, &sh, &prog, "", &res[0]);
         n_rows = 1;
@@ -767,6 +898,8 @@ done:
     free(sh.ref_lse);
     free(sh.dev_list);
     wl_free(sh.wl);
+    pikv_comm_free(comm); /* before MPI_Finalize: it frees PiKV's dup of MPI_COMM_WORLD */
     pikv_context_free(ctx);
+    run_mpi_finish(&mpi);
     return rc;
 }

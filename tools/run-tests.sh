@@ -30,6 +30,14 @@ else
   cuda=(-DPIKV_CUDA=AUTO -DPIKV_NCCL=AUTO)
 fi
 no_cuda=(-DPIKV_CUDA=OFF -DPIKV_NCCL=OFF)
+# MPI (the MPI communicator, its tests run under mpirun): required when Open MPI (or another
+# MPI) is installed, in all three builds.
+if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then
+  backends+=(-DPIKV_MPI=ON)
+else
+  echo "mpicc/mpirun not found: the MPI communicator is built only if CMake finds MPI (tools/setup-debian.sh installs Open MPI)"
+  backends+=(-DPIKV_MPI=AUTO)
+fi
 
 step "release build (build/)"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPIKV_WERROR=ON "${backends[@]}" "${cuda[@]}"

@@ -30,6 +30,10 @@ typedef struct run_opts {
     int devices_set, json, quiet, verbose;
     int compare;
     run_policy policy;           /* the single run's policies; --compare's common settings */
+    /* MPI (run_mpi.c): mpi 1 = --mpi, -1 = --no-mpi, 0 = when an MPI launcher started
+       more than one rank; distributed: the cache spans MPI_COMM_WORLD's ranks */
+    int mpi, distributed;
+    double max_imbalance;        /* --max-imbalance: fail above this max/mean rank memory; 0 = no check */
 } run_opts;
 
 extern const char *const run_placement_names[];
@@ -51,6 +55,7 @@ typedef struct run_dev {
     pikv_cache_device_stats st;
     char name[32];
     const char *backend;
+    char backend_name[16];     /* over ranks: another rank's device's backend */
     uint64_t read_total;       /* sum of last_bytes_read after every decode attend */
 } run_dev;
 
@@ -61,6 +66,34 @@ typedef struct run_layer {
     double imbalance;          /* max / mean of the experts' routed tokens; NAN if none */
     double misses;             /* sum of the experts' decayed miss counts at the end */
 } run_layer;
+
+/* One rank's figures of a run over MPI ranks (gathered on rank 0 as plain bytes: every
+   rank runs the same binary). Bytes are the communicator's logical payload
+   (pikv_comm_stats): an allreduce of B bytes counts B sent and B received. */
+typedef struct run_rank {
+    int32_t rank, n_ranks, local_devices;
+    int32_t shards;
+    int64_t pages, tokens;
+    uint64_t bytes_allocated;     /* this rank's devices (pikv_cache_dist_stats) */
+    uint64_t bytes_used;
+    uint64_t max_rank_bytes;
+    double mean_rank_bytes;
+    /* prefill: its appends (and with a budget its attention passes) */
+    uint64_t prefill_sent, prefill_received, prefill_kv_sent;
+    /* decode: every step's attends and appends */
+    uint64_t decode_sent, decode_received;
+    uint64_t decode_attend_sent, decode_append_sent;
+    uint64_t decode_kv_sent;      /* K/V rows of the decode appends sent to their owners */
+    uint64_t partial_bytes;       /* partials + lse the decode attends moved */
+    uint64_t gather_bytes;        /* what gathering the pages read elsewhere would have moved */
+    double ranks_per_query_sum;   /* over decode attends */
+    int64_t attends;
+    int32_t max_ranks;
+    int32_t passed;               /* -1: no bound (lossy), 0 FAIL, 1 PASS */
+    uint64_t bytes_sent, bytes_received; /* over the run */
+    double max_err;
+    double decode_s, attend_s, prefill_s;
+} run_rank;
 
 typedef struct run_result {
     pikv_cache_stats stats;
@@ -108,12 +141,25 @@ typedef struct run_result {
     int routing_mismatch;
     int storage_mismatch;      /* the device / layer storage figures do not add up */
     double step_ms_unmeasured; /* --compare: step time of an unmeasured rerun; NAN if none */
+    /* over MPI ranks (n_ranks > 0): this rank's figures; on rank 0 also every rank's */
+    int32_t n_ranks;           /* 0: one process */
+    int32_t rank;
+    int rebalance_skipped;     /* balanced placement over ranks: no rebalance */
+    run_rank dist;
+    run_rank *ranks;           /* [n_ranks] on rank 0 (run_gather_ranks), else NULL */
 } run_result;
 
 /* What the rows of --compare share: the context, the devices and the workload (which
    is rewound for every run), and the references of every decode query. */
+typedef struct run_mpi {
+    int active;                /* MPI initialized by this run (finalized at its end) */
+    int rank, size;
+} run_mpi;
+
 typedef struct run_shared {
     pikv_context *ctx;
+    pikv_comm *comm;           /* the cache spans its ranks; NULL: one process */
+    run_mpi *mpi;              /* with comm */
     int32_t *dev_list;
     int32_t n_sel;
     wl_workload *wl;
@@ -129,6 +175,31 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
              const char *tag, run_result *r);
 void run_result_free(run_result *r);
 
+/* Rank 0 gathers every rank's r->dist into r->ranks (collective; 0, or -1 on failure). */
+int run_gather_ranks(const run_shared *sh, run_result *r);
+/* Whether the run's rank memory is within --max-imbalance (1 when unchecked). */
+int run_ranks_balanced(const run_opts *o, const run_result *r);
+
+/* ---- MPI (run_mpi.c) --------------------------------------------------------- */
+int run_mpi_compiled(void);
+int run_mpi_env_size(void);    /* the launcher's world size from the environment, 0 if none */
+int run_mpi_env_rank(void);    /* ... this process's rank, 0 if none */
+/* MPI_Init_thread (FUNNELED) unless MPI is initialized; 0, or -1 after printing why. */
+int run_mpi_start(run_mpi *m);
+pikv_status run_mpi_comm_create(const run_mpi *m, pikv_context *ctx, pikv_comm **out);
+int run_mpi_gather(const run_mpi *m, const void *mine, size_t bytes, void *all);    /* to rank 0 */
+int run_mpi_allgather(const run_mpi *m, const void *mine, size_t bytes, void *all);
+int run_mpi_max(const run_mpi *m, int value);  /* the largest value of every rank */
+void run_mpi_finish(run_mpi *m);               /* MPI_Finalize if run_mpi_start initialized */
+void run_mpi_abort(run_mpi *m, int code);      /* MPI_Abort (a rank failed alone) */
+/* Sends this process's stdout and stderr to /dev/null until unsilenced (ranks other
+   than 0 while the options are parsed: every rank would print the same message). */
+typedef struct run_mpi_silencer {
+    int saved_out, saved_err;
+} run_mpi_silencer;
+void run_mpi_silence(run_mpi_silencer *s, int silence);
+void run_mpi_unsilence(run_mpi_silencer *s);
+
 /* Derived figures. */
 double run_mean(double sum, int64_t n);           /* NAN when n == 0 */
 double run_step_ms(const run_opts *o, const run_result *r);
@@ -138,6 +209,8 @@ int run_passed(const run_result *r);              /* bounded and within the boun
 void run_print_table(const run_opts *o, const run_result *r);
 void run_print_json(const run_opts *o, const run_result *r);
 void run_print_quiet(const run_opts *o, const run_result *r);
+/* Over MPI ranks (rank 0, after run_gather_ranks): the per-rank table. */
+void run_print_ranks(const run_opts *o, const run_result *r);
 void run_print_compare(const run_opts *o, const run_policy *rows, const run_result *res,
                        int n);
 void run_print_compare_json(const run_opts *o, const run_policy *rows, const run_result *res,

@@ -82,8 +82,54 @@ void run_result_free(run_result *r)
 {
     free(r->devs);
     free(r->layers);
+    free(r->ranks);
     r->devs = NULL;
     r->layers = NULL;
+    r->ranks = NULL;
+}
+
+int run_gather_ranks(const run_shared *sh, run_result *r)
+{
+    if (!sh->comm || r->n_ranks <= 0) return 0;
+    const run_mpi *m = sh->mpi;
+    int ok = 1;
+    if (m->rank == 0) {
+        r->ranks = calloc((size_t)r->n_ranks, sizeof *r->ranks);
+        ok = r->ranks != NULL;
+    }
+    /* every rank takes part even if rank 0 has no buffer: a scratch one then */
+    run_rank *scratch = NULL;
+    run_rank *dst = r->ranks;
+    if (m->rank == 0 && !dst) {
+        scratch = malloc((size_t)r->n_ranks * sizeof *scratch);
+        dst = scratch;
+        if (!dst) run_mpi_abort(sh->mpi, CLI_EXIT_FAIL); /* cannot take part */
+    }
+    const int st = run_mpi_gather(m, &r->dist, sizeof r->dist, dst);
+    free(scratch);
+    if (!ok) fprintf(stderr, "pikv: out of memory for the ranks' figures\n");
+    return st == 0 && ok ? 0 : -1;
+}
+
+int run_ranks_balanced(const run_opts *o, const run_result *r)
+{
+    if (o->max_imbalance <= 0.0 || r->n_ranks <= 0) return 1;
+    const double mean = r->dist.mean_rank_bytes;
+    if (!(mean > 0.0)) return 1;
+    return (double)r->dist.max_rank_bytes / mean <= o->max_imbalance;
+}
+
+/* The first token of rank `rank`'s contiguous slice when n tokens are split over
+   `ranks` ranks (rank order: the slices concatenated are the n tokens in order). */
+static int32_t slice_at(int32_t n, int32_t ranks, int32_t rank)
+{
+    return (int32_t)((int64_t)n * rank / ranks);
+}
+
+/* After an append or attend over ranks: its traffic (pikv_cache_dist_stats.last_*). */
+static pikv_status dist_last(pikv_cache *cache, pikv_cache_dist_stats *ds)
+{
+    return pikv_cache_get_dist_stats(cache, ds);
 }
 
 /* Normalized max error of one query's output against the reference. */
@@ -173,6 +219,19 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     r->dtype = pol->dtype;
     r->quantized = run_dtype_quantized(pol->dtype);
     r->measured = pol->select.measure != 0 && pol->select.mode != PIKV_SELECT_ALL;
+    /* Over ranks: every rank runs the same seeded workload; appends pass each rank's
+       slice of the tokens, attends the same batch everywhere. */
+    const int dist = sh->comm != NULL;
+    const int32_t n_ranks = dist ? pikv_comm_size(sh->comm) : 1;
+    const int32_t me = dist ? pikv_comm_rank(sh->comm) : 0;
+    pikv_cache_dist_stats dstat;
+    memset(&dstat, 0, sizeof dstat);
+    if (dist) {
+        r->n_ranks = n_ranks;
+        r->rank = me;
+        r->dist.rank = me;
+        r->dist.n_ranks = n_ranks;
+    }
 
     wl_rewind(wl);
 
@@ -205,6 +264,7 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     cpar.budget = pol->budget;
     cpar.evict = pol->evict;
     cpar.route = pol->route;
+    cpar.comm = sh->comm;
     LIB(pikv_cache_create(ctx, &cpar, &cache), "pikv_cache_create");
     for (int32_t s = 0; s < o->seqs; s++) LIB(pikv_seq_add(cache, s), "pikv_seq_add");
     LIB(pikv_cache_get_stats(cache, &r->stats), "pikv_cache_get_stats");
@@ -249,6 +309,7 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     if (!k || !v || !ex || !rex || !logits || !q || !out || !lse || !qex || !qrex || !nk ||
         !nv || !nex || !seq_ids || !ref_buf || !ref_lse_buf) {
         fprintf(stderr, "pikv: out of memory for the run's buffers\n");
+        if (dist) run_mpi_abort(sh->mpi, CLI_EXIT_FAIL); /* the other ranks would wait */
         goto done;
     }
     for (size_t s = 0; s < S; s++) seq_ids[s] = (int32_t)s;
@@ -279,12 +340,27 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
                 wl_logits(wl, l, s, t, n, logits);
                 if (wl_next_tokens(wl, l, s, n, k, v, ex) != 0) {
                     fprintf(stderr, "pikv: internal error: workload overflow\n");
+                    if (dist) run_mpi_abort(sh->mpi, CLI_EXIT_FAIL);
                     goto done;
                 }
                 double t0 = cli_now();
+                /* every rank routes every token (the routing state is replicated) */
                 LIB(pikv_route(cache, l, n, logits, rex, NULL), "pikv_route");
-                LIB(pikv_cache_append(cache, l, s, n, k, v, NULL, rex), "pikv_cache_append");
+                if (!dist) {
+                    LIB(pikv_cache_append(cache, l, s, n, k, v, NULL, rex), "pikv_cache_append");
+                } else { /* this rank's contiguous slice of the chunk */
+                    const int32_t lo = slice_at(n, n_ranks, me), hi = slice_at(n, n_ranks, me + 1);
+                    LIB(pikv_cache_append(cache, l, s, hi - lo, k + (size_t)lo * G * D,
+                                          v + (size_t)lo * G * D, NULL, rex + (size_t)lo * K),
+                        "pikv_cache_append");
+                }
                 r->prefill_s += cli_now() - t0;
+                if (dist) {
+                    LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+                    r->dist.prefill_sent += dstat.last_bytes_sent;
+                    r->dist.prefill_received += dstat.last_bytes_received;
+                    r->dist.prefill_kv_sent += dstat.last_kv_bytes_sent;
+                }
                 r->routed_tokens += n;
                 for (int32_t i = 0; i < n; i++)
                     r->rerouted_tokens += memcmp(rex + (size_t)i * K, ex + (size_t)i * K,
@@ -298,11 +374,20 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
                 LIB(pikv_cache_attend(cache, l, &observe), "pikv_cache_attend");
                 r->observe_s += cli_now() - t0;
                 r->observe_attends++;
+                if (dist) {
+                    LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+                    r->dist.prefill_sent += dstat.last_bytes_sent;
+                    r->dist.prefill_received += dstat.last_bytes_received;
+                }
             }
         }
     }
 
-    if (o->placement == PIKV_PLACEMENT_BALANCED) {
+    if (o->placement == PIKV_PLACEMENT_BALANCED && dist) {
+        /* pages do not move between ranks: a distributed cache places each BALANCED
+           shard on the least loaded device when its first page arrives */
+        r->rebalance_skipped = 1;
+    } else if (o->placement == PIKV_PLACEMENT_BALANCED) {
         cli_progress_update(prog, "%srebalance", tag);
         double t0 = cli_now();
         LIB(pikv_cache_rebalance(cache, &r->moved_pages), "pikv_cache_rebalance");
@@ -328,6 +413,17 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
             double t2 = cli_now();
             r->attend_s += t2 - t1;
             r->decode_s += t2 - t0;
+            if (dist) {
+                LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+                r->dist.decode_sent += dstat.last_bytes_sent;
+                r->dist.decode_received += dstat.last_bytes_received;
+                r->dist.decode_attend_sent += dstat.last_bytes_sent;
+                r->dist.partial_bytes += dstat.last_partial_bytes;
+                r->dist.gather_bytes += dstat.last_gather_bytes;
+                r->dist.ranks_per_query_sum += dstat.last_ranks_per_query;
+                r->dist.attends++;
+                if (dstat.last_max_ranks > r->dist.max_ranks) r->dist.max_ranks = dstat.last_max_ranks;
+            }
             r->routed_tokens += o->seqs;
             for (size_t s = 0; s < S; s++)
                 r->rerouted_tokens += memcmp(qrex + s * K, qex + s * K, K * sizeof *qex) != 0;
@@ -388,16 +484,28 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
                 if (wl_next_tokens(wl, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
                                    nex + s * K) != 0) {
                     fprintf(stderr, "pikv: internal error: workload overflow\n");
+                    if (dist) run_mpi_abort(sh->mpi, CLI_EXIT_FAIL);
                     goto done;
                 }
                 if (memcmp(nex + s * K, qex + s * K, K * sizeof *nex) != 0)
                     r->routing_mismatch = 1;
             }
             double t4 = cli_now();
-            for (size_t s = 0; s < S; s++) /* the query's token, with its routed experts */
-                LIB(pikv_cache_append(cache, l, (int32_t)s, 1, nk + s * G * D, nv + s * G * D,
-                                      NULL, qrex + s * K),
+            for (size_t s = 0; s < S; s++) { /* the query's token, with its routed experts */
+                /* over ranks, rank s % ranks passes sequence s's token (its owner in a
+                   data-parallel engine); the others pass none */
+                const int32_t n_tok = !dist || (int32_t)(s % (size_t)n_ranks) == me ? 1 : 0;
+                LIB(pikv_cache_append(cache, l, (int32_t)s, n_tok, nk + s * G * D,
+                                      nv + s * G * D, NULL, qrex + s * K),
                     "pikv_cache_append");
+                if (dist) {
+                    LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+                    r->dist.decode_sent += dstat.last_bytes_sent;
+                    r->dist.decode_received += dstat.last_bytes_received;
+                    r->dist.decode_append_sent += dstat.last_bytes_sent;
+                    r->dist.decode_kv_sent += dstat.last_kv_bytes_sent;
+                }
+            }
             r->decode_s += cli_now() - t4;
         }
     }
@@ -414,11 +522,66 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     for (int32_t d = 0; d < r->n_devs; d++) {
         run_dev *row = &r->devs[d];
         LIB(pikv_cache_get_device_stats(cache, d, &row->st), "pikv_cache_get_device_stats");
+        if (row->st.device < 0) { /* another rank's device: named below */
+            snprintf(row->name, sizeof row->name, "?");
+            row->backend = "?";
+            continue;
+        }
         pikv_device_info info;
         LIB(pikv_device_get_info(ctx, row->st.device, &info), "pikv_device_get_info");
         memcpy(row->name, info.name, sizeof row->name);
         row->name[sizeof row->name - 1] = '\0';
         row->backend = pikv_backend_name(info.backend);
+    }
+    if (dist) { /* device g = rank * n_local + j; names "r<rank>:<name>" from their owners */
+        LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+        const int32_t n_local = dstat.local_devices;
+        if (n_local <= 0 || n_local * n_ranks != r->n_devs) {
+            fprintf(stderr, "pikv: %" PRId32 " devices over %" PRId32 " ranks of %" PRId32
+                            " devices each\n", r->n_devs, n_ranks, n_local);
+            goto done;
+        }
+        typedef struct { char name[24]; char backend[8]; } dev_name;
+        dev_name *mine = calloc((size_t)n_local, sizeof *mine);
+        dev_name *all = calloc((size_t)r->n_devs, sizeof *all);
+        if (!mine || !all) {
+            fprintf(stderr, "pikv: out of memory\n");
+            run_mpi_abort(sh->mpi, CLI_EXIT_FAIL); /* the others wait in the gather */
+            free(mine);
+            free(all);
+            goto done;
+        }
+        for (int32_t j = 0; j < n_local; j++) {
+            const run_dev *row = &r->devs[(size_t)me * (size_t)n_local + (size_t)j];
+            snprintf(mine[j].name, sizeof mine[j].name, "%.23s", row->name);
+            snprintf(mine[j].backend, sizeof mine[j].backend, "%s", row->backend);
+        }
+        const int ok = run_mpi_allgather(sh->mpi, mine, (size_t)n_local * sizeof *mine, all) == 0;
+        for (int32_t d = 0; ok && d < r->n_devs; d++) {
+            run_dev *row = &r->devs[d];
+            snprintf(row->name, sizeof row->name, "r%" PRId32 ":%.18s", d / n_local, all[d].name);
+            snprintf(row->backend_name, sizeof row->backend_name, "%.8s", all[d].backend);
+            row->backend = row->backend_name;
+        }
+        free(mine);
+        free(all);
+        if (!ok) {
+            fprintf(stderr, "pikv: cannot gather the ranks' device names\n");
+            goto done;
+        }
+        r->dist.local_devices = n_local;
+        r->dist.bytes_allocated = dstat.bytes_allocated;
+        r->dist.max_rank_bytes = dstat.max_rank_bytes;
+        r->dist.mean_rank_bytes = dstat.mean_rank_bytes;
+        r->dist.bytes_sent = dstat.bytes_sent;
+        r->dist.bytes_received = dstat.bytes_received;
+        for (int32_t j = 0; j < n_local; j++) {
+            const pikv_cache_device_stats *st = &r->devs[(size_t)me * (size_t)n_local + (size_t)j].st;
+            r->dist.shards += st->shards;
+            r->dist.pages += st->pages;
+            r->dist.tokens += st->tokens;
+            r->dist.bytes_used += st->bytes_used;
+        }
     }
     for (int32_t l = 0; l < o->layers; l++) {
         run_layer *ly = &r->layers[l];
@@ -437,6 +600,13 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
                             : NAN;
     }
     check_storage(o, r);
+    if (dist) {
+        r->dist.max_err = r->max_err;
+        r->dist.passed = r->bounded ? run_passed(r) : -1;
+        r->dist.decode_s = r->decode_s;
+        r->dist.attend_s = r->attend_s;
+        r->dist.prefill_s = r->prefill_s;
+    }
     rc = CLI_EXIT_OK;
 
 done:

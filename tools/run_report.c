@@ -8,6 +8,7 @@
 #include "run.h"
 
 static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
+static double kib(double b) { return b / 1024.0; }
 
 /* Bytes of K and V of n tokens in a float dtype, unpadded. */
 static uint64_t raw_kv_bytes(const run_opts *o, int64_t tokens, size_t elem)
@@ -178,8 +179,13 @@ void run_print_table(const run_opts *o, const run_result *r)
         snprintf(threads, sizeof threads, "%" PRId32, o->threads);
     else
         snprintf(threads, sizeof threads, "auto");
-    printf("  devices    %" PRId32 " (backend %s, CPU threads %s)\n", r->n_devs, o->backend,
-           threads);
+    if (r->n_ranks > 0)
+        printf("  devices    %" PRId32 " over %" PRId32 " MPI ranks, %" PRId32
+               " each (backend %s, CPU threads %s)\n",
+               r->n_devs, r->n_ranks, r->n_devs / r->n_ranks, o->backend, threads);
+    else
+        printf("  devices    %" PRId32 " (backend %s, CPU threads %s)\n", r->n_devs, o->backend,
+               threads);
     printf("  workload   %" PRId32 " sequences x %" PRId64 " context tokens, %" PRId32
            " decode steps, chunk %" PRId32 ", seed %" PRIu64 "\n",
            o->seqs, o->context, o->steps, r->prefill_chunk, o->seed);
@@ -319,6 +325,9 @@ void run_print_table(const run_opts *o, const run_result *r)
     if (r->rebalanced)
         printf("  rebalance          %" PRId64 " pages moved in %.3f s\n", r->moved_pages,
                r->rebalance_s);
+    if (r->rebalance_skipped)
+        printf("  rebalance          none over ranks (shards placed on the least loaded device "
+               "as their first page arrived)\n");
     if (o->steps > 0) {
         printf("  mean step time     %.3f ms (route + attend + append, %" PRId32
                " layers; attend %.3f ms; reference %.3f ms)%s\n",
@@ -385,9 +394,31 @@ void run_print_quiet(const run_opts *o, const run_result *r)
 {
     const double step_ms = o->steps > 0 ? 1e3 * r->decode_s / o->steps : 0.0;
     const double tps = r->decode_s > 0 ? (double)o->seqs * o->steps / r->decode_s : 0.0;
+    char ranks[224] = "";
+    if (r->n_ranks > 0 && r->ranks) {
+        int all_pass = 1;
+        double worst = 0.0;
+        for (int32_t i = 0; i < r->n_ranks; i++) {
+            all_pass &= r->ranks[i].passed != 0;
+            if (!(r->ranks[i].max_err <= worst)) worst = r->ranks[i].max_err;
+        }
+        snprintf(ranks, sizeof ranks, " ranks=%" PRId32 " rank_alloc_mib_max=%.2f "
+                 "rank_alloc_mib_mean=%.2f rank_imbalance=%.3f ranks_max_norm_error=%.3e%s",
+                 r->n_ranks, mib(r->dist.max_rank_bytes), r->dist.mean_rank_bytes / 1048576.0,
+                 r->dist.mean_rank_bytes > 0 ? (double)r->dist.max_rank_bytes / r->dist.mean_rank_bytes
+                                             : NAN,
+                 worst, all_pass ? "" : " (a rank failed)");
+        if (o->max_imbalance > 0.0) {
+            const size_t len = strlen(ranks);
+            snprintf(ranks + len, sizeof ranks - len, " max_imbalance=%g%s", o->max_imbalance,
+                     run_ranks_balanced(o, r) ? "" : " (EXCEEDED: exit status 1)");
+        }
+    }
     if (r->bounded) {
-        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f\n",
-               run_passed(r) ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps);
+        int pass = run_passed(r);
+        for (int32_t i = 0; r->ranks && i < r->n_ranks; i++) pass &= r->ranks[i].passed == 1;
+        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f%s\n",
+               pass ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps, ranks);
         return;
     }
     char desc[128], recall[32], err[32], quant[160] = "";
@@ -414,6 +445,127 @@ void run_print_quiet(const run_opts *o, const run_result *r)
            run_mean(r->ctx_recall_sum, r->ctx_recall_n), err, r->max_err,
            mib(r->stats.bytes_used), mib(r->bytes_read_total) / steps, r->stats.evicted_pages,
            step_ms, quant);
+    if (ranks[0]) printf("  over ranks:%s\n", ranks);
+}
+
+/* ---- over MPI ranks ------------------------------------------------------ */
+
+/* Sums over ranks (rank 0's gathered figures). */
+typedef struct rank_sums {
+    double sent, received, prefill_kv, prefill_sent, decode_kv, partial, gather, attend_sent,
+        append_sent, rpq, attends;
+    double alloc, worst_err;
+    int32_t max_ranks;
+    int all_pass;
+} rank_sums;
+
+static rank_sums sum_ranks(const run_result *r)
+{
+    rank_sums t;
+    memset(&t, 0, sizeof t);
+    t.all_pass = 1;
+    for (int32_t i = 0; i < r->n_ranks; i++) {
+        const run_rank *k = &r->ranks[i];
+        t.sent += (double)k->decode_sent;
+        t.received += (double)k->decode_received;
+        t.prefill_kv += (double)k->prefill_kv_sent;
+        t.prefill_sent += (double)k->prefill_sent;
+        t.decode_kv += (double)k->decode_kv_sent;
+        t.partial += (double)k->partial_bytes;
+        t.gather += (double)k->gather_bytes;
+        t.attend_sent += (double)k->decode_attend_sent;
+        t.append_sent += (double)k->decode_append_sent;
+        t.rpq += k->ranks_per_query_sum;
+        t.attends += (double)k->attends;
+        t.alloc += (double)k->bytes_allocated;
+        if (!(k->max_err <= t.worst_err)) t.worst_err = k->max_err;
+        if (k->max_ranks > t.max_ranks) t.max_ranks = k->max_ranks;
+        t.all_pass &= k->passed != 0;
+    }
+    return t;
+}
+
+void run_print_ranks(const run_opts *o, const run_result *r)
+{
+    if (r->n_ranks <= 0 || !r->ranks) return;
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    const rank_sums t = sum_ranks(r);
+    const double imbalance_x = r->dist.mean_rank_bytes > 0
+                                   ? (double)r->dist.max_rank_bytes / r->dist.mean_rank_bytes
+                                   : NAN;
+    printf("\nper rank (MPI, %" PRId32 " ranks; K/V pages live on their owner rank, the "
+           "metadata on every rank; KiB/step: per decode step, all layers)\n",
+           r->n_ranks);
+    printf("%-5s %7s %7s %8s %10s %6s %11s %10s %10s %10s %10s %10s %7s %9s %s\n", "rank",
+           "devices", "shards", "pages", "alloc MiB", "share", "prefill K/V", "sent", "recv",
+           "K/V rows", "partials", "gather", "rk/qry", "max err", "result");
+    printf("%-5s %7s %7s %8s %10s %6s %11s %10s %10s %10s %10s %10s %7s %9s\n", "", "", "", "",
+           "", "", "MiB sent", "KiB/step", "KiB/step", "KiB/step", "KiB/step", "KiB/step", "",
+           "");
+    for (int32_t i = 0; i < r->n_ranks; i++) {
+        const run_rank *k = &r->ranks[i];
+        printf("%-5" PRId32 " %7" PRId32 " %7" PRId32 " %8" PRId64 " %10.2f %5.1f%% %11.2f "
+               "%10.2f %10.2f %10.2f %10.2f %10.2f %7.2f",
+               k->rank, k->local_devices, k->shards, k->pages, mib(k->bytes_allocated),
+               t.alloc > 0 ? 100.0 * (double)k->bytes_allocated / t.alloc : 0.0,
+               mib(k->prefill_kv_sent), kib((double)k->decode_sent) / steps,
+               kib((double)k->decode_received) / steps, kib((double)k->decode_kv_sent) / steps,
+               kib((double)k->partial_bytes) / steps, kib((double)k->gather_bytes) / steps,
+               k->attends > 0 ? k->ranks_per_query_sum / (double)k->attends : NAN);
+        put_sci(k->max_err, 9);
+        printf(" %s\n", k->passed < 0 ? "LOSSY" : k->passed ? "PASS" : "FAIL");
+    }
+    int64_t pages = 0;
+    int32_t shards = 0, devs = 0;
+    for (int32_t i = 0; i < r->n_ranks; i++) {
+        pages += r->ranks[i].pages;
+        shards += r->ranks[i].shards;
+        devs += r->ranks[i].local_devices;
+    }
+    printf("%-5s %7" PRId32 " %7" PRId32 " %8" PRId64 " %10.2f %5.1f%% %11.2f %10.2f %10.2f "
+           "%10.2f %10.2f %10.2f\n",
+           "total", devs, shards, pages, t.alloc / 1048576.0, 100.0, t.prefill_kv / 1048576.0,
+           kib(t.sent) / steps, kib(t.received) / steps, kib(t.decode_kv) / steps,
+           kib(t.partial) / steps, kib(t.gather) / steps);
+    printf("  (sent/recv: every collective of the decode steps, attends and appends, as logical "
+           "payload; K/V rows: the\n"
+           "  appended rows sent to their owner rank; partials: the attends' partial outputs and "
+           "log-sum-exps;\n"
+           "  gather: what fetching the pages read on other ranks to this rank would have moved "
+           "instead; rk/qry:\n"
+           "  ranks whose pages a query read, mean; share: of the device memory of all ranks)\n\n");
+    printf("  rank memory        max %.2f MiB, mean %.2f MiB, total %.2f MiB: imbalance %.3f "
+           "(max/mean)",
+           mib(r->dist.max_rank_bytes), r->dist.mean_rank_bytes / 1048576.0, t.alloc / 1048576.0,
+           imbalance_x);
+    if (o->max_imbalance > 0.0)
+        printf(", %s --max-imbalance %g", run_ranks_balanced(o, r) ? "within" : "EXCEEDS",
+               o->max_imbalance);
+    printf("\n");
+    const double appended = (double)o->seqs * (double)o->context * (double)o->layers *
+                            (double)o->kv_heads * (double)o->head_dim * 2.0 * 4.0;
+    printf("  prefill K/V        %.2f MiB of f32 rows sent to their owner (%.1f%% of the %.2f MiB "
+           "appended); all prefill collectives %.2f MiB sent\n",
+           t.prefill_kv / 1048576.0, appended > 0 ? 100.0 * t.prefill_kv / appended : 0.0,
+           appended / 1048576.0, t.prefill_sent / 1048576.0);
+    if (o->steps > 0) {
+        printf("  decode traffic     %.2f KiB sent per step over all ranks: attends %.2f KiB, "
+               "appends %.2f KiB (K/V rows %.2f KiB)\n",
+               kib(t.sent) / steps, kib(t.attend_sent) / steps, kib(t.append_sent) / steps,
+               kib(t.decode_kv) / steps);
+        printf("  attention merge    partials %.2f KiB per step vs %.2f KiB to gather the pages "
+               "read on other ranks", kib(t.partial) / steps, kib(t.gather) / steps);
+        if (t.partial > 0 && t.gather > 0)
+            printf(": %.1fx less traffic, %.2f KiB saved per step\n", t.gather / t.partial,
+                   kib(t.gather - t.partial) / steps);
+        else
+            printf("\n");
+        printf("  ranks per query    %.2f mean, %" PRId32 " max (of %" PRId32 ")\n",
+               t.attends > 0 ? t.rpq / t.attends : NAN, t.max_ranks, r->n_ranks);
+    }
+    if (r->bounded)
+        printf("  result per rank    %s (worst max norm. error %.3e, bound %.0e)\n",
+               t.all_pass ? "PASS on every rank" : "FAIL on some rank", t.worst_err, r->bound);
 }
 
 /* ---- JSON -------------------------------------------------------------- */
@@ -557,6 +709,93 @@ static void json_quality(FILE *f, const run_opts *o, const run_result *r)
     fprintf(f, ", \"pass\": %s", r->bounded ? (run_passed(r) ? "true" : "false") : "null");
 }
 
+/* Over MPI ranks: every rank's figures (bytes; per_step: over decode steps). */
+static void json_ranks(FILE *f, const run_opts *o, const run_result *r)
+{
+    const double steps = o->steps > 0 ? (double)o->steps : 1.0;
+    const rank_sums t = sum_ranks(r);
+    fprintf(f, "{\"n_ranks\": %" PRId32 ", \"devices_per_rank\": %" PRId32
+               ", \"rank_bytes_max\": %" PRIu64 ", \"rank_bytes_mean\": ",
+            r->n_ranks, r->dist.local_devices, r->dist.max_rank_bytes);
+    cli_json_number(f, r->dist.mean_rank_bytes);
+    fprintf(f, ", \"rank_bytes_total\": ");
+    cli_json_number(f, t.alloc);
+    fprintf(f, ", \"imbalance\": ");
+    cli_json_number(f, r->dist.mean_rank_bytes > 0
+                           ? (double)r->dist.max_rank_bytes / r->dist.mean_rank_bytes
+                           : NAN);
+    fprintf(f, ", \"max_imbalance\": ");
+    cli_json_number(f, o->max_imbalance > 0.0 ? o->max_imbalance : NAN);
+    fprintf(f, ", \"balanced\": %s, \"rebalance_skipped\": %s, \"all_pass\": ",
+            run_ranks_balanced(o, r) ? "true" : "false", r->rebalance_skipped ? "true" : "false");
+    if (r->bounded)
+        fputs(t.all_pass ? "true" : "false", f);
+    else
+        fputs("null", f);
+    fprintf(f, ",\n    \"totals\": {\"prefill_kv_bytes_sent\": ");
+    cli_json_number(f, t.prefill_kv);
+    fprintf(f, ", \"prefill_bytes_sent\": ");
+    cli_json_number(f, t.prefill_sent);
+    fprintf(f, ", \"decode_bytes_sent_per_step\": ");
+    cli_json_number(f, t.sent / steps);
+    fprintf(f, ", \"decode_bytes_received_per_step\": ");
+    cli_json_number(f, t.received / steps);
+    fprintf(f, ", \"decode_attend_bytes_sent_per_step\": ");
+    cli_json_number(f, t.attend_sent / steps);
+    fprintf(f, ", \"decode_append_bytes_sent_per_step\": ");
+    cli_json_number(f, t.append_sent / steps);
+    fprintf(f, ", \"decode_kv_bytes_sent_per_step\": ");
+    cli_json_number(f, t.decode_kv / steps);
+    fprintf(f, ", \"partial_bytes_per_step\": ");
+    cli_json_number(f, t.partial / steps);
+    fprintf(f, ", \"gather_bytes_per_step\": ");
+    cli_json_number(f, t.gather / steps);
+    fprintf(f, ", \"gather_over_partial\": ");
+    cli_json_number(f, t.partial > 0 ? t.gather / t.partial : NAN);
+    fprintf(f, ", \"ranks_per_query\": ");
+    cli_json_number(f, t.attends > 0 ? t.rpq / t.attends : NAN);
+    fprintf(f, ", \"max_ranks\": %" PRId32 ", \"max_norm_error\": ", t.max_ranks);
+    cli_json_number(f, t.worst_err);
+    fprintf(f, "},\n    \"per_rank\": [");
+    for (int32_t i = 0; i < r->n_ranks; i++) {
+        const run_rank *k = &r->ranks[i];
+        fprintf(f, "%s\n      {\"rank\": %" PRId32 ", \"devices\": %" PRId32
+                   ", \"shards\": %" PRId32 ", \"pages\": %" PRId64 ", \"tokens\": %" PRId64
+                   ", \"bytes_allocated\": %" PRIu64 ", \"bytes_used\": %" PRIu64
+                   ", \"share\": ",
+                i ? "," : "", k->rank, k->local_devices, k->shards, k->pages, k->tokens,
+                k->bytes_allocated, k->bytes_used);
+        cli_json_number(f, t.alloc > 0 ? (double)k->bytes_allocated / t.alloc : NAN);
+        fprintf(f, ", \"prefill_bytes_sent\": %" PRIu64 ", \"prefill_bytes_received\": %" PRIu64
+                   ", \"prefill_kv_bytes_sent\": %" PRIu64 ", \"decode_bytes_sent_per_step\": ",
+                k->prefill_sent, k->prefill_received, k->prefill_kv_sent);
+        cli_json_number(f, (double)k->decode_sent / steps);
+        fprintf(f, ", \"decode_bytes_received_per_step\": ");
+        cli_json_number(f, (double)k->decode_received / steps);
+        fprintf(f, ", \"decode_attend_bytes_sent_per_step\": ");
+        cli_json_number(f, (double)k->decode_attend_sent / steps);
+        fprintf(f, ", \"decode_append_bytes_sent_per_step\": ");
+        cli_json_number(f, (double)k->decode_append_sent / steps);
+        fprintf(f, ", \"decode_kv_bytes_sent_per_step\": ");
+        cli_json_number(f, (double)k->decode_kv_sent / steps);
+        fprintf(f, ", \"partial_bytes_per_step\": ");
+        cli_json_number(f, (double)k->partial_bytes / steps);
+        fprintf(f, ", \"gather_bytes_per_step\": ");
+        cli_json_number(f, (double)k->gather_bytes / steps);
+        fprintf(f, ", \"ranks_per_query\": ");
+        cli_json_number(f, k->attends > 0 ? k->ranks_per_query_sum / (double)k->attends : NAN);
+        fprintf(f, ", \"max_ranks\": %" PRId32 ", \"bytes_sent\": %" PRIu64
+                   ", \"bytes_received\": %" PRIu64 ", \"mean_step_ms\": ",
+                k->max_ranks, k->bytes_sent, k->bytes_received);
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->decode_s / steps : NAN);
+        fprintf(f, ", \"max_norm_error\": ");
+        cli_json_number(f, k->max_err);
+        fprintf(f, ", \"pass\": %s}",
+                k->passed < 0 ? "null" : k->passed ? "true" : "false");
+    }
+    fprintf(f, "\n    ]}");
+}
+
 void run_print_json(const run_opts *o, const run_result *r)
 {
     const double steps = o->steps > 0 ? (double)o->steps : 1.0;
@@ -636,7 +875,12 @@ void run_print_json(const run_opts *o, const run_result *r)
                                        : NAN);
     fprintf(f, ", \"kv_read_bytes_per_s\": ");
     cli_json_number(f, r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s : NAN);
-    fprintf(f, "}\n}\n");
+    fprintf(f, "}");
+    if (r->n_ranks > 0 && r->ranks) {
+        fprintf(f, ",\n  \"ranks\": ");
+        json_ranks(f, o, r);
+    }
+    fprintf(f, "\n}\n");
 }
 
 /* ---- --compare ----------------------------------------------------------- */

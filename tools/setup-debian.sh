@@ -5,9 +5,11 @@ set -euo pipefail
 # OpenCL: headers and the ICD loader to build the backend, PoCL to run it on the CPU.
 # Vulkan: headers and glslc to build the backend, the loader and Mesa's lavapipe
 # (software Vulkan) to run it, the Khronos validation layer for the validated test run.
+# MPI: Open MPI's headers and libraries to build the MPI communicator, mpirun to run its tests.
 packages=(build-essential cmake ninja-build pkg-config clang
           ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
-          libvulkan-dev libvulkan1 glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools)
+          libvulkan-dev libvulkan1 glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools
+          libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,16 +2,28 @@
  * engine created for one GPU. PiKV never creates, aborts or destroys that
  * communicator; it only enqueues on its own stream.
  *
- * allreduce takes host memory: it is copied to a device buffer (grown on
- * demand), reduced in place there by ncclAllReduce, copied back, and the stream
- * is synchronized, so the result is in host memory when the call returns. The
- * payloads are small (a merge moves n_rows (dim + 2) floats), so the copies from
- * and to pageable memory cost little next to the collective itself.
+ * Every collective takes host memory: the payload is copied to a device buffer
+ * (grown on demand), the NCCL operation runs there (ncclAllReduce in place,
+ * ncclAllGather in place, and for allgatherv / alltoallv one ncclSend / ncclRecv
+ * per peer in a group, this rank's own part copied locally), the stream is waited
+ * on, and only then is the result copied back, so the result is in host memory
+ * when the call returns. The payloads are small (a merge moves n_rows (dim + 2)
+ * floats), so the copies from and to pageable memory cost little next to the
+ * collective itself.
+ *
+ * Waiting: with c->timeout_s = 0 the stream is synchronized; otherwise it is
+ * polled (cudaStreamQuery, and ncclCommGetAsyncError for errors raised
+ * meanwhile) with the backoff of pikv_comm_wait_pause until the operation is done
+ * or the timeout has passed. The copy back is enqueued only after the operation
+ * completed, so a collective that timed out never writes into the caller's
+ * memory; its work stays queued on PiKV's stream (over PiKV's device buffer)
+ * until the engine aborts the NCCL communicator (ncclCommAbort), and
+ * pikv_comm_free then leaks the stream and the buffer instead of waiting.
  *
  * Communicators created non-blocking (ncclConfig_t.blocking = 0) are handled:
  * a call answering ncclInProgress is waited on through ncclCommGetAsyncError.
  * After a failed NCCL or CUDA call the communicator is marked failed and every
- * later allreduce fails at once (NCCL's state is unknown: the engine aborts it). */
+ * later collective fails at once (NCCL's state is unknown: the engine aborts it). */
 #include "cuda-impl.h"
 #include "../../runtime/comm.h"
 
@@ -27,6 +39,7 @@
 #endif
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0)
 #define PIKV_NCCL_NONBLOCKING 1 /* ncclInProgress and ncclGetLastError exist */
@@ -37,9 +50,10 @@ typedef struct nccl_comm_impl {
     pikv_device *dev;
     int ordinal;                 /* CUDA device number */
     cudaStream_t stream;         /* PiKV's own stream on that device */
-    float *buf;                  /* device buffer of the collectives */
+    unsigned char *buf;          /* device buffer of the collectives */
     size_t buf_bytes;
     bool failed;                 /* an earlier NCCL or CUDA failure */
+    bool stuck;                  /* work may still be queued on the stream (timeout, error) */
 } nccl_comm_impl;
 
 static pikv_status nccl_fail(pikv_comm *c, nccl_comm_impl *impl, ncclResult_t res,
@@ -84,28 +98,97 @@ static ncclResult_t nccl_settle(ncclComm_t comm, ncclResult_t res)
     return res;
 }
 
-static pikv_status nccl_allreduce(pikv_comm *c, float *host, int64_t n, pikv_reduce_op op)
+static pikv_status nccl_timed_out(pikv_comm *c, nccl_comm_impl *impl, const char *what)
 {
-    nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
+    impl->failed = true;
+    impl->stuck = true;
+    return PIKV_FAIL(c->ctx, PIKV_ERR_BACKEND,
+                     "NCCL communicator (rank %d of %d, device %s): %s did not complete in %g s: a "
+                     "rank failed or stalled before taking part (timeout: pikv_comm_set_timeout; "
+                     "the communicator is broken, abort it with ncclCommAbort)",
+                     (int)c->rank, (int)c->size, impl->dev->info.name, what, c->timeout_s);
+}
+
+/* The result of enqueuing `what`: waits out ncclInProgress (non-blocking
+   communicators), within the timeout. */
+static pikv_status nccl_enqueued(pikv_comm *c, nccl_comm_impl *impl, ncclResult_t res,
+                                 const char *what)
+{
+#ifdef PIKV_NCCL_NONBLOCKING
+    pikv_comm_wait w;
+    pikv_comm_wait_begin(&w);
+    while (res == ncclInProgress) {
+        ncclResult_t state = ncclSuccess;
+        ncclResult_t q = ncclCommGetAsyncError(impl->nccl, &state);
+        res = q != ncclSuccess ? q : state;
+        if (res == ncclInProgress && !pikv_comm_wait_pause(c, &w))
+            return nccl_timed_out(c, impl, what);
+    }
+#endif
+    if (res != ncclSuccess) {
+        impl->stuck = true; /* part of the group may be queued */
+        return nccl_fail(c, impl, res, what);
+    }
+    return PIKV_OK;
+}
+
+/* Waits until everything enqueued on the stream is done (within the timeout) and
+   checks NCCL's asynchronous error state. */
+static pikv_status nccl_finish(pikv_comm *c, nccl_comm_impl *impl, const char *what)
+{
+    cudaError_t err;
+    if (c->timeout_s <= 0.0) {
+        err = cudaStreamSynchronize(impl->stream);
+        if (err != cudaSuccess) {
+            impl->stuck = true;
+            return cuda_fail(c, impl, err, "cudaStreamSynchronize");
+        }
+    } else {
+        pikv_comm_wait w;
+        pikv_comm_wait_begin(&w);
+        for (;;) {
+            err = cudaStreamQuery(impl->stream);
+            if (err == cudaSuccess) break;
+            if (err != cudaErrorNotReady) {
+                impl->stuck = true;
+                return cuda_fail(c, impl, err, "cudaStreamQuery");
+            }
+            ncclResult_t async = ncclSuccess;
+            ncclResult_t res = ncclCommGetAsyncError(impl->nccl, &async);
+            if (res != ncclSuccess) {
+                impl->stuck = true;
+                return nccl_fail(c, impl, res, "ncclCommGetAsyncError");
+            }
+#ifdef PIKV_NCCL_NONBLOCKING
+            if (async == ncclInProgress) async = ncclSuccess;
+#endif
+            if (async != ncclSuccess) {
+                impl->stuck = true;
+                return nccl_fail(c, impl, async, what);
+            }
+            if (!pikv_comm_wait_pause(c, &w)) return nccl_timed_out(c, impl, what);
+        }
+    }
+    ncclResult_t async = ncclSuccess;
+    ncclResult_t res = ncclCommGetAsyncError(impl->nccl, &async);
+    if (res != ncclSuccess) return nccl_fail(c, impl, res, "ncclCommGetAsyncError");
+    async = nccl_settle(impl->nccl, async);
+    if (async != ncclSuccess) return nccl_fail(c, impl, async, what);
+    return PIKV_OK;
+}
+
+/* Common start of a collective: the device current and a device buffer of at
+   least bytes bytes (contents not kept). */
+static pikv_status nccl_begin(pikv_comm *c, nccl_comm_impl *impl, size_t bytes)
+{
     PIKV_RETURN_ERROR_IF(impl->failed, c->ctx, PIKV_ERR_BACKEND,
                          "NCCL communicator (rank %d of %d, device %s): unusable after an earlier "
                          "NCCL or CUDA failure", (int)c->rank, (int)c->size, impl->dev->info.name);
-    PIKV_RETURN_ERROR_IF(n < 0 || (uint64_t)n > SIZE_MAX / sizeof(float), c->ctx,
-                         PIKV_ERR_INVALID_ARGUMENT, "NCCL allreduce: count %lld is invalid",
-                         (long long)n);
-    if (n == 0) return PIKV_OK;
-    ncclRedOp_t nop;
-    switch (op) {
-    case PIKV_REDUCE_SUM: nop = ncclSum; break;
-    case PIKV_REDUCE_MAX: nop = ncclMax; break;
-    default:
-        return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "NCCL allreduce: unknown reduce op %d", (int)op);
-    }
-    size_t bytes = (size_t)n * sizeof(float);
     cudaError_t err = cudaSetDevice(impl->ordinal);
     if (err != cudaSuccess) return cuda_fail(c, impl, err, "cudaSetDevice");
+    if (bytes == 0) bytes = 1;
     if (bytes > impl->buf_bytes) {
-        float *grown = NULL;
+        unsigned char *grown = NULL;
         err = cudaMalloc((void **)&grown, bytes);
         if (err != cudaSuccess) {
             (void)cudaGetLastError(); /* clear a non-sticky allocation error */
@@ -121,21 +204,151 @@ static pikv_status nccl_allreduce(pikv_comm *c, float *host, int64_t n, pikv_red
         impl->buf = grown;
         impl->buf_bytes = bytes;
     }
-    err = cudaMemcpyAsync(impl->buf, host, bytes, cudaMemcpyHostToDevice, impl->stream);
+    return PIKV_OK;
+}
+
+static pikv_status nccl_to_device(pikv_comm *c, nccl_comm_impl *impl, size_t off, const void *host,
+                                  size_t bytes)
+{
+    if (bytes == 0) return PIKV_OK;
+    cudaError_t err = cudaMemcpyAsync(impl->buf + off, host, bytes, cudaMemcpyHostToDevice,
+                                      impl->stream);
     if (err != cudaSuccess) return cuda_fail(c, impl, err, "cudaMemcpyAsync (host to device)");
-    ncclResult_t res = ncclAllReduce(impl->buf, impl->buf, (size_t)n, ncclFloat32, nop, impl->nccl,
-                                     impl->stream);
-    res = nccl_settle(impl->nccl, res);
-    if (res != ncclSuccess) return nccl_fail(c, impl, res, "ncclAllReduce");
-    err = cudaMemcpyAsync(host, impl->buf, bytes, cudaMemcpyDeviceToHost, impl->stream);
+    return PIKV_OK;
+}
+
+/* After nccl_finish: the result back to host memory, synchronously. */
+static pikv_status nccl_to_host(pikv_comm *c, nccl_comm_impl *impl, void *host, size_t off,
+                                size_t bytes)
+{
+    if (bytes == 0) return PIKV_OK;
+    cudaError_t err = cudaMemcpyAsync(host, impl->buf + off, bytes, cudaMemcpyDeviceToHost,
+                                      impl->stream);
     if (err != cudaSuccess) return cuda_fail(c, impl, err, "cudaMemcpyAsync (device to host)");
     err = cudaStreamSynchronize(impl->stream);
     if (err != cudaSuccess) return cuda_fail(c, impl, err, "cudaStreamSynchronize");
-    ncclResult_t async = ncclSuccess;
-    res = ncclCommGetAsyncError(impl->nccl, &async);
-    if (res != ncclSuccess) return nccl_fail(c, impl, res, "ncclCommGetAsyncError");
-    async = nccl_settle(impl->nccl, async);
-    if (async != ncclSuccess) return nccl_fail(c, impl, async, "ncclAllReduce (asynchronous error)");
+    return PIKV_OK;
+}
+
+static pikv_status nccl_allreduce_any(pikv_comm *c, void *host, int64_t n, size_t elem,
+                                      ncclDataType_t type, pikv_reduce_op op)
+{
+    nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
+    ncclRedOp_t nop;
+    switch (op) {
+    case PIKV_REDUCE_SUM: nop = ncclSum; break;
+    case PIKV_REDUCE_MAX: nop = ncclMax; break;
+    case PIKV_REDUCE_MIN: nop = ncclMin; break;
+    default:
+        return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "NCCL allreduce: unknown reduce op %d", (int)op);
+    }
+    size_t bytes = (size_t)n * elem; /* checked by the wrapper */
+    PIKV_FORWARD_IF_ERROR(nccl_begin(c, impl, bytes));
+    PIKV_FORWARD_IF_ERROR(nccl_to_device(c, impl, 0, host, bytes));
+    ncclResult_t res = ncclAllReduce(impl->buf, impl->buf, (size_t)n, type, nop, impl->nccl,
+                                     impl->stream);
+    PIKV_FORWARD_IF_ERROR(nccl_enqueued(c, impl, res, "ncclAllReduce"));
+    PIKV_FORWARD_IF_ERROR(nccl_finish(c, impl, "ncclAllReduce"));
+    return nccl_to_host(c, impl, host, 0, bytes);
+}
+
+static pikv_status nccl_allreduce(pikv_comm *c, float *host, int64_t n, pikv_reduce_op op)
+{
+    return nccl_allreduce_any(c, host, n, sizeof(float), ncclFloat32, op);
+}
+
+static pikv_status nccl_allreduce_i64(pikv_comm *c, int64_t *host, int64_t n, pikv_reduce_op op)
+{
+    return nccl_allreduce_any(c, host, n, sizeof(int64_t), ncclInt64, op);
+}
+
+static pikv_status nccl_allgather(pikv_comm *c, const void *send, int64_t bytes, void *recv)
+{
+    nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
+    size_t b = (size_t)bytes, total = b * (size_t)c->size, mine = b * (size_t)c->rank;
+    PIKV_FORWARD_IF_ERROR(nccl_begin(c, impl, total));
+    PIKV_FORWARD_IF_ERROR(nccl_to_device(c, impl, mine, send, b));
+    /* in place: sendbuff = recvbuff + rank * count */
+    ncclResult_t res = ncclAllGather(impl->buf + mine, impl->buf, b, ncclUint8, impl->nccl,
+                                     impl->stream);
+    PIKV_FORWARD_IF_ERROR(nccl_enqueued(c, impl, res, "ncclAllGather"));
+    PIKV_FORWARD_IF_ERROR(nccl_finish(c, impl, "ncclAllGather"));
+    return nccl_to_host(c, impl, recv, 0, total);
+}
+
+/* Sends and receives in one group. To peer p: send_counts[p] bytes from buf +
+   send_off + the sum of send_counts[0..p), or, with send_counts NULL, send_each
+   bytes from buf + send_off for every peer. From peer p: recv_counts[p] bytes into
+   buf + the sum of recv_counts[0..p). Self and empty transfers are skipped. */
+static pikv_status nccl_exchange(pikv_comm *c, nccl_comm_impl *impl, size_t send_off,
+                                 const int64_t *send_counts, size_t send_each, size_t recv_off,
+                                 const int64_t *recv_counts, const char *what)
+{
+    ncclResult_t res = ncclGroupStart();
+    if (res != ncclSuccess) return nccl_fail(c, impl, res, "ncclGroupStart");
+    size_t sd = 0, rd = 0;
+    for (int32_t p = 0; p < c->size && res == ncclSuccess; p++) {
+        size_t sn = send_counts ? (size_t)send_counts[p] : send_each;
+        size_t rn = (size_t)recv_counts[p];
+        if (p != c->rank) {
+            if (sn)
+                res = ncclSend(impl->buf + send_off + sd, sn, ncclUint8, (int)p, impl->nccl,
+                               impl->stream);
+            if (res == ncclSuccess && rn)
+                res = ncclRecv(impl->buf + recv_off + rd, rn, ncclUint8, (int)p, impl->nccl,
+                               impl->stream);
+        }
+        if (send_counts) sd += sn;
+        rd += rn;
+    }
+    ncclResult_t end = ncclGroupEnd(); /* closes the group even after a failed call */
+    if (res == ncclSuccess) res = end;
+    return nccl_enqueued(c, impl, res, what);
+}
+
+static pikv_status nccl_allgatherv(pikv_comm *c, const void *send, const int64_t *counts, void *recv)
+{
+    nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
+    const char *what = "ncclSend/ncclRecv (allgatherv)";
+    size_t total = 0, displ = 0;
+    for (int32_t r = 0; r < c->size; r++) {
+        if (r == c->rank) displ = total;
+        total += (size_t)counts[r]; /* checked by the wrapper */
+    }
+    size_t mine = (size_t)counts[c->rank];
+    PIKV_FORWARD_IF_ERROR(nccl_begin(c, impl, total));
+    /* this rank's part goes in place, and every peer is sent it from there */
+    PIKV_FORWARD_IF_ERROR(nccl_to_device(c, impl, displ, send, mine));
+    PIKV_FORWARD_IF_ERROR(nccl_exchange(c, impl, displ, NULL, mine, 0, counts, what));
+    PIKV_FORWARD_IF_ERROR(nccl_finish(c, impl, what));
+    return nccl_to_host(c, impl, recv, 0, total);
+}
+
+static pikv_status nccl_alltoallv(pikv_comm *c, const void *send, const int64_t *send_counts,
+                                  void *recv, const int64_t *recv_counts)
+{
+    nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
+    const char *what = "ncclSend/ncclRecv (alltoallv)";
+    size_t send_total = 0, recv_total = 0, send_self = 0, recv_self = 0;
+    for (int32_t r = 0; r < c->size; r++) {
+        if (r == c->rank) {
+            send_self = send_total;
+            recv_self = recv_total;
+        }
+        send_total += (size_t)send_counts[r]; /* checked by the wrapper */
+        recv_total += (size_t)recv_counts[r];
+    }
+    /* device buffer: [send | recv], the recv part 256-byte aligned */
+    size_t recv_off = (send_total + 255) & ~(size_t)255;
+    PIKV_FORWARD_IF_ERROR(nccl_begin(c, impl, recv_off + recv_total));
+    PIKV_FORWARD_IF_ERROR(nccl_to_device(c, impl, 0, send, send_total));
+    PIKV_FORWARD_IF_ERROR(nccl_exchange(c, impl, 0, send_counts, 0, recv_off, recv_counts, what));
+    PIKV_FORWARD_IF_ERROR(nccl_finish(c, impl, what));
+    PIKV_FORWARD_IF_ERROR(nccl_to_host(c, impl, recv, recv_off, recv_total));
+    /* this rank's own part, copied locally (send_counts[rank] == recv_counts[rank]) */
+    size_t self = (size_t)send_counts[c->rank];
+    if (self)
+        memcpy((unsigned char *)recv + recv_self, (const unsigned char *)send + send_self, self);
     return PIKV_OK;
 }
 
@@ -144,9 +357,15 @@ static void nccl_destroy(pikv_comm *c)
     nccl_comm_impl *impl = (nccl_comm_impl *)c->impl;
     if (!impl) return;
     if (cudaSetDevice(impl->ordinal) == cudaSuccess) {
-        if (impl->stream) (void)cudaStreamSynchronize(impl->stream);
-        if (impl->buf) (void)cudaFree(impl->buf);
-        if (impl->stream) (void)cudaStreamDestroy(impl->stream);
+        /* After a timeout or an error, work may still be queued on the stream (it ends
+           when the engine aborts the NCCL communicator): waiting could hang and freeing
+           the buffer would wait too, so both are leaked unless the stream is idle. */
+        bool idle = !impl->stuck || (impl->stream && cudaStreamQuery(impl->stream) == cudaSuccess);
+        if (idle) {
+            if (impl->stream) (void)cudaStreamSynchronize(impl->stream);
+            if (impl->buf) (void)cudaFree(impl->buf);
+            if (impl->stream) (void)cudaStreamDestroy(impl->stream);
+        }
     }
     (void)cudaGetLastError();
     pikv_host_free(c->ctx, impl);
@@ -154,8 +373,13 @@ static void nccl_destroy(pikv_comm *c)
 }
 
 static const pikv_comm_iface nccl_iface = {
-    nccl_allreduce,
-    nccl_destroy,
+    .allreduce = nccl_allreduce,
+    .destroy = nccl_destroy,
+    .allreduce_i64 = nccl_allreduce_i64,
+    .allgather = nccl_allgather,
+    .allgatherv = nccl_allgatherv,
+    .alltoallv = nccl_alltoallv,
+    .name = "NCCL",
 };
 
 pikv_status pikv_comm_nccl_create(pikv_context *ctx, pikv_device *dev, void *nccl_comm,
@@ -200,11 +424,7 @@ pikv_status pikv_comm_nccl_create(pikv_context *ctx, pikv_device *dev, void *ncc
     impl->nccl = nccl;
     impl->dev = dev;
     impl->ordinal = ordinal;
-    c->iface = &nccl_iface;
-    c->ctx = ctx;
-    c->rank = (int32_t)rank;
-    c->size = (int32_t)size;
-    c->impl = impl;
+    pikv_comm_init(c, &nccl_iface, ctx, (int32_t)rank, (int32_t)size, impl);
 
     cudaError_t err = cudaSetDevice(ordinal);
     if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking);

@@ -165,6 +165,8 @@ PIKV_API int pikv_backend_is_compiled(pikv_backend_kind kind);
 /* Cache                                                                     */
 /* ------------------------------------------------------------------------ */
 typedef struct pikv_cache pikv_cache;
+/* A communicator between ranks (see "Communication" below). */
+typedef struct pikv_comm pikv_comm;
 
 /* Page storage. INT8/INT4 pages are quantized when they fill (the open page of
    each shard stays f16, KIVI's residual window): keys per channel over groups of
@@ -288,6 +290,13 @@ typedef struct pikv_cache_params {
     pikv_budget_params budget;
     pikv_evict_params evict;
     pikv_route_params route;
+    /* Distribution (experimental; docs/distributed.md). NULL: one process. Else the
+       cache spans the communicator's ranks: every rank creates it with the same
+       parameters (devices and n_devices name this rank's own devices, the same
+       number on every rank), and shards are placed over ranks x devices; each rank
+       allocates only its own shards' pages. Every call that changes or reads the
+       cache is then collective (all ranks, same order). */
+    pikv_comm *comm;
 } pikv_cache_params;
 
 PIKV_API pikv_cache_params pikv_cache_default_params(void);
@@ -398,6 +407,26 @@ typedef struct pikv_cache_device_stats {
     uint64_t bytes_quant_other;
 } pikv_cache_device_stats;
 
+/* Distribution figures of a cache over a communicator (zeros and rank 0 of 1 for a
+   one-process cache). Local to the calling rank: no communication. */
+typedef struct pikv_cache_dist_stats {
+    int32_t rank, n_ranks;
+    int32_t local_devices;        /* this rank's devices in the cache */
+    uint64_t bytes_allocated;     /* this rank's device bytes (its own shards only) */
+    uint64_t max_rank_bytes;      /* the largest rank's bytes_allocated (every rank knows
+                                     every rank's allocation: placement is replicated) */
+    double mean_rank_bytes;
+    uint64_t bytes_sent, bytes_received;           /* by this cache's collectives, since creation */
+    uint64_t last_bytes_sent, last_bytes_received; /* by the last append or attend */
+    uint64_t last_kv_bytes_sent;  /* K/V rows routed to their owners by the last append */
+    uint64_t last_partial_bytes;  /* partial outputs + log-sum-exps moved by the last attend */
+    uint64_t last_gather_bytes;   /* what the last attend would have moved to this rank had
+                                     it gathered the pages read on other ranks instead */
+    double last_ranks_per_query;  /* ranks whose pages the last attend read, per query */
+    int32_t last_max_ranks;       /* the most ranks one query of the last attend touched */
+} pikv_cache_dist_stats;
+PIKV_API pikv_status pikv_cache_get_dist_stats(const pikv_cache *cache, pikv_cache_dist_stats *out);
+
 typedef struct pikv_layer_stats {
     int64_t tokens;               /* stored in the layer, all sequences */
     int64_t pages;
@@ -497,8 +526,8 @@ PIKV_API pikv_status pikv_cache_attend_device(pikv_cache *cache, int32_t layer, 
  * must be made by every rank, in the same order, with the same n_rows and dim; a
  * rank that fails before reaching the collectives (bad arguments, no memory)
  * leaves the others waiting, so treat such an error as fatal for the
- * communicator. A communicator belongs to its context: one thread at a time. */
-typedef struct pikv_comm pikv_comm;
+ * communicator. A communicator belongs to its context: one thread at a time.
+ * (pikv_comm is declared with pikv_cache, above.) */
 
 /* A communicator over an NCCL communicator the engine created (an ncclComm_t,
    passed as void *) for the GPU of context device `device`, which must be the
@@ -506,10 +535,27 @@ typedef struct pikv_comm pikv_comm;
    library was built without NCCL or the device is not a CUDA device. */
 PIKV_API pikv_status pikv_comm_create_nccl(pikv_context *ctx, int32_t device, void *nccl_comm,
                                            pikv_comm **out);
-/* NULL is fine; does not destroy the engine's NCCL communicator. */
+/* A communicator over an MPI communicator of the engine: mpi_comm points to its
+   MPI_Comm (MPI_Comm w = MPI_COMM_WORLD; pikv_comm_create_mpi(ctx, &w, &comm)).
+   Collective over that communicator (every rank calls it). MPI must be
+   initialized (MPI_Init or MPI_Init_thread) and not finalized. PiKV works on its
+   own MPI_Comm_dup (with MPI_ERRORS_RETURN), so its traffic never mixes with the
+   engine's messages; pikv_comm_free frees the dup, never the engine's
+   communicator. PiKV calls MPI from the thread that calls it (with
+   MPI_THREAD_FUNNELED, the main thread). PIKV_ERR_UNSUPPORTED when the library
+   was built without MPI. */
+PIKV_API pikv_status pikv_comm_create_mpi(pikv_context *ctx, const void *mpi_comm,
+                                          pikv_comm **out);
+/* NULL is fine; does not destroy the engine's NCCL or MPI communicator (an MPI
+   communicator's dup is freed: call it before MPI_Finalize). */
 PIKV_API void pikv_comm_free(pikv_comm *comm);
 PIKV_API int32_t pikv_comm_rank(const pikv_comm *comm); /* -1 for NULL */
 PIKV_API int32_t pikv_comm_size(const pikv_comm *comm); /* 0 for NULL */
+/* How long a collective waits for the other ranks before failing with
+   PIKV_ERR_BACKEND (a rank crashed or stalled): seconds >= 0 and finite, 0 = wait
+   forever; 300 by default. After a timeout, or any failed collective, the
+   communicator is broken: every later collective fails at once. */
+PIKV_API pikv_status pikv_comm_set_timeout(pikv_comm *comm, double seconds);
 
 /*
  * The exact merge of attention partials across ranks, in place (host memory):
