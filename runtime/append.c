@@ -96,7 +96,7 @@ static pikv_status check_device_values(pikv_cache *c, const char *fn, int32_t n,
    device are checked by check_device_values() after this. */
 static pikv_status validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
                             pikv_device *src, const float *k, const float *v, const int32_t *positions,
-                            const int32_t *experts)
+                            const int32_t *experts, bool check_values)
 {
     pikv_context *ctx = c->ctx;
     const pikv_cache_params *p = &c->params;
@@ -119,7 +119,7 @@ static pikv_status validate(pikv_cache *c, const char *fn, int32_t layer, int32_
                                  "%s: experts[%lld] = %d (token %lld) is outside 0..%d",
                                  fn, (long long)i, experts[i], (long long)(i / p->experts_per_token),
                                  p->n_experts - 1);
-    if (!src) PIKV_FORWARD_IF_ERROR(check_host_values(c, fn, n, k, v));
+    if (!src && check_values) PIKV_FORWARD_IF_ERROR(check_host_values(c, fn, n, k, v));
     if (positions)
         for (int32_t i = 0; i < n; i++)
             PIKV_RETURN_ERROR_IF(positions[i] < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
@@ -145,7 +145,7 @@ static int32_t open_rows(const pikv_cache *c, const pikv_ring *ring)
 pikv_status pikv_append_validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
                                  const float *k, const float *v, const int32_t *positions, const int32_t *experts)
 {
-    return validate(c, fn, layer, seq, n, NULL, k, v, positions, experts);
+    return validate(c, fn, layer, seq, n, NULL, k, v, positions, experts, true);
 }
 
 void pikv_append_route(const pikv_cache *c, int32_t layer, int32_t seq, int32_t n, const int32_t *experts,
@@ -184,10 +184,11 @@ void pikv_append_route(const pikv_cache *c, int32_t layer, int32_t seq, int32_t 
    twice, after the dry run and after the writes, so all ranks commit or all roll
    back; every path below makes both exchanges or returns after the first. */
 pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
-                               pikv_device *src, const float *k, const float *v, const int32_t *positions,
-                               const int32_t *experts, bool sync)
+                               pikv_device *src, const float *k, const float *v, const int32_t *row_of,
+                               const int32_t *positions, const int32_t *experts, bool sync)
 {
-    PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, seq, n, src, k, v, positions, experts));
+    /* with row_of the rows were checked by the rank that passed them */
+    PIKV_FORWARD_IF_ERROR(validate(c, fn, layer, seq, n, src, k, v, positions, experts, row_of == NULL));
     if (n == 0) return PIKV_OK;
     pikv_context *ctx = c->ctx;
     const pikv_cache_params *p = &c->params;
@@ -199,7 +200,7 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
 
     /* ---- dry run: plan ---- */
     append_plan plan;
-    const size_t n_ints = (size_t)n * 2 + (size_t)ns * 5 + 1;
+    const size_t n_ints = (size_t)n * 3 + (size_t)ns * 5 + 1;
     int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
     if (!ints) {
         pikv_host_free(ctx, host_kv);
@@ -221,6 +222,12 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
         int32_t *fill = plan.shard_start + ns + 1; /* [ns] cursors */
         for (int32_t s = 0; s < ns; s++) fill[s] = plan.shard_start[s];
         for (int32_t i = 0; i < n; i++) plan.order[fill[plan.shard_of[i]]++] = i;
+    }
+    /* the rows of k/v the writes read: the tokens' own, or through row_of */
+    int32_t *src_rows = plan.order;
+    if (row_of) {
+        src_rows = plan.shard_start + 2 * ns + 1; /* [n], after the cursors */
+        for (int32_t i = 0; i < n; i++) src_rows[i] = row_of[plan.order[i]] < 0 ? 0 : row_of[plan.order[i]];
     }
     int64_t pending[PIKV_MAX_DEVICES] = {0}, qpending[PIKV_MAX_DEVICES] = {0};
     int64_t total_new = 0, n_writes = 0;
@@ -329,7 +336,7 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
         if (nw == 0) continue;
         pikv_page_pool *pool = &c->devs[d];
         const bool direct = src && pool->dev == src; /* zero copy: the kernel reads the engine's tensors */
-        pikv_append_args args = {&pool->view, nw, plan.dev_writes, plan.order, direct ? k : hk, direct ? v : hv,
+        pikv_append_args args = {&pool->view, nw, plan.dev_writes, src_rows, direct ? k : hk, direct ? v : hv,
                                  direct};
         st = pool->dev->iface->append(pool->dev, &args);
     }
@@ -446,7 +453,7 @@ pikv_status pikv_cache_append(pikv_cache *c, int32_t layer, int32_t seq, int32_t
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
     if (c->comm) return pikv_dist_append(c, "pikv_cache_append", layer, seq, n, k, v, positions, experts);
-    return pikv_append_tokens(c, "pikv_cache_append", layer, seq, n, NULL, k, v, positions, experts, false);
+    return pikv_append_tokens(c, "pikv_cache_append", layer, seq, n, NULL, k, v, NULL, positions, experts, false);
 }
 
 pikv_status pikv_cache_append_device(pikv_cache *c, int32_t layer, int32_t seq, int32_t n, int32_t device,
@@ -459,5 +466,6 @@ pikv_status pikv_cache_append_device(pikv_cache *c, int32_t layer, int32_t seq, 
                          "pikv_cache_append_device: zero copy into a distributed cache is not supported yet "
                          "(use pikv_cache_append)");
     PIKV_FORWARD_IF_ERROR(pikv_zero_copy_device(c->ctx, device, "pikv_cache_append_device", &src));
-    return pikv_append_tokens(c, "pikv_cache_append_device", layer, seq, n, src, k, v, positions, experts, false);
+    return pikv_append_tokens(c, "pikv_cache_append_device", layer, seq, n, src, k, v, NULL, positions, experts,
+                              false);
 }

@@ -247,11 +247,13 @@ void pikv_dist_account(pikv_cache *c, uint64_t sent0, uint64_t recv0);
 pikv_status pikv_append_validate(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
                                  const float *k, const float *v, const int32_t *positions, const int32_t *experts);
 /* With `sync` set (distributed), the append exchanges its status with every rank
-   before it commits, so every rank commits or every rank rolls back; rows of k/v that
-   only remote pages take may hold anything. */
+   before it commits, so every rank commits or every rank rolls back. row_of (NULL:
+   token t's rows are row t of k and v) maps each token to its row of k/v, -1 for a
+   token only remote pages take (its row is never read); rows reached through row_of
+   are not value-checked (the rank that passed them checked them). */
 pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int32_t seq, int32_t n,
-                               pikv_device *src, const float *k, const float *v, const int32_t *positions,
-                               const int32_t *experts, bool sync);
+                               pikv_device *src, const float *k, const float *v, const int32_t *row_of,
+                               const int32_t *positions, const int32_t *experts, bool sync);
 
 /* Where an append of n tokens (experts: the router's, or NULL) goes, as the dry run
    plans it: each token's shard, tokens per shard, new pages per shard and the device

@@ -225,23 +225,23 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
     const bool has_experts = p->n_experts > 1 || experts != NULL;
     int64_t has = has_experts ? 1 : 0;
     PIKV_FORWARD_IF_ERROR(pikv_comm_allreduce_i64(comm, &has, 1, PIKV_REDUCE_MIN)); /* all ranks or none */
-    const size_t n_ints = (size_t)N * (size_t)(2 + ept) + (size_t)n * (size_t)(1 + ept) + 3 * (size_t)c->n_shards + 4;
+    const size_t n_ints = (size_t)N * (size_t)(3 + ept) + (size_t)n * (size_t)(1 + ept) + 3 * (size_t)c->n_shards + 4;
     int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
-    float *send = NULL, *kv_all = NULL;
+    float *send = NULL, *kv_own = NULL;
     st = ints ? PIKV_OK : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: metadata of %lld tokens: allocation failed", fn,
                                      (long long)N);
     if (st == PIKV_OK) {
         send = pikv_host_alloc(ctx, ((size_t)n ? (size_t)n : 1) * 2 * row * sizeof(float), 64);
-        kv_all = pikv_host_calloc(ctx, (size_t)N * 2 * row, sizeof(float));
-        if (!send || !kv_all)
-            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: K/V routing buffers for %lld tokens: allocation failed",
-                           fn, (long long)N);
+        if (!send)
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: K/V routing buffer for %d tokens: allocation failed", fn,
+                           n);
     }
     st = pikv_dist_sync_status_comm(comm, ctx, fn, st);
     int32_t *pos_all = ints, *exp_all = pos_all + N;               /* [N], [N][ept] */
     int32_t *my_meta = exp_all + (size_t)N * (size_t)ept;          /* [n]: positions, then [n][ept] experts */
     int32_t *shard_of = my_meta + (size_t)n * (size_t)(1 + ept);   /* [N] */
     int32_t *shard_count = shard_of + N, *new_pages = shard_count + c->n_shards, *place = new_pages + c->n_shards;
+    int32_t *row_of = place + c->n_shards; /* [N]: row of the token in kv_own, -1 when another rank owns it */
     if (st == PIKV_OK) {
         for (int32_t i = 0; i < n; i++)
             my_meta[i] = positions ? positions[i] : (int32_t)(sl->next_index + offset[me] + i);
@@ -278,35 +278,38 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
         }
         for (int32_t r = 0; r < R; r++)
             if (r != me) kv_sent += (uint64_t)send_counts[r];
-        int64_t recv_total = 0;
+        /* only this rank's rows are kept: K [owned][row] then V [owned][row] */
+        int64_t recv_total = 0, owned = 0;
         for (int32_t r = 0; r < R; r++) recv_total += recv_counts[r];
+        for (int64_t t = 0; t < N; t++) row_of[t] = place[shard_of[t]] / c->n_local == me ? (int32_t)owned++ : -1;
         float *recv = pikv_host_alloc(ctx, (size_t)(recv_total ? recv_total : 1), 64);
-        st = recv ? PIKV_OK : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: %lld bytes of received K/V rows: "
+        kv_own = pikv_host_alloc(ctx, (size_t)(owned ? owned : 1) * 2 * row * sizeof(float), 64);
+        st = recv && kv_own ? PIKV_OK
+                            : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: %lld bytes of received K/V rows: "
                                         "allocation failed", fn, (long long)recv_total);
         st = pikv_dist_sync_status_comm(comm, ctx, fn, st);
         if (st == PIKV_OK) st = pikv_comm_alltoallv(comm, send, send_counts, recv, recv_counts);
         if (st == PIKV_OK) {
-            /* unpack: from each rank, its owned-here tokens in its token order; kv_all
-               holds K [N][row] then V [N][row], rows of other ranks' tokens zero */
-            float *K = kv_all, *V = kv_all + (size_t)N * row;
+            /* unpack: from each rank, the tokens owned here in its token order, which
+               is global token order, so row_of's rows */
+            float *K = kv_own, *V = kv_own + (size_t)owned * row;
             const float *at = recv;
-            for (int32_t r = 0; r < R; r++)
-                for (int64_t t = offset[r]; t < offset[r + 1]; t++) {
-                    if (place[shard_of[t]] / c->n_local != me) continue;
-                    memcpy(K + (size_t)t * row, at, row * sizeof(float));
-                    memcpy(V + (size_t)t * row, at + row, row * sizeof(float));
-                    at += 2 * row;
-                }
+            for (int64_t t = 0; t < N; t++) {
+                if (row_of[t] < 0) continue;
+                memcpy(K + (size_t)row_of[t] * row, at, row * sizeof(float));
+                memcpy(V + (size_t)row_of[t] * row, at + row, row * sizeof(float));
+                at += 2 * row;
+            }
         }
         pikv_host_free(ctx, recv);
+        /* 4. the same append on every rank; each writes only its own pages */
+        if (st == PIKV_OK)
+            st = pikv_append_tokens(c, fn, layer, seq, (int32_t)N, NULL, kv_own, kv_own + (size_t)owned * row, row_of,
+                                    pos_all, has ? exp_all : NULL, true);
     }
-    /* 4. the same append on every rank; each writes only its own pages */
-    if (st == PIKV_OK)
-        st = pikv_append_tokens(c, fn, layer, seq, (int32_t)N, NULL, kv_all, kv_all + (size_t)N * row, pos_all,
-                                has ? exp_all : NULL, true);
     pikv_host_free(ctx, ints);
     pikv_host_free(ctx, send);
-    pikv_host_free(ctx, kv_all);
+    pikv_host_free(ctx, kv_own);
     *kv_sent_out = kv_sent;
     return st;
 }
