@@ -124,18 +124,32 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
 
 /* run_plan, then over ranks the exact merge of every rank's partial (every rank
    calls it: a rank with nothing to read contributes an empty partial). Only the
-   partials travel, n_queries x n_q_heads x (head_dim + 2) floats, never pages. */
-static pikv_status run_plan_ranks(pikv_cache *c, const char *fn, int32_t nq, const float *q,
-                                  const pikv_read_plan *plan, float *out, float *lse, float *page_lse,
-                                  bool io_on_device)
+   partials travel, n_queries x n_q_heads x (head_dim + 2) floats, never pages.
+   The merge is begun here (its MAX step done, its SUM posted: *merge, NULL without
+   ranks) and ended by pikv_comm_merge_end; *partial_bytes gets what it moved. */
+static pikv_status run_plan_ranks_begin(pikv_cache *c, const char *fn, int32_t nq, const float *q,
+                                        const pikv_read_plan *plan, float *out, float *lse, float *page_lse,
+                                        bool io_on_device, pikv_comm_merge **merge, uint64_t *partial_bytes)
 {
+    *merge = NULL;
     pikv_status st = run_plan(c, fn, nq, q, plan, out, lse, page_lse, io_on_device);
     if (!c->comm) return st;
     PIKV_FORWARD_IF_ERROR(pikv_dist_sync_status(c, fn, st));
     const uint64_t sent0 = c->comm->bytes_sent;
-    PIKV_FORWARD_IF_ERROR(pikv_comm_merge_partials(c->comm, nq * c->params.n_q_heads, c->params.head_dim, out, lse));
-    c->dist.last_partial_bytes += c->comm->bytes_sent - sent0;
-    return PIKV_OK;
+    st = pikv_comm_merge_begin(c->comm, nq * c->params.n_q_heads, c->params.head_dim, out, lse, merge);
+    *partial_bytes += c->comm->bytes_sent - sent0; /* the SUM is counted when posted */
+    return st;
+}
+
+/* The same, merged before it returns. */
+static pikv_status run_plan_ranks(pikv_cache *c, const char *fn, int32_t nq, const float *q,
+                                  const pikv_read_plan *plan, float *out, float *lse, float *page_lse,
+                                  bool io_on_device, uint64_t *partial_bytes)
+{
+    pikv_comm_merge *merge = NULL;
+    PIKV_FORWARD_IF_ERROR(run_plan_ranks_begin(c, fn, nq, q, plan, out, lse, page_lse, io_on_device, &merge,
+                                               partial_bytes));
+    return merge ? pikv_comm_merge_end(c->comm, merge) : PIKV_OK;
 }
 
 /* Distribution figures of an attend: ranks whose pages each query read, and the
@@ -250,23 +264,63 @@ static float *device_address(pikv_buffer *buf)
     return (float *)(buf->host ? buf->host : buf->handle);
 }
 
+/* An attend between its two halves (pikv_cache_attend_start / _finish; the
+   blocking calls run both halves back to back on one on the stack). */
+struct pikv_attend_request {
+    pikv_cache *c;
+    const char *fn;
+    int32_t layer;
+    pikv_device *io;
+    pikv_attend_batch b;         /* the caller's batch (its arrays stay valid until finish) */
+    pikv_select_params sel;
+    bool empty;                  /* no queries: nothing to finish */
+    bool done;                   /* ended in start (one process, measurement) */
+    bool measure, direct, staged;
+    pikv_read_plan plan;
+    float *scratch, *q_host, *page_lse, *lse_own, *out, *lse;
+    pikv_buffer *lse_buf;
+    pikv_comm_merge *merge;      /* the posted SUM of the merge (NULL: none in flight) */
+    double recall, error;
+    int64_t seq;                 /* its number among the cache's started requests */
+    /* distribution figures, counted per request so that other requests' collectives
+       between start and finish are not mixed in */
+    uint64_t sent, received, partial_bytes;
+    double merge_wait_s, merge_posted_s;
+};
+
 /* The batch's q, out and lse are host memory (io == NULL) or in io's memory (zero
    copy). Zero copy runs the attention kernel on the engine's tensors when every page
    read lives on io and nothing on the host needs the output (no measurement); else
    it is staged: q is read to the host, the host path runs, out and lse are written
    back. QUEST scores pages with a host copy of q either way (the score op takes host
    q); mass-ranking eviction reads lse back (a small device scratch when batch->lse
-   is NULL). */
-static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pikv_attend_batch *b,
-                          pikv_device *io)
+   is NULL).
+
+   attend_begin runs everything up to this rank's partial, begins the merge over
+   ranks (MAX step done, SUM posted: r->merge) and returns; with measurement it also
+   ends the merge and measures. attend_end ends the merge, writes the output (staged),
+   accumulates the masses and the statistics, and frees what begin held. A failing
+   attend_begin frees everything itself (attend_end is not called). r: zeroed but for
+   c, fn, layer and io. */
+static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch *b)
 {
+    pikv_cache *c = r->c;
+    const char *fn = r->fn;
+    const int32_t layer = r->layer;
+    pikv_device *io = r->io;
     const pikv_select_params *sel = b && b->select ? b->select : &c->params.select;
     pikv_status vst = validate(c, fn, layer, b, sel, io);
     /* over ranks every rank must pass the same batch: a rank refusing its own alone
        must not leave the others waiting in the merge */
     if (c->comm) vst = pikv_dist_sync_status(c, fn, vst);
     PIKV_FORWARD_IF_ERROR(vst);
-    if (b->n_queries == 0) return PIKV_OK;
+    r->b = *b;
+    r->sel = *sel;
+    sel = &r->sel;
+    if (b->n_queries == 0) {
+        r->empty = true;
+        return PIKV_OK;
+    }
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, hq = c->params.n_q_heads, hd = c->params.head_dim;
     const int32_t kvh = c->params.n_kv_heads, G = hq / kvh;
@@ -274,6 +328,7 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     const bool measure = sel->measure != 0 && sel->mode != PIKV_SELECT_ALL;
     /* only H2O and utility eviction rank pages by attention mass */
     const bool want_mass = c->params.evict.policy == PIKV_EVICT_H2O || c->params.evict.policy == PIKV_EVICT_UTILITY;
+    r->measure = measure;
 
     /* The batch as the host-side planner sees it: for zero copy, q is a host copy when
        QUEST scores with it, else not needed (NULL). */
@@ -288,8 +343,8 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
             hb.q = q_host;
         }
     }
-    pikv_read_plan plan;
-    st = pikv_plan_reads(c, layer, &hb, sel, &plan);
+    pikv_read_plan *plan = &r->plan;
+    st = pikv_plan_reads(c, layer, &hb, sel, plan);
     if (st != PIKV_OK) {
         pikv_host_free(ctx, q_host);
         return c->comm ? pikv_dist_sync_status(c, fn, st) : st; /* the exchange the others make below */
@@ -297,14 +352,16 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     /* zero copy straight on the engine's tensors, or staged through the host */
     int32_t n_active = 0, active = -1;
     for (int32_t d = 0; d < c->n_devs; d++)
-        if (plan.dev_begin[d + 1] > plan.dev_begin[d]) n_active++, active = d;
+        if (plan->dev_begin[d + 1] > plan->dev_begin[d]) n_active++, active = d;
     const bool direct = io && !measure && n_active == 1 && c->devs[active].dev == io;
     const bool staged = io && !direct;
+    r->direct = direct;
+    r->staged = staged;
     if (staged && !q_host) {
         st = read_q(c, fn, io, b->q, out_floats, &q_host);
         hb.q = q_host;
     }
-    const int64_t entries = plan.dev_begin[c->n_devs];
+    const int64_t entries = plan->dev_begin[c->n_devs];
     const size_t mass_floats = want_mass ? (size_t)entries * (size_t)G : 0;
     float *scratch = NULL;
     if (st == PIKV_OK) {
@@ -318,12 +375,10 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     pikv_buffer *lse_buf = NULL;
     if (st == PIKV_OK && direct && !b->lse) st = io->iface->buffer_alloc(io, lse_floats * sizeof(float), &lse_buf);
     if (c->comm) st = pikv_dist_sync_status(c, fn, st); /* every rank planned and has its scratch */
-    if (st != PIKV_OK) {
-        pikv_host_free(ctx, scratch);
-        pikv_host_free(ctx, q_host);
-        pikv_read_plan_free(ctx, &plan);
-        return st;
-    }
+    r->scratch = scratch;
+    r->q_host = q_host;
+    r->lse_buf = lse_buf;
+    if (st != PIKV_OK) goto fail;
     float *page_lse = want_mass ? scratch : NULL;
     float *lse_own = scratch + mass_floats;
     float *exact_out = lse_own + lse_floats, *exact_lse = measure ? exact_out + out_floats : exact_out;
@@ -332,17 +387,26 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
     const float *q = staged ? q_host : b->q;
     float *out = staged ? out_host : b->out;
     float *lse = direct ? (b->lse ? b->lse : device_address(lse_buf)) : staged ? lse_own : b->lse ? b->lse : lse_own;
-    st = run_plan_ranks(c, fn, nq, q, &plan, out, lse, page_lse, direct);
+    r->page_lse = page_lse;
+    r->lse_own = lse_own;
+    r->out = out;
+    r->lse = lse;
+    st = run_plan_ranks_begin(c, fn, nq, q, plan, out, lse, page_lse, direct, &r->merge, &r->partial_bytes);
+    if (st != PIKV_OK) goto fail;
+    if (!measure) return PIKV_OK;
 
-    /* Measurement: the same batch read exactly, for recall and output error. */
+    /* Measurement: the same batch read exactly, for recall and output error (which
+       needs the merged output: the merge ends here). */
+    if (r->merge) st = pikv_comm_merge_end_timed(c->comm, r->merge, &r->merge_wait_s, &r->merge_posted_s);
+    r->merge = NULL;
     double recall = 1.0, error = 0.0;
-    if (st == PIKV_OK && measure) {
+    if (st == PIKV_OK) {
         pikv_select_params all = *sel;
         all.mode = PIKV_SELECT_ALL;
         pikv_read_plan exact;
         st = pikv_plan_reads(c, layer, &hb, &all, &exact);
         if (st == PIKV_OK) {
-            st = run_plan_ranks(c, fn, nq, q, &exact, exact_out, exact_lse, NULL, false);
+            st = run_plan_ranks(c, fn, nq, q, &exact, exact_out, exact_lse, NULL, false, &r->partial_bytes);
             pikv_read_plan_free(ctx, &exact);
         } else if (c->comm) {
             st = pikv_dist_sync_status(c, fn, st); /* the exchange run_plan_ranks makes on the others */
@@ -369,18 +433,54 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
             }
         }
     }
+    r->recall = recall;
+    r->error = error;
+    if (st == PIKV_OK) return PIKV_OK;
+
+fail:
+    if (r->merge) (void)pikv_comm_merge_end(c->comm, r->merge); /* not reached: a failing begin posts nothing */
+    r->merge = NULL;
+    if (lse_buf) io->iface->buffer_free(io, lse_buf);
+    pikv_host_free(ctx, scratch);
+    pikv_host_free(ctx, q_host);
+    pikv_read_plan_free(ctx, plan);
+    r->scratch = r->q_host = NULL;
+    r->lse_buf = NULL;
+    return st;
+}
+
+static pikv_status attend_end(pikv_attend_request *r)
+{
+    if (r->empty) return PIKV_OK;
+    pikv_cache *c = r->c;
+    pikv_context *ctx = c->ctx;
+    const int32_t layer = r->layer;
+    pikv_device *io = r->io;
+    const pikv_attend_batch *b = &r->b;
+    const pikv_select_params *sel = &r->sel;
+    const pikv_read_plan *plan = &r->plan;
+    const int32_t nq = b->n_queries, hq = c->params.n_q_heads;
+    const int32_t kvh = c->params.n_kv_heads, hd = c->params.head_dim;
+    const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
+    float *out = r->out, *lse = r->lse;
+    pikv_status st = PIKV_OK;
+    if (r->merge) {
+        st = pikv_comm_merge_end_timed(c->comm, r->merge, &r->merge_wait_s, &r->merge_posted_s);
+        r->merge = NULL;
+    }
     /* Staged: the output goes to the device. Zero copy: mass accumulation reads lse on the host. */
-    if (st == PIKV_OK && staged) {
+    if (st == PIKV_OK && r->staged) {
         st = io->iface->memory_write(io, b->out, out, out_floats * sizeof(float));
         if (st == PIKV_OK && b->lse) st = io->iface->memory_write(io, b->lse, lse, lse_floats * sizeof(float));
     }
     const float *mass_lse = lse;
-    if (st == PIKV_OK && direct && page_lse) {
-        st = io->iface->memory_read(io, lse, lse_own, lse_floats * sizeof(float));
-        mass_lse = lse_own;
+    if (st == PIKV_OK && r->direct && r->page_lse) {
+        st = io->iface->memory_read(io, lse, r->lse_own, lse_floats * sizeof(float));
+        mass_lse = r->lse_own;
     }
     if (st == PIKV_OK) {
-        accumulate_mass(c, layer, &plan, mass_lse, page_lse);
+        const int64_t entries = plan->dev_begin[c->n_devs];
+        accumulate_mass(c, layer, plan, mass_lse, r->page_lse);
         /* bytes of one token row of one KV head, K and V; quantized rows also read
            their share of the page's scales and zero points */
         const double row_bytes = 2.0 * (double)c->layout.row_bytes;
@@ -393,11 +493,11 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
         for (int32_t d = 0; d < c->n_devs; d++) {
             int64_t dev_tokens = 0;
             double bytes = 0.0;
-            for (int64_t i = plan.dev_begin[d]; i < plan.dev_begin[d + 1]; i++) {
-                dev_tokens += plan.lens[i];
-                bytes += plan.lens[i] * ((plan.slots[i] & PIKV_SLOT_QUANT) ? qrow_bytes : row_bytes);
+            for (int64_t i = plan->dev_begin[d]; i < plan->dev_begin[d + 1]; i++) {
+                dev_tokens += plan->lens[i];
+                bytes += plan->lens[i] * ((plan->slots[i] & PIKV_SLOT_QUANT) ? qrow_bytes : row_bytes);
             }
-            c->devs[d].last_bytes_read = (uint64_t)(bytes + 0.5) + (uint64_t)plan.scored[d] * bounds_bytes;
+            c->devs[d].last_bytes_read = (uint64_t)(bytes + 0.5) + (uint64_t)plan->scored[d] * bounds_bytes;
             c->devs[d].bytes_read += c->devs[d].last_bytes_read;
             c->last_bytes_read += c->devs[d].last_bytes_read;
             tokens += dev_tokens;
@@ -409,34 +509,147 @@ static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pi
         c->layer_last_bytes[layer] = c->last_bytes_read;
         c->layer_last_pages[layer] = c->last_pages_read;
         c->last_hit_rate = expert_hit_rate(c, layer, b, sel);
-        c->last_recall = sel->mode == PIKV_SELECT_ALL ? 1.0 : measure ? recall : -1.0;
-        c->last_output_error = sel->mode == PIKV_SELECT_ALL ? 0.0 : measure ? error : -1.0;
+        c->last_recall = sel->mode == PIKV_SELECT_ALL ? 1.0 : r->measure ? r->recall : -1.0;
+        c->last_output_error = sel->mode == PIKV_SELECT_ALL ? 0.0 : r->measure ? r->error : -1.0;
         c->attends++;
         if (c->comm) {
             uint64_t dev_bytes[PIKV_MAX_DEVICES];
             for (int32_t d = 0; d < c->n_devs; d++) dev_bytes[d] = c->devs[d].last_bytes_read;
-            count_ranks(c, &plan, nq, dev_bytes);
+            count_ranks(c, plan, nq, dev_bytes);
         }
     }
-    if (lse_buf) io->iface->buffer_free(io, lse_buf);
-    pikv_host_free(ctx, scratch);
-    pikv_host_free(ctx, q_host);
-    pikv_read_plan_free(ctx, &plan);
+    if (r->lse_buf) io->iface->buffer_free(io, r->lse_buf);
+    pikv_host_free(ctx, r->scratch);
+    pikv_host_free(ctx, r->q_host);
+    pikv_read_plan_free(ctx, &r->plan);
+    r->scratch = r->q_host = NULL;
+    r->lse_buf = NULL;
+    return st;
+}
+
+/* Over ranks every call is a step of the figures, whatever path it returns by (no
+   queries, a failure): "last" never describes an earlier call. Reset before the
+   half that sets count_ranks' figures, set from the request after it. */
+static void dist_reset_last(pikv_cache *c)
+{
+    c->dist.last_partial_bytes = c->dist.last_gather_bytes = 0;
+    c->dist.last_ranks_per_query = 0.0;
+    c->dist.last_max_ranks = 0;
+    c->dist.last_merge_wait_s = c->dist.last_merge_posted_s = 0.0;
+}
+
+static void dist_set_last(pikv_cache *c, const pikv_attend_request *r)
+{
+    c->dist.last_bytes_sent = r->sent;
+    c->dist.last_bytes_received = r->received;
+    c->dist.bytes_sent += r->sent;
+    c->dist.bytes_received += r->received;
+    c->dist.last_partial_bytes = r->partial_bytes;
+    c->dist.last_merge_wait_s = r->merge_wait_s;
+    c->dist.last_merge_posted_s = r->merge_posted_s;
+}
+
+static void request_init(pikv_attend_request *r, pikv_cache *c, const char *fn, int32_t layer, pikv_device *io)
+{
+    memset(r, 0, sizeof *r);
+    r->c = c;
+    r->fn = fn;
+    r->layer = layer;
+    r->io = io;
+}
+
+/* begin (and, with end_now, end), counting the request's traffic */
+static pikv_status request_begin(pikv_attend_request *r, const pikv_attend_batch *b, bool end_now)
+{
+    pikv_comm *comm = r->c->comm;
+    uint64_t sent0 = comm ? comm->bytes_sent : 0, recv0 = comm ? comm->bytes_received : 0;
+    pikv_status st = attend_begin(r, b);
+    if (st == PIKV_OK && (end_now || !comm || r->measure)) {
+        if (comm) dist_reset_last(r->c);
+        st = attend_end(r);
+        r->done = true;
+    }
+    if (comm) {
+        r->sent += comm->bytes_sent - sent0;
+        r->received += comm->bytes_received - recv0;
+    }
+    return st;
+}
+
+static pikv_status attend(pikv_cache *c, const char *fn, int32_t layer, const pikv_attend_batch *b, pikv_device *io)
+{
+    pikv_attend_request r;
+    request_init(&r, c, fn, layer, io);
+    if (c->comm) dist_reset_last(c);
+    const pikv_status st = request_begin(&r, b, true);
+    if (c->comm) dist_set_last(c, &r);
     return st;
 }
 
 pikv_status pikv_cache_attend(pikv_cache *c, int32_t layer, const pikv_attend_batch *b)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
-    if (!c->comm) return attend(c, "pikv_cache_attend", layer, b, NULL);
-    /* over ranks every call is a step of the figures, whatever path it returns by (no
-       queries, a failure): "last" never describes an earlier call */
-    const uint64_t sent0 = c->comm->bytes_sent, recv0 = c->comm->bytes_received;
-    c->dist.last_partial_bytes = c->dist.last_gather_bytes = 0;
-    c->dist.last_ranks_per_query = 0.0;
-    c->dist.last_max_ranks = 0;
-    const pikv_status st = attend(c, "pikv_cache_attend", layer, b, NULL);
-    pikv_dist_account(c, sent0, recv0);
+    return attend(c, "pikv_cache_attend", layer, b, NULL);
+}
+
+pikv_status pikv_cache_attend_start(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,
+                                    pikv_attend_request **req)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    const char *fn = "pikv_cache_attend_start";
+    pikv_context *ctx = c->ctx;
+    /* a local argument error: every rank passes req, so every rank finds it alike */
+    PIKV_RETURN_ERROR_IF(!req, ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: req is NULL", fn);
+    *req = NULL;
+    pikv_attend_request *r = pikv_host_alloc(ctx, sizeof *r, 64);
+    if (!r) {
+        pikv_status st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: request: allocation failed", fn);
+        if (c->comm) { /* the exchange the others make on their arguments */
+            dist_reset_last(c);
+            const uint64_t sent0 = c->comm->bytes_sent, recv0 = c->comm->bytes_received;
+            st = pikv_dist_sync_status(c, fn, st);
+            pikv_dist_account(c, sent0, recv0);
+        }
+        return st;
+    }
+    request_init(r, c, fn, layer, NULL);
+    const pikv_status st = request_begin(r, b, false);
+    if (st != PIKV_OK) {
+        if (c->comm) {
+            if (!r->done) dist_reset_last(c);
+            dist_set_last(c, r);
+        }
+        pikv_host_free(ctx, r);
+        return st;
+    }
+    if (c->comm && r->done) dist_set_last(c, r);
+    r->seq = ++c->attend_started;
+    *req = r;
+    return PIKV_OK;
+}
+
+pikv_status pikv_cache_attend_finish(pikv_attend_request *r)
+{
+    if (!r) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_cache *c = r->c;
+    pikv_context *ctx = c->ctx;
+    PIKV_RETURN_ERROR_IF(r->seq != c->attend_finished + 1, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_cache_attend_finish: requests finish in the order they were started: this one "
+                         "(layer %d) is number %lld, the next to finish is number %lld (it is not freed)",
+                         r->layer, (long long)r->seq, (long long)(c->attend_finished + 1));
+    c->attend_finished++;
+    r->fn = "pikv_cache_attend_finish";
+    pikv_status st = PIKV_OK;
+    if (!r->done) {
+        pikv_comm *comm = c->comm; /* not done: over ranks */
+        const uint64_t sent0 = comm->bytes_sent, recv0 = comm->bytes_received;
+        dist_reset_last(c);
+        st = attend_end(r);
+        r->sent += comm->bytes_sent - sent0;
+        r->received += comm->bytes_received - recv0;
+        dist_set_last(c, r);
+    }
+    pikv_host_free(ctx, r);
     return st;
 }
 

@@ -168,6 +168,9 @@ struct pikv_cache {
     int32_t rank, n_ranks, n_local;
     pikv_device **remote;     /* [n_devs]: the remote devices this cache created (NULL for own) */
     pikv_cache_dist_stats dist;
+    /* pikv_cache_attend_start / _finish (attend.c): requests started and finished,
+       which finish in the order started */
+    int64_t attend_started, attend_finished;
 
     /* stats */
     int64_t pages_live;

@@ -18,6 +18,11 @@
  * has passed. The payload is staged through a buffer of the communicator (grown
  * on demand): MPI only ever reads and writes that buffer, never the caller's.
  *
+ * Non-blocking allreduce (iface->iallreduce, wait): MPI_Iallreduce on a staging
+ * buffer of its own (several may be in flight), polled like the others by wait
+ * (the timeout counts from the start of the wait), the result copied to the
+ * caller's buffer on completion.
+ *
  * Timeouts. When a collective does not complete in time, the call fails with
  * PIKV_ERR_BACKEND and the communicator is marked failed (runtime/comm.c). MPI
  * forbids cancelling or freeing the request of a non-blocking collective, so it
@@ -164,6 +169,99 @@ static pikv_status mpi_allreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduc
 static pikv_status mpi_allreduce_i64(pikv_comm *c, int64_t *buf, int64_t n, pikv_reduce_op op)
 {
     return mpi_allreduce_any(c, buf, n, sizeof(int64_t), MPI_INT64_T, op);
+}
+
+/* A posted MPI_Iallreduce: its request, its own staging buffer (several may be in
+   flight, so not the communicator's) and where the result goes. */
+typedef struct mpi_pending {
+    MPI_Request req;
+    float *buf;                  /* the caller's */
+    size_t bytes;
+    unsigned char *stage;        /* what MPI reads and writes */
+} mpi_pending;
+
+static pikv_status mpi_iallreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op,
+                                  void **handle)
+{
+    mpi_comm_impl *impl = (mpi_comm_impl *)c->impl;
+    const char *what = "MPI_Iallreduce (non-blocking)";
+    if (n > INT_MAX) return mpi_count_fails(c, what, "the element count", -1, (uint64_t)n);
+    MPI_Op mop;
+    switch (op) {
+    case PIKV_REDUCE_SUM: mop = MPI_SUM; break;
+    case PIKV_REDUCE_MAX: mop = MPI_MAX; break;
+    case PIKV_REDUCE_MIN: mop = MPI_MIN; break;
+    default:
+        return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "MPI iallreduce: unknown reduce op %d", (int)op);
+    }
+    const size_t bytes = (size_t)n * sizeof(float);
+    mpi_pending *p = pikv_host_alloc(c->ctx, sizeof *p, 16);
+    unsigned char *stage = pikv_host_alloc(c->ctx, bytes, 64);
+    if (!p || !stage) {
+        pikv_host_free(c->ctx, p);
+        pikv_host_free(c->ctx, stage);
+        return PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                         "MPI communicator, rank %d of %d: %s: host allocation of a %zu-byte "
+                         "staging buffer failed", (int)c->rank, (int)c->size, what, bytes);
+    }
+    memcpy(stage, buf, bytes);
+    p->req = MPI_REQUEST_NULL;
+    p->buf = buf;
+    p->bytes = bytes;
+    p->stage = stage;
+    int err = MPI_Iallreduce(MPI_IN_PLACE, stage, (int)n, MPI_FLOAT, mop, impl->comm, &p->req);
+    if (err != MPI_SUCCESS) {
+        pikv_host_free(c->ctx, stage);
+        pikv_host_free(c->ctx, p);
+        return mpi_fail(c, err, what);
+    }
+    *handle = p;
+    return PIKV_OK;
+}
+
+/* Polls the posted allreduce like a blocking collective (c->timeout_s from the start
+   of the wait). On a timeout or an error with the request still active, its staging
+   buffer is set aside like a blocking collective's (or leaked when one already is). */
+static pikv_status mpi_wait_pending(pikv_comm *c, void *handle)
+{
+    mpi_comm_impl *impl = (mpi_comm_impl *)c->impl;
+    mpi_pending *p = handle;
+    const char *what = "MPI_Iallreduce (non-blocking)";
+    pikv_comm_wait w;
+    pikv_comm_wait_begin(&w);
+    pikv_status st = PIKV_OK;
+    for (;;) {
+        int done = 0;
+        int err = MPI_Test(&p->req, &done, MPI_STATUS_IGNORE);
+        if (err != MPI_SUCCESS) {
+            st = mpi_fail(c, err, what);
+            break;
+        }
+        if (done) {
+            memcpy(p->buf, p->stage, p->bytes);
+            p->req = MPI_REQUEST_NULL;
+            break;
+        }
+        if (!pikv_comm_wait_pause(c, &w)) {
+            st = PIKV_FAIL(c->ctx, PIKV_ERR_BACKEND,
+                           "MPI communicator, rank %d of %d: %s did not complete in %g s: a rank "
+                           "failed or stalled before taking part (timeout: pikv_comm_set_timeout; "
+                           "the communicator is broken, abort the job)",
+                           (int)c->rank, (int)c->size, what, c->timeout_s);
+            break;
+        }
+    }
+    if (p->req != MPI_REQUEST_NULL) {
+        /* still active: MPI may write the staging buffer */
+        if (!impl->abandoned_buf) {
+            impl->abandoned = p->req;
+            impl->abandoned_buf = p->stage;
+        } /* else: leaked (a job whose collective timed out aborts) */
+    } else {
+        pikv_host_free(c->ctx, p->stage);
+    }
+    pikv_host_free(c->ctx, p);
+    return st;
 }
 
 /* ---- gathers ------------------------------------------------------------- */
@@ -314,6 +412,8 @@ static const pikv_comm_iface mpi_iface = {
     .allgatherv = mpi_allgatherv,
     .alltoallv = mpi_alltoallv,
     .name = "MPI",
+    .iallreduce = mpi_iallreduce,
+    .wait = mpi_wait_pending,
 };
 
 pikv_status pikv_comm_mpi_create(pikv_context *ctx, const void *mpi_comm, pikv_comm **out)

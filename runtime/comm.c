@@ -161,6 +161,53 @@ pikv_status pikv_comm_allreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce
     return PIKV_OK;
 }
 
+/* A posted non-blocking collective: the implementation's handle. */
+struct pikv_comm_request {
+    void *handle;
+};
+
+pikv_status pikv_comm_iallreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op,
+                                 pikv_comm_request **req)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!req, c->ctx, PIKV_ERR_INVALID_ARGUMENT, "comm_iallreduce: req is NULL");
+    *req = NULL;
+    if (c->failed) return comm_broken(c, "iallreduce");
+    PIKV_FORWARD_IF_ERROR(check_allreduce_args(c, "iallreduce", buf, n, op, sizeof(float)));
+    if (n == 0) return PIKV_OK; /* the same on every rank: no collective */
+    if (!c->iface->iallreduce || !c->iface->wait) /* the blocking fallback: done at post time */
+        return pikv_comm_allreduce(c, buf, n, op);
+    pikv_comm_request *r = pikv_host_alloc(c->ctx, sizeof *r, 16);
+    if (!r) {
+        /* the other ranks post it: they would wait for this one */
+        pikv_status st = PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY,
+                                   "comm_iallreduce: host allocation of a request failed");
+        return comm_mark_failed(c, "iallreduce", st);
+    }
+    r->handle = NULL;
+    pikv_status st = c->iface->iallreduce(c, buf, n, op, &r->handle);
+    if (st != PIKV_OK) {
+        pikv_host_free(c->ctx, r);
+        return comm_mark_failed(c, "iallreduce", st);
+    }
+    uint64_t bytes = (uint64_t)n * sizeof(float); /* counted at post time */
+    comm_count(c, bytes, bytes);
+    *req = r;
+    return PIKV_OK;
+}
+
+pikv_status pikv_comm_wait_request(pikv_comm *c, pikv_comm_request *req)
+{
+    if (!c) return PIKV_ERR_INVALID_ARGUMENT;
+    if (!req) return PIKV_OK;
+    /* the implementation frees its handle whatever happens (also on a broken
+       communicator, where it gives up at once or times out) */
+    pikv_status st = c->iface->wait(c, req->handle);
+    pikv_host_free(c->ctx, req);
+    if (st != PIKV_OK) return comm_mark_failed(c, "iallreduce (wait)", st);
+    return PIKV_OK;
+}
+
 pikv_status pikv_comm_allreduce_i64(pikv_comm *c, int64_t *buf, int64_t n, pikv_reduce_op op)
 {
     if (!c) return PIKV_ERR_INVALID_ARGUMENT;
@@ -382,11 +429,21 @@ pikv_status pikv_comm_get_stats(const pikv_comm *comm, pikv_comm_stats *out)
  * NaN elsewhere propagates. out and lse are written only after both collectives
  * succeeded, so a failure leaves them as they were.
  */
-pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t dim, float *out,
-                                     float *lse)
+struct pikv_comm_merge {
+    size_t rows, d;
+    float *out, *lse;
+    float *pack;              /* [w * out | w | m] */
+    pikv_comm_request *req;   /* the SUM (NULL: done at post time) */
+    double posted_at, post_s; /* when the SUM was posted, how long posting took */
+};
+
+pikv_status pikv_comm_merge_begin(pikv_comm *comm, int32_t n_rows, int32_t dim, float *out,
+                                  float *lse, pikv_comm_merge **merge)
 {
     if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
     pikv_context *ctx = comm->ctx;
+    PIKV_RETURN_ERROR_IF(!merge, ctx, PIKV_ERR_INVALID_ARGUMENT, "comm_merge_partials: merge is NULL");
+    *merge = NULL;
     if (comm->failed) return comm_broken(comm, "merge_partials");
     PIKV_RETURN_ERROR_IF(n_rows < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "comm_merge_partials: n_rows = %d is negative", n_rows);
@@ -405,51 +462,99 @@ pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t di
         !pikv_mul_size(n_pack + rows, sizeof(float), &bytes))
         return PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "comm_merge_partials: %d rows of %d floats overflow size_t", n_rows, dim);
+    pikv_comm_merge *m = pikv_host_alloc(ctx, sizeof *m, 16);
     float *pack = pikv_host_alloc(ctx, bytes, 64);
-    if (!pack) {
+    if (!m || !pack) {
+        pikv_host_free(ctx, m);
+        pikv_host_free(ctx, pack);
         /* The other ranks are (or will be) waiting in the first allreduce. */
         pikv_status st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
                                    "comm_merge_partials: host allocation of %zu bytes failed",
-                                   bytes);
+                                   bytes + sizeof *m);
         return comm_mark_failed(comm, "merge_partials", st);
     }
+    m->rows = rows;
+    m->d = d;
+    m->out = out;
+    m->lse = lse;
+    m->pack = pack;
+    m->req = NULL;
     float *wsum = pack + rows * d, *lmax = wsum + rows;
 
     memcpy(lmax, lse, rows * sizeof(float));
     pikv_status st = pikv_comm_allreduce(comm, lmax, (int64_t)rows, PIKV_REDUCE_MAX);
-    if (st != PIKV_OK) goto done;
-
-    for (size_t r = 0; r < rows; r++) {
-        float m = lmax[r], l = lse[r];
-        float *p = pack + r * d;
-        const float *o = out + r * d;
-        float w = 0.0f;
-        if (l == -INFINITY || m == -INFINITY) {
-            memset(p, 0, d * sizeof(float));
-        } else {
-            w = expf(l - m);
-            for (size_t j = 0; j < d; j++) p[j] = w * o[j];
+    if (st == PIKV_OK) {
+        for (size_t r = 0; r < rows; r++) {
+            float mx = lmax[r], l = lse[r];
+            float *p = pack + r * d;
+            const float *o = out + r * d;
+            float w = 0.0f;
+            if (l == -INFINITY || mx == -INFINITY) {
+                memset(p, 0, d * sizeof(float));
+            } else {
+                w = expf(l - mx);
+                for (size_t j = 0; j < d; j++) p[j] = w * o[j];
+            }
+            wsum[r] = w;
         }
-        wsum[r] = w;
+        m->posted_at = comm_now();
+        st = pikv_comm_iallreduce(comm, pack, (int64_t)n_pack, PIKV_REDUCE_SUM, &m->req);
+        m->post_s = comm_now() - m->posted_at;
     }
-    st = pikv_comm_allreduce(comm, pack, (int64_t)n_pack, PIKV_REDUCE_SUM);
-    if (st != PIKV_OK) goto done;
+    if (st != PIKV_OK) {
+        pikv_host_free(ctx, pack);
+        pikv_host_free(ctx, m);
+        return st;
+    }
+    *merge = m;
+    return PIKV_OK;
+}
 
-    for (size_t r = 0; r < rows; r++) {
-        float m = lmax[r], sum = wsum[r];
-        float *o = out + r * d;
-        if (m == -INFINITY) { /* empty on every rank */
-            memset(o, 0, d * sizeof(float));
-            lse[r] = -INFINITY;
-            continue;
+pikv_status pikv_comm_merge_end(pikv_comm *comm, pikv_comm_merge *m)
+{
+    return pikv_comm_merge_end_timed(comm, m, NULL, NULL);
+}
+
+pikv_status pikv_comm_merge_end_timed(pikv_comm *comm, pikv_comm_merge *m, double *exposed_s,
+                                      double *posted_s)
+{
+    if (exposed_s) *exposed_s = 0.0;
+    if (posted_s) *posted_s = 0.0;
+    if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
+    if (!m) return PIKV_OK;
+    pikv_context *ctx = comm->ctx;
+    const double t0 = comm_now();
+    pikv_status st = pikv_comm_wait_request(comm, m->req);
+    const double t1 = comm_now();
+    if (exposed_s) *exposed_s = m->post_s + (t1 - t0);
+    if (posted_s) *posted_s = t1 - m->posted_at;
+    if (st == PIKV_OK) {
+        const size_t rows = m->rows, d = m->d;
+        const float *wsum = m->pack + rows * d, *lmax = wsum + rows;
+        for (size_t r = 0; r < rows; r++) {
+            float mx = lmax[r], sum = wsum[r];
+            float *o = m->out + r * d;
+            if (mx == -INFINITY) { /* empty on every rank */
+                memset(o, 0, d * sizeof(float));
+                m->lse[r] = -INFINITY;
+                continue;
+            }
+            const float *p = m->pack + r * d;
+            float inv = 1.0f / sum;
+            for (size_t j = 0; j < d; j++) o[j] = p[j] * inv;
+            m->lse[r] = mx + logf(sum);
         }
-        const float *p = pack + r * d;
-        float inv = 1.0f / sum;
-        for (size_t j = 0; j < d; j++) o[j] = p[j] * inv;
-        lse[r] = m + logf(sum);
     }
-
-done:
-    pikv_host_free(ctx, pack);
+    pikv_host_free(ctx, m->pack);
+    pikv_host_free(ctx, m);
     return st;
+}
+
+pikv_status pikv_comm_merge_partials(pikv_comm *comm, int32_t n_rows, int32_t dim, float *out,
+                                     float *lse)
+{
+    if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_comm_merge *m = NULL;
+    PIKV_FORWARD_IF_ERROR(pikv_comm_merge_begin(comm, n_rows, dim, out, lse, &m));
+    return pikv_comm_merge_end(comm, m);
 }

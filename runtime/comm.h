@@ -82,6 +82,15 @@ typedef struct pikv_comm_iface {
     pikv_status (*alltoallv)(pikv_comm *c, const void *send, const int64_t *send_counts,
                              void *recv, const int64_t *recv_counts);
     const char *name; /* "NCCL", "MPI"... for messages; NULL = "this" */
+    /* Optional, both or neither: a non-blocking in-place allreduce of buf[0..n)
+       (n >= 1). iallreduce posts it and returns an opaque *handle; wait completes it
+       (buf holds the result then) and frees the handle, whatever it returns. buf must
+       stay valid until wait returns; every rank posts its non-blocking collectives in
+       the same order relative to all its other collectives (waits may come in any
+       order). Implementations lacking them: pikv_comm_iallreduce runs the blocking
+       allreduce at post time and pikv_comm_wait_request does nothing. */
+    pikv_status (*iallreduce)(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op, void **handle);
+    pikv_status (*wait)(pikv_comm *c, void *handle);
 } pikv_comm_iface;
 
 #define PIKV_COMM_FAILURE_LEN 320
@@ -118,6 +127,34 @@ pikv_status pikv_comm_allgatherv(pikv_comm *c, const void *send, const int64_t *
                                  void *recv);
 pikv_status pikv_comm_alltoallv(pikv_comm *c, const void *send, const int64_t *send_counts,
                                 void *recv, const int64_t *recv_counts);
+
+/* Non-blocking allreduce (see iface->iallreduce): validates, checks c->failed, posts
+   (or, without iface->iallreduce, runs the blocking allreduce) and counts statistics
+   at post time. *req is NULL when nothing was posted (n == 0, a failure, the blocking
+   fallback); pikv_comm_wait_request(c, NULL) does nothing and returns PIKV_OK. A failing wait
+   marks the communicator failed. Every request posted must be waited on. */
+typedef struct pikv_comm_request pikv_comm_request;
+pikv_status pikv_comm_iallreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op,
+                                 pikv_comm_request **req);
+pikv_status pikv_comm_wait_request(pikv_comm *c, pikv_comm_request *req);
+
+/* The merge of partials in two halves, for overlapping its large step with other
+   work (pikv_comm_merge_partials = begin + end): begin checks the arguments, runs
+   the MAX of lse (blocking, n_rows floats), packs and posts the SUM; end waits for
+   it and writes out and lse (NULL merge: nothing to do). out and lse must stay
+   valid and unchanged between begin and end; end must be called for every merge
+   begin returned (it frees it, also when the wait fails). A failing begin returns
+   *merge = NULL and leaves out and lse as they were. */
+typedef struct pikv_comm_merge pikv_comm_merge;
+pikv_status pikv_comm_merge_begin(pikv_comm *comm, int32_t n_rows, int32_t dim, float *out,
+                                  float *lse, pikv_comm_merge **merge);
+pikv_status pikv_comm_merge_end(pikv_comm *comm, pikv_comm_merge *merge);
+/* As pikv_comm_merge_end, and when not NULL: *exposed_s = the seconds the SUM step
+   blocked this rank (its post plus the wait; the whole allreduce with the blocking
+   fallback), *posted_s = the seconds from its post to the end of the wait (>=
+   *exposed_s; 0 and 0 for a NULL merge). */
+pikv_status pikv_comm_merge_end_timed(pikv_comm *comm, pikv_comm_merge *merge, double *exposed_s,
+                                      double *posted_s);
 
 /* Waiting with a timeout, for implementations that poll: begin, then call
    pikv_comm_wait_pause between polls; for the first millisecond it yields the

@@ -1,7 +1,8 @@
 /*
  * api_basics: version macros and runtime version, default parameters, context creation,
  * devices (count, cpu0 info, cpu_devices), backend names, logging through the callback, and
- * a minimal cache round trip.
+ * a minimal cache round trip (also through the split attend, pikv_cache_attend_start /
+ * _finish, in one process).
  */
 #include "test-util.h"
 
@@ -265,6 +266,31 @@ static void test_round_trip(void)
     CHECK_EQ(st.last_tokens_read, 2);
     CHECK_EQ(st.last_pages_read, 1);
     CHECK(st.last_bytes_read > 0);
+    /* the split attend: one process does everything in start, the same output bit for
+       bit; requests finish in the order started; finish(NULL) and a failed start */
+    float out2[8], lse2[2], out3[8], lse3[2];
+    pikv_attend_batch b2 = {1, ids, q, NULL, out2, lse2, NULL}, b3 = {1, ids, q, NULL, out3, lse3, NULL};
+    pikv_attend_request *r2 = NULL, *r3 = NULL;
+    CHECK_OK(pikv_cache_attend_start(c, 0, &b2, &r2));
+    CHECK_OK(pikv_cache_attend_start(c, 0, &b3, &r3));
+    CHECK(r2 != NULL && r3 != NULL);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_attend_finish(r3));
+    CHECK(strstr(pikv_context_last_error(ctx), "in the order they were started") != NULL);
+    CHECK_OK(pikv_cache_attend_finish(r2));
+    CHECK_OK(pikv_cache_attend_finish(r3));
+    CHECK(memcmp(out, out2, sizeof out) == 0 && memcmp(lse, lse2, sizeof lse) == 0);
+    CHECK(memcmp(out, out3, sizeof out) == 0 && memcmp(lse, lse3, sizeof lse) == 0);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_attend_finish(NULL));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_attend_start(c, 0, &b2, NULL));
+    r2 = (pikv_attend_request *)&b2;
+    CHECK_STATUS(PIKV_ERR_OUT_OF_RANGE, pikv_cache_attend_start(c, 1, &b2, &r2));
+    CHECK(r2 == NULL);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_attend_start(NULL, 0, &b2, &r2));
+    CHECK_OK(pikv_cache_get_stats(c, &st));
+    CHECK_EQ(st.attends, 3);
+    pikv_cache_dist_stats ds;
+    CHECK_OK(pikv_cache_get_dist_stats(c, &ds));
+    CHECK(ds.last_merge_wait_s == 0.0 && ds.last_merge_posted_s == 0.0);
     pikv_cache_free(c);
     pikv_context_free(ctx);
 }

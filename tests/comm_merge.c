@@ -33,6 +33,12 @@
  *    the value, nothing entered, not failed); pikv_comm_set_timeout; the failed flag: after
  *    an implementation failure every collective (merge included) fails at once with
  *    PIKV_ERR_BACKEND naming itself and the first failure;
+ *  - the non-blocking allreduce (pikv_comm_iallreduce / pikv_comm_wait_request) and the
+ *    split merge (pikv_comm_merge_begin / _end), 1-4 ranks, with the blocking fallback
+ *    (an implementation without iallreduce: done at post time, no request) and a
+ *    deferred implementation (done in the wait): results, statistics counted at post
+ *    time, n = 0 and wait(NULL) doing nothing, begin + end bit-identical to the blocking
+ *    merge, the timings sane; argument errors, a failing wait breaking the communicator;
  *  - bad inputs: NULL comm/out/lse, n_rows -1, dim 0 and 1025 give INVALID_ARGUMENT
  *    naming the value, with no collective; pikv_comm_create_nccl on a CPU device gives
  *    UNSUPPORTED (with or without NCCL in the build), out-of-range device and NULL
@@ -894,6 +900,206 @@ static void comm_state(void)
     group_free(&g);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Non-blocking allreduce and the split merge                                */
+/* ------------------------------------------------------------------------ */
+
+/* A deferred implementation of iallreduce/wait over the in-process allreduce: the post
+   records the call, the wait runs it (so the wrappers' non-blocking path is exercised
+   without MPI). */
+typedef struct deferred {
+    float *buf;
+    int64_t n;
+    pikv_reduce_op op;
+} deferred;
+
+static pikv_status inproc_iallreduce(pikv_comm *c, float *buf, int64_t n, pikv_reduce_op op, void **handle)
+{
+    deferred *d = (deferred *)malloc(sizeof *d);
+    if (!d) return PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY, "in-process iallreduce: no memory");
+    d->buf = buf;
+    d->n = n;
+    d->op = op;
+    *handle = d;
+    return PIKV_OK;
+}
+
+static pikv_status inproc_wait(pikv_comm *c, void *handle)
+{
+    deferred *d = (deferred *)handle;
+    pikv_status st = inproc_allreduce(c, d->buf, d->n, d->op);
+    free(d);
+    return st == PIKV_OK ? PIKV_OK : PIKV_FAIL(c->ctx, st, "in-process wait: the allreduce failed");
+}
+
+static const pikv_comm_iface deferred_iface = {
+    .allreduce = inproc_allreduce,
+    .destroy = inproc_destroy,
+    .allreduce_i64 = inproc_allreduce_i64,
+    .allgather = inproc_allgather,
+    .allgatherv = inproc_allgatherv,
+    .alltoallv = inproc_alltoallv,
+    .name = "deferred",
+    .iallreduce = inproc_iallreduce,
+    .wait = inproc_wait,
+};
+
+typedef struct nb_job {
+    pikv_comm *comm;
+    int rank, size, deferred;
+    int32_t n_rows, dim;
+    float *out, *lse, *out2, *lse2;  /* the same partials: merged blocking / begin + end */
+    int wrong_post, wrong_wait, wrong_merge;
+    pikv_status st[6];
+    pikv_comm_stats stats[4];
+    int null_req;
+} nb_job;
+
+static void *nb_main(void *arg)
+{
+    nb_job *j = (nb_job *)arg;
+    pikv_comm *c = j->comm;
+    float buf[6], want[6];
+    for (int i = 0; i < 6; i++) {
+        buf[i] = cf_value(j->rank, i);
+        want[i] = 0.0f;
+        for (int r = 0; r < j->size; r++) want[i] += cf_value(r, i);
+    }
+    pikv_comm_get_stats(c, &j->stats[0]);
+    pikv_comm_request *req = NULL;
+    j->st[0] = pikv_comm_iallreduce(c, buf, 6, PIKV_REDUCE_SUM, &req);
+    pikv_comm_get_stats(c, &j->stats[1]); /* counted at post time */
+    /* the fallback has finished at post time; the deferred one only after the wait */
+    for (int i = 0; i < 6; i++) j->wrong_post += j->deferred ? buf[i] != cf_value(j->rank, i) : buf[i] != want[i];
+    j->null_req = req == NULL;
+    j->st[1] = pikv_comm_wait_request(c, req);
+    for (int i = 0; i < 6; i++) j->wrong_wait += buf[i] != want[i];
+    /* nothing to move: no request, no collective */
+    pikv_comm_request *none = (pikv_comm_request *)buf;
+    j->st[2] = pikv_comm_iallreduce(c, NULL, 0, PIKV_REDUCE_SUM, &none);
+    if (none) j->wrong_post++;
+    j->st[3] = pikv_comm_wait_request(c, NULL);
+    pikv_comm_get_stats(c, &j->stats[2]);
+    /* merge: blocking, and begin + end, bit for bit */
+    j->st[4] = pikv_comm_merge_partials(c, j->n_rows, j->dim, j->out, j->lse);
+    pikv_comm_merge *m = NULL;
+    j->st[5] = pikv_comm_merge_begin(c, j->n_rows, j->dim, j->out2, j->lse2, &m);
+    double exposed = -1.0, posted = -1.0;
+    pikv_status st = pikv_comm_merge_end_timed(c, m, &exposed, &posted);
+    if (j->st[5] == PIKV_OK) j->st[5] = st;
+    if (!(exposed >= 0.0 && exposed <= posted)) j->wrong_merge++;
+    pikv_comm_get_stats(c, &j->stats[3]);
+    const size_t n_out = (size_t)j->n_rows * (size_t)j->dim;
+    j->wrong_merge += memcmp(j->out, j->out2, n_out * sizeof(float)) != 0;
+    j->wrong_merge += memcmp(j->lse, j->lse2, (size_t)j->n_rows * sizeof(float)) != 0;
+    return NULL;
+}
+
+static void nonblocking_case(int n_ranks, int use_deferred)
+{
+    tu_set_case("non-blocking: %d ranks, %s", n_ranks, use_deferred ? "deferred implementation" : "blocking fallback");
+    inproc_group g;
+    group_init(&g, n_ranks, 4096);
+    inproc_rank impl[MAX_RANKS];
+    pikv_comm comm[MAX_RANKS];
+    nb_job job[MAX_RANKS];
+    pthread_t th[MAX_RANKS];
+    const int32_t n_rows = 5, dim = 7;
+    tu_rng r = tu_rng_seed(77 + (uint64_t)n_ranks);
+    for (int k = 0; k < n_ranks; k++) {
+        memset(&impl[k], 0, sizeof impl[k]);
+        impl[k].g = &g;
+        impl[k].rank = k;
+        pikv_comm_init(&comm[k], use_deferred ? &deferred_iface : &inproc_iface, g_ctx[k], k, n_ranks, &impl[k]);
+        memset(&job[k], 0, sizeof job[k]);
+        job[k].comm = &comm[k];
+        job[k].rank = k;
+        job[k].size = n_ranks;
+        job[k].deferred = use_deferred;
+        job[k].n_rows = n_rows;
+        job[k].dim = dim;
+        job[k].out = tu_xmalloc((size_t)n_rows * dim * sizeof(float));
+        job[k].out2 = tu_xmalloc((size_t)n_rows * dim * sizeof(float));
+        job[k].lse = tu_xmalloc((size_t)n_rows * sizeof(float));
+        job[k].lse2 = tu_xmalloc((size_t)n_rows * sizeof(float));
+        tu_fill(&r, job[k].out, (size_t)n_rows * dim, 1.0f);
+        for (int i = 0; i < n_rows; i++) job[k].lse[i] = (float)tu_unif(&r) * 4.0f - 2.0f;
+        if (k == 1) job[k].lse[2] = -INFINITY; /* an empty row here */
+        memcpy(job[k].out2, job[k].out, (size_t)n_rows * dim * sizeof(float));
+        memcpy(job[k].lse2, job[k].lse, (size_t)n_rows * sizeof(float));
+    }
+    for (int k = 0; k < n_ranks; k++) pthread_create(&th[k], NULL, nb_main, &job[k]);
+    for (int k = 0; k < n_ranks; k++) pthread_join(th[k], NULL);
+    for (int k = 0; k < n_ranks; k++) {
+        nb_job *j = &job[k];
+        for (int i = 0; i < 6; i++) CHECKF(j->st[i] == PIKV_OK, "rank %d step %d: %s", k, i, pikv_status_name(j->st[i]));
+        CHECK_EQ(j->wrong_post, 0);
+        CHECK_EQ(j->wrong_wait, 0);
+        CHECK_EQ(j->wrong_merge, 0);
+        CHECK_EQ(j->null_req, !use_deferred); /* the fallback posts nothing to wait for */
+        CHECK_EQ(j->stats[1].collectives - j->stats[0].collectives, 1);
+        CHECK_EQ(j->stats[1].bytes_sent - j->stats[0].bytes_sent, 24);
+        CHECK_EQ(j->stats[1].bytes_received - j->stats[0].bytes_received, 24);
+        CHECK_EQ(j->stats[2].collectives, j->stats[1].collectives); /* n = 0, wait(NULL): nothing */
+        /* two merges of 2 collectives and 4 n_rows (dim + 2) bytes each */
+        CHECK_EQ(j->stats[3].collectives - j->stats[2].collectives, 4);
+        CHECK_EQ(j->stats[3].bytes_sent - j->stats[2].bytes_sent, 2 * 4 * (uint64_t)n_rows * (uint64_t)(dim + 2));
+        CHECK(!comm[k].failed);
+        free(j->out);
+        free(j->out2);
+        free(j->lse);
+        free(j->lse2);
+    }
+    CHECK(!g.mismatch);
+    group_free(&g);
+}
+
+/* Single rank: argument errors, a broken communicator, a failing wait. */
+static void nonblocking_state(void)
+{
+    pikv_context *ctx = g_ctx[0];
+    tu_err_ctx = ctx;
+    tu_set_case("non-blocking: arguments and failures");
+    inproc_group g;
+    group_init(&g, 1, 64);
+    inproc_rank impl;
+    memset(&impl, 0, sizeof impl);
+    impl.g = &g;
+    pikv_comm c;
+    pikv_comm_init(&c, &deferred_iface, ctx, 0, 1, &impl);
+    float f[2] = {1, 2};
+    pikv_comm_request *req = (pikv_comm_request *)f;
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_iallreduce(NULL, f, 2, PIKV_REDUCE_SUM, &req));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_iallreduce(&c, f, 2, PIKV_REDUCE_SUM, NULL));
+    check_error_names("req is NULL");
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_iallreduce(&c, NULL, 2, PIKV_REDUCE_SUM, &req));
+    check_error_names("buf is NULL");
+    CHECK(req == NULL);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_iallreduce(&c, f, -1, PIKV_REDUCE_SUM, &req));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_iallreduce(&c, f, 2, (pikv_reduce_op)9, &req));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_wait_request(NULL, NULL));
+    pikv_comm_merge *m = (pikv_comm_merge *)f;
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_comm_merge_begin(&c, 1, 0, f, f, &m));
+    CHECK(m == NULL);
+    CHECK_OK(pikv_comm_merge_end(&c, NULL));
+    CHECK_EQ(impl.calls, 0);
+    CHECK(!c.failed);
+    /* a wait whose collective fails: the communicator is broken, the request freed */
+    impl.fail_call = 1;
+    CHECK_OK(pikv_comm_iallreduce(&c, f, 2, PIKV_REDUCE_SUM, &req));
+    CHECK(req != NULL);
+    CHECK_STATUS(PIKV_ERR_BACKEND, pikv_comm_wait_request(&c, req));
+    CHECK(c.failed);
+    CHECK_STATUS(PIKV_ERR_BACKEND, pikv_comm_iallreduce(&c, f, 2, PIKV_REDUCE_SUM, &req));
+    check_error_names("is broken");
+    CHECK(req == NULL);
+    float lse[1] = {0}, out[4] = {0};
+    CHECK_STATUS(PIKV_ERR_BACKEND, pikv_comm_merge_begin(&c, 1, 4, out, lse, &m));
+    CHECK(m == NULL);
+    tu_err_ctx = NULL;
+    group_free(&g);
+}
+
 int main(void)
 {
     for (int r = 0; r < MAX_RANKS; r++) {
@@ -918,6 +1124,11 @@ int main(void)
     bad_inputs();
     for (int n = 1; n <= MAX_RANKS; n++) collectives_case(n);
     comm_state();
+    for (int n = 1; n <= MAX_RANKS; n++) {
+        nonblocking_case(n, 0);
+        nonblocking_case(n, 1);
+    }
+    nonblocking_state();
     for (int r = 0; r < MAX_RANKS; r++) pikv_context_free(g_ctx[r]);
     return tu_finish();
 }

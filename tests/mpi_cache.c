@@ -47,6 +47,12 @@
  *     every rank alike; host allocation failures injected on rank 1 only, every allocation
  *     in turn, during create, append, attend, prefix copy, seq_add and trim fail every rank
  *     alike, leave every rank's view of the cache identical and change nothing.
+ *  6. Overlap (pikv_cache_attend_start / _finish): one batch per layer attended blocking,
+ *     pipelined (start(l), then finish(l - 1)) and with every layer outstanding gives
+ *     bit-identical outputs and lse; finishing out of order and finish(NULL) give
+ *     INVALID_ARGUMENT (the request stays); a bad layer on rank 1 only fails start on every
+ *     rank and returns no request; the merge timings are sane (0 <= wait <= posted);
+ *     measured starts do everything; a one-process cache's start does everything.
  *  Throughout, every rank's view of the replicated metadata (totals and every device's
  *  pages, tokens, bytes, shards) is checked to be the same on every rank.
  *
@@ -851,6 +857,153 @@ static void check_unchanged(world *w, tu_snap *base, const char *what, tu_rng *r
     tu_snap_take(w->dist, &w->p, base);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Check 6: overlap (pikv_cache_attend_start / _finish)                      */
+/* ------------------------------------------------------------------------ */
+
+/* One batch per layer, attended blocking and pipelined (start(l) then finish(l - 1), and
+   all layers started before any finishes): the outputs and lse are bit-identical (the
+   same kernels and the same merge, only its SUM posted non-blocking); out-of-order and
+   NULL finishes are refused; a bad layer on rank 1 only fails start everywhere and leaves
+   no request; the merge timings are sane; a one-process cache does all in start. */
+static void run_overlap(void)
+{
+    const dcase c = {"overlap", PIKV_PLACEMENT_EXPERT, 4, 2, PIKV_DTYPE_F32, 1, 4, 4, 2, 16, 3, 0, 0, 0, 91, 0};
+    tu_set_case("overlap over %d ranks", g_size);
+    pikv_context *ctx = g_ctx[1];
+    tu_err_ctx = ctx;
+    world w;
+    if (!world_open(&w, &c)) return;
+    tu_rng r = tu_rng_seed(c.seed);
+    for (int s = 0; s < 4; s++) seq_add_all(&w, s);
+    seq_add_all(&w, 9); /* empty: zero output, -inf */
+    for (int a = 0; a < 18; a++) step_append(&w, a % c.nl, a % 4, &r, 2 * c.ps + 3);
+    int32_t seqs[4 * MAX_SEQ];
+    const int nq = make_batch(&w, &r, seqs);
+    const size_t per = (size_t)c.nqh * (size_t)c.hd, n_out = (size_t)nq * per, n_lse = (size_t)nq * (size_t)c.nqh;
+    float *q = tu_xmalloc((size_t)c.nl * n_out * sizeof(float));
+    int32_t *qex = tu_xmalloc((size_t)c.nl * (size_t)nq * (size_t)c.ept * sizeof(int32_t));
+    float *out[3], *lse[3]; /* blocking, pipelined, all outstanding */
+    for (int i = 0; i < 3; i++) {
+        out[i] = tu_xmalloc((size_t)c.nl * n_out * sizeof(float));
+        lse[i] = tu_xmalloc((size_t)c.nl * n_lse * sizeof(float));
+        for (size_t x = 0; x < (size_t)c.nl * n_out; x++) out[i][x] = NAN;
+    }
+    tu_fill(&r, q, (size_t)c.nl * n_out, 1.5f);
+    for (int i = 0; i < c.nl * nq; i++) tu_pick_experts(&r, c.ne, c.ept, 0, qex + (size_t)i * c.ept);
+    pikv_attend_batch b[3][MAX_L];
+    for (int m = 0; m < 3; m++)
+        for (int l = 0; l < c.nl; l++) {
+            memset(&b[m][l], 0, sizeof b[m][l]);
+            b[m][l].n_queries = nq;
+            b[m][l].seq_ids = seqs;
+            b[m][l].q = q + (size_t)l * n_out;
+            b[m][l].experts = qex + (size_t)l * (size_t)nq * (size_t)c.ept;
+            b[m][l].out = out[m] + (size_t)l * n_out;
+            b[m][l].lse = lse[m] + (size_t)l * n_lse;
+        }
+    const uint64_t want_partial = 4ull * (uint64_t)nq * (uint64_t)c.nqh * (uint64_t)(c.hd + 2);
+    for (int l = 0; l < c.nl; l++)
+        CHECK_STATUS_ALL(pikv_cache_attend(w.dist, l, &b[0][l]), PIKV_OK, ctx, "blocking attend");
+    pikv_cache_dist_stats ds;
+    if (CHECK_OK(pikv_cache_get_dist_stats(w.dist, &ds))) {
+        CHECK_EQ(ds.last_partial_bytes, want_partial);
+        CHECKF(ds.last_merge_wait_s >= 0.0 && ds.last_merge_wait_s <= ds.last_merge_posted_s,
+               "blocking: merge wait %g s, posted %g s", ds.last_merge_wait_s, ds.last_merge_posted_s);
+    }
+    /* pipelined: start(l), finish(l - 1) */
+    pikv_attend_request *prev = NULL;
+    for (int l = 0; l <= c.nl; l++) {
+        pikv_attend_request *cur = NULL;
+        if (l < c.nl) {
+            CHECK_STATUS_ALL(pikv_cache_attend_start(w.dist, l, &b[1][l], &cur), PIKV_OK, ctx, "start (pipelined)");
+            CHECKF(cur != NULL, "start returned no request");
+        }
+        if (prev) {
+            CHECK_STATUS_ALL(pikv_cache_attend_finish(prev), PIKV_OK, ctx, "finish (pipelined)");
+            if (CHECK_OK(pikv_cache_get_dist_stats(w.dist, &ds))) {
+                CHECK_EQ(ds.last_partial_bytes, want_partial);
+                CHECK_EQ(ds.last_bytes_sent, ds.last_bytes_received);
+                CHECKF(ds.last_merge_wait_s >= 0.0 && ds.last_merge_posted_s > 0.0 &&
+                           ds.last_merge_wait_s <= ds.last_merge_posted_s,
+                       "pipelined: merge wait %g s, posted %g s", ds.last_merge_wait_s, ds.last_merge_posted_s);
+            }
+        }
+        prev = cur;
+    }
+    /* every layer outstanding, then finished in order */
+    pikv_attend_request *reqs[MAX_L] = {NULL};
+    for (int l = 0; l < c.nl; l++)
+        CHECK_STATUS_ALL(pikv_cache_attend_start(w.dist, l, &b[2][l], &reqs[l]), PIKV_OK, ctx, "start (all)");
+    if (c.nl > 1 && reqs[1]) { /* out of order: refused, the request stays */
+        CHECK_STATUS_ALL(pikv_cache_attend_finish(reqs[1]), PIKV_ERR_INVALID_ARGUMENT, ctx, "finish out of order");
+        CHECKF(has_text(ctx, "in the order"), "message: %s", pikv_context_last_error(ctx));
+    }
+    for (int l = 0; l < c.nl; l++)
+        if (reqs[l]) CHECK_STATUS_ALL(pikv_cache_attend_finish(reqs[l]), PIKV_OK, ctx, "finish (all)");
+    for (int m = 1; m < 3; m++) {
+        CHECKF(memcmp(out[0], out[m], (size_t)c.nl * n_out * sizeof(float)) == 0,
+               "outputs of %s differ from the blocking attends'", m == 1 ? "pipelined" : "all outstanding");
+        CHECKF(memcmp(lse[0], lse[m], (size_t)c.nl * n_lse * sizeof(float)) == 0,
+               "lse of %s differ from the blocking attends'", m == 1 ? "pipelined" : "all outstanding");
+    }
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_attend_finish(NULL));
+    /* a bad layer on rank 1 only: start fails everywhere, no request */
+    if (g_size >= 2) {
+        pikv_attend_request *bad = (pikv_attend_request *)&w; /* must be reset to NULL */
+        pikv_status st = pikv_cache_attend_start(w.dist, g_rank == 1 ? c.nl : 0, &b[1][0], &bad);
+        CHECK_STATUS_ALL(st, PIKV_ERR_OUT_OF_RANGE, ctx, "start, rank 1's layer out of range");
+        check_blame(ctx, 1, "start layer");
+        CHECKF(bad == NULL, "a failed start returned a request");
+        /* the cache goes on: the next start/finish works and matches */
+        pikv_attend_request *ok = NULL;
+        CHECK_STATUS_ALL(pikv_cache_attend_start(w.dist, 0, &b[1][0], &ok), PIKV_OK, ctx, "start after a failure");
+        if (ok) CHECK_STATUS_ALL(pikv_cache_attend_finish(ok), PIKV_OK, ctx, "finish after a failure");
+        CHECKF(memcmp(out[0], out[1], n_out * sizeof(float)) == 0, "output after a failed start differs");
+    }
+    /* measurement: start does everything */
+    {
+        pikv_select_params sel = w.p.select;
+        sel.mode = PIKV_SELECT_EXPERTS;
+        sel.experts_top_k = 1;
+        sel.measure = 1;
+        pikv_attend_batch mb = b[1][0];
+        mb.select = &sel;
+        pikv_attend_request *mr = NULL;
+        CHECK_STATUS_ALL(pikv_cache_attend_start(w.dist, 0, &mb, &mr), PIKV_OK, ctx, "start (measured)");
+        pikv_cache_stats cs;
+        if (CHECK_OK(pikv_cache_get_stats(w.dist, &cs))) CHECKF(cs.last_recall >= 0.0, "measured in start");
+        if (mr) CHECK_STATUS_ALL(pikv_cache_attend_finish(mr), PIKV_OK, ctx, "finish (measured)");
+        if (CHECK_OK(pikv_cache_get_dist_stats(w.dist, &ds))) CHECK_EQ(ds.last_partial_bytes, 2 * want_partial);
+    }
+    /* one process: start does everything, finish frees; the same output */
+    {
+        float *o1 = tu_xmalloc(n_out * sizeof(float)), *l1 = tu_xmalloc(n_lse * sizeof(float));
+        pikv_attend_batch rb = b[0][0];
+        rb.out = o1;
+        rb.lse = l1;
+        pikv_attend_request *rr = NULL;
+        CHECK_OK(pikv_cache_attend_start(w.refg, 0, &rb, &rr));
+        CHECKF(rr != NULL, "one process: no request");
+        compare_out("overlap: one process start", nq, c.nqh, c.hd, seqs, out[0], lse[0], o1, l1);
+        if (rr) CHECK_OK(pikv_cache_attend_finish(rr));
+        pikv_cache_dist_stats d1;
+        if (CHECK_OK(pikv_cache_get_dist_stats(w.refg, &d1))) {
+            CHECK_EQ(d1.last_merge_wait_s, 0.0);
+            CHECK_EQ(d1.last_merge_posted_s, 0.0);
+        }
+        free(o1);
+        free(l1);
+    }
+    free(q);
+    free(qex);
+    for (int i = 0; i < 3; i++) {
+        free(out[i]);
+        free(lse[i]);
+    }
+    world_close(&w);
+}
+
 static void run_errors(void)
 {
     if (g_size < 2) return;
@@ -1336,6 +1489,9 @@ int main(int argc, char **argv)
         if (g_rank == 0) fprintf(stderr, "mpi_cache: %-24s %.2f s\n", cases[i].name, MPI_Wtime() - t);
     }
     double t = MPI_Wtime();
+    run_overlap();
+    if (g_rank == 0) fprintf(stderr, "mpi_cache: %-24s %.2f s\n", "overlap", MPI_Wtime() - t);
+    t = MPI_Wtime();
     run_errors();
     if (g_rank == 0) fprintf(stderr, "mpi_cache: %-24s %.2f s\n", "errors", MPI_Wtime() - t);
     t = MPI_Wtime();

@@ -27,6 +27,12 @@
  *    the late ranks complete the allreduce against rank 0's abandoned request, with rank 0's
  *    data even though rank 0 overwrote its own buffer meanwhile; everybody then meets in an
  *    MPI_Barrier on MPI_COMM_WORLD and frees the communicator.
+ *  - the non-blocking allreduce (pikv_comm_iallreduce / pikv_comm_wait_request): two in
+ *    flight with a blocking one between them, waited in reverse order; staged at post time;
+ *    statistics at post time; merge begin + end bit-identical to the blocking merge; the
+ *    timeout applies to the wait (rank 0 waits 1 s for ranks posting 4 s late: BACKEND
+ *    naming the non-blocking allreduce, the communicator broken, the late ranks complete
+ *    with rank 0's data).
  * An ERROR-level library log fails the test, except around calls that must fail.
  */
 #include "test-util.h"
@@ -545,6 +551,144 @@ static void timeout_case(void)
     tu_err_ctx = NULL;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Non-blocking allreduce                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Two allreduces in flight at once with a blocking one between them, waited in reverse
+   order; the caller's buffers are staged at post time (overwriting them before the wait
+   changes nothing); statistics counted at post time; the split merge equals the blocking
+   one bit for bit. */
+static void iallreduce_f32(pikv_comm *c)
+{
+    tu_set_case("rank %d: iallreduce", g_rank);
+    const int64_t na = 1000, nb = 70000;
+    float *a = tu_xmalloc((size_t)na * sizeof(float)), *b = tu_xmalloc((size_t)nb * sizeof(float));
+    float mid[3];
+    for (int64_t i = 0; i < na; i++) a[i] = f32_value(g_rank, i);
+    for (int64_t i = 0; i < nb; i++) b[i] = f32_value(g_rank, i + 7);
+    for (int i = 0; i < 3; i++) mid[i] = (float)(g_rank + i);
+    stats_snap s0 = snap(c);
+    pikv_comm_request *ra = NULL, *rb = NULL;
+    CHECK_OK(pikv_comm_iallreduce(c, a, na, PIKV_REDUCE_SUM, &ra));
+    check_delta(c, s0, 4ull * (uint64_t)na, 4ull * (uint64_t)na, 1);
+    CHECK_OK(pikv_comm_iallreduce(c, b, nb, PIKV_REDUCE_MAX, &rb));
+    CHECK(ra != NULL && rb != NULL);
+    CHECK_OK(pikv_comm_allreduce(c, mid, 3, PIKV_REDUCE_MIN));
+    s0 = snap(c);
+    CHECK_OK(pikv_comm_wait_request(c, rb));
+    check_delta(c, s0, 0, 0, 0); /* nothing counted at the wait */
+    CHECK_OK(pikv_comm_wait_request(c, ra));
+    long bad = 0;
+    for (int64_t i = 0; i < na; i++) {
+        float want = 0.0f;
+        for (int r = 0; r < g_size; r++) want += f32_value(r, i);
+        bad += a[i] != want;
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        float want = f32_value(0, i + 7);
+        for (int r = 1; r < g_size; r++) want = f32_value(r, i + 7) > want ? f32_value(r, i + 7) : want;
+        bad += b[i] != want;
+    }
+    for (int i = 0; i < 3; i++) bad += mid[i] != (float)i;
+    CHECK_EQ(bad, 0);
+    /* staged at post: overwriting the buffer before the wait does not change the result */
+    for (int64_t i = 0; i < na; i++) a[i] = f32_value(g_rank, i);
+    CHECK_OK(pikv_comm_iallreduce(c, a, na, PIKV_REDUCE_SUM, &ra));
+    for (int64_t i = 0; i < na; i++) a[i] = NAN;
+    CHECK_OK(pikv_comm_wait_request(c, ra));
+    bad = 0;
+    for (int64_t i = 0; i < na; i++) {
+        float want = 0.0f;
+        for (int r = 0; r < g_size; r++) want += f32_value(r, i);
+        bad += a[i] != want;
+    }
+    CHECK_EQ(bad, 0);
+    /* the split merge: begin + end == the blocking merge */
+    const int32_t rows = 9, dim = 33;
+    float *o1 = tu_xmalloc((size_t)rows * dim * sizeof(float)), *o2 = tu_xmalloc((size_t)rows * dim * sizeof(float));
+    float l1[9], l2[9];
+    tu_rng rr = tu_rng_seed(500 + (uint64_t)g_rank);
+    tu_fill(&rr, o1, (size_t)rows * dim, 1.0f);
+    for (int i = 0; i < rows; i++) l1[i] = (float)(tu_unif(&rr) * 6.0 - 3.0);
+    if (g_rank == 1) l1[4] = -INFINITY;
+    memcpy(o2, o1, (size_t)rows * dim * sizeof(float));
+    memcpy(l2, l1, sizeof l1);
+    CHECK_OK(pikv_comm_merge_partials(c, rows, dim, o1, l1));
+    pikv_comm_merge *m = NULL;
+    CHECK_OK(pikv_comm_merge_begin(c, rows, dim, o2, l2, &m));
+    CHECK(m != NULL);
+    double exposed = -1, posted = -1;
+    CHECK_OK(pikv_comm_merge_end_timed(c, m, &exposed, &posted));
+    CHECK(exposed >= 0.0 && exposed <= posted);
+    CHECK(memcmp(o1, o2, (size_t)rows * dim * sizeof(float)) == 0);
+    CHECK(memcmp(l1, l2, sizeof l1) == 0);
+    free(o1);
+    free(o2);
+    free(a);
+    free(b);
+}
+
+/* The timeout applies to the wait: rank 0 posts and waits with a 1 s timeout while the
+   others sleep 4 s before posting: rank 0's wait fails after 1-3 s naming the
+   non-blocking allreduce, the communicator is broken; the late ranks complete against
+   rank 0's set-aside staging buffer with its data. */
+static void iallreduce_timeout_case(void)
+{
+    tu_set_case("rank %d: iallreduce timeout", g_rank);
+    tu_err_ctx = g_ctx;
+    pikv_comm *tc = NULL;
+    MPI_Comm w = MPI_COMM_WORLD;
+    CHECK_OK(pikv_comm_create_mpi(g_ctx, &w, &tc));
+    if (!tc) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        MPI_Barrier(MPI_COMM_WORLD);
+        return;
+    }
+    CHECK_OK(pikv_comm_set_timeout(tc, g_rank == 0 ? 1.0 : 60.0));
+    enum { N = 64 };
+    float buf[N];
+    for (int i = 0; i < N; i++) buf[i] = timeout_value(g_rank, i);
+    MPI_Barrier(MPI_COMM_WORLD);
+    pikv_comm_request *req = NULL;
+    if (g_rank == 0) {
+        CHECK_OK(pikv_comm_iallreduce(tc, buf, N, PIKV_REDUCE_SUM, &req));
+        g_expect_errors++;
+        double t0 = now_s();
+        pikv_status st = pikv_comm_wait_request(tc, req);
+        double dt = now_s() - t0;
+        CHECK_STATUS(PIKV_ERR_BACKEND, st);
+        printf("rank 0: the non-blocking allreduce's wait timed out after %.3f s: %s\n", dt,
+               pikv_context_last_error(g_ctx));
+        CHECK_LE(0.99, dt);
+        CHECK_LE(dt, 3.0);
+        check_error_names("MPI_Iallreduce (non-blocking) did not complete in 1 s");
+        CHECK(tc->failed);
+        for (int i = 0; i < N; i++) buf[i] = NAN;
+        CHECK_STATUS(PIKV_ERR_BACKEND, pikv_comm_iallreduce(tc, buf, N, PIKV_REDUCE_SUM, &req));
+        check_error_names("broken");
+        CHECK(req == NULL);
+        g_expect_errors--;
+    } else {
+        struct timespec ts = {4, 0};
+        while (nanosleep(&ts, &ts) != 0) {
+        }
+        CHECK_OK(pikv_comm_iallreduce(tc, buf, N, PIKV_REDUCE_SUM, &req));
+        CHECK_OK(pikv_comm_wait_request(tc, req));
+        long bad = 0;
+        for (int i = 0; i < N; i++) {
+            float want = 0.0f;
+            for (int r = 0; r < g_size; r++) want += timeout_value(r, i);
+            if (buf[i] != want) bad++;
+        }
+        CHECK_EQ(bad, 0);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    pikv_comm_free(tc);
+    MPI_Barrier(MPI_COMM_WORLD);
+    tu_err_ctx = NULL;
+}
+
 int main(int argc, char **argv)
 {
     pikv_context_params cp = pikv_context_default_params();
@@ -611,10 +755,12 @@ int main(int argc, char **argv)
     merge_case(c, 37, 128, 1);
     merge_case(c, 40, 7, 2);
     merge_case(c, 1, 1, 3);
+    iallreduce_f32(c);
     bad_input(c);
     pikv_comm_free(c);
 
     timeout_case();
+    iallreduce_timeout_case();
 
     MPI_Finalize();
     /* after MPI_Finalize */

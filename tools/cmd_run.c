@@ -30,7 +30,7 @@ enum {
     OPT_JSON, OPT_QUIET, OPT_VERBOSE,
     OPT_SELECT, OPT_EXPERTS_K, OPT_TOKEN_BUDGET, OPT_SINKS, OPT_RECENT, OPT_MEASURE,
     OPT_KV_BUDGET, OPT_BUDGET, OPT_BETA, OPT_EVICT, OPT_ALPHA, OPT_LAMBDA, OPT_DECAY,
-    OPT_COMPARE, OPT_MPI, OPT_NO_MPI, OPT_MAX_IMBALANCE, OPT_COUNT_
+    OPT_COMPARE, OPT_MPI, OPT_NO_MPI, OPT_MAX_IMBALANCE, OPT_NO_OVERLAP, OPT_COUNT_
 };
 
 static const cli_opt run_opts_table[] = {
@@ -76,6 +76,7 @@ static const cli_opt run_opts_table[] = {
     {"--mpi", NULL, 0, OPT_MPI},
     {"--no-mpi", NULL, 0, OPT_NO_MPI},
     {"--max-imbalance", NULL, 1, OPT_MAX_IMBALANCE},
+    {"--no-overlap", NULL, 0, OPT_NO_OVERLAP},
     {NULL, NULL, 0, 0},
 };
 
@@ -255,7 +256,11 @@ static void run_usage(FILE *f)
           "  --no-mpi            never use MPI: under mpirun every rank runs alone\n"
           "  --max-imbalance X   over ranks: exit 1 when the largest rank's device memory\n"
           "                      exceeds X times the mean over ranks, X >= 1 (default: no\n"
-          "                      check)\n"
+          "                      check)\n",
+          f);
+    fputs("  --no-overlap        over ranks: blocking attends, one layer after the other\n"
+          "                      (default: each decode step pipelines its layers, the\n"
+          "                      merge of layer l in flight while layer l + 1 starts)\n"
           "output:\n"
           "  --json              print one JSON object on stdout instead of the table (with\n"
           "                      --compare: an array of one object per row)\n"
@@ -383,6 +388,7 @@ static int parse_run(int argc, char **argv, run_opts *o)
         case OPT_MPI: o->mpi = 1; break;
         case OPT_NO_MPI: o->mpi = -1; break;
         case OPT_MAX_IMBALANCE: bad = cli_parse_double(&p, v, 1.0, 1e6, &o->max_imbalance); break;
+        case OPT_NO_OVERLAP: o->no_overlap = 1; break;
         default: bad = 1;
         }
         if (bad) return 2;
@@ -422,9 +428,10 @@ static int parse_run(int argc, char **argv, run_opts *o)
                                    "run it in one process (--no-mpi, or without mpirun)", why);
             return 2;
         }
-    } else if (seen[OPT_MAX_IMBALANCE]) {
-        cli_usage_error(p.cmd, "--max-imbalance needs a cache over MPI ranks (mpirun -np N pikv "
-                               "run ..., or --mpi)");
+    } else if (seen[OPT_MAX_IMBALANCE] || seen[OPT_NO_OVERLAP]) {
+        cli_usage_error(p.cmd, "%s needs a cache over MPI ranks (mpirun -np N pikv "
+                               "run ..., or --mpi)",
+                        seen[OPT_MAX_IMBALANCE] ? "--max-imbalance" : "--no-overlap");
         return 2;
     }
     if (seen[OPT_QUANT_GROUP] && !o->compare && !run_dtype_quantized(o->dtype)) {

@@ -34,6 +34,7 @@ typedef struct run_opts {
        more than one rank; distributed: the cache spans MPI_COMM_WORLD's ranks */
     int mpi, distributed;
     double max_imbalance;        /* --max-imbalance: fail above this max/mean rank memory; 0 = no check */
+    int no_overlap;              /* --no-overlap: blocking attends over ranks (no pipelining) */
 } run_opts;
 
 extern const char *const run_placement_names[];
@@ -93,6 +94,13 @@ typedef struct run_rank {
     uint64_t bytes_sent, bytes_received; /* over the run */
     double max_err;
     double decode_s, attend_s, prefill_s;
+    /* decode attends' timing breakdown: overlap = layers pipelined (start(l), then
+       finish(l - 1)); start_s = their first halves (validation, plan, kernels, the
+       merge's MAX step and post), finish_s = the exposed wait for the merges (finish;
+       --no-overlap: each attend's last_merge_wait_s, start_s the rest); the library's
+       sums of last_merge_wait_s and last_merge_posted_s (hidden = 1 - wait / posted) */
+    int32_t overlap;
+    double start_s, finish_s, merge_wait_s, merge_posted_s;
 } run_rank;
 
 typedef struct run_result {

@@ -212,6 +212,10 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     float *logits = NULL;
     int32_t *ex = NULL, *rex = NULL, *qex = NULL, *qrex = NULL, *nex = NULL, *seq_ids = NULL;
     double *ref_buf = NULL, *ref_lse_buf = NULL;
+    pikv_attend_request *pending = NULL; /* overlap: the attend whose merge is in flight */
+    /* q, out, lse, qex, qrex: two sets each (the decode alternates them by layer) */
+    float *q_set = NULL, *out_set = NULL, *lse_set = NULL;
+    int32_t *qex_set = NULL, *qrex_set = NULL;
     memset(r, 0, sizeof *r);
     r->step_ms_unmeasured = NAN;
     r->exact = run_policy_exact(pol);
@@ -295,17 +299,22 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     ex = malloc(chunk * K * sizeof *ex);
     rex = malloc(chunk * K * sizeof *rex);
     logits = malloc(lg_rows * E * sizeof *logits);
-    q = malloc(S * QH * D * sizeof *q);
-    out = malloc(S * QH * D * sizeof *out);
-    lse = malloc(S * QH * sizeof *lse);
-    qex = malloc(S * K * sizeof *qex);
-    qrex = malloc(S * K * sizeof *qrex);
+    q = malloc(2 * S * QH * D * sizeof *q); /* two layers in flight (overlap) */
+    out = malloc(2 * S * QH * D * sizeof *out); /* two layers in flight (overlap) */
+    lse = malloc(2 * S * QH * sizeof *lse); /* two layers in flight (overlap) */
+    qex = malloc(2 * S * K * sizeof *qex); /* two layers in flight (overlap) */
+    qrex = malloc(2 * S * K * sizeof *qrex); /* two layers in flight (overlap) */
     nk = malloc(S * G * D * sizeof *nk);
     nv = malloc(S * G * D * sizeof *nv);
     nex = malloc(S * K * sizeof *nex);
     seq_ids = malloc(S * sizeof *seq_ids);
     ref_buf = malloc(QH * D * sizeof *ref_buf);
     ref_lse_buf = malloc(QH * sizeof *ref_lse_buf);
+    q_set = q;
+    out_set = out;
+    lse_set = lse;
+    qex_set = qex;
+    qrex_set = qrex;
     if (!k || !v || !ex || !rex || !logits || !q || !out || !lse || !qex || !qrex || !nk ||
         !nv || !nex || !seq_ids || !ref_buf || !ref_lse_buf) {
         fprintf(stderr, "pikv: out of memory for the run's buffers\n");
@@ -398,23 +407,90 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     /* Decode. */
     const double scale = 1.0 / sqrt((double)o->head_dim);
     const int use_refs = sh->ref_out != NULL;
-    batch.experts = qrex;
+    /* Over ranks each step pipelines its layers (unless --no-overlap): start(l) runs
+       layer l's planning and kernels while the merge of layer l - 1 is in flight, then
+       finish(l - 1) waits for it; the figures, checks and appends of layer l - 1 follow.
+       Layer l - 1's append cannot touch layer l's pages (eviction is per layer), so the
+       request of layer l stays valid. Two sets of query buffers alternate by layer. */
+    const int overlap = dist && !o->no_overlap;
+    r->dist.overlap = overlap;
+    double t_attend_last = 0.0; /* --no-overlap: the last blocking attend's time */
     for (int32_t step = 0; step < o->steps; step++) {
         cli_progress_update(prog, "%sdecode step %" PRId32 "/%" PRId32, tag, step, o->steps);
-        for (int32_t l = 0; l < o->layers; l++) {
-            for (size_t s = 0; s < S; s++) {
-                wl_next_query(wl, l, (int32_t)s, q + s * QH * D, qex + s * K);
-                wl_logits(wl, l, (int32_t)s, wl_length(wl, l, (int32_t)s), 1, logits + s * E);
+        for (int32_t li = 0; li < o->layers + overlap; li++) {
+            if (li < o->layers) { /* layer li: queries, route, attend (or its start) */
+                const size_t set = (size_t)(li & 1);
+                q = q_set + set * S * QH * D;
+                out = out_set + set * S * QH * D;
+                lse = lse_set + set * S * QH;
+                qex = qex_set + set * S * K;
+                qrex = qrex_set + set * S * K;
+                batch.q = q;
+                batch.out = out;
+                batch.lse = lse;
+                batch.experts = qrex;
+                for (size_t s = 0; s < S; s++) {
+                    wl_next_query(wl, li, (int32_t)s, q + s * QH * D, qex + s * K);
+                    wl_logits(wl, li, (int32_t)s, wl_length(wl, li, (int32_t)s), 1, logits + s * E);
+                }
+                double t0 = cli_now();
+                LIB(pikv_route(cache, li, o->seqs, logits, qrex, NULL), "pikv_route");
+                double t1 = cli_now();
+                pikv_attend_request *cur = NULL;
+                if (overlap) {
+                    LIB(pikv_cache_attend_start(cache, li, &batch, &cur), "pikv_cache_attend_start");
+                } else {
+                    LIB(pikv_cache_attend(cache, li, &batch), "pikv_cache_attend");
+                }
+                double t2 = cli_now();
+                r->attend_s += t2 - t1;
+                r->decode_s += t2 - t0;
+                t_attend_last = t2 - t1;
+                if (overlap) {
+                    r->dist.start_s += t2 - t1;
+                    pikv_attend_request *prev = pending;
+                    pending = cur; /* finished at done: if layer li - 1's finish fails */
+                    if (prev) { /* layer li - 1's merge, in flight while layer li started */
+                        double t3 = cli_now();
+                        pikv_status fst = pikv_cache_attend_finish(prev);
+                        double t4 = cli_now();
+                        LIB(fst, "pikv_cache_attend_finish");
+                        r->attend_s += t4 - t3;
+                        r->decode_s += t4 - t3;
+                        r->dist.finish_s += t4 - t3;
+                    }
+                }
+            } else { /* after the last layer: its finish */
+                pikv_attend_request *prev = pending;
+                pending = NULL;
+                double t3 = cli_now();
+                pikv_status fst = pikv_cache_attend_finish(prev);
+                double t4 = cli_now();
+                LIB(fst, "pikv_cache_attend_finish");
+                r->attend_s += t4 - t3;
+                r->decode_s += t4 - t3;
+                r->dist.finish_s += t4 - t3;
             }
-            double t0 = cli_now();
-            LIB(pikv_route(cache, l, o->seqs, logits, qrex, NULL), "pikv_route");
-            double t1 = cli_now();
-            LIB(pikv_cache_attend(cache, l, &batch), "pikv_cache_attend");
-            double t2 = cli_now();
-            r->attend_s += t2 - t1;
-            r->decode_s += t2 - t0;
+            /* the layer whose attend is complete now: its figures, checks and append */
+            const int32_t l = overlap ? li - 1 : li;
+            if (l < 0) continue;
+            {
+                const size_t set = (size_t)(l & 1);
+                q = q_set + set * S * QH * D;
+                out = out_set + set * S * QH * D;
+                lse = lse_set + set * S * QH;
+                qex = qex_set + set * S * K;
+                qrex = qrex_set + set * S * K;
+            }
             if (dist) {
                 LIB(dist_last(cache, &dstat), "pikv_cache_get_dist_stats");
+                if (!overlap) {
+                    r->dist.start_s += dstat.last_merge_wait_s < t_attend_last
+                                           ? t_attend_last - dstat.last_merge_wait_s : 0.0;
+                    r->dist.finish_s += dstat.last_merge_wait_s;
+                }
+                r->dist.merge_wait_s += dstat.last_merge_wait_s;
+                r->dist.merge_posted_s += dstat.last_merge_posted_s;
                 r->dist.decode_sent += dstat.last_bytes_sent;
                 r->dist.decode_received += dstat.last_bytes_received;
                 r->dist.decode_attend_sent += dstat.last_bytes_sent;
@@ -610,16 +686,17 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     rc = CLI_EXIT_OK;
 
 done:
+    if (pending) (void)pikv_cache_attend_finish(pending); /* a failure left it in flight */
     free(k);
     free(v);
     free(ex);
     free(rex);
     free(logits);
-    free(q);
-    free(out);
-    free(lse);
-    free(qex);
-    free(qrex);
+    free(q_set);
+    free(out_set);
+    free(lse_set);
+    free(qex_set);
+    free(qrex_set);
     free(nk);
     free(nv);
     free(nex);

@@ -563,6 +563,35 @@ void run_print_ranks(const run_opts *o, const run_result *r)
         printf("  ranks per query    %.2f mean, %" PRId32 " max (of %" PRId32 ")\n",
                t.attends > 0 ? t.rpq / t.attends : NAN, t.max_ranks, r->n_ranks);
     }
+    if (o->steps > 0) {
+        printf("\nattend timing per rank (%s; ms per decode step, all layers)\n",
+               r->dist.overlap ? "overlap: start(l), then finish(l - 1) while layer l's work ran"
+                               : "--no-overlap: blocking attends");
+        printf("%-5s %10s %10s %10s %10s %8s\n", "rank", "compute", "exposed", "merge", "attend",
+               "hidden");
+        printf("%-5s %10s %10s %10s %10s %8s\n", "", "(start)", "wait", "posted", "total", "");
+        double sc = 0.0, sw = 0.0, sp = 0.0, smw = 0.0;
+        for (int32_t i = 0; i < r->n_ranks; i++) {
+            const run_rank *k = &r->ranks[i];
+            const double hidden = k->merge_posted_s > 0 ? 1.0 - k->merge_wait_s / k->merge_posted_s : NAN;
+            printf("%-5" PRId32 " %10.3f %10.3f %10.3f %10.3f %7.1f%%\n", k->rank,
+                   1e3 * k->start_s / steps, 1e3 * k->finish_s / steps,
+                   1e3 * k->merge_posted_s / steps, 1e3 * k->attend_s / steps, 100.0 * hidden);
+            sc += k->start_s;
+            sw += k->finish_s;
+            sp += k->merge_posted_s;
+            smw += k->merge_wait_s;
+        }
+        const double n = (double)r->n_ranks;
+        printf("%-5s %10.3f %10.3f %10.3f %10s %7.1f%%\n", "mean", 1e3 * sc / n / steps,
+               1e3 * sw / n / steps, 1e3 * sp / n / steps, "", sp > 0 ? 100.0 * (1.0 - smw / sp) : NAN);
+        printf("  (compute: the attends' first halves, validation to posting the merge's sum; "
+               "exposed wait: the\n"
+               "  finishes, waiting for the merge; merge posted: from the merge's post to the end "
+               "of its wait;\n"
+               "  hidden: 1 - wait / posted, the library's last_merge_wait_s / "
+               "last_merge_posted_s summed)\n");
+    }
     if (r->bounded)
         printf("  result per rank    %s (worst max norm. error %.3e, bound %.0e)\n",
                t.all_pass ? "PASS on every rank" : "FAIL on some rank", t.worst_err, r->bound);
@@ -754,6 +783,15 @@ static void json_ranks(FILE *f, const run_opts *o, const run_result *r)
     cli_json_number(f, t.partial > 0 ? t.gather / t.partial : NAN);
     fprintf(f, ", \"ranks_per_query\": ");
     cli_json_number(f, t.attends > 0 ? t.rpq / t.attends : NAN);
+    {
+        double sp = 0.0, sw = 0.0;
+        for (int32_t i = 0; i < r->n_ranks; i++) {
+            sp += r->ranks[i].merge_posted_s;
+            sw += r->ranks[i].merge_wait_s;
+        }
+        fprintf(f, ", \"overlap\": %s, \"merge_hidden\": ", r->dist.overlap ? "true" : "false");
+        cli_json_number(f, sp > 0 ? 1.0 - sw / sp : NAN);
+    }
     fprintf(f, ", \"max_ranks\": %" PRId32 ", \"max_norm_error\": ", t.max_ranks);
     cli_json_number(f, t.worst_err);
     fprintf(f, "},\n    \"per_rank\": [");
@@ -788,6 +826,18 @@ static void json_ranks(FILE *f, const run_opts *o, const run_result *r)
                    ", \"bytes_received\": %" PRIu64 ", \"mean_step_ms\": ",
                 k->max_ranks, k->bytes_sent, k->bytes_received);
         cli_json_number(f, o->steps > 0 ? 1e3 * k->decode_s / steps : NAN);
+        fprintf(f, ", \"attend_ms_per_step\": ");
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->attend_s / steps : NAN);
+        fprintf(f, ", \"attend_compute_ms_per_step\": ");
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->start_s / steps : NAN);
+        fprintf(f, ", \"merge_exposed_ms_per_step\": ");
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->finish_s / steps : NAN);
+        fprintf(f, ", \"merge_wait_ms_per_step\": ");
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->merge_wait_s / steps : NAN);
+        fprintf(f, ", \"merge_posted_ms_per_step\": ");
+        cli_json_number(f, o->steps > 0 ? 1e3 * k->merge_posted_s / steps : NAN);
+        fprintf(f, ", \"merge_hidden\": ");
+        cli_json_number(f, k->merge_posted_s > 0 ? 1.0 - k->merge_wait_s / k->merge_posted_s : NAN);
         fprintf(f, ", \"max_norm_error\": ");
         cli_json_number(f, k->max_err);
         fprintf(f, ", \"pass\": %s}",

@@ -372,6 +372,8 @@ static void nccl_destroy(pikv_comm *c)
     c->impl = NULL;
 }
 
+/* No iallreduce / wait: pikv_comm_iallreduce falls back to the blocking allreduce at post
+   time, so pikv_cache_attend_start / _finish work over NCCL without overlapping the merge. */
 static const pikv_comm_iface nccl_iface = {
     .allreduce = nccl_allreduce,
     .destroy = nccl_destroy,

@@ -355,6 +355,39 @@ typedef struct pikv_attend_batch {
 PIKV_API pikv_status pikv_cache_attend(pikv_cache *cache, int32_t layer,
                                        const pikv_attend_batch *batch);
 
+/* Experimental: an attend in two halves, so that over ranks (params.comm) the merge
+ * of the ranks' partials of one layer is in flight while the caller goes on (plans
+ * and runs the next layer's kernels). start validates (exchanging every rank's
+ * verdict), plans, runs this rank's kernels, takes the small MAX step of the merge
+ * and posts its large SUM step without waiting for it; finish waits for it, writes
+ * batch->out and batch->lse and updates the statistics (pikv_cache_get_stats,
+ * pikv_cache_dist_stats' last_* including last_merge_wait_s/last_merge_posted_s)
+ * as pikv_cache_attend does, then frees the request. pikv_cache_attend is start +
+ * finish without anything in between.
+ *  - Until finish returns, batch->out and batch->lse must stay valid and must not be
+ *    read (over ranks they hold this rank's partial) and the arrays of the batch
+ *    (seq_ids, experts) must stay valid and unchanged; the batch struct itself and
+ *    batch->select are copied by start.
+ *  - Over ranks, start is collective (every rank starts the same layers in the same
+ *    order, like pikv_cache_attend); finish only waits. Several requests may be
+ *    outstanding (e.g. start(l + 1) before finish(l)); they finish in the order they
+ *    were started: finishing another one first fails with PIKV_ERR_INVALID_ARGUMENT
+ *    and leaves that request outstanding. Between start and finish nothing may change
+ *    the pages of the request's layer: no append to that layer, no sequence add,
+ *    remove, copy or trim, no rebalance; attends, pikv_route and appends to other
+ *    layers are fine (eviction is per layer). Finish every request before destroying
+ *    the cache.
+ *  - A failing start (on any rank: every rank fails alike) returns no request
+ *    (*req = NULL). A failing finish (a broken communicator) still frees the
+ *    request. finish(NULL) returns PIKV_ERR_INVALID_ARGUMENT.
+ *  - With one process, or with measurement (select.measure, which needs the merged
+ *    output), start does all the work and finish only frees. */
+typedef struct pikv_attend_request pikv_attend_request;
+PIKV_API pikv_status pikv_cache_attend_start(pikv_cache *cache, int32_t layer,
+                                             const pikv_attend_batch *batch,
+                                             pikv_attend_request **req);
+PIKV_API pikv_status pikv_cache_attend_finish(pikv_attend_request *req);
+
 typedef struct pikv_cache_stats {
     int64_t tokens;               /* stored, over all layers and sequences (a page shared
                                      by several sequences counts once) */
@@ -424,6 +457,14 @@ typedef struct pikv_cache_dist_stats {
                                      it gathered the pages read on other ranks instead */
     double last_ranks_per_query;  /* ranks whose pages the last attend read, per query */
     int32_t last_max_ranks;       /* the most ranks one query of the last attend touched */
+    /* The merge of the last attend's partials, its large step (the SUM of the weighted
+       outputs, posted non-blocking by pikv_cache_attend_start): merge_wait = seconds it
+       blocked this rank (posting it, and waiting for it in finish), merge_posted =
+       seconds from its post to the end of that wait. 1 - wait / posted is the share
+       hidden behind the work done between start and finish (about 0 for the blocking
+       pikv_cache_attend; 0 and 0 for one process or an attend without queries). */
+    double last_merge_wait_s;
+    double last_merge_posted_s;
 } pikv_cache_dist_stats;
 PIKV_API pikv_status pikv_cache_get_dist_stats(const pikv_cache *cache, pikv_cache_dist_stats *out);
 
