@@ -288,6 +288,53 @@ struct pikv_attend_request {
     double merge_wait_s, merge_posted_s;
 };
 
+/* Over ranks every rank must pass the same batch, or the merge mixes different
+   queries silently: a hash of the layer, the batch's sequences, experts, selection and
+   query values is compared over the ranks (one allreduce of two int64: MAX of h and
+   of -h gives the largest and the smallest). Every rank sees the same verdict. */
+static uint64_t hash_words(uint64_t h, const void *p, size_t bytes)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < bytes; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static uint64_t hash_floats(uint64_t h, const float *x, size_t n)
+{
+    /* the query values: one multiply per float, so a large batch costs little next to
+       reading its pages */
+    uint64_t a = h;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        a = (a ^ u) * 0x9e3779b97f4a7c15ull + i;
+    }
+    return a;
+}
+
+static pikv_status check_same_batch(pikv_cache *c, const char *fn, int32_t layer, const pikv_attend_batch *b,
+                                    const pikv_select_params *sel)
+{
+    const pikv_cache_params *p = &c->params;
+    uint64_t h = 0xcbf29ce484222325ull;
+    const int64_t head[2] = {layer, b->n_queries};
+    h = hash_words(h, head, sizeof head);
+    if (b->n_queries > 0) {
+        h = hash_words(h, b->seq_ids, (size_t)b->n_queries * sizeof(int32_t));
+        if (b->experts) h = hash_words(h, b->experts, (size_t)b->n_queries * (size_t)p->experts_per_token * sizeof(int32_t));
+        h = hash_floats(h, b->q, (size_t)b->n_queries * (size_t)p->n_q_heads * (size_t)p->head_dim);
+    }
+    const int64_t s4[4] = {sel->mode, sel->experts_top_k, sel->sink_tokens, sel->recent_tokens};
+    h = hash_words(h, s4, sizeof s4);
+    const int64_t hv = (int64_t)(h >> 1); /* non-negative, so -hv does not overflow */
+    int64_t mm[2] = {hv, -hv};
+    PIKV_FORWARD_IF_ERROR(pikv_comm_allreduce_i64(c->comm, mm, 2, PIKV_REDUCE_MAX));
+    PIKV_RETURN_ERROR_IF(mm[0] != -mm[1], c->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "%s: the ranks passed different batches (layer, sequences, experts, selection or query "
+                         "values differ): every rank must pass the same", fn);
+    return PIKV_OK;
+}
+
 /* The batch's q, out and lse are host memory (io == NULL) or in io's memory (zero
    copy). Zero copy runs the attention kernel on the engine's tensors when every page
    read lives on io and nothing on the host needs the output (no measurement); else
@@ -314,6 +361,7 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
        must not leave the others waiting in the merge */
     if (c->comm) vst = pikv_dist_sync_status(c, fn, vst);
     PIKV_FORWARD_IF_ERROR(vst);
+    if (c->comm) PIKV_FORWARD_IF_ERROR(check_same_batch(c, fn, layer, b, sel));
     r->b = *b;
     r->sel = *sel;
     sel = &r->sel;

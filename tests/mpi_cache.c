@@ -1090,7 +1090,20 @@ static void run_errors(void)
     st = pikv_cache_attend(w.dist, 0, &b);
     CHECK_STATUS_ALL(st, PIKV_ERR_INVALID_ARGUMENT, ctx, "attend, rank 1's q not finite");
     check_blame(ctx, bad, "attend q");
+    /* valid on every rank but not the same batch: a query value, a sequence id or the
+       layer differs on rank 1 alone (the merge would mix different queries) */
+    if (g_rank == bad) qn[7] = q[7] + 0.5f;
+    st = pikv_cache_attend(w.dist, 0, &b);
+    CHECK_STATUS_ALL(st, PIKV_ERR_INVALID_ARGUMENT, ctx, "attend, rank 1's q differs");
+    CHECKF(has_text(ctx, "different batches"), "message: %s", pikv_context_last_error(ctx));
     b.q = q;
+    int32_t seqd[4] = {0, 1, 2, g_rank == bad ? 1 : 0};
+    b.seq_ids = seqd;
+    st = pikv_cache_attend(w.dist, 0, &b);
+    CHECK_STATUS_ALL(st, PIKV_ERR_INVALID_ARGUMENT, ctx, "attend, rank 1's sequences differ");
+    b.seq_ids = seqs;
+    st = pikv_cache_attend(w.dist, g_rank == bad ? 1 : 0, &b);
+    CHECK_STATUS_ALL(st, PIKV_ERR_INVALID_ARGUMENT, ctx, "attend, rank 1's layer differs");
     int32_t seqb[4] = {0, 1, 2, g_rank == bad ? 8 : 0};
     b.seq_ids = seqb;
     st = pikv_cache_attend(w.dist, 0, &b);
