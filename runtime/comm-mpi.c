@@ -136,20 +136,24 @@ static size_t round_up8(size_t n) { return (n + 7) & ~(size_t)7; }
 
 /* ---- allreduce ------------------------------------------------------------ */
 
+static pikv_status mpi_op(pikv_comm *c, pikv_reduce_op op, MPI_Op *out)
+{
+    switch (op) {
+    case PIKV_REDUCE_SUM: *out = MPI_SUM; return PIKV_OK;
+    case PIKV_REDUCE_MAX: *out = MPI_MAX; return PIKV_OK;
+    case PIKV_REDUCE_MIN: *out = MPI_MIN; return PIKV_OK;
+    }
+    return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "MPI allreduce: unknown reduce op %d", (int)op);
+}
+
 static pikv_status mpi_allreduce_any(pikv_comm *c, void *buf, int64_t n, size_t elem,
                                      MPI_Datatype type, pikv_reduce_op op)
 {
     mpi_comm_impl *impl = (mpi_comm_impl *)c->impl;
     const char *what = "MPI_Iallreduce";
     if (n > INT_MAX) return mpi_count_fails(c, what, "the element count", -1, (uint64_t)n);
-    MPI_Op mop;
-    switch (op) {
-    case PIKV_REDUCE_SUM: mop = MPI_SUM; break;
-    case PIKV_REDUCE_MAX: mop = MPI_MAX; break;
-    case PIKV_REDUCE_MIN: mop = MPI_MIN; break;
-    default:
-        return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "MPI allreduce: unknown reduce op %d", (int)op);
-    }
+    MPI_Op mop = MPI_SUM;
+    PIKV_FORWARD_IF_ERROR(mpi_op(c, op, &mop));
     size_t bytes = (size_t)n * elem;
     PIKV_FORWARD_IF_ERROR(mpi_scratch(c, impl, bytes, what));
     memcpy(impl->scratch, buf, bytes);
@@ -186,14 +190,8 @@ static pikv_status mpi_iallreduce(pikv_comm *c, float *buf, int64_t n, pikv_redu
     mpi_comm_impl *impl = (mpi_comm_impl *)c->impl;
     const char *what = "MPI_Iallreduce (non-blocking)";
     if (n > INT_MAX) return mpi_count_fails(c, what, "the element count", -1, (uint64_t)n);
-    MPI_Op mop;
-    switch (op) {
-    case PIKV_REDUCE_SUM: mop = MPI_SUM; break;
-    case PIKV_REDUCE_MAX: mop = MPI_MAX; break;
-    case PIKV_REDUCE_MIN: mop = MPI_MIN; break;
-    default:
-        return PIKV_FAIL(c->ctx, PIKV_ERR_INTERNAL, "MPI iallreduce: unknown reduce op %d", (int)op);
-    }
+    MPI_Op mop = MPI_SUM;
+    PIKV_FORWARD_IF_ERROR(mpi_op(c, op, &mop));
     const size_t bytes = (size_t)n * sizeof(float);
     mpi_pending *p = pikv_host_alloc(c->ctx, sizeof *p, 16);
     unsigned char *stage = pikv_host_alloc(c->ctx, bytes, 64);
