@@ -16,6 +16,7 @@
  */
 #include "cache-impl.h"
 #include "comm.h"
+#include "f16.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -176,6 +177,37 @@ void pikv_dist_free(pikv_cache *c)
 
 /* ---- append -------------------------------------------------------------------- */
 
+/* One token's K then V rows (row floats each) on the wire, as f32 or f16 (wire bytes). */
+static void pack_row(unsigned char *dst, const float *k, const float *v, size_t row, size_t wire)
+{
+    if (wire == sizeof(float)) {
+        memcpy(dst, k, row * sizeof(float));
+        memcpy(dst + row * sizeof(float), v, row * sizeof(float));
+        return;
+    }
+    for (size_t i = 0; i < row; i++) {
+        const uint16_t hk = pikv_f32_to_f16(k[i]), hv = pikv_f32_to_f16(v[i]);
+        memcpy(dst + i * sizeof hk, &hk, sizeof hk);
+        memcpy(dst + (row + i) * sizeof hv, &hv, sizeof hv);
+    }
+}
+
+static void unpack_row(float *k, float *v, const unsigned char *src, size_t row, size_t wire)
+{
+    if (wire == sizeof(float)) {
+        memcpy(k, src, row * sizeof(float));
+        memcpy(v, src + row * sizeof(float), row * sizeof(float));
+        return;
+    }
+    for (size_t i = 0; i < row; i++) {
+        uint16_t hk, hv;
+        memcpy(&hk, src + i * sizeof hk, sizeof hk);
+        memcpy(&hv, src + (row + i) * sizeof hv, sizeof hv);
+        k[i] = pikv_f16_to_f32(hk);
+        v[i] = pikv_f16_to_f32(hv);
+    }
+}
+
 void pikv_dist_account(pikv_cache *c, uint64_t sent0, uint64_t recv0)
 {
     c->dist.last_bytes_sent = c->comm->bytes_sent - sent0;
@@ -227,11 +259,17 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
     PIKV_FORWARD_IF_ERROR(pikv_comm_allreduce_i64(comm, &has, 1, PIKV_REDUCE_MIN)); /* all ranks or none */
     const size_t n_ints = (size_t)N * (size_t)(3 + ept) + (size_t)n * (size_t)(1 + ept) + 3 * (size_t)c->n_shards + 4;
     int32_t *ints = pikv_host_calloc(ctx, n_ints, sizeof(int32_t));
-    float *send = NULL, *kv_own = NULL;
+    /* K/V rows travel in the pages' open precision: f16 for f16/int8/int4 caches (their
+       values are checked to fit f16, and f32 -> f16 -> f32 -> f16 rounds once, so the
+       owner stores the same bits as from f32), f32 otherwise */
+    const size_t wire = p->dtype == PIKV_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    const int64_t row_bytes = (int64_t)(2 * row * wire); /* one token's K and V on the wire */
+    unsigned char *send = NULL;
+    float *kv_own = NULL;
     st = ints ? PIKV_OK : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: metadata of %lld tokens: allocation failed", fn,
                                      (long long)N);
     if (st == PIKV_OK) {
-        send = pikv_host_alloc(ctx, ((size_t)n ? (size_t)n : 1) * 2 * row * sizeof(float), 64);
+        send = pikv_host_alloc(ctx, ((size_t)n ? (size_t)n : 1) * (size_t)row_bytes, 64);
         if (!send)
             st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: K/V routing buffer for %d tokens: allocation failed", fn,
                            n);
@@ -262,19 +300,17 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
         for (int32_t r = 0; r < R; r++)
             for (int64_t t = offset[r]; t < offset[r + 1]; t++) {
                 const int32_t owner = place[shard_of[t]] / c->n_local;
-                if (r == me) send_counts[owner] += (int64_t)(2 * row * sizeof(float));
-                if (owner == me) recv_counts[r] += (int64_t)(2 * row * sizeof(float));
+                if (r == me) send_counts[owner] += row_bytes;
+                if (owner == me) recv_counts[r] += row_bytes;
             }
         /* pack this rank's rows by owner, each as K then V, in token order */
         int64_t cursor[PIKV_MAX_DEVICES + 1];
         cursor[0] = 0;
-        for (int32_t r = 0; r < R; r++) cursor[r + 1] = cursor[r] + send_counts[r] / (int64_t)sizeof(float);
+        for (int32_t r = 0; r < R; r++) cursor[r + 1] = cursor[r] + send_counts[r];
         for (int32_t i = 0; i < n; i++) {
             const int32_t owner = place[shard_of[offset[me] + i]] / c->n_local;
-            float *dst = send + cursor[owner];
-            memcpy(dst, k + (size_t)i * row, row * sizeof(float));
-            memcpy(dst + row, v + (size_t)i * row, row * sizeof(float));
-            cursor[owner] += (int64_t)(2 * row);
+            pack_row(send + cursor[owner], k + (size_t)i * row, v + (size_t)i * row, row, wire);
+            cursor[owner] += row_bytes;
         }
         for (int32_t r = 0; r < R; r++)
             if (r != me) kv_sent += (uint64_t)send_counts[r];
@@ -282,7 +318,7 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
         int64_t recv_total = 0, owned = 0;
         for (int32_t r = 0; r < R; r++) recv_total += recv_counts[r];
         for (int64_t t = 0; t < N; t++) row_of[t] = place[shard_of[t]] / c->n_local == me ? (int32_t)owned++ : -1;
-        float *recv = pikv_host_alloc(ctx, (size_t)(recv_total ? recv_total : 1), 64);
+        unsigned char *recv = pikv_host_alloc(ctx, (size_t)(recv_total ? recv_total : 1), 64);
         kv_own = pikv_host_alloc(ctx, (size_t)(owned ? owned : 1) * 2 * row * sizeof(float), 64);
         st = recv && kv_own ? PIKV_OK
                             : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: %lld bytes of received K/V rows: "
@@ -293,12 +329,11 @@ static pikv_status dist_append(pikv_cache *c, const char *fn, int32_t layer, int
             /* unpack: from each rank, the tokens owned here in its token order, which
                is global token order, so row_of's rows */
             float *K = kv_own, *V = kv_own + (size_t)owned * row;
-            const float *at = recv;
+            const unsigned char *at = recv;
             for (int64_t t = 0; t < N; t++) {
                 if (row_of[t] < 0) continue;
-                memcpy(K + (size_t)row_of[t] * row, at, row * sizeof(float));
-                memcpy(V + (size_t)row_of[t] * row, at + row, row * sizeof(float));
-                at += 2 * row;
+                unpack_row(K + (size_t)row_of[t] * row, V + (size_t)row_of[t] * row, at, row, wire);
+                at += row_bytes;
             }
         }
         pikv_host_free(ctx, recv);

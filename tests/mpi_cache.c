@@ -452,7 +452,7 @@ static void step_append(world *w, int layer, int seq, tu_rng *r, int max_n)
 
     /* K/V rows sent: this rank's rows owned elsewhere; over all ranks, every row whose
        owner is not the rank that passed it */
-    const uint64_t row_bytes = 2ull * row * sizeof(float);
+    const uint64_t row_bytes = 2ull * row * (w->p.dtype == PIKV_DTYPE_F32 ? 4u : 2u); /* f16 on the wire unless f32 pages */
     uint64_t mine = 0, total = 0;
     for (int q = 0; q < P; q++)
         for (int64_t i = off[q]; i < off[q + 1]; i++) {

@@ -542,12 +542,14 @@ void run_print_ranks(const run_opts *o, const run_result *r)
         printf(", %s --max-imbalance %g", run_ranks_balanced(o, r) ? "within" : "EXCEEDS",
                o->max_imbalance);
     printf("\n");
+    /* rows travel in the pages' open precision: f32 for f32 pages, f16 otherwise */
+    const double wire = o->dtype == PIKV_DTYPE_F32 ? 4.0 : 2.0;
     const double appended = (double)o->seqs * (double)o->context * (double)o->layers *
-                            (double)o->kv_heads * (double)o->head_dim * 2.0 * 4.0;
-    printf("  prefill K/V        %.2f MiB of f32 rows sent to their owner (%.1f%% of the %.2f MiB "
+                            (double)o->kv_heads * (double)o->head_dim * 2.0 * wire;
+    printf("  prefill K/V        %.2f MiB of %s rows sent to their owner (%.1f%% of the %.2f MiB "
            "appended); all prefill collectives %.2f MiB sent\n",
-           t.prefill_kv / 1048576.0, appended > 0 ? 100.0 * t.prefill_kv / appended : 0.0,
-           appended / 1048576.0, t.prefill_sent / 1048576.0);
+           t.prefill_kv / 1048576.0, wire == 4.0 ? "f32" : "f16",
+           appended > 0 ? 100.0 * t.prefill_kv / appended : 0.0, appended / 1048576.0, t.prefill_sent / 1048576.0);
     if (o->steps > 0) {
         printf("  decode traffic     %.2f KiB sent per step over all ranks: attends %.2f KiB, "
                "appends %.2f KiB (K/V rows %.2f KiB)\n",
