@@ -55,6 +55,9 @@ typedef struct pikv_page_meta {
     int32_t use_count;/* attend calls that read it */
     int64_t last_use; /* the layer's attend clock when last read (or created) */
     uint64_t expert_mask; /* bit (e mod 64) set for each row's top-1 expert e */
+    /* c->write_seq when the page's bytes or rows last changed (pikv_page_touch):
+       an incremental checkpoint writes the pages changed since the previous one */
+    uint64_t mod_seq;
 } pikv_page_meta;
 
 /* ---- page_pool.c: one device's page storage ------------------------------ */
@@ -172,6 +175,9 @@ struct pikv_cache {
        which finish in the order started */
     int64_t attend_started, attend_finished;
 
+    /* checkpoints (stream.c): bumped at every page change (pikv_page_touch) */
+    uint64_t write_seq;
+
     /* stats */
     int64_t pages_live;
     int64_t evicted_pages, evicted_tokens;
@@ -270,6 +276,20 @@ pikv_status pikv_page_ids_reserve(pikv_cache *c, int64_t n);
 uint32_t pikv_page_id_take(pikv_cache *c);
 /* Drop one reference; the last one frees the slot and id and updates counters. */
 void pikv_page_unref(pikv_cache *c, uint32_t id);
+
+/* A page's bytes or rows changed (append, copy, quantize, restore; not moves between
+   slots, devices or tiers, which keep its content). */
+static inline void pikv_page_touch(pikv_cache *c, uint32_t id) { c->pages[id].mod_seq = ++c->write_seq; }
+
+/* ---- tier.c: where a page's bytes are ---------------------------------------------- */
+/* The page's bytes (page_bytes of its layout: pikv_layout_of) into host memory dst,
+   wherever the page lives. */
+pikv_status pikv_page_read_bytes(pikv_cache *c, uint32_t id, void *dst);
+/* Make room for n new resident pages of the open (quant 0) or quantized pool of device
+   dev, demoting pages when tiers hold the device to a byte budget. Nothing to do without
+   tiers. Demotion moves pages without changing what they hold, so a caller that fails
+   afterwards has still changed nothing observable but the tier statistics. */
+pikv_status pikv_tier_reserve(pikv_cache *c, int32_t dev, int32_t quant, int64_t n);
 
 /* ---- sequence.c ------------------------------------------------------------------- */
 /* OUT_OF_RANGE or NOT_FOUND (with a message starting with `what`) unless seq exists. */

@@ -72,6 +72,8 @@ pikv_cache_params pikv_cache_default_params(void)
     p.evict.alpha_frequency = 0.2f;
     p.route.lambda = 0.0f;
     p.route.miss_decay = 0.9f;
+    p.tiers.numa_node = -1;
+    p.tiers.prefetch = 1;
     return p;
 }
 
@@ -111,6 +113,8 @@ static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p
                          "n_devices = %d but devices is NULL", p->n_devices);
     PIKV_RETURN_ERROR_IF(p->n_devices == 0 && p->devices, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "devices is set but n_devices = 0");
+    PIKV_RETURN_ERROR_IF(p->tiers.enabled, ctx, PIKV_ERR_UNSUPPORTED,
+                         "tiers.enabled = %d: memory tiers are not built yet", p->tiers.enabled);
     return PIKV_OK;
 }
 

@@ -261,6 +261,34 @@ typedef struct pikv_route_params {
                                   the layer, in [0, 1]; default 0.9 */
 } pikv_route_params;
 
+/* Memory tiers: device -> host -> disk (docs/tiers.md). With tiers on, a page never
+   leaves the cache for lack of room: eviction under the per-layer budgets and a device
+   over device_bytes demote the coldest full pages to host memory, and the host tier over
+   host_bytes demotes to disk. Every demoted page keeps its Quest bounds in host memory,
+   so selection scores it like a resident one; attend fetches the demoted pages it reads
+   (overlapping the fetch with attention over the resident pages), promotes the ones it
+   reads again, and prefetches what the next layer read at the last step. Results equal
+   those of a cache holding everything on the device. */
+typedef struct pikv_tier_params {
+    int32_t enabled;              /* nonzero: tiers on (all other fields are then checked) */
+    uint64_t device_bytes;        /* page bytes per device the tier keeps resident, staging
+                                     slots for fetched pages included; 0 = no limit (pages are
+                                     demoted only by eviction) */
+    uint64_t host_bytes;          /* host tier bytes; 0 = no limit */
+    uint64_t disk_bytes;          /* disk tier bytes; 0 = no disk tier (a full host tier then
+                                     fails with PIKV_ERR_CAPACITY) */
+    const char *disk_dir;         /* directory of the disk tier's files, which the cache
+                                     creates (unlinked at once: nothing is left behind after
+                                     a crash); NULL = $TMPDIR or /tmp. Copied at create. */
+    int32_t numa_node;            /* bind host tier memory to this NUMA node (CXL expanders
+                                     appear as CPU-less nodes); -1 = no binding. Needs libnuma
+                                     at build time, else PIKV_ERR_UNSUPPORTED */
+    int32_t prefetch;             /* nonzero (default): prefetch pages the next step likely reads */
+    int32_t staging_pages;        /* device slots for fetched pages per device and pool;
+                                     0 = automatic (a quarter of the device's resident pages,
+                                     at least 1) */
+} pikv_tier_params;
+
 typedef struct pikv_cache_params {
     /* Geometry */
     int32_t n_layers;
@@ -290,6 +318,8 @@ typedef struct pikv_cache_params {
     pikv_budget_params budget;
     pikv_evict_params evict;
     pikv_route_params route;
+    /* Memory tiers (experimental; docs/tiers.md). Off by default. */
+    pikv_tier_params tiers;
     /* Distribution (experimental; docs/distributed.md). NULL: one process. Else the
        cache spans the communicator's ranks: every rank creates it with the same
        parameters (devices and n_devices name this rank's own devices, the same
@@ -539,6 +569,87 @@ PIKV_API pikv_status pikv_cache_trim(pikv_cache *cache);
 PIKV_API pikv_status pikv_cache_shard_info(const pikv_cache *cache, int32_t layer,
                                            int32_t shard, int32_t *device, int64_t *pages,
                                            int64_t *tokens);
+
+/* ---- Memory tiers (docs/tiers.md) ------------------------------------------ */
+typedef struct pikv_tier_stats {
+    int32_t enabled;
+    int32_t numa_node;            /* node the host tier is bound to; -1 = none */
+    /* pages and page bytes held in each tier now (a quantized page counts its own size) */
+    int64_t device_pages, host_pages, disk_pages;
+    uint64_t device_bytes, host_bytes, disk_bytes;
+    uint64_t staging_bytes;       /* device bytes of the staging slots */
+    /* since creation */
+    int64_t demotions;            /* page moves to a farther tier (device->host, host->disk) */
+    int64_t promotions;           /* page moves to a nearer tier */
+    int64_t fetches;              /* demoted pages attend calls read (copied to a device) */
+    int64_t prefetches;           /* pages the prefetcher moved nearer ahead of use */
+    int64_t prefetch_hits;        /* fetches whose page a prefetch had already moved nearer */
+    double prefetch_hit_rate;     /* prefetch_hits / fetches; -1 before the first fetch */
+    double fetch_stall_s;         /* seconds attend calls waited for demoted pages' data */
+    uint64_t disk_bytes_read, disk_bytes_written;
+    /* the last attend call */
+    int64_t last_fetches;
+    double last_fetch_stall_s;
+} pikv_tier_stats;
+PIKV_API pikv_status pikv_cache_get_tier_stats(const pikv_cache *cache, pikv_tier_stats *out);
+
+/* ---- Checkpoints and streaming (docs/stream.md) --------------------------
+ * The format is little-endian and independent of the backend: a cache saved from CUDA
+ * restores on the CPU or Vulkan. A stream is a header (geometry, dtype, policy
+ * parameters and state) followed by records, each with a CRC32C: one per page (its
+ * bytes and metadata), the sequences' page tables, and a commit record. Not over ranks
+ * (params.comm): PIKV_ERR_UNSUPPORTED. */
+typedef enum pikv_checkpoint_mode {
+    PIKV_CHECKPOINT_FULL = 0,        /* a new file with every page, written to a temporary
+                                        file, fsynced and renamed over path */
+    PIKV_CHECKPOINT_INCREMENTAL = 1  /* append to path (which must hold this cache's last
+                                        checkpoint) the pages changed since then, then a
+                                        commit record, fsynced; a crash before the commit
+                                        leaves the previous checkpoint the latest */
+} pikv_checkpoint_mode;
+
+typedef struct pikv_checkpoint_stats {
+    uint64_t generation;          /* this checkpoint's number in its file (1 = full) */
+    int64_t pages_written;        /* page records written */
+    int64_t pages_total;          /* pages the checkpoint holds */
+    uint64_t bytes_written;
+    double seconds;
+} pikv_checkpoint_stats;
+
+/* Writes a checkpoint of the whole cache to path. stats may be NULL. The cache is
+   unchanged, whatever happens; on failure path still holds the previous checkpoint. */
+PIKV_API pikv_status pikv_cache_checkpoint(pikv_cache *cache, const char *path, pikv_checkpoint_mode mode,
+                                           pikv_checkpoint_stats *stats);
+
+/* What a restore did. failed_seq/failed_layer are the caller's arrays of failed_cap
+   entries (may be NULL with failed_cap 0); n_failed counts every (sequence, layer) pair
+   that could not be restored (a damaged record it references), even past failed_cap. */
+typedef struct pikv_restore_report {
+    uint64_t generation;          /* the committed checkpoint restored */
+    int32_t sequences;            /* sequences restored (possibly with failed layers) */
+    int64_t pages;                /* pages restored */
+    int64_t bad_records;          /* records that failed validation */
+    int32_t *failed_seq;
+    int32_t *failed_layer;
+    int32_t failed_cap;
+    int32_t n_failed;
+} pikv_restore_report;
+
+/* Restores the latest committed checkpoint of path into cache, which must hold no
+   sequence and have the checkpoint's geometry (layers, heads, head_dim, experts,
+   page_size, dtype, quant_group, placement, shards); its devices, backends and capacity
+   may differ. Everything is read and validated before the cache is touched: a file
+   that cannot be trusted (truncated header, bad CRC in the header or the page tables,
+   wrong version or geometry) fails with the cache unchanged. A damaged page record
+   costs only the (sequence, layer) pairs that reference it: they are restored empty
+   and listed in report (may be NULL), and the call returns PIKV_OK. */
+PIKV_API pikv_status pikv_cache_restore(pikv_cache *cache, const char *path, pikv_restore_report *report);
+
+/* The same records over a file descriptor (a pipe or a socket): stream_out writes one
+   full checkpoint to fd, stream_in reads one into an empty cache, as restore does, so a
+   cache can move to another process or machine. Neither closes fd. */
+PIKV_API pikv_status pikv_cache_stream_out(pikv_cache *cache, int fd, pikv_checkpoint_stats *stats);
+PIKV_API pikv_status pikv_cache_stream_in(pikv_cache *cache, int fd, pikv_restore_report *report);
 
 /* ---- Zero copy (docs/api.md, "Zero copy (experimental)") ----------------
  * An engine that keeps K, V, Q and the attention output in device memory hands
