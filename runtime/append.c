@@ -411,6 +411,7 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
                     m->expert_mask |= 1ull << (e % 64);
                 }
                 m->n_tokens += rows;
+                pikv_page_touch(c, id);
                 c->devs[m->dev].tokens += rows;
                 sh->tokens += rows;
                 done += rows;
@@ -430,6 +431,7 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
             open_pool->tokens -= m->n_tokens;
             m->slot = plan.qslots[i];
             m->quant = 1;
+            pikv_page_touch(c, plan.full_ids[i]);
             qpool->pages_used++;
             qpool->tokens += m->n_tokens;
             c->layer_qpages[layer]++;

@@ -175,8 +175,19 @@ struct pikv_cache {
        which finish in the order started */
     int64_t attend_started, attend_finished;
 
-    /* checkpoints (stream.c): bumped at every page change (pikv_page_touch) */
+    /* ---- checkpoints (stream.c, docs/stream.md) ----
+       write_seq is bumped at every page change (pikv_page_touch); the rest is the
+       bookkeeping of the last committed checkpoint file, which an incremental
+       checkpoint must append to (ckpt_valid false: none yet, or a restore) */
     uint64_t write_seq;
+    uint8_t cache_id[16];     /* random identity made at create, written in every header */
+    bool ckpt_valid;
+    uint64_t ckpt_dev, ckpt_ino; /* st_dev/st_ino of that file */
+    uint64_t ckpt_generation; /* its last committed generation */
+    uint64_t ckpt_write_seq;  /* write_seq when that generation was written */
+    uint64_t ckpt_end;        /* its bytes through that generation's commit record */
+    int64_t ckpt_fault_after; /* tests (runtime/stream.h): fail the write after this many
+                                 bytes of a checkpoint; -1 = never */
 
     /* stats */
     int64_t pages_live;
@@ -294,6 +305,14 @@ pikv_status pikv_tier_reserve(pikv_cache *c, int32_t dev, int32_t quant, int64_t
 /* ---- sequence.c ------------------------------------------------------------------- */
 /* OUT_OF_RANGE or NOT_FOUND (with a message starting with `what`) unless seq exists. */
 pikv_status pikv_seq_check(const pikv_cache *c, int32_t seq, const char *what);
+/* A sequence's page tables: [n_layers] layers and their [n_shards] rings, one block
+   (zeroed); NULL when out of memory. Freed with pikv_seq_layers_free (rings too). */
+pikv_seq_layer *pikv_seq_layers_alloc(pikv_cache *c);
+void pikv_seq_layers_free(pikv_cache *c, pikv_seq_layer *layers);
+
+/* ---- stream.c --------------------------------------------------------------------- */
+/* The checkpoint identity of a new cache (a random 128-bit id). */
+void pikv_stream_cache_init(pikv_cache *c);
 
 /* ---- policies ------------------------------------------------------------------ */
 /* budget.c: validate the policy parameters and set layer_budget. */

@@ -265,6 +265,7 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         }
     }
     pikv_placement_init(c);
+    pikv_stream_cache_init(c);
     st = pikv_policies_init(c);
     if (p->comm) st = pikv_dist_sync_status_comm(p->comm, ctx, "pikv_cache_create", st);
     if (st != PIKV_OK) {

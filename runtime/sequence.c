@@ -25,7 +25,7 @@ pikv_status pikv_seq_check(const pikv_cache *c, int32_t seq, const char *what)
 }
 
 /* One block holds the layers and all their rings. */
-static pikv_seq_layer *alloc_seq_layers(pikv_cache *c)
+pikv_seq_layer *pikv_seq_layers_alloc(pikv_cache *c)
 {
     const size_t nl = (size_t)c->params.n_layers, ns = (size_t)c->n_shards;
     size_t bytes = nl * sizeof(pikv_seq_layer) + nl * ns * sizeof(pikv_ring);
@@ -36,7 +36,7 @@ static pikv_seq_layer *alloc_seq_layers(pikv_cache *c)
     return layers;
 }
 
-static void free_seq_layers(pikv_cache *c, pikv_seq_layer *layers)
+void pikv_seq_layers_free(pikv_cache *c, pikv_seq_layer *layers)
 {
     if (!layers) return;
     for (int32_t l = 0; l < c->params.n_layers; l++)
@@ -50,7 +50,7 @@ pikv_status pikv_seq_add(pikv_cache *c, int32_t seq)
     PIKV_FORWARD_IF_ERROR(check_seq_id(c, seq, "pikv_seq_add:"));
     PIKV_RETURN_ERROR_IF(c->seqs[seq].active, c->ctx, PIKV_ERR_EXISTS,
                          "pikv_seq_add: sequence %d already exists", seq);
-    pikv_seq_layer *layers = alloc_seq_layers(c);
+    pikv_seq_layer *layers = pikv_seq_layers_alloc(c);
     pikv_status st = layers ? PIKV_OK
                             : PIKV_FAIL(c->ctx, PIKV_ERR_OUT_OF_MEMORY,
                                         "pikv_seq_add: page tables of sequence %d: allocation failed", seq);
@@ -58,7 +58,7 @@ pikv_status pikv_seq_add(pikv_cache *c, int32_t seq)
        sequence it lacks: all add it or none does */
     st = pikv_dist_sync_status(c, "pikv_seq_add", st);
     if (st != PIKV_OK) {
-        free_seq_layers(c, layers);
+        pikv_seq_layers_free(c, layers);
         return st;
     }
     c->seqs[seq].layers = layers;
@@ -77,7 +77,7 @@ pikv_status pikv_seq_remove(pikv_cache *c, int32_t seq)
             const pikv_ring *ring = &s->layers[l].rings[k];
             for (int64_t i = 0; i < ring->count; i++) pikv_page_unref(c, pikv_ring_at(ring, i));
         }
-    free_seq_layers(c, s->layers);
+    pikv_seq_layers_free(c, s->layers);
     s->layers = NULL;
     s->active = false;
     c->n_seqs--;
@@ -148,7 +148,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     /* Over ranks (every rank runs this with the same arguments) the status is
        exchanged after the reservations and after the copies, so all ranks commit or
        all undo; a path that fails early makes the exchanges the others make. */
-    pikv_seq_layer *layers = alloc_seq_layers(c);
+    pikv_seq_layer *layers = pikv_seq_layers_alloc(c);
     if (!layers) {
         pikv_status fail = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY,
                                      "pikv_seq_copy_prefix: page tables of sequence %d: allocation failed", dst);
@@ -168,7 +168,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     st = pikv_dist_sync_status(c, "pikv_seq_copy_prefix", st); /* exchange 1 */
     if (st != PIKV_OK) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
-        free_seq_layers(c, layers);
+        pikv_seq_layers_free(c, layers);
         return st;
     }
 
@@ -177,7 +177,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     uint32_t *copy_ids = pikv_host_calloc(ctx, (size_t)(total_copies ? total_copies : 1), sizeof(uint32_t));
     if (!copy_ids) {
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
-        free_seq_layers(c, layers);
+        pikv_seq_layers_free(c, layers);
         return pikv_dist_sync_status(c, "pikv_seq_copy_prefix", /* exchange 2 */
                                      PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_seq_copy_prefix: allocation failed"));
     }
@@ -219,7 +219,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
             c->free_ids[c->n_free_ids++] = copy_ids[i];
         }
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
-        free_seq_layers(c, layers);
+        pikv_seq_layers_free(c, layers);
         pikv_host_free(ctx, copy_ids);
         return st;
     }
@@ -244,6 +244,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 uint32_t nid = copy_ids[next_copy++];
                 pikv_page_meta *m = &c->pages[nid];
                 m->refs = 1;
+                pikv_page_touch(c, nid);
                 pikv_ring_push(&dl->rings[k], nid);
                 pikv_page_pool *pool = &c->devs[m->dev];
                 pool->pages_used++;
