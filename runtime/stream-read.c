@@ -670,7 +670,9 @@ static pikv_status make_plan(parse *p, plan *pl, pikv_restore_report *report)
     reader *r = p->r;
     const pikv_cache_params *cp = &c->params;
     const uint64_t nl = (uint64_t)cp->n_layers, ne = (uint64_t)cp->n_experts;
-    const uint64_t fixed = PIKV_TABLES_COUNTERS_BYTES + nl * PIKV_TABLES_LAYER_BYTES + nl * ne * PIKV_TABLES_EXPERT_BYTES;
+    const uint64_t ns = (uint64_t)c->n_shards;
+    const uint64_t fixed = PIKV_TABLES_COUNTERS_BYTES + nl * PIKV_TABLES_LAYER_BYTES +
+                           nl * ne * PIKV_TABLES_EXPERT_BYTES + 4 + nl * ns * 4;
     cursor k = {p->tables, p->tables_len, fixed};
     if (p->tables_len < fixed + 4)
         return TABLES_FAIL(p, "%s: %s: page tables of %llu bytes, less than the %llu of this geometry", r->fn, r->name,
@@ -750,8 +752,19 @@ static pikv_status apply(parse *p, plan *pl)
     /* devices: a shard's device in the target cache; BALANCED shards not placed yet go
        where pikv_placement_pick_device would put them */
     int64_t pending[PIKV_MAX_DEVICES] = {0}, qpending[PIKV_MAX_DEVICES] = {0};
+    const uint64_t hint_at = PIKV_TABLES_COUNTERS_BYTES + (uint64_t)nl * PIKV_TABLES_LAYER_BYTES +
+                             (uint64_t)nl * (uint64_t)cp->n_experts * PIKV_TABLES_EXPERT_BYTES;
+    const bool same_devs = (int32_t)pikv_get_u32(p->tables + hint_at) == c->n_devs;
     for (int32_t l = 0; l < nl; l++)
-        for (int32_t s = 0; s < ns; s++) pl->shard_dev[(size_t)l * (size_t)ns + (size_t)s] = pikv_cache_shard(c, l, s)->dev;
+        for (int32_t s = 0; s < ns; s++) {
+            const size_t i = (size_t)l * (size_t)ns + (size_t)s;
+            const int32_t hint = (int32_t)pikv_get_u32(p->tables + hint_at + 4 + 4 * i);
+            int32_t d = pikv_cache_shard(c, l, s)->dev;
+            /* BALANCED shards not placed yet: where they were when the checkpoint holds as
+               many devices (so attend merges alike), else where a new shard would go */
+            if (d < 0 && same_devs && hint >= 0 && hint < c->n_devs) d = hint;
+            pl->shard_dev[i] = d;
+        }
     for (uint32_t e = 0; e < pl->n_pages; e++) {
         if (pl->refs[e] == 0) continue;
         const page_rec *pr = &p->recs[pl->rec_of[e]];

@@ -209,7 +209,7 @@ static pikv_status encode_tables(pikv_cache *c, const char *fn, uint8_t **out, u
     const pikv_cache_params *p = &c->params;
     const uint64_t nl = (uint64_t)p->n_layers, ne = (uint64_t)p->n_experts, ns = (uint64_t)c->n_shards;
     uint64_t len = PIKV_TABLES_COUNTERS_BYTES + nl * PIKV_TABLES_LAYER_BYTES + nl * ne * PIKV_TABLES_EXPERT_BYTES +
-                   4 + (uint64_t)c->pages_live * PIKV_TABLES_PAGE_BYTES + 4;
+                   4 + nl * ns * 4 + 4 + (uint64_t)c->pages_live * PIKV_TABLES_PAGE_BYTES + 4;
     for (int32_t q = 0; q < p->max_sequences; q++) {
         if (!c->seqs[q].active) continue;
         len += 4 + nl * 16 + nl * ns * 4;
@@ -248,6 +248,9 @@ static pikv_status encode_tables(pikv_cache *c, const char *fn, uint8_t **out, u
         PUT64(c->expert_routed[i]);
         PUT64(c->expert_top1[i]);
     }
+    /* where the shards are: a restore onto as many devices puts them there again */
+    PUT32(c->n_devs);
+    for (uint64_t i = 0; i < nl * ns; i++) PUT32(c->shards[i].dev);
     PUT32(c->pages_live);
     for (int64_t id = 0; id < c->pages_high; id++) {
         const pikv_page_meta *m = &c->pages[id];
