@@ -495,8 +495,10 @@ static pikv_status parse_all(parse *p)
             if (r->stream) return PIKV_OK; /* one stream ends at its commit */
             continue;
         }
+        /* the commit covers the records' framing (type, length), not their CRCs: a PAGE
+           record damaged anywhere, its CRC included, costs only that page */
         p->seg_records++;
-        p->seg_crc = pikv_crc32c(p->seg_crc, tail, sizeof tail);
+        p->seg_crc = pikv_crc32c(p->seg_crc, head, sizeof head);
         if (type == PIKV_REC_TABLES) {
             pikv_host_free(ctx, p->pend_tables);
             p->pend_tables = payload;

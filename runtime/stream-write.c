@@ -129,9 +129,9 @@ static pikv_status put_record(writer *w, uint32_t type, const uint8_t *payload, 
     PIKV_FORWARD_IF_ERROR(put(w, head, sizeof head));
     PIKV_FORWARD_IF_ERROR(put(w, payload, (size_t)len));
     PIKV_FORWARD_IF_ERROR(put(w, tail, sizeof tail));
-    if (type != PIKV_REC_COMMIT) { /* the commit covers the CRCs of the records before it */
+    if (type != PIKV_REC_COMMIT) { /* the commit covers the framing of the records before it */
         w->seg_records++;
-        w->seg_crc = pikv_crc32c(w->seg_crc, tail, sizeof tail);
+        w->seg_crc = pikv_crc32c(w->seg_crc, head, sizeof head);
     }
     return PIKV_OK;
 }
