@@ -4,13 +4,15 @@
  * Nth and every later one. Every failing call must return PIKV_ERR_OUT_OF_MEMORY, free what it
  * allocated, and leave the cache unchanged (stats, device memory, lengths, shard info, attend
  * output bitwise) and usable. Covered: context create, cache create, seq_add, append (new pages
- * in several shards and devices), copy_prefix, attend, rebalance, seq_remove, cache_free.
+ * in several shards and devices), copy_prefix, attend, rebalance, checkpoints (FULL and
+ * INCREMENTAL) and restore (the target stays empty), seq_remove, cache_free.
  * The hook also counts live allocations: zero after pikv_context_free (a leak check that does
  * not depend on ASan), and every free must be of a pointer the hook returned.
  */
 #include "test-util.h"
 
 #include <pthread.h>
+#include <unistd.h>
 
 typedef struct hook {
     pthread_mutex_t mu;
@@ -251,6 +253,37 @@ static pikv_status op_remove(void *a)
     return pikv_seq_remove(e->cache, e->seq);
 }
 
+/* checkpoints and restore (docs/stream.md) */
+static char ckpt_path[512];
+static pikv_cache *restore_target;
+
+static pikv_status op_checkpoint_full(void *a)
+{
+    env *e = a;
+    return pikv_cache_checkpoint(e->cache, ckpt_path, PIKV_CHECKPOINT_FULL, NULL);
+}
+
+static pikv_status op_checkpoint_incremental(void *a)
+{
+    env *e = a;
+    return pikv_cache_checkpoint(e->cache, ckpt_path, PIKV_CHECKPOINT_INCREMENTAL, NULL);
+}
+
+static pikv_status op_restore(void *a)
+{
+    (void)a;
+    return pikv_cache_restore(restore_target, ckpt_path, NULL);
+}
+
+static void fail_restore(void *a)
+{
+    (void)a;
+    pikv_cache_stats st;
+    CHECK_OK(pikv_cache_get_stats(restore_target, &st));
+    CHECKF(st.sequences == 0 && st.pages == 0, "a failed restore left %d sequences, %lld pages", st.sequences,
+           (long long)st.pages);
+}
+
 static void gen_append(env *e, int layer, int seq, int64_t n, int only_expert)
 {
     size_t row = (size_t)e->p.n_kv_heads * e->p.head_dim;
@@ -439,6 +472,30 @@ static void scenario(int rest)
         retry("rebalance", e.cache, &e.p, rest, op_rebalance, &e, NULL);
         CHECKF(e.moved > 0, "rebalance moved %lld pages", (long long)e.moved);
         TU_CHECK_ALL(e.cache, &e.m, &e.r);
+    }
+
+    /* checkpoints (FULL, then INCREMENTAL after an append) and a restore into a second
+       cache: each fails cleanly at every allocation; the restore target stays empty */
+    tu_set_case("checkpoint and restore, %s", mode);
+    {
+        char dir[] = "/tmp/pikv-alloc-XXXXXX";
+        if (CHECK(mkdtemp(dir) != NULL)) {
+            snprintf(ckpt_path, sizeof ckpt_path, "%s/ck.pikv", dir);
+            int tries = retry("checkpoint FULL", e.cache, &e.p, rest, op_checkpoint_full, &e, NULL);
+            CHECKF(tries >= 4, "checkpoint FULL failed %d times", tries);
+            append_under_failures(&e, rest, 1, 1, 21, -1);
+            tries = retry("checkpoint INCREMENTAL", e.cache, &e.p, rest, op_checkpoint_incremental, &e, NULL);
+            CHECKF(tries >= 3, "checkpoint INCREMENTAL failed %d times", tries);
+            CHECK_OK(pikv_cache_create(ctx, &e.p, &restore_target));
+            tries = retry("restore", restore_target, &e.p, rest, op_restore, &e, fail_restore);
+            CHECKF(tries >= 10, "restore failed %d times", tries);
+            printf("checkpoint/restore: %d failing restores (%s)\n", tries, mode);
+            TU_CHECK_ALL(restore_target, &e.m, &e.r);
+            pikv_cache_free(restore_target);
+            restore_target = NULL;
+            unlink(ckpt_path);
+            rmdir(dir);
+        }
     }
 
     /* usable afterwards: more appends, a remove */
