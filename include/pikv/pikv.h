@@ -617,7 +617,13 @@ typedef struct pikv_checkpoint_stats {
 } pikv_checkpoint_stats;
 
 /* Writes a checkpoint of the whole cache to path. stats may be NULL. The cache is
-   unchanged, whatever happens; on failure path still holds the previous checkpoint. */
+   unchanged, whatever happens; on failure path still holds the previous checkpoint.
+   INCREMENTAL needs the cache's own last checkpoint in path (the same file, as that call
+   left it): after a restore, or a FULL checkpoint to another path, write a FULL one first
+   (PIKV_ERR_INVALID_ARGUMENT otherwise, with nothing written). Files are created with
+   mode 0600; a crash during a FULL checkpoint may leave a `path.tmp-XXXXXX` file behind,
+   which is safe to delete. I/O errors (ENOSPC...) are PIKV_ERR_BACKEND with the errno's
+   text in the message. */
 PIKV_API pikv_status pikv_cache_checkpoint(pikv_cache *cache, const char *path, pikv_checkpoint_mode mode,
                                            pikv_checkpoint_stats *stats);
 
@@ -642,12 +648,21 @@ typedef struct pikv_restore_report {
    that cannot be trusted (truncated header, bad CRC in the header or the page tables,
    wrong version or geometry) fails with the cache unchanged. A damaged page record
    costs only the (sequence, layer) pairs that reference it: they are restored empty
-   and listed in report (may be NULL), and the call returns PIKV_OK. */
+   and listed in report (may be NULL), and the call returns PIKV_OK (with a warning
+   logged). The cache keeps its own policy parameters (select, budget, evict, route);
+   the policy state (clocks, page statistics, expert statistics) is restored, and nothing
+   is evicted until the next append. A missing file is PIKV_ERR_NOT_FOUND. The restored
+   cache has no checkpoint of its own yet (see pikv_cache_checkpoint). */
 PIKV_API pikv_status pikv_cache_restore(pikv_cache *cache, const char *path, pikv_restore_report *report);
 
 /* The same records over a file descriptor (a pipe or a socket): stream_out writes one
    full checkpoint to fd, stream_in reads one into an empty cache, as restore does, so a
-   cache can move to another process or machine. Neither closes fd. */
+   cache can move to another process or machine. Neither closes fd. stream_in reads
+   exactly one stream, up to its commit record, so several streams may follow each other
+   on one descriptor; a stream cut before its commit fails (the cache unchanged).
+   stream_out to a socket uses send(MSG_NOSIGNAL), so a closed peer is PIKV_ERR_BACKEND
+   (EPIPE); a pipe whose reader went away raises SIGPIPE as any write does: ignore or block
+   SIGPIPE in the process if that can happen (the library installs no signal handler). */
 PIKV_API pikv_status pikv_cache_stream_out(pikv_cache *cache, int fd, pikv_checkpoint_stats *stats);
 PIKV_API pikv_status pikv_cache_stream_in(pikv_cache *cache, int fd, pikv_restore_report *report);
 
