@@ -15,11 +15,12 @@
  *  - failures leave things as they were: restore into a cache holding sequences, or of
  *    another geometry (the field named); a checkpoint whose writes fail part way (injected)
  *    leaves the previous checkpoint restorable, no temporary file, and the bookkeeping
- *    intact (the next INCREMENTAL continues the file); INCREMENTAL without a FULL, or onto
- *    a file replaced behind the cache's back; NULL arguments; a restored cache's first
- *    checkpoint must be FULL.
- * White-box: counts changed pages in runtime/cache-impl.h and injects write faults
- * through runtime/stream.h.
+ *    intact (the next INCREMENTAL continues the file); a restore whose device page writes
+ *    fail part way, or whose devices are too small, leaves the target empty (device memory
+ *    as before); INCREMENTAL without a FULL, or onto a file replaced behind the cache's back;
+ *    NULL arguments; a restored cache's first checkpoint must be FULL.
+ * White-box: counts changed pages in runtime/cache-impl.h, injects write faults through
+ * runtime/stream.h and device write failures through a spying device vtable.
  */
 #include "stream-util.h"
 
@@ -240,6 +241,73 @@ static void streams(int use_socket)
 
 /* ---- failures ---------------------------------------------------------------------------- */
 
+/* A device whose buffer_write fails after so many calls (a restore's page writes). */
+static const pikv_device_iface *g_real_iface;
+static pikv_device_iface g_spy_iface;
+static int g_writes_left;
+
+static pikv_status spy_buffer_write(pikv_device *dev, pikv_buffer *buf, uint64_t offset, const void *src,
+                                    uint64_t size)
+{
+    if (g_writes_left-- <= 0)
+        return PIKV_ERR_BACKEND;
+    return g_real_iface->buffer_write(dev, buf, offset, src, size);
+}
+
+/* A restore whose page writes fail part way, and one over a device memory limit: the target
+   is left empty, its device memory as before, and a later restore works. */
+static void restore_device_failures(const pikv_cache_params *p, const char *path)
+{
+    tu_set_case("restore: device failures");
+    pikv_context *ctx = tu_context(3);
+    pikv_cache *src = restored(ctx, p, path, NULL), *t = su_cache(ctx, p);
+    pikv_cache_stats ss;
+    pikv_cache_get_stats(src, &ss);
+    pikv_device *dev = t->devs[0].dev;
+    g_real_iface = dev->iface;
+    g_spy_iface = *dev->iface;
+    g_spy_iface.buffer_write = spy_buffer_write;
+    uint64_t mem0[3];
+    for (int d = 0; d < 3; d++)
+        mem0[d] = tu_mem_used(ctx, d);
+    for (int n = 0; n < 6; n++) {
+        dev->iface = &g_spy_iface;
+        g_writes_left = n;
+        pikv_status st = pikv_cache_restore(t, path, NULL);
+        dev->iface = g_real_iface;
+        CHECKF(st == PIKV_ERR_BACKEND, "restore with device write %d failing: %s", n, pikv_status_name(st));
+        pikv_cache_stats s;
+        pikv_cache_get_stats(t, &s);
+        CHECKF(s.sequences == 0 && s.pages == 0 && s.tokens == 0, "after a failed page write %d: %d sequences, "
+               "%lld pages", n, s.sequences, (long long)s.pages);
+        for (int d = 0; d < 3; d++)
+            CHECK_EQ(tu_mem_used(ctx, d), mem0[d]);
+    }
+    CHECK_OK(pikv_cache_restore(t, path, NULL));
+    CHECKF(su_same_attend(src, t, p, 8, 0.0), "restore after failed ones");
+    pikv_cache_free(t);
+    pikv_cache_free(src);
+    pikv_context_free(ctx);
+    /* devices too small for the checkpoint */
+    pikv_context_params cp = pikv_context_default_params();
+    cp.backends = "cpu";
+    cp.cpu_devices = 1;
+    cp.cpu_device_memory = (uint64_t)ss.bytes_used / 4;
+    ctx = NULL;
+    if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+        return;
+    t = su_cache(ctx, p);
+    const uint64_t m0 = tu_mem_used(ctx, 0);
+    pikv_status st = pikv_cache_restore(t, path, NULL);
+    CHECKF(st != PIKV_OK, "restore onto a device of %llu bytes for %llu bytes of pages",
+           (unsigned long long)cp.cpu_device_memory, (unsigned long long)ss.bytes_used);
+    pikv_cache_get_stats(t, &ss);
+    CHECK(ss.sequences == 0 && ss.pages == 0);
+    CHECK_EQ(tu_mem_used(ctx, 0), m0);
+    pikv_cache_free(t);
+    pikv_context_free(ctx);
+}
+
 static void failures(const char *dir)
 {
     tu_set_case("failures");
@@ -264,6 +332,7 @@ static void failures(const char *dir)
     CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_stream_out(NULL, 1, NULL));
     CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_cache_stream_in(NULL, 0, NULL));
     CHECK_OK(pikv_cache_checkpoint(a, path, PIKV_CHECKPOINT_FULL, NULL));
+    restore_device_failures(&p, path);
 
     /* restore into a cache that holds a sequence: refused, unchanged */
     pikv_cache *busy = su_cache(ctx1, &p);
