@@ -577,13 +577,14 @@ static uint64_t cur_u64(cursor *k)
 #define TABLES_FAIL(p, ...) \
     pikv_fail((p)->c->ctx, PIKV_ERR_INVALID_ARGUMENT, __FILE__, __LINE__, __VA_ARGS__)
 
-/* Walks the sequences part; with `mark` set, also decides which (sequence, layer)
-   pairs restore and counts references. */
+/* Walks the sequences part of TABLES: checks its structure, decides which (sequence,
+   layer) pairs restore (pair_ok 1) or fail (2, reported), and counts every reference of
+   each listed page (for the check that each is used). */
 static pikv_status walk_sequences(parse *p, plan *pl, pikv_restore_report *report)
 {
     pikv_cache *c = p->c;
     reader *r = p->r;
-    const int32_t nl = c->params.n_layers, ns = c->n_shards, ps = c->params.page_size;
+    const int32_t nl = c->params.n_layers, ns = c->n_shards;
     cursor k = {pl->seqs, pl->seqs_len, 0};
     for (uint32_t i = 0; i < pl->n_seqs; i++) {
         if (!cur_has(&k, 4)) return TABLES_FAIL(p, "%s: %s: the page tables end inside sequence entry %u", r->fn, r->name, i);
@@ -624,7 +625,6 @@ static pikv_status walk_sequences(parse *p, plan *pl, pikv_restore_report *repor
                     sum += p->recs[ri].n_tokens;
                 }
             }
-            (void)ps;
             if (good && sum != n_tokens) good = false; /* pages and table disagree */
             ok[l] = good ? 1 : 2;
             if (!good && report) {
