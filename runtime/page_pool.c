@@ -93,13 +93,17 @@ static pikv_status compact_pool_map(pikv_cache *c, int32_t d, int32_t quant, uns
     PIKV_RETURN_ERROR_IF(!used, ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "compact: map of %lld slots: allocation failed", (long long)n_slots);
     for (int64_t id = 0; id < c->pages_high; id++)
-        if (c->pages[id].refs > 0 && c->pages[id].dev == d && c->pages[id].quant == quant) used[c->pages[id].slot] = 1;
+        if (c->pages[id].refs > 0 && c->pages[id].dev == d && c->pages[id].quant == quant &&
+            c->pages[id].tier == PIKV_TIER_DEVICE) /* a demoted page has no slot */
+            used[c->pages[id].slot] = 1;
     /* Move every page above the bound into a free slot below it. */
     int64_t low = 0;
     pikv_status st = PIKV_OK;
     for (int64_t id = 0; id < c->pages_high && st == PIKV_OK; id++) {
         pikv_page_meta *m = &c->pages[id];
-        if (m->refs == 0 || m->dev != d || m->quant != quant || (int64_t)m->slot < bound) continue;
+        if (m->refs == 0 || m->dev != d || m->quant != quant || m->tier != PIKV_TIER_DEVICE ||
+            (int64_t)m->slot < bound)
+            continue;
         while (low < bound && used[low]) low++;
         if (low >= bound) break; /* cannot happen: bound holds pages_used slots */
         pikv_page_copy_args args = {&c->devs[d].view, m->slot | flag, (uint32_t)low | flag, m->n_tokens};
@@ -135,6 +139,7 @@ static pikv_status compact_pool(pikv_cache *c, int32_t d, int32_t quant)
 
 pikv_status pikv_cache_compact_device(pikv_cache *c, int32_t d)
 {
+    pikv_tier_release_staging(c, d); /* staging slots are taken again when an attend needs them */
     PIKV_FORWARD_IF_ERROR(compact_pool(c, d, 0));
     return c->qdevs ? compact_pool(c, d, 1) : PIKV_OK;
 }

@@ -122,6 +122,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
 
     /* Dry run: pages to copy per device, new tokens per layer. */
     int64_t copies[PIKV_MAX_DEVICES] = {0};
+    bool staged[PIKV_MAX_DEVICES] = {false}; /* a demoted page is copied from a staging slot */
     int64_t total_copies = 0;
     for (int32_t l = 0; l < c->params.n_layers; l++) {
         int64_t new_tokens = 0;
@@ -132,6 +133,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 int32_t rows = rows_below(c, id, n);
                 if (rows == 0) break;
                 if (rows < c->params.page_size) { /* partial or still open: copied */
+                    if (c->pages[id].tier != PIKV_TIER_DEVICE) staged[c->pages[id].dev] = true;
                     copies[c->pages[id].dev]++;
                     total_copies++;
                     new_tokens += rows;
@@ -162,6 +164,12 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
             while (keep < ring->count && rows_below(c, pikv_ring_at(ring, keep), n) > 0) keep++;
             if (keep > 0) st = pikv_ring_reserve(ctx, &layers[l].rings[k], keep);
         }
+    /* tiers: device budget room for the copies (demotions stand on failure: they move
+       pages without changing them), staging slots, before the pool reserves */
+    for (int32_t d = 0; c->tier && d < c->n_devs && st == PIKV_OK; d++) {
+        st = pikv_tier_reserve_bytes(c, d, (uint64_t)copies[d] * c->layout.page_bytes, "pikv_seq_copy_prefix");
+        if (st == PIKV_OK && staged[d]) st = pikv_tier_staging_ensure(c, d, 1);
+    }
     int32_t added[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, copies[d], &added[d]);
@@ -200,9 +208,13 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 c->pages[nid].n_tokens = rows;
                 c->pages[nid].refs = 0;
                 c->pages[nid].quant = 0;
+                c->pages[nid].tier = PIKV_TIER_DEVICE;
+                c->pages[nid].prefetched = 0;
                 copy_ids[n_copied++] = nid;
-                pikv_page_copy_args args = {&pool->view, pikv_op_slot(m), c->pages[nid].slot, rows};
-                st = pool->dev->iface->page_copy(pool->dev, &args);
+                uint32_t from = pikv_op_slot(m);
+                if (m->tier != PIKV_TIER_DEVICE) st = pikv_tier_stage_page(c, id, &from); /* its bytes first */
+                pikv_page_copy_args args = {&pool->view, from, c->pages[nid].slot, rows};
+                if (st == PIKV_OK) st = pool->dev->iface->page_copy(pool->dev, &args);
                 memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->row_expert + nid * ps, c->row_expert + id * ps, (size_t)rows * sizeof(int32_t));
