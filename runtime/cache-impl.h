@@ -83,7 +83,8 @@ typedef struct pikv_page_pool {
     int64_t n_free;
     pikv_pool_view view;  /* what ops see; chunks pointer kept current */
     /* accounting */
-    int64_t pages_used;
+    int64_t pages_used;   /* resident pages (with tiers: not those demoted) */
+    int64_t demoted;      /* tiers: this device's pages demoted to the host or disk tier */
     int64_t tokens;
     int32_t shards;
     uint64_t bytes_allocated;

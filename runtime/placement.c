@@ -37,7 +37,8 @@ int32_t pikv_placement_pick_device(const pikv_cache *c, const int64_t *pending)
     int32_t best = 0;
     int64_t best_load = INT64_MAX;
     for (int32_t d = 0; d < c->n_devs; d++) {
-        int64_t load = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + pending[d];
+        /* demoted pages count: they are read (fetched) on their device */
+        int64_t load = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + c->devs[d].demoted + pending[d];
         if (load < best_load) {
             best_load = load;
             best = d;
@@ -135,7 +136,7 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             if (sh->pages > 0) loads[n++] = (shard_load){l, s, sh->pages};
         }
     for (int32_t d = 0; d < c->n_devs; d++) {
-        const int64_t pages = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0);
+        const int64_t pages = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + c->devs[d].demoted;
         if (pages > current) current = pages;
     }
     sort_by_pages_desc(loads, n);
@@ -192,6 +193,8 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
                     pikv_page_meta *m = &c->pages[pikv_ring_at(ring, i)];
                     if (m->dev == to) continue; /* shared page, already moved */
                     if (m->tier != PIKV_TIER_DEVICE) { /* demoted: it will be fetched to its new device */
+                        c->devs[m->dev].demoted--;
+                        c->devs[to].demoted++;
                         m->dev = to;
                         moved++;
                         continue;

@@ -122,7 +122,6 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
 
     /* Dry run: pages to copy per device, new tokens per layer. */
     int64_t copies[PIKV_MAX_DEVICES] = {0};
-    bool staged[PIKV_MAX_DEVICES] = {false}; /* a demoted page is copied from a staging slot */
     int64_t total_copies = 0;
     for (int32_t l = 0; l < c->params.n_layers; l++) {
         int64_t new_tokens = 0;
@@ -133,7 +132,6 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 int32_t rows = rows_below(c, id, n);
                 if (rows == 0) break;
                 if (rows < c->params.page_size) { /* partial or still open: copied */
-                    if (c->pages[id].tier != PIKV_TIER_DEVICE) staged[c->pages[id].dev] = true;
                     copies[c->pages[id].dev]++;
                     total_copies++;
                     new_tokens += rows;
@@ -165,10 +163,13 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
             if (keep > 0) st = pikv_ring_reserve(ctx, &layers[l].rings[k], keep);
         }
     /* tiers: device budget room for the copies (demotions stand on failure: they move
-       pages without changing them), staging slots, before the pool reserves */
+       pages without changing them), and a staging slot on every device with copies (a
+       source may be demoted, even by the reserve itself: it is copied from there),
+       before the pool reserves */
     for (int32_t d = 0; c->tier && d < c->n_devs && st == PIKV_OK; d++) {
+        if (copies[d] == 0) continue;
         st = pikv_tier_reserve_bytes(c, d, (uint64_t)copies[d] * c->layout.page_bytes, "pikv_seq_copy_prefix");
-        if (st == PIKV_OK && staged[d]) st = pikv_tier_staging_ensure(c, d, 1);
+        if (st == PIKV_OK) st = pikv_tier_staging_ensure(c, d, 1);
     }
     int32_t added[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)

@@ -57,7 +57,7 @@ typedef struct host_tier {
 
 typedef struct disk_tier {
     int fd; /* -1: no disk tier */
-    char path[600];
+    char path[560];
     int64_t n_slots; /* slots handed out so far: the file's length in slots */
     uint32_t *free_slots;
     int64_t free_cap, n_free;
@@ -72,6 +72,7 @@ typedef struct prefetch_rec {
 
 struct pikv_tier_state {
     pikv_tier_params p;
+    char disk_dir[512];
     const pikv_page_layout *L; /* layout of demoted pages */
     int32_t quant;             /* demoted pages live in the quantized pools */
     host_tier host;
@@ -409,6 +410,7 @@ pikv_status pikv_tier_demote(pikv_cache *c, uint32_t id, const char *fn)
     pikv_pool_give(pool, m->slot);
     pool->pages_used--;
     pool->tokens -= m->n_tokens;
+    c->devs[m->dev].demoted++;
     m->tier = PIKV_TIER_HOST;
     m->tier_slot = hs;
     m->bounds_slot = bs;
@@ -510,6 +512,7 @@ static pikv_status promote(pikv_cache *c, uint32_t id, const char *fn)
     m->tier = PIKV_TIER_DEVICE;
     m->slot = slot;
     m->prefetched = 0;
+    c->devs[m->dev].demoted--;
     pool->pages_used++;
     pool->tokens += m->n_tokens;
     t->promotions++;
@@ -526,6 +529,7 @@ void pikv_tier_page_freed(pikv_cache *c, uint32_t id)
     else return;
     pikv_pool_give(&t->bounds, m->bounds_slot);
     t->bounds.pages_used--;
+    c->devs[m->dev].demoted--;
     m->tier = PIKV_TIER_DEVICE;
     m->prefetched = 0;
 }
@@ -609,12 +613,13 @@ pikv_status pikv_tier_stage_page(pikv_cache *c, uint32_t id, uint32_t *op_slot)
     const pikv_page_meta *m = &c->pages[id];
     PIKV_FORWARD_IF_ERROR(pikv_tier_staging_ensure(c, m->dev, 1));
     const uint64_t pb = t->L->page_bytes;
-    const unsigned char *src = host_ptr(t, m->tier_slot);
-    if (m->tier == PIKV_TIER_DISK) {
+    const unsigned char *src = t->one_page;
+    if (m->tier == PIKV_TIER_HOST) {
+        src = host_ptr(t, m->tier_slot);
+    } else {
         const int err = pread_full(t->disk.fd, t->one_page, pb, (uint64_t)m->tier_slot * pb);
         if (err) return disk_error(c, "pikv_seq_copy_prefix", "read", err);
         t->disk_read += pb;
-        src = t->one_page;
     }
     const uint32_t slot = t->staging[m->dev][0];
     PIKV_FORWARD_IF_ERROR(copy_to_slot(c, m->dev, slot, src));
@@ -853,7 +858,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
             const uint32_t id = fetch_ids[fbegin[d] + k];
             pikv_page_meta *m = &c->pages[id];
             const int64_t b = (g % 2) * S_max + (k - r * S[d]);
-            const unsigned char *src = host_ptr(t, m->tier_slot);
+            const unsigned char *src = m->tier == PIKV_TIER_HOST ? host_ptr(t, m->tier_slot) : NULL;
             if (m->tier == PIKV_TIER_DISK) {
                 if (errs[b]) {
                     st = disk_error(c, fn, "read", errs[b]);
@@ -953,15 +958,19 @@ static void prefetch_next(pikv_cache *c, int32_t layer)
     const int64_t clk = c->layer_clock[l2];
     if (clk == 0) return;
     const uint64_t pb = t->L->page_bytes;
+    /* the records first: the I/O thread writes into them, so they never move while reads run */
+    pikv_tier_drain(c);
+    int64_t want = 0;
+    for (int64_t id = 0; id < c->pages_high; id++) {
+        const pikv_page_meta *m = &c->pages[id];
+        want += m->refs > 0 && m->tier == PIKV_TIER_DISK && m->layer == l2 && m->last_use == clk;
+    }
+    if (want == 0 ||
+        pikv_host_reserve(c->ctx, (void **)&t->pending, sizeof *t->pending, &t->pending_cap, want) != PIKV_OK)
+        return;
     for (int64_t id = 0; id < c->pages_high; id++) {
         const pikv_page_meta *m = &c->pages[id];
         if (m->refs == 0 || m->tier != PIKV_TIER_DISK || m->layer != l2 || m->last_use != clk) continue;
-        bool queued = false;
-        for (int64_t i = 0; i < t->n_pending && !queued; i++) queued = t->pending[i].id == (uint32_t)id;
-        if (queued) continue;
-        if (pikv_host_reserve(c->ctx, (void **)&t->pending, sizeof *t->pending, &t->pending_cap,
-                              t->n_pending + 1) != PIKV_OK)
-            break;
         if (io_start(c, "pikv_cache_attend (prefetch)") != PIKV_OK) break;
         /* a pending prefetch's host slot is taken, so host_make_room never picks it */
         if (host_make_room(c, 1, "pikv_cache_attend (prefetch)", layer, l2, clk) != PIKV_OK) break;
@@ -986,7 +995,7 @@ void pikv_tier_after_attend(pikv_cache *c, int32_t layer)
 
 static pikv_status open_disk(pikv_cache *c, struct pikv_tier_state *t)
 {
-    const char *dir = t->p.disk_dir;
+    const char *dir = t->disk_dir;
     if (!dir || !*dir) dir = getenv("TMPDIR");
     if (!dir || !*dir) dir = "/tmp";
     int fd = -1;
@@ -1083,7 +1092,14 @@ pikv_status pikv_tier_create(pikv_cache *c)
     struct pikv_tier_state *t = pikv_host_calloc(ctx, 1, sizeof *t);
     PIKV_RETURN_ERROR_IF(!t, ctx, PIKV_ERR_OUT_OF_MEMORY, "tiers: state: allocation failed");
     t->p = *p;
-    t->p.disk_dir = NULL; /* the caller's string is not kept (the file is open) */
+    /* the caller's string is not kept: params.tiers.disk_dir points at this copy */
+    if (p->disk_dir && strlen(p->disk_dir) >= sizeof t->disk_dir) {
+        pikv_host_free(ctx, t);
+        return PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT, "tiers.disk_dir is %zu characters long, more than %zu",
+                         strlen(p->disk_dir), sizeof t->disk_dir - 1);
+    }
+    if (p->disk_dir) strcpy(t->disk_dir, p->disk_dir);
+    t->p.disk_dir = p->disk_dir ? t->disk_dir : NULL;
     t->L = L;
     t->quant = quant;
     t->numa_node = p->numa_node;
@@ -1123,6 +1139,7 @@ pikv_status pikv_tier_create(pikv_cache *c)
         tier_destroy(c, t);
         return st;
     }
+    c->params.tiers.disk_dir = t->p.disk_dir;
     return PIKV_OK;
 }
 
