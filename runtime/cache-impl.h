@@ -328,10 +328,13 @@ void pikv_tier_page_freed(pikv_cache *c, uint32_t id);
 void pikv_tier_drain(pikv_cache *c);
 /* Ensures n staging slots on device dev (a fetched page's home during an attend). */
 pikv_status pikv_tier_staging_ensure(pikv_cache *c, int32_t dev, int64_t n);
-/* Copies demoted page id into staging slot 0 of its device: *op_slot names it for ops. */
-pikv_status pikv_tier_stage_page(pikv_cache *c, uint32_t id, uint32_t *op_slot);
-/* Gives device dev's staging slots back to its pool (before compaction). */
-void pikv_tier_release_staging(pikv_cache *c, int32_t dev);
+/* copy_prefix of a demoted page: its first `rows` rows into open page dst_slot of its
+   device (whole bytes plus bounds recomputed; a quantized page is dequantized through
+   a free slot of the device's quantized pool, which the caller reserved). */
+pikv_status pikv_tier_copy_rows(pikv_cache *c, uint32_t id, uint32_t dst_slot, int32_t rows);
+/* The staging slots device dev holds in its open (quant 0) or quantized pool; marks
+   them in used[] when not NULL. Compaction keeps them where they are. */
+int64_t pikv_tier_staging_slots(const pikv_cache *c, int32_t dev, int32_t quant, unsigned char *used);
 /* The host copy of demoted pages' Quest bounds, as the CPU score op sees a pool
    (slots: pikv_page_meta.bounds_slot). */
 const pikv_pool_view *pikv_tier_bounds_view(const pikv_cache *c);

@@ -579,12 +579,13 @@ pikv_status pikv_tier_staging_ensure(pikv_cache *c, int32_t d, int64_t n)
     return PIKV_OK;
 }
 
-void pikv_tier_release_staging(pikv_cache *c, int32_t d)
+int64_t pikv_tier_staging_slots(const pikv_cache *c, int32_t d, int32_t quant, unsigned char *used)
 {
-    struct pikv_tier_state *t = c->tier;
-    if (!t) return;
-    pikv_page_pool *pool = tier_pool(c, d);
-    while (t->staging_held[d] > 0) pikv_pool_give(pool, t->staging[d][--t->staging_held[d]]);
+    const struct pikv_tier_state *t = c->tier;
+    if (!t || t->quant != quant) return 0;
+    if (used)
+        for (int64_t i = 0; i < t->staging_held[d]; i++) used[t->staging[d][i]] = 1;
+    return t->staging_held[d];
 }
 
 /* Staging slots an attend may use on device d: the fixed count under a device
@@ -606,12 +607,11 @@ static pikv_status copy_to_slot(pikv_cache *c, int32_t d, uint32_t slot, const u
     return pool->dev->iface->buffer_write(pool->dev, buf, off, src, c->tier->L->page_bytes);
 }
 
-pikv_status pikv_tier_stage_page(pikv_cache *c, uint32_t id, uint32_t *op_slot)
+pikv_status pikv_tier_copy_rows(pikv_cache *c, uint32_t id, uint32_t dst_slot, int32_t rows)
 {
     struct pikv_tier_state *t = c->tier;
     pikv_tier_drain(c);
     const pikv_page_meta *m = &c->pages[id];
-    PIKV_FORWARD_IF_ERROR(pikv_tier_staging_ensure(c, m->dev, 1));
     const uint64_t pb = t->L->page_bytes;
     const unsigned char *src = t->one_page;
     if (m->tier == PIKV_TIER_HOST) {
@@ -621,10 +621,24 @@ pikv_status pikv_tier_stage_page(pikv_cache *c, uint32_t id, uint32_t *op_slot)
         if (err) return disk_error(c, "pikv_seq_copy_prefix", "read", err);
         t->disk_read += pb;
     }
-    const uint32_t slot = t->staging[m->dev][0];
-    PIKV_FORWARD_IF_ERROR(copy_to_slot(c, m->dev, slot, src));
-    *op_slot = t->quant ? (slot | PIKV_SLOT_QUANT) : slot;
-    return PIKV_OK;
+    pikv_page_pool *open = &c->devs[m->dev];
+    if (!t->quant) { /* the whole page into the copy's slot, then its bounds over `rows` */
+        PIKV_FORWARD_IF_ERROR(copy_to_slot(c, m->dev, dst_slot, src));
+        pikv_page_copy_args args = {&open->view, dst_slot, dst_slot, rows};
+        return open->dev->iface->page_copy(open->dev, &args);
+    }
+    /* quantized: through a free slot of the quantized pool, dequantized by page_copy */
+    pikv_page_pool *qpool = &c->qdevs[m->dev];
+    PIKV_RETURN_ERROR_IF(qpool->n_free == 0, c->ctx, PIKV_ERR_INTERNAL,
+                         "pikv_seq_copy_prefix: no free quantized slot reserved on device %s", qpool->dev->info.name);
+    const uint32_t qs = pikv_pool_take(qpool);
+    pikv_status st = copy_to_slot(c, m->dev, qs, src);
+    if (st == PIKV_OK) {
+        pikv_page_copy_args args = {&open->view, qs | PIKV_SLOT_QUANT, dst_slot, rows};
+        st = open->dev->iface->page_copy(open->dev, &args);
+    }
+    pikv_pool_give(qpool, qs);
+    return st;
 }
 
 const pikv_pool_view *pikv_tier_bounds_view(const pikv_cache *c)
