@@ -455,6 +455,74 @@ static void test_quest(void)
     }
 }
 
+/* Promotion: QUEST with one query repeated under a device budget that holds its working
+   set: after the first attends fetched the selected pages, they are promoted (in place
+   of colder pages nobody reads) and later attends fetch nothing. Zero copy
+   (pikv_cache_attend_device on a CPU device) reads demoted pages through the staged
+   path with the same results. */
+static void test_promotion_zero_copy(void)
+{
+    tu_set_case("promotion and zero copy");
+    pikv_cache_params p = base_params(PIKV_DTYPE_F16, PIKV_PLACEMENT_EXPERT, 1);
+    p.n_layers = 1;
+    p.select.mode = PIKV_SELECT_QUEST;
+    p.select.token_budget = 40;
+    pikv_tier_params tp = pikv_cache_default_params().tiers;
+    pair pr;
+    if (!pair_create(&pr, &p, &tp, 900, "promotion")) return;
+    const uint64_t pb = tier_page_bytes(pr.tier);
+    pikv_cache_free(pr.tier);
+    pikv_cache_params q = p;
+    q.tiers = tp;
+    q.tiers.enabled = 1;
+    q.tiers.device_bytes = 5 * pb; /* per device: 1 staging slot + 4 pages; the context is 4x that */
+    pr.tier = NULL;
+    if (!CHECK_OK(pikv_cache_create(g_ctx, &q, &pr.tier))) {
+        pair_free(&pr);
+        return;
+    }
+    build_context(&pr, 1, 640);
+    const size_t per = (size_t)p.n_q_heads * (size_t)p.head_dim;
+    float *qv = tu_xmalloc(per * sizeof(float));
+    tu_fill(&pr.rng, qv, per, 1.0f);
+    const int32_t seqs[1] = {0};
+    int64_t fetches[6];
+    for (int i = 0; i < 6; i++) {
+        pair_attend(&pr, 0, seqs, 1, NULL, qv, NULL);
+        fetches[i] = tier_stats(pr.tier).last_fetches;
+    }
+    CHECKF(fetches[0] > 0 && fetches[5] == 0, "fetches per attend: first %lld, last %lld (the working set "
+           "should be promoted)", (long long)fetches[0], (long long)fetches[5]);
+    CHECK(tier_stats(pr.tier).promotions > 0);
+    /* exact mode over 4x the budget: nothing is colder than what is read, nothing churns */
+    pikv_select_params all = p.select;
+    all.mode = PIKV_SELECT_ALL;
+    pair_attend(&pr, 0, seqs, 1, &all, qv, NULL);
+    const int64_t prom = tier_stats(pr.tier).promotions, dem = tier_stats(pr.tier).demotions;
+    for (int i = 0; i < 3; i++) pair_attend(&pr, 0, seqs, 1, &all, qv, NULL);
+    CHECK_EQ(tier_stats(pr.tier).promotions, prom);
+    CHECK_EQ(tier_stats(pr.tier).demotions, dem);
+    CHECK(tier_stats(pr.tier).last_fetches > 0);
+    /* zero copy on a CPU device: q/out/lse in that device's memory (host memory here) */
+    float *o_ref = tu_xmalloc(per * sizeof(float)), *o_zc = tu_xmalloc(per * sizeof(float));
+    float *l_ref = tu_xmalloc((size_t)p.n_q_heads * sizeof(float)), *l_zc = tu_xmalloc((size_t)p.n_q_heads * sizeof(float));
+    pikv_attend_batch b = {1, seqs, qv, NULL, o_ref, l_ref, &all};
+    CHECK_OK(pikv_cache_attend(pr.ref, 0, &b));
+    b.out = o_zc;
+    b.lse = l_zc;
+    CHECK_OK(pikv_cache_attend_device(pr.tier, 0, 0, &b));
+    double d = 0.0;
+    for (size_t i = 0; i < per; i++) d = fmax(d, fabs((double)o_ref[i] - (double)o_zc[i]));
+    CHECKF(d <= TOL * max_abs(o_ref, per), "zero copy with demoted pages: max|diff| %.3g", d);
+    CHECK(tier_stats(pr.tier).last_fetches > 0);
+    free(o_ref);
+    free(o_zc);
+    free(l_ref);
+    free(l_zc);
+    free(qv);
+    pair_free(&pr);
+}
+
 /* ------------------------------------------------------------------------ */
 /* 4. Eviction demotes                                                       */
 /* ------------------------------------------------------------------------ */
@@ -842,6 +910,7 @@ int main(int argc, char **argv)
         const char *name;
         void (*fn)(void);
     } parts[] = {{"moves", test_exact_moves}, {"budget", test_exact_budget}, {"quest", test_quest},
+                 {"promotion", test_promotion_zero_copy},
                  {"evict", test_evict_demotes}, {"prefetch", test_prefetch}, {"faults", test_faults},
                  {"seqops", test_seq_ops}, {"alloc", test_alloc_failures}};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
