@@ -64,6 +64,8 @@ typedef struct pikv_page_meta {
     uint8_t prefetched;   /* a prefetch moved it nearer since it was last fetched */
     uint32_t tier_slot;   /* slot in the host tier or the disk tier file */
     uint32_t bounds_slot; /* demoted: its Quest bounds in the host bounds pool */
+    uint32_t disk_copy;   /* host page: 1 + its disk slot while the disk still holds its bytes
+                             (a prefetched page: going back to disk is then free); else 0 */
     int64_t tier_use;     /* the cache-wide attend clock when last read (or created) */
 } pikv_page_meta;
 

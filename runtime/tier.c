@@ -102,6 +102,7 @@ struct pikv_tier_state {
     int64_t demotions, promotions, fetches, prefetches, prefetch_hits, last_fetches;
     double fetch_stall_s, last_fetch_stall_s;
     uint64_t disk_read, disk_written;
+    int64_t disk_copies; /* disk slots still held by host pages (pikv_page_meta.disk_copy) */
 };
 
 static double now_s(void)
@@ -259,6 +260,15 @@ static void disk_give(struct pikv_tier_state *t, uint32_t slot)
     t->disk.used--;
 }
 
+/* A host page's disk copy is freed (the page leaves the host tier another way). */
+static void drop_disk_copy(struct pikv_tier_state *t, pikv_page_meta *m)
+{
+    if (!m->disk_copy) return;
+    disk_give(t, m->disk_copy - 1);
+    m->disk_copy = 0;
+    t->disk_copies--;
+}
+
 /* Coldness: pages holding sink tokens last, then least recently read (cache-wide
    clock), then oldest tokens first. */
 static bool colder(const pikv_cache *c, uint32_t a, uint32_t b)
@@ -316,6 +326,16 @@ static pikv_status host_to_disk(pikv_cache *c, uint32_t id, const char *fn)
     disk_tier *dk = &t->disk;
     pikv_page_meta *m = &c->pages[id];
     const uint64_t pb = t->L->page_bytes;
+    if (m->disk_copy) { /* the disk still holds its bytes: nothing to write */
+        host_give(t, m->tier_slot);
+        m->tier = PIKV_TIER_DISK;
+        m->tier_slot = m->disk_copy - 1;
+        m->disk_copy = 0;
+        m->prefetched = 0;
+        t->disk_copies--;
+        t->demotions++;
+        return PIKV_OK;
+    }
     PIKV_RETURN_ERROR_IF(dk->used >= dk->cap_pages, c->ctx, PIKV_ERR_CAPACITY,
                          "%s: disk tier full: %lld pages of %llu bytes fill tiers.disk_bytes = %llu", fn,
                          (long long)dk->used, (unsigned long long)pb, (unsigned long long)t->p.disk_bytes);
@@ -414,6 +434,7 @@ pikv_status pikv_tier_demote(pikv_cache *c, uint32_t id, const char *fn)
     m->tier = PIKV_TIER_HOST;
     m->tier_slot = hs;
     m->bounds_slot = bs;
+    m->disk_copy = 0;
     m->prefetched = 0;
     t->demotions++;
     return PIKV_OK;
@@ -507,6 +528,7 @@ static pikv_status promote(pikv_cache *c, uint32_t id, const char *fn)
     }
     if (m->tier == PIKV_TIER_HOST) host_give(t, m->tier_slot);
     else disk_give(t, m->tier_slot);
+    drop_disk_copy(t, m);
     pikv_pool_give(&t->bounds, m->bounds_slot);
     t->bounds.pages_used--;
     m->tier = PIKV_TIER_DEVICE;
@@ -527,6 +549,7 @@ void pikv_tier_page_freed(pikv_cache *c, uint32_t id)
     if (m->tier == PIKV_TIER_HOST) host_give(t, m->tier_slot);
     else if (m->tier == PIKV_TIER_DISK) disk_give(t, m->tier_slot);
     else return;
+    drop_disk_copy(t, m);
     pikv_pool_give(&t->bounds, m->bounds_slot);
     t->bounds.pages_used--;
     c->devs[m->dev].demoted--;
@@ -549,7 +572,9 @@ void pikv_tier_drain(pikv_cache *c)
                      strerror(r->err));
             continue;
         }
-        disk_give(t, m->tier_slot);
+        /* the disk slot stays as the page's clean copy: pushing it back to disk is free */
+        m->disk_copy = m->tier_slot + 1;
+        t->disk_copies++;
         m->tier = PIKV_TIER_HOST;
         m->tier_slot = r->host_slot;
         m->prefetched = 1;
@@ -775,7 +800,10 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
     const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
     const int64_t entries = plan->dev_begin[nd], n_lists = plan->n_lists;
     const uint64_t pb = t->L->page_bytes;
-    pikv_tier_drain(c);
+    const double drain0 = now_s();
+    pikv_tier_drain(c); /* prefetches still in flight: waiting for them is a stall too */
+    t->last_fetch_stall_s += now_s() - drain0;
+    t->fetch_stall_s += now_s() - drain0;
 
     /* the demoted pages each device reads, each once: pos[id] = its index there */
     pikv_status st = PIKV_OK;
@@ -1186,7 +1214,7 @@ pikv_status pikv_cache_get_tier_stats(const pikv_cache *c, pikv_tier_stats *out)
     out->enabled = 1;
     out->numa_node = t->numa_node;
     out->host_pages = t->host.used;
-    out->disk_pages = t->disk.used;
+    out->disk_pages = t->disk.used - t->disk_copies; /* clean copies of host pages are not pages */
     /* pending prefetches hold a host slot but count where their page still is: disk */
     for (int64_t i = 0; i < t->n_pending; i++) out->host_pages--;
     out->host_bytes = (uint64_t)out->host_pages * pb;

@@ -26,12 +26,17 @@
  *     host tier without disk (CAPACITY, content unchanged), NUMA nodes, allocation
  *     failures injected in tier paths.
  *  7. copy_prefix, seq_remove, rebalance and trim with demoted pages stay exact.
+ *
+ * `tiers PART` runs only the parts whose name contains PART; `tiers measure` prints the
+ * figures of docs/tiers.md instead (a decode loop, no checks of its timings).
  */
 #include "test-util.h"
 
 #include "fault-hook.h"
 
 #include "cache-impl.h"
+
+#include <time.h>
 
 static pikv_context *g_ctx;
 static const float TOL = 2e-5f;
@@ -897,6 +902,108 @@ static void test_seq_ops(void)
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* Figures (tiers measure): not a check, the example of docs/tiers.md        */
+/* ------------------------------------------------------------------------ */
+
+static double wall_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* A decode loop: 4 layers, one sequence of 4096 tokens per layer (f16, 8/2 heads, head_dim
+   128, pages of 16 tokens, 4 CPU devices), then 8 steps of (append 1 token, attend) per
+   layer, with 1 ms of busy work between attends standing for the engine's own work on the
+   layer, exact and QUEST (token budget 512). Tier variants: none; device_bytes = 1/4 of
+   the context per device with an unlimited host tier; the same with a host tier of 1/4
+   of the demoted pages and a disk tier, prefetch on and off. */
+static void measure(void)
+{
+    static const struct {
+        const char *name;
+        int tiers, small_host, prefetch;
+    } variants[] = {{"no tiers", 0, 0, 0},
+                    {"device 1/4, host", 1, 0, 1},
+                    {"device 1/4, host 1/4 + disk, prefetch", 1, 1, 1},
+                    {"device 1/4, host 1/4 + disk, no prefetch", 1, 1, 0}};
+    const int L = 4, ctx_tokens = 4096, steps = 8;
+    for (int sel_mode = 0; sel_mode < 2; sel_mode++)
+        for (size_t vi = 0; vi < sizeof variants / sizeof variants[0]; vi++) {
+            pikv_cache_params p = base_params(PIKV_DTYPE_F16, PIKV_PLACEMENT_EXPERT, 1);
+            p.n_layers = L;
+            p.n_q_heads = 8;
+            p.n_kv_heads = 2;
+            p.head_dim = 128;
+            p.page_size = 16;
+            p.select.sink_tokens = 16;
+            p.select.recent_tokens = 64;
+            p.select.token_budget = 512;
+            if (sel_mode) p.select.mode = PIKV_SELECT_QUEST;
+            const uint64_t page = 16 * 2 * 2 * 128 * 2 + 2 * 2 * 128 * 4; /* K+V f16 + bounds */
+            const uint64_t ctx_bytes = (uint64_t)L * (ctx_tokens / 16) * page;
+            if (variants[vi].tiers) {
+                p.tiers.enabled = 1;
+                p.tiers.device_bytes = ctx_bytes / 4 / 4;
+                p.tiers.prefetch = variants[vi].prefetch;
+                if (variants[vi].small_host) {
+                    p.tiers.host_bytes = ctx_bytes * 3 / 4 / 4;
+                    p.tiers.disk_bytes = ctx_bytes * 2;
+                }
+            }
+            pikv_cache *c = NULL;
+            if (!CHECK_OK(pikv_cache_create(g_ctx, &p, &c))) continue;
+            CHECK_OK(pikv_seq_add(c, 0));
+            tu_rng r = tu_rng_seed(1234);
+            const size_t row = (size_t)p.n_kv_heads * (size_t)p.head_dim, per = (size_t)p.n_q_heads * p.head_dim;
+            float *k = tu_xmalloc(256 * row * sizeof(float)), *v = tu_xmalloc(256 * row * sizeof(float));
+            float *q = tu_xmalloc(per * sizeof(float)), *o = tu_xmalloc(per * sizeof(float));
+            for (int l = 0; l < L; l++)
+                for (int t = 0; t < ctx_tokens; t += 256) {
+                    tu_fill(&r, k, 256 * row, 1.0f);
+                    tu_fill(&r, v, 256 * row, 1.0f);
+                    CHECK_OK(pikv_cache_append(c, l, 0, 256, k, v, NULL, NULL));
+                }
+            const int32_t seqs[1] = {0};
+            pikv_attend_batch b = {1, seqs, q, NULL, o, NULL, NULL};
+            double attend_s = 0.0;
+            pikv_tier_stats t0;
+            CHECK_OK(pikv_cache_get_tier_stats(c, &t0));
+            for (int step = 0; step < steps; step++)
+                for (int l = 0; l < L; l++) {
+                    tu_fill(&r, k, row, 1.0f);
+                    tu_fill(&r, v, row, 1.0f);
+                    CHECK_OK(pikv_cache_append(c, l, 0, 1, k, v, NULL, NULL));
+                    tu_fill(&r, q, per, 1.0f);
+                    const double a = wall_s();
+                    CHECK_OK(pikv_cache_attend(c, l, &b));
+                    attend_s += wall_s() - a;
+                    /* the engine's work on the layer (its MLP), which background I/O overlaps */
+                    const double until = wall_s() + 1e-3;
+                    while (wall_s() < until) {
+                    }
+                }
+            pikv_tier_stats ts;
+            CHECK_OK(pikv_cache_get_tier_stats(c, &ts));
+            const double n_att = (double)steps * L;
+            printf("%-6s %-42s attend %7.3f ms | fetches/attend %6.1f, stall %6.3f ms/attend, prefetch hits %5.1f%%, "
+                   "disk read %6.1f MiB, pages device/host/disk %lld/%lld/%lld\n",
+                   sel_mode ? "QUEST" : "exact", variants[vi].name, 1e3 * attend_s / n_att,
+                   (double)(ts.fetches - t0.fetches) / n_att, 1e3 * (ts.fetch_stall_s - t0.fetch_stall_s) / n_att,
+                   ts.fetches > t0.fetches ? 100.0 * (double)(ts.prefetch_hits - t0.prefetch_hits) /
+                                                 (double)(ts.fetches - t0.fetches)
+                                           : 0.0,
+                   (double)(ts.disk_bytes_read - t0.disk_bytes_read) / 1048576.0, (long long)ts.device_pages,
+                   (long long)ts.host_pages, (long long)ts.disk_pages);
+            free(k);
+            free(v);
+            free(q);
+            free(o);
+            pikv_cache_free(c);
+        }
+}
+
 int main(int argc, char **argv)
 {
     /* argv[1] (optional): run only the parts whose name contains it */
@@ -913,8 +1020,12 @@ int main(int argc, char **argv)
                  {"promotion", test_promotion_zero_copy},
                  {"evict", test_evict_demotes}, {"prefetch", test_prefetch}, {"faults", test_faults},
                  {"seqops", test_seq_ops}, {"alloc", test_alloc_failures}};
-    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
-        if (strstr(parts[i].name, only)) parts[i].fn();
+    if (strcmp(only, "measure") == 0) { /* the figures of docs/tiers.md */
+        measure();
+    } else {
+        for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+            if (strstr(parts[i].name, only)) parts[i].fn();
+    }
     pikv_context_free(g_ctx);
     return tu_finish();
 }
