@@ -793,6 +793,31 @@ static void test_alloc_failures(void)
     if (!CHECK_OK(pikv_context_create(&cp, &fctx))) return;
     pikv_context *saved = g_ctx;
     g_ctx = fctx;
+    {
+        /* create: every allocation of a tiered cache refused in turn; nothing leaks */
+        pikv_cache_params cpar = base_params(PIKV_DTYPE_F16, PIKV_PLACEMENT_EXPERT, 1);
+        cpar.tiers.enabled = 1;
+        cpar.tiers.disk_bytes = 1u << 20;
+        cpar.tiers.device_bytes = 1u << 20;
+        const long long live0 = tu_fault_live();
+        int created = 0, refused_creates = 0;
+        for (long long n = 0; n < 200 && !created; n++) {
+            pikv_cache *c = NULL;
+            tu_fault_arm(n, 0);
+            const pikv_status st = pikv_cache_create(fctx, &cpar, &c);
+            tu_fault_disarm();
+            if (st == PIKV_OK) {
+                created = 1;
+                pikv_cache_free(c);
+            } else {
+                refused_creates++;
+                CHECK_STATUS(PIKV_ERR_OUT_OF_MEMORY, st);
+                CHECK(c == NULL);
+            }
+            CHECK_EQ(tu_fault_live(), live0);
+        }
+        CHECK(created && refused_creates > 10);
+    }
     pikv_cache_params p = base_params(PIKV_DTYPE_INT8, PIKV_PLACEMENT_EXPERT, 1);
     p.n_layers = 1;
     pikv_tier_params tp = pikv_cache_default_params().tiers;
