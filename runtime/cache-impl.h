@@ -324,7 +324,8 @@ pikv_status pikv_tier_prepare_evict(pikv_cache *c, int32_t layer, int32_t seq, i
 /* Moves a resident page to the host tier (the host tier may push its coldest pages
    to disk). Content preserving. */
 pikv_status pikv_tier_demote(pikv_cache *c, uint32_t id, const char *fn);
-/* The last reference of a demoted page went: its tier slot and bounds slot are freed. */
+/* The last reference of a page went (tiers on): staging slots holding its bytes forget
+   it; a demoted page's tier slot and bounds slot are freed. */
 void pikv_tier_page_freed(pikv_cache *c, uint32_t id);
 /* Finishes the prefetches in flight (their pages land in the host tier). */
 void pikv_tier_drain(pikv_cache *c);

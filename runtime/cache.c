@@ -409,9 +409,9 @@ void pikv_page_unref(pikv_cache *c, uint32_t id)
     pikv_page_meta *m = &c->pages[id];
     if (--m->refs > 0) return;
     if (m->quant) c->layer_qpages[m->layer]--;
-    if (m->tier != PIKV_TIER_DEVICE) {
-        pikv_tier_page_freed(c, id); /* its host or disk slot and its bounds */
-    } else {
+    const bool demoted = m->tier != PIKV_TIER_DEVICE;
+    if (c->tier) pikv_tier_page_freed(c, id); /* staging copies; a demoted page's tier slots and bounds */
+    if (!demoted) {
         pikv_page_pool *pool = pikv_page_pool_of(c, m);
         pikv_pool_give(pool, m->slot);
         pool->pages_used--;

@@ -64,6 +64,14 @@ typedef struct disk_tier {
     int64_t used, cap_pages;
 } disk_tier;
 
+/* A staging slot: a slot of the device's pool of full pages, and the page whose bytes it
+   holds (full pages never change, so it stays valid until the page is freed). */
+typedef struct staging_slot {
+    uint32_t slot;
+    uint32_t tag;       /* 1 + the page id whose bytes it holds; 0 = none */
+    uint8_t prefetched; /* a prefetch put them there (its first fetch is a hit) */
+} staging_slot;
+
 typedef struct prefetch_rec {
     uint32_t id;
     uint32_t host_slot;
@@ -82,7 +90,7 @@ struct pikv_tier_state {
     pikv_page_pool bounds;
     /* staging slots per device (in the pool of the tier layout) */
     int64_t staging_n[PIKV_MAX_DEVICES]; /* fixed with a device budget; else 0 = automatic */
-    uint32_t *staging[PIKV_MAX_DEVICES];
+    staging_slot *staging[PIKV_MAX_DEVICES];
     int64_t staging_held[PIKV_MAX_DEVICES], staging_cap[PIKV_MAX_DEVICES];
     unsigned char *one_page; /* scratch of one page (disk promotion) */
     /* I/O thread */
@@ -545,6 +553,9 @@ void pikv_tier_page_freed(pikv_cache *c, uint32_t id)
 {
     struct pikv_tier_state *t = c->tier;
     pikv_tier_drain(c);
+    for (int32_t d = 0; d < c->n_devs; d++) /* the id will name another page */
+        for (int64_t k = 0; k < t->staging_held[d]; k++)
+            if (t->staging[d][k].tag == id + 1) t->staging[d][k] = (staging_slot){t->staging[d][k].slot, 0, 0};
     pikv_page_meta *m = &c->pages[id];
     if (m->tier == PIKV_TIER_HOST) host_give(t, m->tier_slot);
     else if (m->tier == PIKV_TIER_DISK) disk_give(t, m->tier_slot);
@@ -597,11 +608,20 @@ pikv_status pikv_tier_staging_ensure(pikv_cache *c, int32_t d, int64_t n)
     struct pikv_tier_state *t = c->tier;
     if (t->staging_held[d] >= n) return PIKV_OK;
     pikv_page_pool *pool = tier_pool(c, d);
-    PIKV_FORWARD_IF_ERROR(pikv_host_reserve(c->ctx, (void **)&t->staging[d], sizeof(uint32_t), &t->staging_cap[d], n));
+    PIKV_FORWARD_IF_ERROR(
+        pikv_host_reserve(c->ctx, (void **)&t->staging[d], sizeof(staging_slot), &t->staging_cap[d], n));
     int32_t added = 0;
     PIKV_FORWARD_IF_ERROR(pikv_pool_reserve(c->ctx, pool, t->L, n - t->staging_held[d], &added));
-    while (t->staging_held[d] < n) t->staging[d][t->staging_held[d]++] = pikv_pool_take(pool);
+    while (t->staging_held[d] < n) t->staging[d][t->staging_held[d]++] = (staging_slot){pikv_pool_take(pool), 0, 0};
     return PIKV_OK;
+}
+
+/* The staging slot (index) of device d holding page id's bytes, or -1. */
+static int64_t staged_at(const struct pikv_tier_state *t, int32_t d, uint32_t id)
+{
+    for (int64_t k = 0; k < t->staging_held[d]; k++)
+        if (t->staging[d][k].tag == id + 1) return k;
+    return -1;
 }
 
 int64_t pikv_tier_staging_slots(const pikv_cache *c, int32_t d, int32_t quant, unsigned char *used)
@@ -609,7 +629,7 @@ int64_t pikv_tier_staging_slots(const pikv_cache *c, int32_t d, int32_t quant, u
     const struct pikv_tier_state *t = c->tier;
     if (!t || t->quant != quant) return 0;
     if (used)
-        for (int64_t i = 0; i < t->staging_held[d]; i++) used[t->staging[d][i]] = 1;
+        for (int64_t i = 0; i < t->staging_held[d]; i++) used[t->staging[d][i].slot] = 1;
     return t->staging_held[d];
 }
 
@@ -718,7 +738,7 @@ typedef struct sub_plan {
 
 /* which: -1 = the resident entries; r >= 0 = the entries of fetch round r */
 static pikv_status run_sub(pikv_cache *c, const pikv_read_plan *plan, int32_t d, int64_t which, const int32_t *pos,
-                           int64_t S, int32_t nq, const float *q, float *out, float *lse, float *page_lse,
+                           const int32_t *fslot, int64_t S, int32_t nq, const float *q, float *out, float *lse, float *page_lse,
                            sub_plan *sp, bool *ran)
 {
     struct pikv_tier_state *t = c->tier;
@@ -737,7 +757,7 @@ static pikv_status run_sub(pikv_cache *c, const pikv_read_plan *plan, int32_t d,
                 sp->slots[n] = plan->slots[off + e];
             } else {
                 if (m->tier == PIKV_TIER_DEVICE || pos[id] / S != which) continue;
-                sp->slots[n] = t->staging[d][pos[id] % S] | flag;
+                sp->slots[n] = t->staging[d][fslot[pos[id]]].slot | flag;
             }
             sp->lens[n] = plan->lens[off + e];
             sp->map[n++] = off + e;
@@ -783,7 +803,7 @@ static int64_t queue_round(pikv_cache *c, int64_t g, const int64_t *round_dev, c
     round_seq[g % 2] = 0;
     for (int64_t k = r * S[d]; k < (r + 1) * S[d] && fbegin[d] + k < fbegin[d + 1]; k++) {
         const pikv_page_meta *m = &c->pages[fetch_ids[fbegin[d] + k]];
-        if (m->tier != PIKV_TIER_DISK) continue;
+        if (m->tier != PIKV_TIER_DISK) continue; /* (read even when a staging slot has it: see run_plan) */
         const int64_t b = (g % 2) * S_max + (k - r * S[d]);
         round_seq[g % 2] = last_seq = io_submit(t, (uint64_t)m->tier_slot * pb, bounce + (size_t)b * pb, pb, &errs[b]);
     }
@@ -809,6 +829,11 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
     pikv_status st = PIKV_OK;
     int32_t *pos = pikv_host_alloc(ctx, (size_t)(c->pages_high ? c->pages_high : 1) * sizeof(int32_t), 64);
     uint32_t *fetch_ids = pikv_host_alloc(ctx, (size_t)(entries ? entries : 1) * sizeof(uint32_t), 64);
+    /* per fetch: its staging slot (index) in its round, and 1 = its bytes are already
+       there, 2 = put there by a prefetch; per round: the slots taken */
+    int32_t *fslot = pikv_host_alloc(ctx, (size_t)(entries ? entries : 1) * sizeof(int32_t), 64);
+    uint8_t *cached = pikv_host_calloc(ctx, (size_t)(entries ? entries : 1), 1);
+    uint8_t *taken = pikv_host_calloc(ctx, (size_t)(entries ? entries : 1), 1);
     sub_plan sp = {
         pikv_host_alloc(ctx, ((size_t)n_lists + 1) * sizeof(int32_t), 64),
         pikv_host_alloc(ctx, (size_t)(entries ? entries : 1) * sizeof(uint32_t), 64),
@@ -820,7 +845,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
     unsigned char *bounce = NULL;
     int *errs = NULL;
     int64_t last_seq = 0; /* reads to wait for before anything is freed */
-    if (!pos || !fetch_ids || !sp.indptr || !sp.slots || !sp.lens || !sp.map || (page_lse && !sp.page_lse)) {
+    if (!pos || !fetch_ids || !fslot || !cached || !taken || !sp.indptr || !sp.slots || !sp.lens || !sp.map || (page_lse && !sp.page_lse)) {
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: fetch plan of %lld page reads: allocation failed", fn,
                        (long long)entries);
         goto done;
@@ -882,7 +907,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
     for (int32_t d = 0; d < nd && st == PIKV_OK; d++) {
         if (!pikv_cache_dev_local(c, d)) continue;
         bool ran = false;
-        st = run_sub(c, plan, d, -1, pos, 1, nq, q, parts + (size_t)p * out_floats,
+        st = run_sub(c, plan, d, -1, pos, fslot, 1, nq, q, parts + (size_t)p * out_floats,
                      parts + (size_t)n_parts * out_floats + (size_t)p * lse_floats, page_lse, &sp, &ran);
         p += ran;
     }
@@ -894,11 +919,39 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
         if (g + 1 < n_rounds && n_disk)
             last_seq = queue_round(c, g + 1, round_dev, S, fbegin, fetch_ids, S_max, bounce, errs, round_seq,
                                    last_seq);
+        /* Slots of this round's pages: a page whose bytes a staging slot already holds
+           (prefetched, or fetched earlier) takes that slot, the others the free ones. The
+           rounds themselves follow the plan's order whatever the slots hold, so results
+           never depend on what was staged before. */
+        const int64_t lo = fbegin[d] + r * S[d], hi = fbegin[d] + (r + 1) * S[d] < fbegin[d + 1]
+                                                             ? fbegin[d] + (r + 1) * S[d]
+                                                             : fbegin[d + 1];
+        memset(taken, 0, (size_t)S[d]);
+        for (int64_t i = lo; i < hi; i++) {
+            const int64_t j = staged_at(t, d, fetch_ids[i]);
+            cached[i] = 0;
+            fslot[i] = -1;
+            if (j < 0 || j >= S[d] || taken[j]) continue;
+            taken[j] = 1;
+            fslot[i] = (int32_t)j;
+            cached[i] = (uint8_t)(1 | (t->staging[d][j].prefetched ? 2 : 0));
+        }
+        for (int64_t i = lo, next = 0; i < hi; i++) {
+            if (fslot[i] >= 0) continue;
+            while (taken[next]) next++;
+            taken[next] = 1;
+            fslot[i] = (int32_t)next;
+        }
         const double t0 = now_s();
         if (round_seq[g % 2]) io_wait(t, round_seq[g % 2]);
         for (int64_t k = r * S[d]; k < (r + 1) * S[d] && fbegin[d] + k < fbegin[d + 1] && st == PIKV_OK; k++) {
             const uint32_t id = fetch_ids[fbegin[d] + k];
             pikv_page_meta *m = &c->pages[id];
+            staging_slot *ss = &t->staging[d][fslot[fbegin[d] + k]];
+            if (cached[fbegin[d] + k]) { /* already there */
+                ss->prefetched = 0;
+                continue;
+            }
             const int64_t b = (g % 2) * S_max + (k - r * S[d]);
             const unsigned char *src = m->tier == PIKV_TIER_HOST ? host_ptr(t, m->tier_slot) : NULL;
             if (m->tier == PIKV_TIER_DISK) {
@@ -909,14 +962,16 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
                 src = bounce + (size_t)b * pb;
                 t->disk_read += pb;
             }
-            st = copy_to_slot(c, d, t->staging[d][k - r * S[d]], src);
+            *ss = (staging_slot){ss->slot, 0, 0}; /* overwritten: valid again once written */
+            st = copy_to_slot(c, d, ss->slot, src);
+            if (st == PIKV_OK) ss->tag = id + 1;
         }
         const double waited = now_s() - t0;
         t->fetch_stall_s += waited;
         t->last_fetch_stall_s += waited;
         if (st != PIKV_OK) break;
         bool ran = false;
-        st = run_sub(c, plan, d, r, pos, S[d], nq, q, parts + (size_t)p * out_floats,
+        st = run_sub(c, plan, d, r, pos, fslot + fbegin[d], S[d], nq, q, parts + (size_t)p * out_floats,
                      parts + (size_t)n_parts * out_floats + (size_t)p * lse_floats, page_lse, &sp, &ran);
         p += ran;
     }
@@ -942,7 +997,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
         }
         for (int64_t i = 0; i < n_fetch; i++) {
             pikv_page_meta *m = &c->pages[fetch_ids[i]];
-            if (m->prefetched) t->prefetch_hits++;
+            if (m->prefetched || (cached[i] & 2)) t->prefetch_hits++;
             m->prefetched = 0;
         }
         t->fetches += n_fetch;
@@ -952,6 +1007,9 @@ done:
     if (last_seq) io_wait(t, last_seq); /* no read may land in freed memory */
     pikv_host_free(ctx, pos);
     pikv_host_free(ctx, fetch_ids);
+    pikv_host_free(ctx, fslot);
+    pikv_host_free(ctx, cached);
+    pikv_host_free(ctx, taken);
     pikv_host_free(ctx, sp.indptr);
     pikv_host_free(ctx, sp.slots);
     pikv_host_free(ctx, sp.lens);
@@ -1026,11 +1084,49 @@ static void prefetch_next(pikv_cache *c, int32_t layer)
     }
 }
 
+/* Prefetch, second half: host pages the next layer read at its last attend go to free
+   staging slots of their device (slots holding no page that layer wants), so its
+   attend finds them there. */
+static void prefetch_staging(pikv_cache *c, int32_t layer)
+{
+    struct pikv_tier_state *t = c->tier;
+    if (!t->p.prefetch) return;
+    const int32_t l2 = (layer + 1) % c->params.n_layers;
+    const int64_t clk = c->layer_clock[l2];
+    if (clk == 0) return;
+    for (int32_t d = 0; d < c->n_devs; d++) {
+        const int64_t held = t->staging_held[d];
+        if (held == 0) continue;
+        int64_t k = 0;
+        for (int64_t id = 0; id < c->pages_high && k < held; id++) {
+            const pikv_page_meta *m = &c->pages[id];
+            if (m->refs == 0 || m->tier != PIKV_TIER_HOST || m->dev != d || m->layer != l2 || m->last_use != clk ||
+                staged_at(t, d, (uint32_t)id) >= 0)
+                continue;
+            /* a slot whose page the next layer does not want */
+            for (; k < held; k++) {
+                const uint32_t tag = t->staging[d][k].tag;
+                if (tag == 0) break;
+                const pikv_page_meta *o = &c->pages[tag - 1];
+                if (o->refs == 0 || o->tier == PIKV_TIER_DEVICE || o->dev != d || o->layer != l2 || o->last_use != clk)
+                    break;
+            }
+            if (k >= held) break;
+            staging_slot *ss = &t->staging[d][k++];
+            *ss = (staging_slot){ss->slot, 0, 0};
+            if (copy_to_slot(c, d, ss->slot, host_ptr(t, m->tier_slot)) != PIKV_OK) return;
+            *ss = (staging_slot){ss->slot, (uint32_t)id + 1, 1};
+            t->prefetches++;
+        }
+    }
+}
+
 void pikv_tier_after_attend(pikv_cache *c, int32_t layer)
 {
     pikv_tier_drain(c);
     promote_fetched(c, layer);
     prefetch_next(c, layer);
+    prefetch_staging(c, layer);
 }
 
 /* ---- create, free, stats ------------------------------------------------------------------ */
