@@ -41,7 +41,8 @@ typedef struct io_req {
     uint64_t offset;
     unsigned char *buf;
     uint64_t size;
-    int *err; /* 0 or the errno of the read, written by the I/O thread */
+    int *err;                 /* 0 or the errno of the read, written by the I/O thread */
+    const unsigned char *src; /* non-NULL: a copy from host memory (into a host-visible slot) */
 } io_req;
 
 typedef struct host_tier {
@@ -102,6 +103,8 @@ struct pikv_tier_state {
     int64_t submitted, completed;
     prefetch_rec *pending;
     int64_t n_pending, pending_cap;
+    int64_t stage_seq; /* the last staging copy queued by prefetch (0: none in flight) */
+    int copy_err;      /* written by copies (which cannot fail) */
     /* pages the last attend fetched, with their use clock before it (promotion) */
     uint32_t *fetched;
     int64_t *fetched_prev;
@@ -163,7 +166,9 @@ static void *io_main(void *arg)
         if (t->completed == t->submitted) break; /* stop, nothing left */
         const io_req r = t->ring[t->completed % IO_RING];
         pthread_mutex_unlock(&t->mu);
-        const int err = pread_full(r.fd, r.buf, r.size, r.offset);
+        int err = 0;
+        if (r.src) memcpy(r.buf, r.src, (size_t)r.size);
+        else err = pread_full(r.fd, r.buf, r.size, r.offset);
         pthread_mutex_lock(&t->mu);
         *r.err = err;
         t->completed++;
@@ -190,7 +195,19 @@ static int64_t io_submit(struct pikv_tier_state *t, uint64_t offset, unsigned ch
     pthread_mutex_lock(&t->mu);
     while (t->submitted - t->completed >= IO_RING) pthread_cond_wait(&t->cv_done, &t->mu);
     *err = 0;
-    t->ring[t->submitted % IO_RING] = (io_req){t->disk.fd, offset, buf, size, err};
+    t->ring[t->submitted % IO_RING] = (io_req){t->disk.fd, offset, buf, size, err, NULL};
+    const int64_t seq = ++t->submitted;
+    pthread_cond_signal(&t->cv_work);
+    pthread_mutex_unlock(&t->mu);
+    return seq;
+}
+
+/* Queues a copy of host memory into a host-visible staging slot; returns its number. */
+static int64_t io_submit_copy(struct pikv_tier_state *t, unsigned char *dst, const unsigned char *src, uint64_t size)
+{
+    pthread_mutex_lock(&t->mu);
+    while (t->submitted - t->completed >= IO_RING) pthread_cond_wait(&t->cv_done, &t->mu);
+    t->ring[t->submitted % IO_RING] = (io_req){-1, 0, dst, size, &t->copy_err, src};
     const int64_t seq = ++t->submitted;
     pthread_cond_signal(&t->cv_work);
     pthread_mutex_unlock(&t->mu);
@@ -571,8 +588,9 @@ void pikv_tier_page_freed(pikv_cache *c, uint32_t id)
 void pikv_tier_drain(pikv_cache *c)
 {
     struct pikv_tier_state *t = c->tier;
-    if (!t || t->n_pending == 0) return;
+    if (!t || (t->n_pending == 0 && t->stage_seq == 0)) return;
     io_wait(t, t->submitted);
+    t->stage_seq = 0;
     const uint64_t pb = t->L->page_bytes;
     for (int64_t i = 0; i < t->n_pending; i++) {
         const prefetch_rec *r = &t->pending[i];
@@ -1114,7 +1132,17 @@ static void prefetch_staging(pikv_cache *c, int32_t layer)
             if (k >= held) break;
             staging_slot *ss = &t->staging[d][k++];
             *ss = (staging_slot){ss->slot, 0, 0};
-            if (copy_to_slot(c, d, ss->slot, host_ptr(t, m->tier_slot)) != PIKV_OK) return;
+            pikv_page_pool *pool = tier_pool(c, d);
+            uint64_t off = 0;
+            pikv_buffer *buf = pikv_pool_chunk(pool, ss->slot, &off, t->L);
+            if (buf->host && io_start(c, "pikv_cache_attend (prefetch)") == PIKV_OK) {
+                /* host-visible memory: the I/O thread copies, in the background (anything
+                   that touches the tiers drains it first) */
+                t->stage_seq = io_submit_copy(t, (unsigned char *)buf->host + off, host_ptr(t, m->tier_slot),
+                                              t->L->page_bytes);
+            } else if (copy_to_slot(c, d, ss->slot, host_ptr(t, m->tier_slot)) != PIKV_OK) {
+                return; /* (asynchronous where the backend's buffer_write is) */
+            }
             *ss = (staging_slot){ss->slot, (uint32_t)id + 1, 1};
             t->prefetches++;
         }
