@@ -600,8 +600,8 @@ typedef struct pikv_tier_stats {
     int64_t demotions;            /* page moves to a farther tier (device->host, host->disk) */
     int64_t promotions;           /* page moves to a nearer tier */
     int64_t fetches;              /* demoted pages attend calls read (copied to a device) */
-    int64_t prefetches;           /* pages the prefetcher moved nearer ahead of use (disk ->
-                                     host tier, in the background, for the next layer) */
+    int64_t prefetches;           /* pages the prefetcher moved nearer ahead of use, for the
+                                     next layer: disk -> host tier, host -> a staging slot */
     int64_t prefetch_hits;        /* fetches whose page a prefetch had already moved nearer */
     double prefetch_hit_rate;     /* prefetch_hits / fetches; -1 before the first fetch */
     double fetch_stall_s;         /* seconds attend calls waited for demoted pages' data */
