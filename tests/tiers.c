@@ -369,6 +369,21 @@ static void test_exact_budget(void)
                         const double e = pair_attend(&pr, l, seqs, 2, NULL, NULL, NULL);
                         worst = e > worst ? e : worst;
                     }
+                {
+                    /* the same attend twice: the same bits, whatever the staging slots held */
+                    const size_t per = (size_t)p.n_q_heads * (size_t)p.head_dim;
+                    float *qv = tu_xmalloc(2 * per * sizeof(float)), *o1 = tu_xmalloc(2 * per * sizeof(float));
+                    float *o2 = tu_xmalloc(2 * per * sizeof(float));
+                    tu_fill(&pr.rng, qv, 2 * per, 1.0f);
+                    pikv_attend_batch bt = {2, seqs, qv, NULL, o1, NULL, NULL};
+                    CHECK_OK(pikv_cache_attend(pr.tier, 0, &bt));
+                    bt.out = o2;
+                    CHECK_OK(pikv_cache_attend(pr.tier, 0, &bt));
+                    CHECKF(memcmp(o1, o2, 2 * per * sizeof(float)) == 0, "%s: one attend twice, different bits", what);
+                    free(qv);
+                    free(o1);
+                    free(o2);
+                }
                 const pikv_tier_stats ts = tier_stats(pr.tier);
                 pikv_cache_stats cs;
                 CHECK_OK(pikv_cache_get_stats(pr.tier, &cs));
@@ -732,6 +747,45 @@ static void test_faults(void)
             const int32_t seqs[1] = {0};
             pair_attend(&pr, 0, seqs, 1, NULL, NULL, NULL);
             pair_free(&pr);
+        }
+    }
+
+    tu_set_case("disk tier full");
+    {
+        pikv_cache_params q = p;
+        q.tiers.enabled = 0;
+        pikv_cache *probe = NULL;
+        CHECK_OK(pikv_cache_create(g_ctx, &q, &probe));
+        const uint64_t pb = probe ? tier_page_bytes(probe) : 4096;
+        pikv_cache_free(probe);
+        q.tiers.enabled = 1;
+        q.tiers.device_bytes = 8 * pb;
+        q.tiers.host_bytes = 2 * pb;
+        q.tiers.disk_bytes = 3 * pb;
+        pikv_cache *c = NULL;
+        if (CHECK_OK(pikv_cache_create(g_ctx, &q, &c))) {
+            CHECK_OK(pikv_seq_add(c, 0));
+            const size_t row = (size_t)p.n_kv_heads * (size_t)p.head_dim;
+            float *k = tu_xmalloc(8 * row * sizeof(float));
+            tu_rng r = tu_rng_seed(9);
+            tu_fill(&r, k, 8 * row, 1.0f);
+            pikv_status st = PIKV_OK;
+            int64_t appended = 0;
+            for (int i = 0; i < 40 && st == PIKV_OK; i++) {
+                st = pikv_cache_append(c, 0, 0, 8, k, k, NULL, NULL);
+                appended += st == PIKV_OK ? 8 : 0;
+            }
+            CHECK_STATUS(PIKV_ERR_CAPACITY, st);
+            CHECKF(strstr(pikv_context_last_error(g_ctx), "tiers.disk_bytes") != NULL, "%s",
+                   pikv_context_last_error(g_ctx));
+            int64_t len = 0;
+            CHECK_OK(pikv_seq_length(c, 0, 0, &len));
+            CHECK_EQ(len, appended);
+            const pikv_tier_stats ts = tier_stats(c);
+            CHECK_EQ(ts.disk_pages, 3);
+            CHECK_EQ(ts.host_pages, 2);
+            free(k);
+            pikv_cache_free(c);
         }
     }
 
