@@ -268,6 +268,13 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
     for (int32_t s = 0; s < ns && st == PIKV_OK; s++)
         if (plan.new_pages[s] > 0)
             st = pikv_ring_reserve(ctx, &sl->rings[s], sl->rings[s].count + plan.new_pages[s]);
+    /* Tiers: room under the device budgets (demoting cold pages: content-preserving
+       moves that stand even if the append fails), and host-tier room for what eviction
+       will demote after the commit. Before the pool reserves, which they do not undo. */
+    for (int32_t d = 0; c->tier && d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_tier_reserve_bytes(c, d, (uint64_t)pending[d] * c->layout.page_bytes +
+                                               (uint64_t)qpending[d] * (quant ? c->qlayout.page_bytes : 0), fn);
+    if (c->tier && st == PIKV_OK) st = pikv_tier_prepare_evict(c, layer, seq, n);
     int32_t added[PIKV_MAX_DEVICES] = {0}, qadded[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, pending[d], &added[d]);
@@ -319,7 +326,8 @@ pikv_status pikv_append_tokens(pikv_cache *c, const char *fn, int32_t layer, int
             const int32_t rows = plan.shard_count[s] - done < ps ? plan.shard_count[s] - done : ps;
             uint32_t id = pikv_page_id_take(c);
             c->pages[id] = (pikv_page_meta){.dev = dev, .slot = pikv_pool_take(&c->devs[dev]), .layer = layer,
-                                            .shard = s, .last_use = c->layer_clock[layer]};
+                                            .shard = s, .last_use = c->layer_clock[layer],
+                                            .tier_use = c->tier_clock};
             plan.new_ids[n_new++] = id;
             plan.writes[w] = (pikv_page_write){c->pages[id].slot, 0, rows, plan.shard_start[s] + done};
             plan.write_dev[w++] = dev;

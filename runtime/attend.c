@@ -81,6 +81,13 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
         if (plan->dev_begin[d + 1] > plan->dev_begin[d] && pikv_cache_dev_local(c, d)) active[n_active++] = d;
     PIKV_RETURN_ERROR_IF(io_on_device && n_active != 1, ctx, PIKV_ERR_INTERNAL,
                          "%s: device-resident output with %d devices to read", fn, n_active);
+    /* demoted pages: fetched through staging slots (tier.c); otherwise the one pass below */
+    if (plan->n_demoted > 0) {
+        PIKV_RETURN_ERROR_IF(io_on_device || !c->tier, ctx, PIKV_ERR_INTERNAL,
+                             "%s: a plan with %lld demoted page reads on the zero-copy path", fn,
+                             (long long)plan->n_demoted);
+        return pikv_tier_run_plan(c, fn, nq, q, plan, out, lse, page_lse);
+    }
     if (n_active == 0) { /* nothing to read */
         memset(out, 0, out_floats * sizeof(float));
         for (size_t i = 0; i < lse_floats; i++) lse[i] = -INFINITY;
@@ -188,6 +195,7 @@ static void accumulate_mass(pikv_cache *c, int32_t layer, const pikv_read_plan *
 {
     const int32_t kvh = c->params.n_kv_heads, G = c->params.n_q_heads / kvh;
     const int64_t clock = ++c->layer_clock[layer];
+    const int64_t tier_clock = ++c->tier_clock;
     for (int32_t d = 0; d < c->n_devs; d++) {
         const int32_t *indptr = plan->indptr + (size_t)d * ((size_t)plan->n_lists + 1);
         const int64_t off = plan->dev_begin[d];
@@ -203,6 +211,7 @@ static void accumulate_mass(pikv_cache *c, int32_t layer, const pikv_read_plan *
                     }
                     m->attn_mass += mass;
                 }
+                m->tier_use = tier_clock;
                 if (m->last_use != clock) { /* once per call, however many heads read it */
                     m->last_use = clock;
                     m->use_count++;
@@ -377,6 +386,7 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
     /* only H2O and utility eviction rank pages by attention mass */
     const bool want_mass = c->params.evict.policy == PIKV_EVICT_H2O || c->params.evict.policy == PIKV_EVICT_UTILITY;
     r->measure = measure;
+    if (c->tier) pikv_tier_attend_begin(c);
 
     /* The batch as the host-side planner sees it: for zero copy, q is a host copy when
        QUEST scores with it, else not needed (NULL). */
@@ -401,7 +411,8 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
     int32_t n_active = 0, active = -1;
     for (int32_t d = 0; d < c->n_devs; d++)
         if (plan->dev_begin[d + 1] > plan->dev_begin[d]) n_active++, active = d;
-    const bool direct = io && !measure && n_active == 1 && c->devs[active].dev == io;
+    /* demoted pages read: staged (they are fetched into staging slots first) */
+    const bool direct = io && !measure && n_active == 1 && c->devs[active].dev == io && plan->n_demoted == 0;
     const bool staged = io && !direct;
     r->direct = direct;
     r->staged = staged;
@@ -529,6 +540,7 @@ static pikv_status attend_end(pikv_attend_request *r)
     if (st == PIKV_OK) {
         const int64_t entries = plan->dev_begin[c->n_devs];
         accumulate_mass(c, layer, plan, mass_lse, r->page_lse);
+        if (c->tier) pikv_tier_after_attend(c, layer); /* promotion, prefetch for the next layer */
         /* bytes of one token row of one KV head, K and V; quantized rows also read
            their share of the page's scales and zero points */
         const double row_bytes = 2.0 * (double)c->layout.row_bytes;

@@ -58,7 +58,20 @@ typedef struct pikv_page_meta {
     /* c->write_seq when the page's bytes or rows last changed (pikv_page_touch):
        an incremental checkpoint writes the pages changed since the previous one */
     uint64_t mod_seq;
+    /* memory tiers (tier.c): where the bytes are. A demoted page (tier != DEVICE) has no
+       slot in its device's pool (slot is stale); dev is the device it is fetched to. */
+    int8_t tier;          /* PIKV_TIER_DEVICE / _HOST / _DISK */
+    uint8_t prefetched;   /* a prefetch moved it nearer since it was last fetched */
+    uint32_t tier_slot;   /* slot in the host tier or the disk tier file */
+    uint32_t bounds_slot; /* demoted: its Quest bounds in the host bounds pool */
+    uint32_t disk_copy;   /* host page: 1 + its disk slot while the disk still holds its bytes
+                             (a prefetched page: going back to disk is then free); else 0 */
+    int64_t tier_use;     /* the cache-wide attend clock when last read (or created) */
 } pikv_page_meta;
+
+enum { PIKV_TIER_DEVICE = 0, PIKV_TIER_HOST = 1, PIKV_TIER_DISK = 2 };
+/* The slot a plan gives a demoted page: no pool slot (the attend fetches it first). */
+#define PIKV_SLOT_DEMOTED 0x7fffffffu
 
 /* ---- page_pool.c: one device's page storage ------------------------------ */
 typedef struct pikv_page_pool {
@@ -72,7 +85,8 @@ typedef struct pikv_page_pool {
     int64_t n_free;
     pikv_pool_view view;  /* what ops see; chunks pointer kept current */
     /* accounting */
-    int64_t pages_used;
+    int64_t pages_used;   /* resident pages (with tiers: not those demoted) */
+    int64_t demoted;      /* tiers: this device's pages demoted to the host or disk tier */
     int64_t tokens;
     int32_t shards;
     uint64_t bytes_allocated;
@@ -175,6 +189,10 @@ struct pikv_cache {
        which finish in the order started */
     int64_t attend_started, attend_finished;
 
+    /* memory tiers (tier.c); NULL when params.tiers.enabled is 0 */
+    struct pikv_tier_state *tier;
+    int64_t tier_clock;       /* cache-wide attend clock (pikv_page_meta.tier_use) */
+
     /* ---- checkpoints (stream.c, docs/stream.md) ----
        write_seq is bumped at every page change (pikv_page_touch); the rest is the
        bookkeeping of the last committed checkpoint file, which an incremental
@@ -208,7 +226,8 @@ static inline pikv_page_pool *pikv_page_pool_of(pikv_cache *c, const pikv_page_m
 }
 static inline uint32_t pikv_op_slot(const pikv_page_meta *m)
 {
-    return m->quant ? (m->slot | PIKV_SLOT_QUANT) : m->slot;
+    const uint32_t slot = m->tier != PIKV_TIER_DEVICE ? PIKV_SLOT_DEMOTED : m->slot;
+    return m->quant ? (slot | PIKV_SLOT_QUANT) : slot;
 }
 static inline const pikv_page_layout *pikv_layout_of(const pikv_cache *c, const pikv_page_meta *m)
 {
@@ -301,6 +320,43 @@ pikv_status pikv_page_read_bytes(pikv_cache *c, uint32_t id, void *dst);
    tiers. Demotion moves pages without changing what they hold, so a caller that fails
    afterwards has still changed nothing observable but the tier statistics. */
 pikv_status pikv_tier_reserve(pikv_cache *c, int32_t dev, int32_t quant, int64_t n);
+/* The same for `bytes` of new resident pages of any pool of device dev (fn names the
+   caller in messages). */
+pikv_status pikv_tier_reserve_bytes(pikv_cache *c, int32_t dev, uint64_t bytes, const char *fn);
+/* Tier state of a new cache (params.tiers enabled): validates the tier parameters
+   against the page layouts, creates the disk files and binds NUMA memory. On failure
+   c->tier stays NULL and nothing is left allocated. */
+pikv_status pikv_tier_create(pikv_cache *c);
+void pikv_tier_free(pikv_cache *c);
+/* Append dry run, layer with a budget: room in the host tier (and bounds pool) for the
+   pages eviction will demote after the commit, which then cannot fail for lack of
+   memory. */
+pikv_status pikv_tier_prepare_evict(pikv_cache *c, int32_t layer, int32_t seq, int64_t n_new);
+/* Moves a resident page to the host tier (the host tier may push its coldest pages
+   to disk). Content preserving. */
+pikv_status pikv_tier_demote(pikv_cache *c, uint32_t id, const char *fn);
+/* The last reference of a page went (tiers on): staging slots holding its bytes forget
+   it; a demoted page's tier slot and bounds slot are freed. */
+void pikv_tier_page_freed(pikv_cache *c, uint32_t id);
+/* Finishes the prefetches in flight (their pages land in the host tier). */
+void pikv_tier_drain(pikv_cache *c);
+/* Ensures n staging slots on device dev (a fetched page's home during an attend). */
+pikv_status pikv_tier_staging_ensure(pikv_cache *c, int32_t dev, int64_t n);
+/* copy_prefix of a demoted page: its first `rows` rows into open page dst_slot of its
+   device (whole bytes plus bounds recomputed; a quantized page is dequantized through
+   a free slot of the device's quantized pool, which the caller reserved). */
+pikv_status pikv_tier_copy_rows(pikv_cache *c, uint32_t id, uint32_t dst_slot, int32_t rows);
+/* The staging slots device dev holds in its open (quant 0) or quantized pool; marks
+   them in used[] when not NULL. Compaction keeps them where they are. */
+int64_t pikv_tier_staging_slots(const pikv_cache *c, int32_t dev, int32_t quant, unsigned char *used);
+/* The host copy of demoted pages' Quest bounds, as the CPU score op sees a pool
+   (slots: pikv_page_meta.bounds_slot). */
+const pikv_pool_view *pikv_tier_bounds_view(const pikv_cache *c);
+/* attend: the statistics of one call start */
+void pikv_tier_attend_begin(pikv_cache *c);
+/* attend: after the read pages' use statistics moved, promote the fetched pages that
+   earned it and prefetch for the next layer. Never fails (problems are logged). */
+void pikv_tier_after_attend(pikv_cache *c, int32_t layer);
 
 /* ---- sequence.c ------------------------------------------------------------------- */
 /* OUT_OF_RANGE or NOT_FOUND (with a message starting with `what`) unless seq exists. */

@@ -113,8 +113,12 @@ static pikv_status validate_params(pikv_context *ctx, const pikv_cache_params *p
                          "n_devices = %d but devices is NULL", p->n_devices);
     PIKV_RETURN_ERROR_IF(p->n_devices == 0 && p->devices, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "devices is set but n_devices = 0");
-    PIKV_RETURN_ERROR_IF(p->tiers.enabled, ctx, PIKV_ERR_UNSUPPORTED,
-                         "tiers.enabled = %d: memory tiers are not built yet", p->tiers.enabled);
+    if (p->tiers.enabled) { /* the byte fields are checked against the page layouts in pikv_tier_create */
+        PIKV_RETURN_ERROR_IF(p->tiers.numa_node < -1, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                             "tiers.numa_node = %d is neither -1 (no binding) nor a node index", p->tiers.numa_node);
+        PIKV_RETURN_ERROR_IF(p->tiers.staging_pages < 0, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                             "tiers.staging_pages = %d is negative (0 = automatic)", p->tiers.staging_pages);
+    }
     return PIKV_OK;
 }
 
@@ -123,6 +127,9 @@ static pikv_status check_create(pikv_context *ctx, const pikv_cache_params *p, i
 {
     PIKV_FORWARD_IF_ERROR(validate_params(ctx, p));
     if (p->comm) {
+        PIKV_RETURN_ERROR_IF(p->tiers.enabled, ctx, PIKV_ERR_UNSUPPORTED,
+                             "pikv_cache_create: memory tiers over ranks are not supported yet (tiers.enabled = %d "
+                             "with params.comm set: demotion and fetches are not collective)", p->tiers.enabled);
         /* the policies that need data only the page's owner has, or that move pages */
         PIKV_RETURN_ERROR_IF(p->select.mode & PIKV_SELECT_QUEST, ctx, PIKV_ERR_UNSUPPORTED,
                              "pikv_cache_create: QUEST selection over ranks is not supported yet (page scores "
@@ -248,6 +255,10 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
         uint64_t target = 1u << 20;
         const uint64_t limit = limits[d]; /* the owner's: every rank sizes the chunks alike */
         if (limit > 0 && limit / 16 < target) target = limit / 16;
+        /* a device budget of the tiers: chunks of at most an eighth of it, so what is
+           allocated stays near what the budget lets the device hold */
+        if (p->tiers.enabled && p->tiers.device_bytes > 0 && p->tiers.device_bytes / 8 < target)
+            target = p->tiers.device_bytes / 8;
         uint64_t per = target / c->layout.page_bytes;
         if (per < 1) per = 1;
         if (per > 4096) per = 4096;
@@ -267,6 +278,7 @@ pikv_status pikv_cache_create(pikv_context *ctx, const pikv_cache_params *params
     pikv_placement_init(c);
     pikv_stream_cache_init(c);
     st = pikv_policies_init(c);
+    if (st == PIKV_OK) st = pikv_tier_create(c);
     if (p->comm) st = pikv_dist_sync_status_comm(p->comm, ctx, "pikv_cache_create", st);
     if (st != PIKV_OK) {
         pikv_cache_free(c);
@@ -280,6 +292,7 @@ void pikv_cache_free(pikv_cache *c)
 {
     if (!c) return;
     pikv_context *ctx = c->ctx;
+    pikv_tier_free(c); /* joins the I/O thread, closes the disk files */
     if (c->seqs)
         for (int32_t q = 0; q < c->params.max_sequences; q++) {
             pikv_seq *s = &c->seqs[q];
@@ -396,11 +409,15 @@ void pikv_page_unref(pikv_cache *c, uint32_t id)
 {
     pikv_page_meta *m = &c->pages[id];
     if (--m->refs > 0) return;
-    pikv_page_pool *pool = pikv_page_pool_of(c, m);
     if (m->quant) c->layer_qpages[m->layer]--;
-    pikv_pool_give(pool, m->slot);
-    pool->pages_used--;
-    pool->tokens -= m->n_tokens;
+    const bool demoted = m->tier != PIKV_TIER_DEVICE;
+    if (c->tier) pikv_tier_page_freed(c, id); /* staging copies; a demoted page's tier slots and bounds */
+    if (!demoted) {
+        pikv_page_pool *pool = pikv_page_pool_of(c, m);
+        pikv_pool_give(pool, m->slot);
+        pool->pages_used--;
+        pool->tokens -= m->n_tokens;
+    }
     pikv_shard *sh = pikv_cache_shard(c, m->layer, m->shard);
     sh->pages--;
     sh->tokens -= m->n_tokens;

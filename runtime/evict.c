@@ -5,6 +5,11 @@
  * sequence's reference. Evicting a page counts a miss for its expert, which
  * cache-aware routing penalizes.
  *
+ * With memory tiers on, nothing is dropped: the budget bounds the sequence's
+ * RESIDENT tokens of the layer, and a victim is demoted to the host tier (tier.c)
+ * instead, still read by attend and still counted by seq_length. It is no eviction
+ * (evicted_pages stays) and no miss.
+ *
  *   LRU        key = the layer's attend clock when the page was last read
  *   LFU        key = how many attend calls read it
  *   STREAMING  key = its first token's index (StreamingLLM: sinks + recent stay)
@@ -55,7 +60,23 @@ static double page_key(const pikv_cache *c, const pikv_page_meta *m, const featu
 
 static bool evictable(const pikv_cache *c, uint32_t id, const pikv_seq_layer *sl)
 {
-    return c->pages[id].n_tokens == c->params.page_size && !pikv_page_protected(c, id, sl, &c->params.select);
+    const pikv_page_meta *m = &c->pages[id];
+    /* tiers: only resident pages of the layout the tiers hold (full pages always are) */
+    if (c->tier && (m->tier != PIKV_TIER_DEVICE || m->quant != (c->qdevs != NULL))) return false;
+    return m->n_tokens == c->params.page_size && !pikv_page_protected(c, id, sl, &c->params.select);
+}
+
+/* Tokens of the sequence's layer the budget bounds: all, or with tiers the resident ones. */
+static int64_t budgeted_tokens(const pikv_cache *c, const pikv_seq_layer *sl)
+{
+    if (!c->tier) return sl->n_tokens;
+    int64_t n = 0;
+    for (int32_t s = 0; s < c->n_shards; s++)
+        for (int64_t i = 0; i < sl->rings[s].count; i++) {
+            const pikv_page_meta *m = &c->pages[pikv_ring_at(&sl->rings[s], i)];
+            if (m->tier == PIKV_TIER_DEVICE) n += m->n_tokens;
+        }
+    return n;
 }
 
 static void ring_remove_at(pikv_ring *r, int64_t i)
@@ -69,7 +90,7 @@ void pikv_evict_to_budget(pikv_cache *c, int32_t layer, int32_t seq)
     const int64_t budget = c->layer_budget[layer];
     pikv_seq_layer *sl = &c->seqs[seq].layers[layer];
     const int32_t ps = c->params.page_size;
-    while (budget >= 0 && sl->n_tokens > budget) {
+    while (budget >= 0 && budgeted_tokens(c, sl) > budget) {
         feature_range f = {0.0f, 0, INT64_MAX, INT64_MIN};
         for (int32_t s = 0; s < c->n_shards; s++) {
             const pikv_ring *ring = &sl->rings[s];
@@ -104,6 +125,15 @@ void pikv_evict_to_budget(pikv_cache *c, int32_t layer, int32_t seq)
         if (best_shard < 0) return; /* only protected or partial pages are left */
         pikv_ring *ring = &sl->rings[best_shard];
         const uint32_t id = pikv_ring_at(ring, best_pos);
+        if (c->tier) {
+            /* the append reserved the host room (pikv_tier_prepare_evict): only a device
+               error can stop this, and the page then stays resident, over the budget */
+            if (pikv_tier_demote(c, id, "pikv_cache_append (eviction)") != PIKV_OK) {
+                pikv_log(c->ctx, PIKV_LOG_WARN, "eviction to the host tier stopped: %s", c->ctx->last_error);
+                return;
+            }
+            continue;
+        }
         const pikv_page_meta *m = &c->pages[id];
         ring_remove_at(ring, best_pos);
         sl->n_tokens -= m->n_tokens;

@@ -74,7 +74,8 @@ static int64_t compact_map_slots(const pikv_cache *c, int32_t d, int32_t quant)
 {
     const pikv_page_pool *pool = quant ? &c->qdevs[d] : &c->devs[d];
     const int64_t per = pool->pages_per_chunk;
-    const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
+    const int64_t held = pool->pages_used + pikv_tier_staging_slots(c, d, quant, NULL);
+    const int64_t keep = (held + per - 1) / per; /* chunks the pages fit in */
     return keep >= pool->n_chunks ? 0 : (int64_t)pool->n_chunks * per;
 }
 
@@ -86,22 +87,29 @@ static pikv_status compact_pool_map(pikv_cache *c, int32_t d, int32_t quant, uns
     pikv_page_pool *pool = quant ? &c->qdevs[d] : &c->devs[d];
     const uint32_t flag = quant ? PIKV_SLOT_QUANT : 0;
     const int64_t per = pool->pages_per_chunk;
-    const int64_t keep = (pool->pages_used + per - 1) / per; /* chunks the pages fit in */
+    /* tiers: staging slots stay where they are, used */
+    const int64_t held = pool->pages_used + pikv_tier_staging_slots(c, d, quant, NULL);
+    const int64_t keep = (held + per - 1) / per; /* chunks the pages fit in */
     if (keep >= pool->n_chunks) return PIKV_OK;
     const int64_t n_slots = (int64_t)pool->n_chunks * per, bound = keep * per;
     unsigned char *used = map ? map : pikv_host_calloc(ctx, (size_t)n_slots, 1);
     PIKV_RETURN_ERROR_IF(!used, ctx, PIKV_ERR_OUT_OF_MEMORY,
                          "compact: map of %lld slots: allocation failed", (long long)n_slots);
     for (int64_t id = 0; id < c->pages_high; id++)
-        if (c->pages[id].refs > 0 && c->pages[id].dev == d && c->pages[id].quant == quant) used[c->pages[id].slot] = 1;
+        if (c->pages[id].refs > 0 && c->pages[id].dev == d && c->pages[id].quant == quant &&
+            c->pages[id].tier == PIKV_TIER_DEVICE) /* a demoted page has no slot */
+            used[c->pages[id].slot] = 1;
+    pikv_tier_staging_slots(c, d, quant, used);
     /* Move every page above the bound into a free slot below it. */
     int64_t low = 0;
     pikv_status st = PIKV_OK;
     for (int64_t id = 0; id < c->pages_high && st == PIKV_OK; id++) {
         pikv_page_meta *m = &c->pages[id];
-        if (m->refs == 0 || m->dev != d || m->quant != quant || (int64_t)m->slot < bound) continue;
+        if (m->refs == 0 || m->dev != d || m->quant != quant || m->tier != PIKV_TIER_DEVICE ||
+            (int64_t)m->slot < bound)
+            continue;
         while (low < bound && used[low]) low++;
-        if (low >= bound) break; /* cannot happen: bound holds pages_used slots */
+        if (low >= bound) break; /* cannot happen: bound holds the used slots */
         pikv_page_copy_args args = {&c->devs[d].view, m->slot | flag, (uint32_t)low | flag, m->n_tokens};
         st = pool->dev->iface->page_copy(pool->dev, &args); /* the open pool's view knows both */
         if (st != PIKV_OK) break;

@@ -37,7 +37,8 @@ int32_t pikv_placement_pick_device(const pikv_cache *c, const int64_t *pending)
     int32_t best = 0;
     int64_t best_load = INT64_MAX;
     for (int32_t d = 0; d < c->n_devs; d++) {
-        int64_t load = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + pending[d];
+        /* demoted pages count: they are read (fetched) on their device */
+        int64_t load = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + c->devs[d].demoted + pending[d];
         if (load < best_load) {
             best_load = load;
             best = d;
@@ -135,7 +136,7 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
             if (sh->pages > 0) loads[n++] = (shard_load){l, s, sh->pages};
         }
     for (int32_t d = 0; d < c->n_devs; d++) {
-        const int64_t pages = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0);
+        const int64_t pages = c->devs[d].pages_used + (c->qdevs ? c->qdevs[d].pages_used : 0) + c->devs[d].demoted;
         if (pages > current) current = pages;
     }
     sort_by_pages_desc(loads, n);
@@ -153,13 +154,22 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
         if (target[k] != best[i]) { /* count the shard's pages by pool kind (shared ones may count twice) */
             for (int32_t a = 0; a < n_active; a++) {
                 const pikv_ring *ring = &c->seqs[active[a]].layers[loads[i].layer].rings[loads[i].shard];
-                for (int64_t j = 0; j < ring->count; j++)
-                    incoming[(size_t)c->pages[pikv_ring_at(ring, j)].quant * (size_t)c->n_devs + (size_t)best[i]]++;
+                for (int64_t j = 0; j < ring->count; j++) {
+                    const pikv_page_meta *m = &c->pages[pikv_ring_at(ring, j)];
+                    if (m->tier != PIKV_TIER_DEVICE) continue; /* demoted: only its device changes */
+                    incoming[(size_t)m->quant * (size_t)c->n_devs + (size_t)best[i]]++;
+                }
             }
         }
         target[k] = best[i];
     }
-    /* Reserve every destination slot before moving anything. */
+    /* Tiers: room under the destinations' device budgets (demotions are content-
+       preserving moves that stand if the rebalance fails). Then every destination
+       slot is reserved before anything moves. */
+    for (int32_t d = 0; c->tier && d < c->n_devs && st == PIKV_OK; d++)
+        st = pikv_tier_reserve_bytes(c, d, (uint64_t)incoming[d] * c->layout.page_bytes +
+                                               (c->qdevs ? (uint64_t)incoming[c->n_devs + d] * c->qlayout.page_bytes : 0),
+                                     "pikv_cache_rebalance");
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, incoming[d], &added[d]);
         if (st == PIKV_OK && c->qdevs)
@@ -182,6 +192,13 @@ pikv_status pikv_cache_rebalance(pikv_cache *c, int64_t *moved_pages)
                 for (int64_t i = 0; i < ring->count && st == PIKV_OK; i++) {
                     pikv_page_meta *m = &c->pages[pikv_ring_at(ring, i)];
                     if (m->dev == to) continue; /* shared page, already moved */
+                    if (m->tier != PIKV_TIER_DEVICE) { /* demoted: it will be fetched to its new device */
+                        c->devs[m->dev].demoted--;
+                        c->devs[to].demoted++;
+                        m->dev = to;
+                        moved++;
+                        continue;
+                    }
                     /* the page's own device: after a failed move a shard can span two */
                     pikv_page_pool *src = pikv_page_pool_of(c, m);
                     pikv_page_pool *dst = m->quant ? &c->qdevs[to] : &c->devs[to];

@@ -7,7 +7,10 @@
  *    experts meet the query's, by a 64-bit mask, so a superset). Pages holding a
  *    sink or recent token are always read ("forced").
  * 2. QUEST: every non-forced candidate is scored on the device that holds it
- *    (the Quest bound from the page's key min/max), and each (query, KV head)
+ *    (the Quest bound from the page's key min/max; a page demoted to the host or
+ *    disk tier by the CPU backend's score op on the host copy of its bounds, the
+ *    oracle every backend matches, so it competes with the same scores), and each
+ *    (query, KV head)
  *    keeps its best pages while their tokens fit in token_budget minus the
  *    forced pages' tokens (budgeted top-k, a backend op).
  */
@@ -100,8 +103,9 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
                          "attend: %lld candidate pages x %d KV heads exceed the page-list range",
                          (long long)n_cand, kvh);
     pikv_status st = PIKV_OK;
-    /* per device: CSR by query of its non-forced candidates */
-    int32_t *dev_indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)nq + 1), sizeof(int32_t));
+    /* per device: CSR by query of its non-forced candidates; "device" nd holds the
+       demoted candidates, scored on the host */
+    int32_t *dev_indptr = pikv_host_calloc(ctx, ((size_t)nd + 1) * ((size_t)nq + 1), sizeof(int32_t));
     uint32_t *dev_slots = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(uint32_t));
     int32_t *dev_pos = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(int32_t)); /* -> cand */
     float *scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
@@ -110,42 +114,44 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     int32_t *list_indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
     int64_t *budget = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh, sizeof(int64_t));
     uint8_t *list_keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
-    int64_t dev_begin[PIKV_MAX_DEVICES + 1] = {0};
+    int64_t dev_begin[PIKV_MAX_DEVICES + 2] = {0};
     if (!dev_indptr || !dev_slots || !dev_pos || !scores || !list_scores || !list_tokens || !list_indptr ||
         !budget || !list_keep) {
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: quest scratch for %lld candidates: allocation failed",
                        (long long)n_cand);
         goto done;
     }
-    int64_t per_dev[PIKV_MAX_DEVICES] = {0};
-    for (int64_t k = 0; k < n_cand; k++)
-        if (!cand->forced[k]) per_dev[c->pages[cand->ids[k]].dev]++;
-    for (int32_t d = 0; d < nd; d++) {
-        dev_begin[d + 1] = dev_begin[d] + per_dev[d];
-        scored[d] = per_dev[d];
+    int64_t per_dev[PIKV_MAX_DEVICES + 1] = {0};
+    for (int64_t k = 0; k < n_cand; k++) {
+        if (cand->forced[k]) continue;
+        const pikv_page_meta *m = &c->pages[cand->ids[k]];
+        per_dev[m->tier != PIKV_TIER_DEVICE ? nd : m->dev]++;
+        scored[m->dev]++;
     }
-    int64_t fill[PIKV_MAX_DEVICES];
-    for (int32_t d = 0; d < nd; d++) fill[d] = dev_begin[d];
+    for (int32_t d = 0; d <= nd; d++) dev_begin[d + 1] = dev_begin[d] + per_dev[d];
+    int64_t fill[PIKV_MAX_DEVICES + 1];
+    for (int32_t d = 0; d <= nd; d++) fill[d] = dev_begin[d];
     for (int32_t i = 0; i < nq; i++) {
-        for (int32_t d = 0; d < nd; d++)
+        for (int32_t d = 0; d <= nd; d++)
             dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)i] = (int32_t)(fill[d] - dev_begin[d]);
         for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
             if (cand->forced[k]) continue;
             const pikv_page_meta *m = &c->pages[cand->ids[k]];
-            dev_slots[fill[m->dev]] = pikv_op_slot(m);
-            dev_pos[fill[m->dev]++] = k;
+            const int32_t d = m->tier != PIKV_TIER_DEVICE ? nd : m->dev;
+            dev_slots[fill[d]] = m->tier != PIKV_TIER_DEVICE ? m->bounds_slot : pikv_op_slot(m);
+            dev_pos[fill[d]++] = k;
         }
     }
-    for (int32_t d = 0; d < nd; d++)
+    for (int32_t d = 0; d <= nd; d++)
         dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)nq] = (int32_t)(fill[d] - dev_begin[d]);
     /* scores[k * kvh + g] for candidate k, computed by its device */
-    for (int32_t d = 0; d < nd && st == PIKV_OK; d++) {
+    for (int32_t d = 0; d <= nd && st == PIKV_OK; d++) {
         if (dev_begin[d + 1] == dev_begin[d]) continue;
-        pikv_page_pool *pool = &c->devs[d];
+        pikv_device *dev = d < nd ? c->devs[d].dev : ctx->host_device;
         float *dev_scores = list_scores; /* borrowed: filled below anyway */
-        pikv_score_args args = {&pool->view, nq, c->params.n_q_heads, b->q,
+        pikv_score_args args = {d < nd ? &c->devs[d].view : pikv_tier_bounds_view(c), nq, c->params.n_q_heads, b->q,
                                 dev_indptr + (size_t)d * ((size_t)nq + 1), dev_slots + dev_begin[d], dev_scores};
-        st = pool->dev->iface->score(pool->dev, &args);
+        st = dev->iface->score(dev, &args);
         for (int64_t j = dev_begin[d]; j < dev_begin[d + 1] && st == PIKV_OK; j++)
             memcpy(scores + (size_t)dev_pos[j] * (size_t)kvh, dev_scores + (size_t)(j - dev_begin[d]) * (size_t)kvh,
                    (size_t)kvh * sizeof(float));
@@ -247,6 +253,7 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
                     const uint32_t id = cand.ids[k];
                     const pikv_page_meta *m = &c->pages[id];
                     plan->slots[fill[m->dev]] = pikv_op_slot(m);
+                    plan->n_demoted += m->tier != PIKV_TIER_DEVICE;
                     plan->lens[fill[m->dev]] = m->n_tokens;
                     plan->ids[fill[m->dev]++] = id;
                 }

@@ -15,10 +15,16 @@ typedef struct pikv_read_plan {
     int32_t *lens;
     uint32_t *ids;
     int64_t scored[PIKV_MAX_DEVICES]; /* pages whose bounds QUEST read, per device */
+    int64_t n_demoted;               /* entries naming demoted pages (slot PIKV_SLOT_DEMOTED) */
 } pikv_read_plan;
 
 pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,
                             const pikv_select_params *sel, pikv_read_plan *plan);
 void pikv_read_plan_free(pikv_context *ctx, pikv_read_plan *plan);
+/* tier.c: run_plan for a plan that reads demoted pages (host q/out/lse): attention over
+   each device's resident pages while the demoted ones are fetched, then over the
+   fetched ones in rounds of the device's staging slots, all partials merged exactly. */
+pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const float *q,
+                               const pikv_read_plan *plan, float *out, float *lse, float *page_lse);
 
 #endif /* PIKV_SELECT_H */

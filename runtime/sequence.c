@@ -162,11 +162,21 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
             while (keep < ring->count && rows_below(c, pikv_ring_at(ring, keep), n) > 0) keep++;
             if (keep > 0) st = pikv_ring_reserve(ctx, &layers[l].rings[k], keep);
         }
-    int32_t added[PIKV_MAX_DEVICES] = {0};
+    /* tiers: device budget room for the copies (demotions stand on failure: they move
+       pages without changing them), before the pool reserves; a quantized cache's
+       demoted source (possibly demoted by the reserve itself) is dequantized through a
+       free slot of the quantized pool */
+    for (int32_t d = 0; c->tier && d < c->n_devs && st == PIKV_OK; d++)
+        if (copies[d] > 0)
+            st = pikv_tier_reserve_bytes(c, d, (uint64_t)copies[d] * c->layout.page_bytes, "pikv_seq_copy_prefix");
+    int32_t added[PIKV_MAX_DEVICES] = {0}, qadded[PIKV_MAX_DEVICES] = {0};
     for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++)
         st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, copies[d], &added[d]);
+    for (int32_t d = 0; c->tier && c->qdevs && d < c->n_devs && st == PIKV_OK; d++)
+        if (copies[d] > 0) st = pikv_pool_reserve(ctx, &c->qdevs[d], &c->qlayout, 1, &qadded[d]);
     st = pikv_dist_sync_status(c, "pikv_seq_copy_prefix", st); /* exchange 1 */
     if (st != PIKV_OK) {
+        for (int32_t d = 0; c->qdevs && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         pikv_seq_layers_free(c, layers);
         return st;
@@ -176,6 +186,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
     const size_t ps = (size_t)c->params.page_size;
     uint32_t *copy_ids = pikv_host_calloc(ctx, (size_t)(total_copies ? total_copies : 1), sizeof(uint32_t));
     if (!copy_ids) {
+        for (int32_t d = 0; c->qdevs && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         pikv_seq_layers_free(c, layers);
         return pikv_dist_sync_status(c, "pikv_seq_copy_prefix", /* exchange 2 */
@@ -200,9 +211,15 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
                 c->pages[nid].n_tokens = rows;
                 c->pages[nid].refs = 0;
                 c->pages[nid].quant = 0;
+                c->pages[nid].tier = PIKV_TIER_DEVICE;
+                c->pages[nid].prefetched = 0;
                 copy_ids[n_copied++] = nid;
-                pikv_page_copy_args args = {&pool->view, pikv_op_slot(m), c->pages[nid].slot, rows};
-                st = pool->dev->iface->page_copy(pool->dev, &args);
+                if (m->tier != PIKV_TIER_DEVICE) { /* from the host or disk tier */
+                    st = pikv_tier_copy_rows(c, id, c->pages[nid].slot, rows);
+                } else {
+                    pikv_page_copy_args args = {&pool->view, pikv_op_slot(m), c->pages[nid].slot, rows};
+                    st = pool->dev->iface->page_copy(pool->dev, &args);
+                }
                 memcpy(c->positions + nid * ps, c->positions + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->indices + nid * ps, c->indices + id * ps, (size_t)rows * sizeof(int32_t));
                 memcpy(c->row_expert + nid * ps, c->row_expert + id * ps, (size_t)rows * sizeof(int32_t));
@@ -218,6 +235,7 @@ pikv_status pikv_seq_copy_prefix(pikv_cache *c, int32_t src, int32_t dst, int64_
             pikv_pool_give(&c->devs[m->dev], m->slot);
             c->free_ids[c->n_free_ids++] = copy_ids[i];
         }
+        for (int32_t d = 0; c->qdevs && d < c->n_devs; d++) pikv_pool_unreserve(&c->qdevs[d], qadded[d]);
         for (int32_t d = 0; d < c->n_devs; d++) pikv_pool_unreserve(&c->devs[d], added[d]);
         pikv_seq_layers_free(c, layers);
         pikv_host_free(ctx, copy_ids);

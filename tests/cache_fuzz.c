@@ -19,6 +19,13 @@
  *      per device, every slot is free or used by exactly one page, free + used = slots;
  *      token and page counters of the cache, layers, shards and devices add up;
  *      the sequences and their lengths are the model's.
+ *  - A third of the seeds turn memory tiers on (tiers.enabled; its own random stream, so the
+ *    other seeds run as before): a host tier, sometimes small with a disk tier behind it,
+ *    prefetch on or off, 1-3 staging slots taken at creation; the otherwise idle operation
+ *    demotes a random resident full page (pikv_tier_demote), so every operation above runs
+ *    over pages in all three tiers. The invariants then count resident pages per device
+ *    (demoted ones have no slot; staging slots are used), the demoted pages per device, and
+ *    the tier statistics' pages per tier add up to the live pages.
  *
  * Usage: cache_fuzz [first_seed [ops_per_seed [n_seeds]]]. Without arguments the
  * environment variables PIKV_FUZZ_SEEDS and PIKV_FUZZ_OPS override the defaults. The run
@@ -56,7 +63,8 @@ typedef struct fuzz {
     pikv_context *ctx;
     pikv_cache *c;
     tu_model m;
-    char geometry[256];
+    char geometry[320];
+    tu_rng tr; /* tiers: their own stream */
 } fuzz;
 
 /* What the whole run did, to show (and check) that the failure paths were exercised. */
@@ -64,6 +72,7 @@ typedef struct totals {
     long long ops, appends, copies, rebalances, adds, attends;
     long long armed;  /* calls run with the hook armed */
     long long failed; /* calls that failed (injected, capacity or device memory) */
+    long long tier_seeds, demotes, demoted_reads; /* tiers: seeds, demotions, attends reading demoted pages */
 } totals;
 
 static totals g_totals;
@@ -153,13 +162,28 @@ static void draw_geometry(fuzz *f)
         cp->cpu_device_memory = page * pages + (uint64_t)tu_int(r, 0, 63);
     }
 
+    /* tiers, from their own stream: the draws above are those of a build without tiers */
+    f->tr = tu_rng_seed(f->seed ^ 0x7e125eedull);
+    if (tu_int(&f->tr, 0, 2) == 0) {
+        const uint64_t page = probe_page_bytes(p);
+        p->tiers.enabled = 1;
+        p->tiers.staging_pages = (int32_t)tu_int(&f->tr, 1, 3);
+        p->tiers.prefetch = coin(&f->tr);
+        if (coin(&f->tr)) {
+            p->tiers.host_bytes = page * (uint64_t)tu_int(&f->tr, 1, 6);
+            p->tiers.disk_bytes = page * 100000;
+        }
+    }
     snprintf(f->geometry, sizeof f->geometry,
              "layers %d, heads %d/%d, head_dim %d, experts %d, page %d, %s, placement %d, "
-             "shards %d, capacity %lld, devices %d, threads %d, device memory %llu",
+             "shards %d, capacity %lld, devices %d, threads %d, device memory %llu, tiers %d "
+             "(host %llu, disk %llu, staging %d, prefetch %d)",
              p->n_layers, p->n_q_heads, p->n_kv_heads, p->head_dim, p->n_experts, p->page_size,
              p->dtype == PIKV_DTYPE_F16 ? "f16" : "f32", (int)p->placement, p->n_shards,
              (long long)p->capacity_tokens, cp->cpu_devices, cp->cpu_threads,
-             (unsigned long long)cp->cpu_device_memory);
+             (unsigned long long)cp->cpu_device_memory, p->tiers.enabled,
+             (unsigned long long)p->tiers.host_bytes, (unsigned long long)p->tiers.disk_bytes,
+             p->tiers.staging_pages, p->tiers.prefetch);
 }
 
 static int fuzz_open(fuzz *f, uint64_t seed)
@@ -175,7 +199,12 @@ static int fuzz_open(fuzz *f, uint64_t seed)
     tu_err_ctx = f->ctx;
     if (!CHECK_OK(pikv_cache_create(f->ctx, &f->p, &f->c)))
         return 0;
+    /* the staging slots up front, so a snapshot's attend never grows a pool */
+    for (int d = 0; f->p.tiers.enabled && d < f->c->n_devs; d++)
+        if (!CHECK_OK(pikv_tier_staging_ensure(f->c, d, f->p.tiers.staging_pages)))
+            return 0;
     tu_model_init(&f->m, &f->p);
+    g_totals.tier_seeds += f->p.tiers.enabled;
     return 1;
 }
 
@@ -201,7 +230,8 @@ typedef struct tally {
     int64_t *refs;                      /* [pages_high]: rings holding each page id */
     int64_t *layer_tokens;              /* [n_layers] */
     int64_t *shard_pages, *shard_tokens; /* [n_layers * n_shards] */
-    int64_t *dev_pages, *dev_tokens;    /* [n_devs] */
+    int64_t *dev_pages, *dev_tokens;    /* [n_devs] resident pages */
+    int64_t *dev_demoted;               /* [n_devs] pages in the host or disk tier */
 } tally;
 
 static void tally_init(tally *t, const pikv_cache *c)
@@ -213,6 +243,7 @@ static void tally_init(tally *t, const pikv_cache *c)
     t->shard_tokens = tu_xcalloc(n_shards, sizeof(int64_t));
     t->dev_pages = tu_xcalloc((size_t)c->n_devs, sizeof(int64_t));
     t->dev_tokens = tu_xcalloc((size_t)c->n_devs, sizeof(int64_t));
+    t->dev_demoted = tu_xcalloc((size_t)c->n_devs, sizeof(int64_t));
 }
 
 static void tally_free(tally *t)
@@ -223,6 +254,7 @@ static void tally_free(tally *t)
     free(t->shard_tokens);
     free(t->dev_pages);
     free(t->dev_tokens);
+    free(t->dev_demoted);
 }
 
 /* One ring: page ids in range, pages of the ring's layer and shard, only the back page
@@ -307,8 +339,16 @@ static int check_page_counts(const pikv_cache *c, tally *t)
         t->layer_tokens[pm->layer] += pm->n_tokens;
         t->shard_pages[sh]++;
         t->shard_tokens[sh] += pm->n_tokens;
-        t->dev_pages[pm->dev]++;
-        t->dev_tokens[pm->dev] += pm->n_tokens;
+        if (pm->tier == PIKV_TIER_DEVICE) { /* a device's counters hold its resident pages */
+            t->dev_pages[pm->dev]++;
+            t->dev_tokens[pm->dev] += pm->n_tokens;
+        } else {
+            t->dev_demoted[pm->dev]++;
+            if (!CHECKF(c->tier && pm->n_tokens == c->params.page_size, "page %u is demoted (tier %d) but "
+                        "holds %d of %d tokens (tiers %s)", id, pm->tier, pm->n_tokens, c->params.page_size,
+                        c->tier ? "on" : "off"))
+                return 0;
+        }
         if (!CHECKF(c->shards[sh].dev == pm->dev, "page %u is on device %d, its shard "
                     "(layer %d, shard %d) on %d", id, pm->dev, pm->layer, pm->shard,
                     c->shards[sh].dev))
@@ -316,6 +356,19 @@ static int check_page_counts(const pikv_cache *c, tally *t)
     }
     int ok = CHECK_EQ(pages, c->pages_live);
     ok &= CHECK_EQ(tokens, c->tokens);
+    int64_t demoted = 0;
+    for (int d = 0; d < c->n_devs; d++) {
+        ok &= CHECKF(t->dev_demoted[d] == c->devs[d].demoted, "device %d: %lld demoted pages, counter %lld", d,
+                     (long long)t->dev_demoted[d], (long long)c->devs[d].demoted);
+        demoted += t->dev_demoted[d];
+    }
+    pikv_tier_stats ts;
+    if (CHECK_OK(pikv_cache_get_tier_stats(c, &ts))) {
+        ok &= CHECKF(ts.device_pages == pages - demoted && ts.host_pages + ts.disk_pages == demoted,
+                     "tier stats: %lld device + %lld host + %lld disk pages; %lld live, %lld demoted",
+                     (long long)ts.device_pages, (long long)ts.host_pages, (long long)ts.disk_pages,
+                     (long long)pages, (long long)demoted);
+    }
     for (int l = 0; l < c->params.n_layers; l++)
         ok &= CHECKF(t->layer_tokens[l] == c->layer_tokens[l], "layer %d: pages hold %lld "
                      "tokens, layer_tokens %lld", l, (long long)t->layer_tokens[l],
@@ -342,9 +395,10 @@ static int check_pool(const pikv_cache *c, int d, const tally *t, unsigned char 
                     (long long)pool->pages_used);
     ok &= CHECKF(t->dev_tokens[d] == pool->tokens, "device %d: %lld tokens, counter %lld", d,
                  (long long)t->dev_tokens[d], (long long)pool->tokens);
-    ok &= CHECKF(pool->n_free + pool->pages_used == slots, "device %d: %lld free + %lld used "
-                 "!= %lld slots", d, (long long)pool->n_free, (long long)pool->pages_used,
-                 (long long)slots);
+    const int64_t staging = pikv_tier_staging_slots(c, d, 0, used); /* used, by no page */
+    ok &= CHECKF(pool->n_free + pool->pages_used + staging == slots, "device %d: %lld free + %lld used "
+                 "+ %lld staging != %lld slots", d, (long long)pool->n_free, (long long)pool->pages_used,
+                 (long long)staging, (long long)slots);
     if (!ok)
         return 0;
     /* The free stack may hold thousands of slots: one check for all of them. */
@@ -358,7 +412,7 @@ static int check_pool(const pikv_cache *c, int d, const tally *t, unsigned char 
     }
     for (uint32_t id = 0; id < c->pages_high; id++) {
         const pikv_page_meta *pm = &c->pages[id];
-        if (t->refs[id] == 0 || pm->dev != d)
+        if (t->refs[id] == 0 || pm->dev != d || pm->tier != PIKV_TIER_DEVICE)
             continue;
         if (!CHECKF(pm->slot < slots, "device %d: page %u in slot %u >= %lld", d, id, pm->slot,
                     (long long)slots))
@@ -590,6 +644,11 @@ static void op_attend(fuzz *f)
         b.lse = lse;
         if (!CHECK_OK(pikv_cache_attend(f->c, l, &b)))
             break;
+        if (f->p.tiers.enabled) {
+            pikv_tier_stats ts;
+            if (CHECK_OK(pikv_cache_get_tier_stats(f->c, &ts)))
+                g_totals.demoted_reads += ts.last_fetches > 0;
+        }
         for (int i = 0; i < nq; i++)
             check_query(f, l, seqs[i], q + (size_t)i * per, out + (size_t)i * per,
                         lse + (size_t)i * (size_t)nqh, ref, ref_lse);
@@ -599,6 +658,32 @@ static void op_attend(fuzz *f)
     free(lse);
     free(ref);
     free(ref_lse);
+}
+
+/* Tiers: a random resident full page to the host tier (maybe pushing one to disk). It
+   changes no content: the attends that follow check that. */
+static void op_demote(fuzz *f)
+{
+    pikv_cache *c = f->c;
+    int64_t n = 0;
+    for (int64_t id = 0; id < c->pages_high; id++)
+        n += c->pages[id].refs > 0 && c->pages[id].tier == PIKV_TIER_DEVICE &&
+             c->pages[id].n_tokens == c->params.page_size;
+    describe_op(f, "demote one of %lld resident full pages", (long long)n);
+    if (n == 0)
+        return;
+    int64_t k = tu_int(&f->tr, 0, n - 1);
+    for (int64_t id = 0; id < c->pages_high; id++) {
+        const pikv_page_meta *m = &c->pages[id];
+        if (m->refs == 0 || m->tier != PIKV_TIER_DEVICE || m->n_tokens != c->params.page_size || k-- > 0)
+            continue;
+        /* the bounds pool lives on a CPU device, whose memory may be limited */
+        const pikv_status st = pikv_tier_demote(c, (uint32_t)id, "cache_fuzz");
+        g_totals.demotes += st == PIKV_OK;
+        CHECKF(st == PIKV_OK || (st == PIKV_ERR_OUT_OF_MEMORY && f->cp.cpu_device_memory > 0),
+               "demote of page %lld: %s: %s", (long long)id, pikv_status_name(st), pikv_context_last_error(f->ctx));
+        break;
+    }
 }
 
 static void run_random_op(fuzz *f)
@@ -629,7 +714,10 @@ static void run_random_op(fuzz *f)
         op_attend(f);
         break;
     default:
-        describe_op(f, "nothing (invariants only)");
+        if (f->p.tiers.enabled)
+            op_demote(f);
+        else
+            describe_op(f, "nothing (invariants only)");
         break;
     }
 }
@@ -649,7 +737,9 @@ static void drain(fuzz *f)
     if (CHECK_OK(pikv_cache_get_stats(f->c, &st))) {
         CHECK_EQ(st.tokens, 0);
         CHECK_EQ(st.pages, 0);
-        CHECK_EQ(st.bytes_allocated, 0);
+        /* staging slots stay allocated (at most one chunk per device) */
+        if (!f->p.tiers.enabled)
+            CHECK_EQ(st.bytes_allocated, 0);
     }
 }
 
@@ -736,8 +826,13 @@ int main(int argc, char **argv)
            "%lld seq_add, %lld attends; %lld calls armed to fail an allocation, %lld calls "
            "failed\n", g_totals.ops, g_totals.appends, g_totals.copies, g_totals.rebalances,
            g_totals.adds, g_totals.attends, g_totals.armed, g_totals.failed);
+    printf("cache_fuzz: tiers on in %lld seeds: %lld pages demoted, %lld attends read demoted pages\n",
+           g_totals.tier_seeds, g_totals.demotes, g_totals.demoted_reads);
     /* A long run must reach the failure paths, or the fuzzer no longer tests them. */
-    if (g_totals.ops >= 10000)
+    if (g_totals.ops >= 10000) {
         CHECKF(g_totals.failed > 0, "no call failed in %lld operations", g_totals.ops);
+        CHECKF(g_totals.demotes > 0 && g_totals.demoted_reads > 0, "tiers: %lld demotions, %lld attends of "
+               "demoted pages in %lld operations", g_totals.demotes, g_totals.demoted_reads, g_totals.ops);
+    }
     return tu_finish();
 }

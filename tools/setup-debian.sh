@@ -6,10 +6,11 @@ set -euo pipefail
 # Vulkan: headers and glslc to build the backend, the loader and Mesa's lavapipe
 # (software Vulkan) to run it, the Khronos validation layer for the validated test run.
 # MPI: Open MPI's headers and libraries to build the MPI communicator, mpirun to run its tests.
+# NUMA: libnuma to bind the host memory tier to a node (tiers.numa_node).
 packages=(build-essential cmake ninja-build pkg-config clang
           ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
           libvulkan-dev libvulkan1 glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools
-          libopenmpi-dev openmpi-bin)
+          libopenmpi-dev openmpi-bin libnuma-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

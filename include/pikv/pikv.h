@@ -237,7 +237,11 @@ typedef struct pikv_budget_params {
     float pyramid_beta;        /* PYRAMID shape, >= 1 (1 = uniform); default 4 */
 } pikv_budget_params;
 
-/* Which pages go when a sequence's layer exceeds its budget (page granularity). */
+/* Which pages go when a sequence's layer exceeds its budget (page granularity). With
+   memory tiers on (pikv_tier_params) nothing goes: the budget bounds the sequence's
+   resident tokens of the layer, and the policy's victims are demoted to the host tier
+   instead of dropped (no token is lost; pikv_seq_length and attend still see them;
+   evicted_pages stays 0). */
 typedef enum pikv_evict_policy {
     PIKV_EVICT_NONE = 0,       /* no eviction (budgets need a policy) */
     PIKV_EVICT_LRU = 1,        /* least recently read first */
@@ -284,10 +288,19 @@ typedef struct pikv_tier_params {
                                      appear as CPU-less nodes); -1 = no binding. Needs libnuma
                                      at build time, else PIKV_ERR_UNSUPPORTED */
     int32_t prefetch;             /* nonzero (default): prefetch pages the next step likely reads */
-    int32_t staging_pages;        /* device slots for fetched pages per device and pool;
-                                     0 = automatic (a quarter of the device's resident pages,
-                                     at least 1) */
+    int32_t staging_pages;        /* device slots for fetched pages per device (in the pool
+                                     of full pages: quantized in INT8/INT4 caches); 0 =
+                                     automatic: with device_bytes a quarter of the pages it
+                                     holds, else a quarter of the device's resident pages,
+                                     at least 1 */
 } pikv_tier_params;
+/* Checked at create when enabled: host_bytes and disk_bytes 0 or at least one page;
+   device_bytes 0 or at least the staging slots plus one page of the larger layout;
+   disk_dir must let the cache create its file; numa_node -1 or a node of the system;
+   staging_pages >= 0. Not with params.comm (PIKV_ERR_UNSUPPORTED). An append (or copy,
+   rebalance) that needs room demotes the coldest full pages of the device first: if it
+   then fails (host tier full without disk tier: PIKV_ERR_CAPACITY), the cache's content
+   is unchanged, only tier placement and statistics may differ. */
 
 typedef struct pikv_cache_params {
     /* Geometry */
@@ -423,7 +436,9 @@ typedef struct pikv_cache_stats {
                                      by several sequences counts once) */
     int64_t pages;                /* pages holding data (shared pages once) */
     uint64_t bytes_allocated;     /* device bytes reserved for pages, all devices */
-    uint64_t bytes_used;          /* bytes of pages in use (data + bounds) */
+    uint64_t bytes_used;          /* bytes of pages in use (data + bounds) on the devices;
+                                     with tiers: resident pages only (tokens and pages count
+                                     every page; pikv_cache_get_tier_stats has the tiers) */
     int32_t sequences;
     int32_t n_devices;
     int32_t n_shards;             /* shards per layer */
@@ -452,6 +467,8 @@ typedef struct pikv_cache_stats {
     int64_t attends;
 } pikv_cache_stats;
 
+/* With tiers on, tokens, pages and bytes_used count the device's resident pages (not
+   those demoted to the host or disk tier; staging slots are in bytes_allocated only). */
 typedef struct pikv_cache_device_stats {
     int32_t device;               /* the context device index */
     int32_t shards;               /* (layer, shard) pairs placed here */
@@ -577,12 +594,14 @@ typedef struct pikv_tier_stats {
     /* pages and page bytes held in each tier now (a quantized page counts its own size) */
     int64_t device_pages, host_pages, disk_pages;
     uint64_t device_bytes, host_bytes, disk_bytes;
-    uint64_t staging_bytes;       /* device bytes of the staging slots */
+    uint64_t staging_bytes;       /* device bytes of the staging slots taken so far (the
+                                     budget counts the full staging_pages from the start) */
     /* since creation */
     int64_t demotions;            /* page moves to a farther tier (device->host, host->disk) */
     int64_t promotions;           /* page moves to a nearer tier */
     int64_t fetches;              /* demoted pages attend calls read (copied to a device) */
-    int64_t prefetches;           /* pages the prefetcher moved nearer ahead of use */
+    int64_t prefetches;           /* pages the prefetcher moved nearer ahead of use, for the
+                                     next layer: disk -> host tier, host -> a staging slot */
     int64_t prefetch_hits;        /* fetches whose page a prefetch had already moved nearer */
     double prefetch_hit_rate;     /* prefetch_hits / fetches; -1 before the first fetch */
     double fetch_stall_s;         /* seconds attend calls waited for demoted pages' data */
