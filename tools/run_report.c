@@ -505,10 +505,16 @@ void run_print_quiet(const run_opts *o, const run_result *r)
     if (r->bounded) {
         int pass = run_passed(r);
         for (int32_t i = 0; r->ranks && i < r->n_ranks; i++) pass &= r->ranks[i].passed == 1;
-        char tiers[160] = "";
+        char tiers[256] = "";
+        size_t len = 0;
         if (r->tiers)
-            snprintf(tiers, sizeof tiers, " tier_fetches=%" PRId64 " fetch_stall_s=%.3f prefetch_hit_rate=%.3f",
-                     r->tier.fetches, r->tier.fetch_stall_s, r->tier.prefetch_hit_rate);
+            len += (size_t)snprintf(tiers + len, sizeof tiers - len,
+                                    " tier_fetches=%" PRId64 " fetch_stall_s=%.3f prefetch_hit_rate=%.3f",
+                                    r->tier.fetches, r->tier.fetch_stall_s, r->tier.prefetch_hit_rate);
+        if (r->checkpoints > 0 && len < sizeof tiers)
+            len += (size_t)snprintf(tiers + len, sizeof tiers - len, " checkpoints=%" PRId32, r->checkpoints);
+        if (r->restored && len < sizeof tiers)
+            snprintf(tiers + len, sizeof tiers - len, " resumed_after_step=%" PRId32, r->restored_steps);
         printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f%s%s\n",
                pass ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps, ranks, tiers);
         return;
