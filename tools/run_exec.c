@@ -194,8 +194,10 @@ static void check_storage(const run_opts *o, run_result *r)
 
 /* --tiers without --tier-device: a quarter of the run's KV page bytes (every token of
    the workload, full pages in the storage dtype, one open page per shard and sequence),
-   split over the devices, so the run serves a context about 4x what the devices hold. The
-   page sizes come from a cache created without tiers for the purpose. */
+   split over the devices, so the run serves a context about 4x what the devices hold. Open
+   pages cannot be demoted (appends write them), so the budget is at least twice a device's
+   share of them plus the new pages of one append chunk (room for the staging slots too).
+   The page sizes come from a cache created without tiers for the purpose. */
 static pikv_status default_device_budget(pikv_context *ctx, const run_opts *o, const pikv_cache_params *cpar,
                                          uint64_t *out)
 {
@@ -216,6 +218,11 @@ static pikv_status default_device_budget(pikv_context *ctx, const run_opts *o, c
     const uint64_t total = per_seq_layer * (uint64_t)o->layers * (uint64_t)o->seqs;
     const uint64_t devs = cs.n_devices > 0 ? (uint64_t)cs.n_devices : 1;
     *out = (total + 4 * devs - 1) / (4 * devs);
+    const int64_t open_pages = (int64_t)o->layers * o->seqs * cs.n_shards;
+    const int64_t chunk_pages = (o->chunk + o->page_size - 1) / o->page_size + cs.n_shards;
+    const uint64_t floor = 2 * ((uint64_t)((open_pages + (int64_t)devs - 1) / (int64_t)devs) + (uint64_t)chunk_pages) *
+                           cs.page_bytes;
+    if (*out < floor) *out = floor;
     return PIKV_OK;
 }
 

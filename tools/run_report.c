@@ -185,9 +185,9 @@ static void print_tiers_and_checkpoints(const run_opts *o, const run_result *r)
     const double budget = (double)r->tier_device_budget * (double)(r->n_devs > 0 ? r->n_devs : 1);
     char node[32] = "";
     if (t->numa_node >= 0) snprintf(node, sizeof node, " (NUMA node %" PRId32 ")", t->numa_node);
-    printf("  tiers              KV pages %.2f MiB = %.2fx the device budget (%.2f MiB x %" PRId32
-           " devices, the most one device held: %.2f MiB incl. %.2f MiB staging in all):\n"
-           "                     device %.2f MiB (%" PRId64 " pages), host%s %.2f MiB (%" PRId64
+    printf("  tiers              KV pages %.2f MiB = %.2fx the device budget (%.2f MiB per device x %" PRId32
+           "; the most one device's pages took after a decode call: %.2f MiB; staging slots %.2f MiB in all)\n"
+           "                     now on devices %.2f MiB (%" PRId64 " pages), host%s %.2f MiB (%" PRId64
            " pages), disk %.2f MiB (%" PRId64 " pages)\n",
            mib(held), budget > 0 ? (double)held / budget : 0.0, mib(r->tier_device_budget), r->n_devs,
            mib(r->tier_device_peak), mib(t->staging_bytes), mib(t->device_bytes), t->device_pages, node,
