@@ -5,6 +5,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
@@ -122,6 +123,38 @@ int cli_parse_u64(const cli_parser *p, const char *value, uint64_t *out)
         return -1;
     }
     *out = (uint64_t)x;
+    return 0;
+}
+
+int cli_parse_bytes(const cli_parser *p, const char *value, uint64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    int ok = value && *value && isdigit((unsigned char)*value);
+    unsigned long long x = 0;
+    if (ok) {
+        x = strtoull(value, &end, 10);
+        ok = errno == 0 && end;
+    }
+    int shift = 0;
+    if (ok && *end) {
+        static const char units[] = "KMGT";
+        const char *u = strchr(units, toupper((unsigned char)*end));
+        ok = u != NULL && *u != '\0';
+        if (ok) shift = 10 * (int)(u - units + 1);
+        end++;
+        if (ok && (*end == 'i' || *end == 'I')) end++; /* KiB, MiB, ... */
+        if (ok && (*end == 'b' || *end == 'B')) end++;
+        ok = ok && *end == '\0' && x <= (ULLONG_MAX >> shift);
+    }
+    if (!ok) {
+        cli_usage_error(p->cmd,
+                        "invalid value '%s' for %s: expected a byte count (an integer, optionally "
+                        "with K, M, G or T for KiB, MiB, GiB, TiB)",
+                        value ? value : "", p->flag);
+        return -1;
+    }
+    *out = (uint64_t)x << shift;
     return 0;
 }
 

@@ -50,6 +50,9 @@ int cli_parse_i64(const cli_parser *p, const char *value, int64_t min, int64_t m
 int cli_parse_i32(const cli_parser *p, const char *value, int32_t min, int32_t max,
                   int32_t *out);
 int cli_parse_u64(const cli_parser *p, const char *value, uint64_t *out);
+/* A byte count: a decimal integer with an optional binary suffix K, M, G or T (KiB,
+   MiB, GiB, TiB; "64M" = 64 MiB). */
+int cli_parse_bytes(const cli_parser *p, const char *value, uint64_t *out);
 /* A finite decimal number in [min, max]. */
 int cli_parse_double(const cli_parser *p, const char *value, double min, double max,
                      double *out);

@@ -30,7 +30,9 @@ enum {
     OPT_JSON, OPT_QUIET, OPT_VERBOSE,
     OPT_SELECT, OPT_EXPERTS_K, OPT_TOKEN_BUDGET, OPT_SINKS, OPT_RECENT, OPT_MEASURE,
     OPT_KV_BUDGET, OPT_BUDGET, OPT_BETA, OPT_EVICT, OPT_ALPHA, OPT_LAMBDA, OPT_DECAY,
-    OPT_COMPARE, OPT_MPI, OPT_NO_MPI, OPT_MAX_IMBALANCE, OPT_NO_OVERLAP, OPT_COUNT_
+    OPT_COMPARE, OPT_MPI, OPT_NO_MPI, OPT_MAX_IMBALANCE, OPT_NO_OVERLAP,
+    OPT_TIERS, OPT_TIER_DEVICE, OPT_TIER_HOST, OPT_TIER_DISK, OPT_TIER_DIR, OPT_NUMA_NODE,
+    OPT_STAGING, OPT_NO_PREFETCH, OPT_CHECKPOINT, OPT_CHECKPOINT_EVERY, OPT_RESTORE, OPT_COUNT_
 };
 
 static const cli_opt run_opts_table[] = {
@@ -77,6 +79,17 @@ static const cli_opt run_opts_table[] = {
     {"--no-mpi", NULL, 0, OPT_NO_MPI},
     {"--max-imbalance", NULL, 1, OPT_MAX_IMBALANCE},
     {"--no-overlap", NULL, 0, OPT_NO_OVERLAP},
+    {"--tiers", NULL, 0, OPT_TIERS},
+    {"--tier-device", NULL, 1, OPT_TIER_DEVICE},
+    {"--tier-host", NULL, 1, OPT_TIER_HOST},
+    {"--tier-disk", NULL, 1, OPT_TIER_DISK},
+    {"--tier-dir", NULL, 1, OPT_TIER_DIR},
+    {"--numa-node", NULL, 1, OPT_NUMA_NODE},
+    {"--staging-pages", NULL, 1, OPT_STAGING},
+    {"--no-prefetch", NULL, 0, OPT_NO_PREFETCH},
+    {"--checkpoint", NULL, 1, OPT_CHECKPOINT},
+    {"--checkpoint-every", NULL, 1, OPT_CHECKPOINT_EVERY},
+    {"--restore", NULL, 1, OPT_RESTORE},
     {NULL, NULL, 0, 0},
 };
 
@@ -110,6 +123,7 @@ static void run_defaults(run_opts *o)
     o->dtype = PIKV_DTYPE_F16;
     o->quant_group = 32;
     o->backend = "cpu";
+    o->numa_node = -1;
     /* The library's policy defaults: exact reads, no budget, plain top-k. */
     const pikv_cache_params d = pikv_cache_default_params();
     o->policy.select = d.select;
@@ -236,8 +250,35 @@ static void run_usage(FILE *f)
           "  --devices N         CPU devices to expose, 1..64 (default 2); with a single\n"
           "                      non-CPU backend, use its first N devices\n"
           "  --threads N         CPU backend worker threads, 0 = online cores (default 0)\n"
-          "  --device-memory N   bytes each CPU device may hold, 0 = unlimited (default 0)\n"
-          "ranks (MPI; docs/distributed.md):\n"
+          "  --device-memory N   bytes each CPU device may hold, 0 = unlimited (default 0)\n",
+          f);
+    fputs("memory tiers (docs/tiers.md):\n"
+          "  --tiers             device -> host -> disk tiers: pages over a device's budget\n"
+          "                      (and pages evicted under --kv-budget) are demoted, not\n"
+          "                      dropped; attend fetches the demoted pages it reads. Reports\n"
+          "                      bytes per tier, demotions, promotions, fetches, the fetch\n"
+          "                      stall time and the prefetch hit rate\n"
+          "  --tier-device N     page bytes each device keeps resident (K/M/G suffixes);\n"
+          "                      default a quarter of the run's KV page bytes over the devices\n"
+          "  --tier-host N       host tier bytes, 0 = no limit (default 0)\n"
+          "  --tier-disk N       disk tier bytes, 0 = no disk tier (default 0)\n"
+          "  --tier-dir DIR      directory of the disk tier's files (default $TMPDIR or /tmp)\n"
+          "  --numa-node N       bind the host tier to NUMA node N (CXL memory expanders are\n"
+          "                      CPU-less nodes; needs libnuma)\n"
+          "  --staging-pages N   device slots for fetched pages per device (default: library)\n"
+          "  --no-prefetch       do not prefetch what the next layer read at the last step\n"
+          "checkpoints (docs/stream.md):\n"
+          "  --checkpoint PATH   write a checkpoint of the cache to PATH every\n"
+          "  --checkpoint-every N  N decode steps: the first one full (temporary file,\n"
+          "                      fsync, rename), the next ones incremental (the pages changed\n"
+          "                      since, then a commit record)\n"
+          "  --restore PATH      resume a run from its checkpoint: the cache is restored from\n"
+          "                      PATH instead of the prefill, the workload fast-forwards to\n"
+          "                      the checkpoint's length, and the remaining decode steps of\n"
+          "                      --steps run and are checked as usual (give the options of the\n"
+          "                      run that wrote it)\n",
+          f);
+    fputs("ranks (MPI; docs/distributed.md):\n"
           "  mpirun -np N pikv run ...  runs one cache over N ranks: shards are placed over\n"
           "                      every rank's devices (--devices N per rank), each rank\n"
           "                      holds only its shards' pages; every rank generates the\n"
@@ -389,6 +430,17 @@ static int parse_run(int argc, char **argv, run_opts *o)
         case OPT_NO_MPI: o->mpi = -1; break;
         case OPT_MAX_IMBALANCE: bad = cli_parse_double(&p, v, 1.0, 1e6, &o->max_imbalance); break;
         case OPT_NO_OVERLAP: o->no_overlap = 1; break;
+        case OPT_TIERS: o->tiers = 1; break;
+        case OPT_TIER_DEVICE: bad = cli_parse_bytes(&p, v, &o->tier_device); break;
+        case OPT_TIER_HOST: bad = cli_parse_bytes(&p, v, &o->tier_host); break;
+        case OPT_TIER_DISK: bad = cli_parse_bytes(&p, v, &o->tier_disk); break;
+        case OPT_TIER_DIR: o->tier_dir = v; break;
+        case OPT_NUMA_NODE: bad = cli_parse_i32(&p, v, 0, 1 << 20, &o->numa_node); break;
+        case OPT_STAGING: bad = cli_parse_i32(&p, v, 1, 1 << 24, &o->staging_pages); break;
+        case OPT_NO_PREFETCH: o->no_prefetch = 1; break;
+        case OPT_CHECKPOINT: o->checkpoint_path = v; break;
+        case OPT_CHECKPOINT_EVERY: bad = cli_parse_i32(&p, v, 1, 1 << 24, &o->checkpoint_every); break;
+        case OPT_RESTORE: o->restore_path = v; break;
         default: bad = 1;
         }
         if (bad) return 2;
@@ -433,6 +485,38 @@ static int parse_run(int argc, char **argv, run_opts *o)
                                "run ..., or --mpi)",
                         seen[OPT_MAX_IMBALANCE] ? "--max-imbalance" : "--no-overlap");
         return 2;
+    }
+    /* Tiers and checkpoints: options that need another one, and what they exclude. */
+    {
+        static const struct { int id; const char *name; } tier_opts[] = {
+            {OPT_TIER_DEVICE, "--tier-device"}, {OPT_TIER_HOST, "--tier-host"},
+            {OPT_TIER_DISK, "--tier-disk"},     {OPT_TIER_DIR, "--tier-dir"},
+            {OPT_NUMA_NODE, "--numa-node"},     {OPT_STAGING, "--staging-pages"},
+            {OPT_NO_PREFETCH, "--no-prefetch"},
+        };
+        for (size_t i = 0; i < sizeof tier_opts / sizeof tier_opts[0]; i++) {
+            if (seen[tier_opts[i].id] && !o->tiers) {
+                cli_usage_error(p.cmd, "%s needs --tiers", tier_opts[i].name);
+                return 2;
+            }
+        }
+        if (seen[OPT_TIER_DIR] && !seen[OPT_TIER_DISK]) {
+            cli_usage_error(p.cmd, "--tier-dir needs --tier-disk (the disk tier's byte budget)");
+            return 2;
+        }
+        if (seen[OPT_CHECKPOINT_EVERY] != seen[OPT_CHECKPOINT]) {
+            cli_usage_error(p.cmd, "%s", seen[OPT_CHECKPOINT] ? "--checkpoint needs --checkpoint-every N"
+                                                              : "--checkpoint-every needs --checkpoint PATH");
+            return 2;
+        }
+        const char *what = o->tiers ? "--tiers" : o->checkpoint_path ? "--checkpoint"
+                                                  : o->restore_path ? "--restore" : NULL;
+        if (what && (o->compare || o->distributed)) {
+            cli_usage_error(p.cmd, "%s cannot be combined with %s", what,
+                            o->compare ? "--compare" : "a cache over MPI ranks (docs/stream.md, "
+                                                       "docs/tiers.md: not over ranks yet)");
+            return 2;
+        }
     }
     if (seen[OPT_QUANT_GROUP] && !o->compare && !run_dtype_quantized(o->dtype)) {
         cli_usage_error(p.cmd, "--quant-group needs --dtype int8 or int4 (or --compare)");
@@ -845,12 +929,15 @@ int cli_cmd_run(int argc, char **argv)
         n_rows = 1;
         cli_progress_done(&prog);
         if (rc != CLI_EXIT_OK) goto done;
+        /* after --restore, the figures are those of the decode steps this run made */
+        run_opts shown = o;
+        shown.steps = o.steps - res[0].restored_steps;
         if (o.json)
-            run_print_json(&o, &res[0]);
+            run_print_json(&shown, &res[0]);
         else if (o.quiet)
-            run_print_quiet(&o, &res[0]);
+            run_print_quiet(&shown, &res[0]);
         else
-            run_print_table(&o, &res[0]);
+            run_print_table(&shown, &res[0]);
         fflush(stdout);
         rc = res[0].bounded && !run_passed(&res[0]) ? CLI_EXIT_FAIL : CLI_EXIT_OK;
         goto done;

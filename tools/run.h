@@ -35,6 +35,19 @@ typedef struct run_opts {
     int mpi, distributed;
     double max_imbalance;        /* --max-imbalance: fail above this max/mean rank memory; 0 = no check */
     int no_overlap;              /* --no-overlap: blocking attends over ranks (no pipelining) */
+    /* Memory tiers (docs/tiers.md): --tiers and its sizes; tier_device 0 = a quarter of
+       the run's KV page bytes over the devices */
+    int tiers;
+    uint64_t tier_device, tier_host, tier_disk;
+    const char *tier_dir;
+    int32_t numa_node;           /* -1 = no binding */
+    int32_t staging_pages;       /* 0 = the library's choice */
+    int no_prefetch;
+    /* Checkpoints (docs/stream.md): --checkpoint PATH written every checkpoint_every decode
+       steps (the first one full, then incremental); --restore PATH resumes a run */
+    const char *checkpoint_path;
+    int32_t checkpoint_every;
+    const char *restore_path;
 } run_opts;
 
 extern const char *const run_placement_names[];
@@ -155,6 +168,23 @@ typedef struct run_result {
     int rebalance_skipped;     /* balanced placement over ranks: no rebalance */
     run_rank dist;
     run_rank *ranks;           /* [n_ranks] on rank 0 (run_gather_ranks), else NULL */
+    /* memory tiers (--tiers) */
+    int tiers;
+    uint64_t tier_device_budget;   /* per device */
+    uint64_t tier_device_peak;     /* the most page bytes one device held after any call */
+    pikv_tier_stats tier;          /* at the end of the run */
+    /* checkpoints (--checkpoint, --restore) */
+    int32_t checkpoints;           /* written by this run */
+    int32_t checkpoints_full;
+    int64_t checkpoint_pages;      /* page records written, all checkpoints */
+    int64_t checkpoint_full_pages; /* ... by the full ones */
+    uint64_t checkpoint_bytes;
+    double checkpoint_s;
+    pikv_checkpoint_stats last_checkpoint;
+    int restored;
+    pikv_restore_report restore;
+    double restore_s;
+    int32_t restored_steps;        /* decode steps the restored checkpoint already held */
 } run_result;
 
 /* What the rows of --compare share: the context, the devices and the workload (which

@@ -192,6 +192,40 @@ static void check_storage(const run_opts *o, run_result *r)
     }
 }
 
+/* --tiers without --tier-device: a quarter of the run's KV page bytes (every token of
+   the workload, full pages in the storage dtype, one open page per shard and sequence),
+   split over the devices, so the run serves a context about 4x what the devices hold. Open
+   pages cannot be demoted (appends write them), so the budget is at least twice a device's
+   share of them plus the new pages of one append chunk (room for the staging slots too).
+   The page sizes come from a cache created without tiers for the purpose. */
+static pikv_status default_device_budget(pikv_context *ctx, const run_opts *o, const pikv_cache_params *cpar,
+                                         uint64_t *out)
+{
+    pikv_cache_params probe = *cpar;
+    probe.tiers.enabled = 0;
+    pikv_cache *c = NULL;
+    pikv_status st = pikv_cache_create(ctx, &probe, &c);
+    if (st != PIKV_OK) return st;
+    pikv_cache_stats cs;
+    st = pikv_cache_get_stats(c, &cs);
+    pikv_cache_free(c);
+    if (st != PIKV_OK) return st;
+    const int64_t tokens = o->context + o->steps;
+    const int64_t full = tokens / o->page_size;
+    const int64_t open = cs.n_shards < full + 1 ? cs.n_shards : full + 1;
+    const uint64_t full_bytes = run_dtype_quantized(cpar->dtype) ? cs.quant_page_bytes : cs.page_bytes;
+    const uint64_t per_seq_layer = (uint64_t)full * full_bytes + (uint64_t)open * cs.page_bytes;
+    const uint64_t total = per_seq_layer * (uint64_t)o->layers * (uint64_t)o->seqs;
+    const uint64_t devs = cs.n_devices > 0 ? (uint64_t)cs.n_devices : 1;
+    *out = (total + 4 * devs - 1) / (4 * devs);
+    const int64_t open_pages = (int64_t)o->layers * o->seqs * cs.n_shards;
+    const int64_t chunk_pages = (o->chunk + o->page_size - 1) / o->page_size + cs.n_shards;
+    const uint64_t floor = 2 * ((uint64_t)((open_pages + (int64_t)devs - 1) / (int64_t)devs) + (uint64_t)chunk_pages) *
+                           cs.page_bytes;
+    if (*out < floor) *out = floor;
+    return PIKV_OK;
+}
+
 #define LIB(call, name)                                                                    \
     do {                                                                                   \
         pikv_status st_ = (call);                                                          \
@@ -269,8 +303,22 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     cpar.evict = pol->evict;
     cpar.route = pol->route;
     cpar.comm = sh->comm;
+    if (o->tiers) {
+        cpar.tiers.enabled = 1;
+        cpar.tiers.device_bytes = o->tier_device;
+        if (!o->tier_device) LIB(default_device_budget(ctx, o, &cpar, &cpar.tiers.device_bytes), "pikv_cache_create");
+        cpar.tiers.host_bytes = o->tier_host;
+        cpar.tiers.disk_bytes = o->tier_disk;
+        cpar.tiers.disk_dir = o->tier_dir;
+        cpar.tiers.numa_node = o->numa_node;
+        cpar.tiers.staging_pages = o->staging_pages;
+        cpar.tiers.prefetch = !o->no_prefetch;
+        r->tiers = 1;
+        r->tier_device_budget = cpar.tiers.device_bytes;
+    }
     LIB(pikv_cache_create(ctx, &cpar, &cache), "pikv_cache_create");
-    for (int32_t s = 0; s < o->seqs; s++) LIB(pikv_seq_add(cache, s), "pikv_seq_add");
+    if (!o->restore_path)
+        for (int32_t s = 0; s < o->seqs; s++) LIB(pikv_seq_add(cache, s), "pikv_seq_add");
     LIB(pikv_cache_get_stats(cache, &r->stats), "pikv_cache_get_stats");
 
     r->n_devs = r->stats.n_devices > 0 ? r->stats.n_devices : 0;
@@ -339,8 +387,57 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     observe.experts = NULL;
     observe.select = &observe_sel;
 
+    /* --restore: the checkpoint replaces the prefill (and the decode steps it holds); the
+       workload fast-forwards to its length, generating what it would have appended. */
+    int32_t first_step = 0;
+    if (o->restore_path) {
+        int32_t failed_seq[8], failed_layer[8];
+        r->restore.failed_seq = failed_seq;
+        r->restore.failed_layer = failed_layer;
+        r->restore.failed_cap = 8;
+        double t0 = cli_now();
+        pikv_status rst = pikv_cache_restore(cache, o->restore_path, &r->restore);
+        r->restore_s = cli_now() - t0;
+        r->restore.failed_seq = r->restore.failed_layer = NULL; /* stack arrays: not kept */
+        LIB(rst, "pikv_cache_restore");
+        r->restored = 1;
+        if (r->restore.n_failed > 0) {
+            fprintf(stderr, "pikv: %s: %" PRId32 " (sequence, layer) pairs could not be restored "
+                            "(damaged records), e.g. sequence %" PRId32 " layer %" PRId32 "\n",
+                    o->restore_path, r->restore.n_failed, failed_seq[0], failed_layer[0]);
+            goto done;
+        }
+        int64_t len = -1;
+        for (int32_t l = 0; l < o->layers; l++)
+            for (int32_t s = 0; s < o->seqs; s++) {
+                int64_t n = 0;
+                LIB(pikv_seq_length(cache, s, l, &n), "pikv_seq_length");
+                if (len < 0) len = n;
+                if (n != len || n < o->context || n - o->context > o->steps) {
+                    fprintf(stderr, "pikv: %s: sequence %" PRId32 " holds %" PRId64 " tokens in layer %" PRId32
+                                    "; a checkpoint of this workload holds --context %" PRId64
+                                    " plus at most --steps %" PRId32 " tokens in every layer (give the "
+                                    "options of the run that wrote it)\n",
+                            o->restore_path, s, n, l, o->context, o->steps);
+                    goto done;
+                }
+            }
+        first_step = (int32_t)(len - o->context);
+        r->restored_steps = first_step;
+        for (int32_t l = 0; l < o->layers; l++)
+            for (int32_t s = 0; s < o->seqs; s++)
+                while (wl_length(wl, l, s) < len) {
+                    const int64_t left = len - wl_length(wl, l, s);
+                    const int32_t n = (int32_t)(left < (int64_t)chunk ? left : (int64_t)chunk);
+                    if (wl_next_tokens(wl, l, s, n, k, v, ex) != 0) {
+                        fprintf(stderr, "pikv: internal error: workload overflow\n");
+                        goto done;
+                    }
+                }
+    }
+
     /* Prefill: per layer, rounds of one chunk per sequence. Only library calls are timed. */
-    for (int32_t l = 0; l < o->layers; l++) {
+    for (int32_t l = 0; l < o->layers && !o->restore_path; l++) {
         cli_progress_update(prog, "%sprefill %" PRId32 "/%" PRId32 " layers", tag, l, o->layers);
         for (int64_t t = 0; t < o->context;) {
             const int32_t n = (int32_t)(o->context - t < (int64_t)chunk ? o->context - t
@@ -392,7 +489,9 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
         }
     }
 
-    if (o->placement == PIKV_PLACEMENT_BALANCED && dist) {
+    if (o->restore_path) {
+        /* restore placed every shard (BALANCED: on the least loaded device as it came) */
+    } else if (o->placement == PIKV_PLACEMENT_BALANCED && dist) {
         /* pages do not move between ranks: a distributed cache places each BALANCED
            shard on the least loaded device when its first page arrives */
         r->rebalance_skipped = 1;
@@ -415,7 +514,7 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
     const int overlap = dist && !o->no_overlap;
     r->dist.overlap = overlap;
     double t_attend_last = 0.0; /* --no-overlap: the last blocking attend's time */
-    for (int32_t step = 0; step < o->steps; step++) {
+    for (int32_t step = first_step; step < o->steps; step++) {
         cli_progress_update(prog, "%sdecode step %" PRId32 "/%" PRId32, tag, step, o->steps);
         for (int32_t li = 0; li < o->layers + overlap; li++) {
             if (li < o->layers) { /* layer li: queries, route, attend (or its start) */
@@ -526,6 +625,7 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
                 pikv_cache_device_stats ds;
                 LIB(pikv_cache_get_device_stats(cache, d, &ds), "pikv_cache_get_device_stats");
                 r->devs[d].read_total += ds.last_bytes_read;
+                if (ds.bytes_used > r->tier_device_peak) r->tier_device_peak = ds.bytes_used;
             }
             pikv_layer_stats ls;
             LIB(pikv_cache_get_layer_stats(cache, l, &ls), "pikv_cache_get_layer_stats");
@@ -584,8 +684,24 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
             }
             r->decode_s += cli_now() - t4;
         }
+        if (o->checkpoint_path && (step + 1) % o->checkpoint_every == 0) {
+            /* the run's first checkpoint is full, the next ones add what changed */
+            const pikv_checkpoint_mode mode = r->checkpoints == 0 ? PIKV_CHECKPOINT_FULL : PIKV_CHECKPOINT_INCREMENTAL;
+            cli_progress_update(prog, "%scheckpoint after step %" PRId32, tag, step + 1);
+            double t0 = cli_now();
+            LIB(pikv_cache_checkpoint(cache, o->checkpoint_path, mode, &r->last_checkpoint), "pikv_cache_checkpoint");
+            r->checkpoint_s += cli_now() - t0;
+            r->checkpoints++;
+            r->checkpoint_pages += r->last_checkpoint.pages_written;
+            r->checkpoint_bytes += r->last_checkpoint.bytes_written;
+            if (mode == PIKV_CHECKPOINT_FULL) {
+                r->checkpoints_full++;
+                r->checkpoint_full_pages += r->last_checkpoint.pages_written;
+            }
+        }
     }
     if (use_refs && o->steps > 0) sh->refs_ready = 1;
+    if (r->tiers) LIB(pikv_cache_get_tier_stats(cache, &r->tier), "pikv_cache_get_tier_stats");
 
     /* Final statistics. */
     LIB(pikv_cache_get_stats(cache, &r->stats), "pikv_cache_get_stats");

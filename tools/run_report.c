@@ -159,6 +159,92 @@ static void print_policy_lines(const run_opts *o, const run_policy *p)
            (double)p->route.miss_decay);
 }
 
+/* Mean per decode step (0 without steps). */
+static double per_step(const run_opts *o, double x) { return o->steps > 0 ? x / (double)o->steps : 0.0; }
+
+/* --tiers, --checkpoint and --restore lines of the table. */
+static void print_tiers_and_checkpoints(const run_opts *o, const run_result *r)
+{
+    if (r->restored)
+        printf("  restore            %s: generation %" PRIu64 ", %" PRId64 " pages, %" PRId32
+               " sequences in %.3f s (%" PRId64 " bad records); resumed after decode step %" PRId32 "\n",
+               o->restore_path, r->restore.generation, r->restore.pages, r->restore.sequences, r->restore_s,
+               r->restore.bad_records, r->restored_steps);
+    if (r->checkpoints > 0)
+        printf("  checkpoints        %" PRId32 " to %s (every %" PRId32 " steps): %" PRId32 " full with %" PRId64
+               " pages, %" PRId32 " incremental with %" PRId64 " pages; %.2f MiB in %.3f s (%.1f MiB/s); "
+               "the last (generation %" PRIu64 ") holds %" PRId64 " pages\n",
+               r->checkpoints, o->checkpoint_path, o->checkpoint_every, r->checkpoints_full,
+               r->checkpoint_full_pages, r->checkpoints - r->checkpoints_full,
+               r->checkpoint_pages - r->checkpoint_full_pages, mib(r->checkpoint_bytes), r->checkpoint_s,
+               r->checkpoint_s > 0 ? mib(r->checkpoint_bytes) / r->checkpoint_s : 0.0,
+               r->last_checkpoint.generation, r->last_checkpoint.pages_total);
+    if (!r->tiers) return;
+    const pikv_tier_stats *t = &r->tier;
+    const uint64_t held = t->device_bytes + t->host_bytes + t->disk_bytes;
+    const double budget = (double)r->tier_device_budget * (double)(r->n_devs > 0 ? r->n_devs : 1);
+    char node[32] = "";
+    if (t->numa_node >= 0) snprintf(node, sizeof node, " (NUMA node %" PRId32 ")", t->numa_node);
+    printf("  tiers              KV pages %.2f MiB = %.2fx the device budget (%.2f MiB per device x %" PRId32
+           "; the most one device's pages took after a decode call: %.2f MiB; staging slots %.2f MiB in all)\n"
+           "                     now on devices %.2f MiB (%" PRId64 " pages), host%s %.2f MiB (%" PRId64
+           " pages), disk %.2f MiB (%" PRId64 " pages)\n",
+           mib(held), budget > 0 ? (double)held / budget : 0.0, mib(r->tier_device_budget), r->n_devs,
+           mib(r->tier_device_peak), mib(t->staging_bytes), mib(t->device_bytes), t->device_pages, node,
+           mib(t->host_bytes), t->host_pages, mib(t->disk_bytes), t->disk_pages);
+    char hit[32];
+    if (t->prefetch_hit_rate >= 0.0)
+        snprintf(hit, sizeof hit, "%.3f", t->prefetch_hit_rate);
+    else
+        snprintf(hit, sizeof hit, "n/a");
+    printf("  tier traffic       %" PRId64 " demotions, %" PRId64 " promotions, %" PRId64
+           " fetches (%.1f per step), fetch stall %.3f s (%.3f ms per step); prefetch %" PRId64
+           " pages, hit rate %s%s; disk read %.2f MiB, written %.2f MiB\n",
+           t->demotions, t->promotions, t->fetches, per_step(o, (double)t->fetches), t->fetch_stall_s,
+           1e3 * per_step(o, t->fetch_stall_s), t->prefetches, hit, o->no_prefetch ? " (--no-prefetch)" : "",
+           mib(t->disk_bytes_read), mib(t->disk_bytes_written));
+}
+
+/* The same as JSON members (a leading comma each). */
+static void json_tiers_and_checkpoints(FILE *f, const run_opts *o, const run_result *r)
+{
+    if (r->restored) {
+        fprintf(f, ", \"restore\": {\"generation\": %" PRIu64 ", \"pages\": %" PRId64 ", \"sequences\": %" PRId32
+                   ", \"bad_records\": %" PRId64 ", \"resumed_after_step\": %" PRId32 ", \"seconds\": ",
+                r->restore.generation, r->restore.pages, r->restore.sequences, r->restore.bad_records,
+                r->restored_steps);
+        cli_json_number(f, r->restore_s);
+        fprintf(f, "}");
+    }
+    if (r->checkpoints > 0) {
+        fprintf(f, ", \"checkpoints\": {\"count\": %" PRId32 ", \"full\": %" PRId32 ", \"every_steps\": %" PRId32
+                   ", \"pages_written\": %" PRId64 ", \"full_pages_written\": %" PRId64 ", \"bytes_written\": %" PRIu64
+                   ", \"last_generation\": %" PRIu64 ", \"last_pages_total\": %" PRId64 ", \"seconds\": ",
+                r->checkpoints, r->checkpoints_full, o->checkpoint_every, r->checkpoint_pages,
+                r->checkpoint_full_pages, r->checkpoint_bytes, r->last_checkpoint.generation,
+                r->last_checkpoint.pages_total);
+        cli_json_number(f, r->checkpoint_s);
+        fprintf(f, "}");
+    }
+    if (r->tiers) {
+        const pikv_tier_stats *t = &r->tier;
+        fprintf(f, ", \"tiers\": {\"device_budget_bytes\": %" PRIu64 ", \"device_peak_bytes\": %" PRIu64
+                   ", \"device_bytes\": %" PRIu64 ", \"host_bytes\": %" PRIu64 ", \"disk_bytes\": %" PRIu64
+                   ", \"staging_bytes\": %" PRIu64 ", \"device_pages\": %" PRId64 ", \"host_pages\": %" PRId64
+                   ", \"disk_pages\": %" PRId64 ", \"numa_node\": %" PRId32 ", \"demotions\": %" PRId64
+                   ", \"promotions\": %" PRId64 ", \"fetches\": %" PRId64 ", \"prefetches\": %" PRId64
+                   ", \"prefetch_hits\": %" PRId64 ", \"prefetch_hit_rate\": ",
+                r->tier_device_budget, r->tier_device_peak, t->device_bytes, t->host_bytes, t->disk_bytes,
+                t->staging_bytes, t->device_pages, t->host_pages, t->disk_pages, t->numa_node, t->demotions,
+                t->promotions, t->fetches, t->prefetches, t->prefetch_hits);
+        cli_json_number(f, t->prefetch_hit_rate >= 0.0 ? t->prefetch_hit_rate : NAN);
+        fprintf(f, ", \"fetch_stall_s\": ");
+        cli_json_number(f, t->fetch_stall_s);
+        fprintf(f, ", \"disk_bytes_read\": %" PRIu64 ", \"disk_bytes_written\": %" PRIu64 "}",
+                t->disk_bytes_read, t->disk_bytes_written);
+    }
+}
+
 void run_print_table(const run_opts *o, const run_result *r)
 {
     const double steps = o->steps > 0 ? (double)o->steps : 1.0;
@@ -315,9 +401,10 @@ void run_print_table(const run_opts *o, const run_result *r)
                mib(r->bytes_read_total) / steps, (double)r->pages_read_total / steps,
                (double)r->tokens_read_total / steps);
     }
-    printf("  prefill            %.0f tokens x %" PRId32 " layers in %.3f s (%.0f tokens/s)\n",
-           prefill_tokens, o->layers, r->prefill_s,
-           r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
+    if (!r->restored)
+        printf("  prefill            %.0f tokens x %" PRId32 " layers in %.3f s (%.0f tokens/s)\n",
+               prefill_tokens, o->layers, r->prefill_s,
+               r->prefill_s > 0 ? prefill_tokens / r->prefill_s : 0.0);
     if (r->observe_attends > 0)
         printf("  prefill attention  %" PRId64 " exact passes (one per %" PRId32
                "-token chunk and layer) in %.3f s\n",
@@ -328,6 +415,7 @@ void run_print_table(const run_opts *o, const run_result *r)
     if (r->rebalance_skipped)
         printf("  rebalance          none over ranks (shards placed on the least loaded device "
                "as their first page arrived)\n");
+    print_tiers_and_checkpoints(o, r);
     if (o->steps > 0) {
         printf("  mean step time     %.3f ms (route + attend + append, %" PRId32
                " layers; attend %.3f ms; reference %.3f ms)%s\n",
@@ -417,8 +505,18 @@ void run_print_quiet(const run_opts *o, const run_result *r)
     if (r->bounded) {
         int pass = run_passed(r);
         for (int32_t i = 0; r->ranks && i < r->n_ranks; i++) pass &= r->ranks[i].passed == 1;
-        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f%s\n",
-               pass ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps, ranks);
+        char tiers[256] = "";
+        size_t len = 0;
+        if (r->tiers)
+            len += (size_t)snprintf(tiers + len, sizeof tiers - len,
+                                    " tier_fetches=%" PRId64 " fetch_stall_s=%.3f prefetch_hit_rate=%.3f",
+                                    r->tier.fetches, r->tier.fetch_stall_s, r->tier.prefetch_hit_rate);
+        if (r->checkpoints > 0 && len < sizeof tiers)
+            len += (size_t)snprintf(tiers + len, sizeof tiers - len, " checkpoints=%" PRId32, r->checkpoints);
+        if (r->restored && len < sizeof tiers)
+            snprintf(tiers + len, sizeof tiers - len, " resumed_after_step=%" PRId32, r->restored_steps);
+        printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f%s%s\n",
+               pass ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps, ranks, tiers);
         return;
     }
     char desc[128], recall[32], err[32], quant[160] = "";
@@ -927,6 +1025,7 @@ void run_print_json(const run_opts *o, const run_result *r)
                                        : NAN);
     fprintf(f, ", \"kv_read_bytes_per_s\": ");
     cli_json_number(f, r->attend_s > 0 ? (double)r->bytes_read_total / r->attend_s : NAN);
+    json_tiers_and_checkpoints(f, o, r);
     fprintf(f, "}");
     if (r->n_ranks > 0 && r->ranks) {
         fprintf(f, ",\n  \"ranks\": ");
