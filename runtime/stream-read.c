@@ -741,6 +741,50 @@ static pikv_status make_plan(parse *p, plan *pl, pikv_restore_report *report)
     return st;
 }
 
+/* The metadata of restored page entry e (its id and slot taken, its bytes written) and
+   the counters it adds to, as if it had been appended. */
+static void commit_page(pikv_cache *c, const parse *p, const plan *pl, uint32_t e)
+{
+    const size_t ps = (size_t)c->params.page_size;
+    const page_rec *pr = &p->recs[pl->rec_of[e]];
+    const uint8_t *ent = pl->entries + (size_t)e * PIKV_TABLES_PAGE_BYTES;
+    const uint32_t id = pl->new_id[e];
+    pikv_page_meta *m = &c->pages[id];
+    m->layer = pr->layer;
+    m->shard = pr->shard;
+    m->n_tokens = pr->n_tokens;
+    m->refs = pl->refs[e];
+    m->attn_mass = pikv_bits_f32(pikv_get_u32(ent + 12));
+    m->use_count = (int32_t)pikv_get_u32(ent + 16);
+    m->last_use = (int64_t)pikv_get_u64(ent + 20);
+    const uint8_t *rows = pr->payload + PIKV_PAGE_FIXED_BYTES;
+    const size_t n = (size_t)pr->n_tokens;
+    m->expert_mask = 0;
+    for (size_t i = 0; i < n; i++) {
+        c->positions[(size_t)id * ps + i] = (int32_t)pikv_get_u32(rows + 4 * i);
+        c->indices[(size_t)id * ps + i] = (int32_t)pikv_get_u32(rows + 4 * (n + i));
+        const int32_t ex = (int32_t)pikv_get_u32(rows + 4 * (2 * n + i));
+        c->row_expert[(size_t)id * ps + i] = ex;
+        m->expert_mask |= 1ull << (ex % 64);
+    }
+    pikv_page_touch(c, id); /* new content for this cache: a later checkpoint writes it */
+    pikv_page_pool *pool = pikv_page_pool_of(c, m);
+    pool->pages_used++;
+    pool->tokens += m->n_tokens;
+    pikv_shard *sh = pikv_cache_shard(c, m->layer, m->shard);
+    if (sh->dev < 0) {
+        sh->dev = m->dev;
+        c->devs[sh->dev].shards++;
+    }
+    sh->pages++;
+    sh->tokens += m->n_tokens;
+    c->layer_tokens[m->layer] += m->n_tokens;
+    c->layer_pages[m->layer]++;
+    if (m->quant) c->layer_qpages[m->layer]++;
+    c->tokens += m->n_tokens;
+    c->pages_live++;
+}
+
 /* ---- apply: reserve, write the pages, then build the metadata -------------------------------- */
 
 static pikv_status apply(parse *p, plan *pl)
@@ -750,7 +794,6 @@ static pikv_status apply(parse *p, plan *pl)
     reader *r = p->r;
     const pikv_cache_params *cp = &c->params;
     const int32_t nl = cp->n_layers, ns = c->n_shards;
-    const size_t ps = (size_t)cp->page_size;
     /* devices: a shard's device in the target cache; BALANCED shards not placed yet go
        where pikv_placement_pick_device would put them */
     int64_t pending[PIKV_MAX_DEVICES] = {0}, qpending[PIKV_MAX_DEVICES] = {0};
@@ -802,9 +845,21 @@ static pikv_status apply(parse *p, plan *pl)
         }
     }
     const int64_t old_high = c->pages_high, old_free = c->n_free_ids;
+    const uint64_t old_write_seq = c->write_seq;
     if (st == PIKV_OK) st = pikv_page_ids_reserve(c, pl->restored_pages);
+    /* Under a tiers device budget the pages may not all fit on the devices: each page then
+       gets its room when its turn comes (pikv_tier_reserve demotes pages restored before it,
+       whose metadata is committed at once for that), instead of all the room up front. */
+    const bool budgeted = c->tier && c->params.tiers.device_bytes > 0;
+    int32_t *placed_before = NULL; /* shard devices before, to undo BALANCED placements */
+    if (st == PIKV_OK && budgeted) {
+        placed_before = pikv_host_alloc(ctx, (size_t)nl * (size_t)ns * sizeof(int32_t), 64);
+        if (!placed_before)
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: allocation failed", r->fn);
+        for (size_t i = 0; placed_before && i < (size_t)nl * (size_t)ns; i++) placed_before[i] = c->shards[i].dev;
+    }
     int32_t added[PIKV_MAX_DEVICES] = {0}, qadded[PIKV_MAX_DEVICES] = {0};
-    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK; d++) {
+    for (int32_t d = 0; d < c->n_devs && st == PIKV_OK && !budgeted; d++) {
         if (pending[d] > 0) st = pikv_tier_reserve(c, d, 0, pending[d]);
         if (st == PIKV_OK) st = pikv_pool_reserve(ctx, &c->devs[d], &c->layout, pending[d], &added[d]);
         if (st == PIKV_OK && c->qdevs && qpending[d] > 0) st = pikv_tier_reserve(c, d, 1, qpending[d]);
@@ -823,13 +878,53 @@ static pikv_status apply(parse *p, plan *pl)
         m->dev = pl->dev[e];
         m->quant = pr->quant;
         pikv_page_pool *pool = pikv_page_pool_of(c, m);
-        m->slot = pikv_pool_take(pool);
         const pikv_page_layout *L = pikv_layout_of(c, m);
+        if (budgeted) {
+            int32_t grown = 0; /* chunks grown here are freed by the compaction of an undo */
+            st = pikv_tier_reserve(c, m->dev, m->quant, 1);
+            if (st == PIKV_OK) st = pikv_pool_reserve(ctx, pool, L, 1, &grown);
+            if (st != PIKV_OK) {
+                m->refs = 0; /* no slot: nothing of it to undo */
+                taken_end = e;
+                c->free_ids[c->n_free_ids++] = id;
+                break;
+            }
+        }
+        m->slot = pikv_pool_take(pool);
         uint64_t off = 0;
         pikv_buffer *buf = pikv_pool_chunk(pool, m->slot, &off, L);
         const uint8_t *bytes = pr->payload + PIKV_PAGE_FIXED_BYTES + 12 * (size_t)pr->n_tokens;
         st = pool->dev->iface->buffer_write(pool->dev, buf, off, bytes, L->page_bytes);
+        if (budgeted) {
+            commit_page(c, p, pl, e); /* a later page's reserve may demote this one */
+            if (st != PIKV_OK) break;
+        }
     }
+    if (st != PIKV_OK && budgeted) {
+        /* undo: every committed page is dropped (tiers free its slots wherever it went), the
+           shards BALANCED placed go back to unplaced, emptied chunks are freed, the ids are
+           handed out exactly as before */
+        for (int64_t e = (int64_t)taken_end - 1; e >= 0; e--) {
+            if (pl->refs[e] == 0) continue;
+            pikv_page_meta *m = &c->pages[pl->new_id[e]];
+            m->refs = 1;
+            pikv_page_unref(c, pl->new_id[e]);
+        }
+        for (size_t i = 0; i < (size_t)nl * (size_t)ns; i++)
+            if (placed_before[i] < 0 && c->shards[i].dev >= 0) {
+                c->devs[c->shards[i].dev].shards--;
+                c->shards[i].dev = -1;
+            }
+        for (int32_t d = 0; d < c->n_devs; d++) (void)pikv_cache_compact_device(c, d);
+        c->pages_high = old_high;
+        c->n_free_ids = old_free;
+        c->write_seq = old_write_seq;
+        for (int32_t q = 0; q < cp->max_sequences; q++) pikv_seq_layers_free(c, layers[q]);
+        pikv_host_free(ctx, layers);
+        pikv_host_free(ctx, placed_before);
+        return st;
+    }
+    pikv_host_free(ctx, placed_before);
     if (st != PIKV_OK) { /* undo: the cache was empty, so everything taken goes back */
         for (int64_t e = (int64_t)taken_end - 1; e >= 0; e--) {
             if (pl->refs[e] == 0) continue;
@@ -848,46 +943,8 @@ static pikv_status apply(parse *p, plan *pl)
     }
 
     /* ---- commit the metadata: nothing here can fail ---- */
-    for (uint32_t e = 0; e < pl->n_pages; e++) {
-        if (pl->refs[e] == 0) continue;
-        const page_rec *pr = &p->recs[pl->rec_of[e]];
-        const uint8_t *ent = pl->entries + (size_t)e * PIKV_TABLES_PAGE_BYTES;
-        const uint32_t id = pl->new_id[e];
-        pikv_page_meta *m = &c->pages[id];
-        m->layer = pr->layer;
-        m->shard = pr->shard;
-        m->n_tokens = pr->n_tokens;
-        m->refs = pl->refs[e];
-        m->attn_mass = pikv_bits_f32(pikv_get_u32(ent + 12));
-        m->use_count = (int32_t)pikv_get_u32(ent + 16);
-        m->last_use = (int64_t)pikv_get_u64(ent + 20);
-        const uint8_t *rows = pr->payload + PIKV_PAGE_FIXED_BYTES;
-        const size_t n = (size_t)pr->n_tokens;
-        m->expert_mask = 0;
-        for (size_t i = 0; i < n; i++) {
-            c->positions[(size_t)id * ps + i] = (int32_t)pikv_get_u32(rows + 4 * i);
-            c->indices[(size_t)id * ps + i] = (int32_t)pikv_get_u32(rows + 4 * (n + i));
-            const int32_t ex = (int32_t)pikv_get_u32(rows + 4 * (2 * n + i));
-            c->row_expert[(size_t)id * ps + i] = ex;
-            m->expert_mask |= 1ull << (ex % 64);
-        }
-        pikv_page_touch(c, id); /* new content for this cache: a later checkpoint writes it */
-        pikv_page_pool *pool = pikv_page_pool_of(c, m);
-        pool->pages_used++;
-        pool->tokens += m->n_tokens;
-        pikv_shard *sh = pikv_cache_shard(c, m->layer, m->shard);
-        if (sh->dev < 0) {
-            sh->dev = m->dev;
-            c->devs[sh->dev].shards++;
-        }
-        sh->pages++;
-        sh->tokens += m->n_tokens;
-        c->layer_tokens[m->layer] += m->n_tokens;
-        c->layer_pages[m->layer]++;
-        if (m->quant) c->layer_qpages[m->layer]++;
-        c->tokens += m->n_tokens;
-        c->pages_live++;
-    }
+    for (uint32_t e = 0; e < pl->n_pages; e++)
+        if (pl->refs[e] != 0 && !budgeted) commit_page(c, p, pl, e);
     k = (cursor){pl->seqs, pl->seqs_len, 0};
     for (uint32_t i = 0; i < pl->n_seqs; i++) {
         const int32_t q = (int32_t)cur_u32(&k);

@@ -181,8 +181,13 @@ static void check_storage(const run_opts *o, run_result *r)
         layer_q += r->layers[l].st.quantized_pages;
         layer_bytes += r->layers[l].st.bytes_used;
     }
-    if (dev_pages != cs->pages || layer_pages != cs->pages || dev_q != layer_q ||
-        dev_bytes != cs->bytes_used || layer_bytes != cs->bytes_used) {
+    /* with tiers, devices and the cache's bytes_used count resident pages; layers and the
+       cache's page count count every tier's */
+    const int64_t demoted_pages = r->tiers ? r->tier.host_pages + r->tier.disk_pages : 0;
+    const uint64_t demoted_bytes = r->tiers ? r->tier.host_bytes + r->tier.disk_bytes : 0;
+    if (dev_pages + demoted_pages != cs->pages || layer_pages != cs->pages ||
+        (!r->tiers && dev_q != layer_q) || dev_bytes != cs->bytes_used ||
+        layer_bytes != cs->bytes_used + demoted_bytes) {
         fprintf(stderr, "pikv: warning: storage figures disagree: cache %" PRId64 " pages, %" PRIu64
                         " B; devices %" PRId64 " pages (%" PRId64 " quantized), %" PRIu64
                         " B; layers %" PRId64 " pages (%" PRId64 " quantized), %" PRIu64 " B\n",

@@ -363,6 +363,11 @@ void run_print_table(const run_opts *o, const run_result *r)
         printf("  tokens             %" PRId64 " over all layers of %" PRId64
                " generated (budgets: %" PRId64 " = layer budgets x sequences)\n",
                r->stats.tokens, r->expected_tokens, r->budget_tokens);
+    if (r->tiers)
+        printf("  KV in all tiers    %.2f MiB, %.2f MiB of it on the devices (%.2f MiB allocated "
+               "there), %" PRId64 " pages (the next lines count the devices' pages)\n",
+               mib(r->tier.device_bytes + r->tier.host_bytes + r->tier.disk_bytes), mib(r->stats.bytes_used),
+               mib(r->stats.bytes_allocated), r->stats.pages);
     if (!r->quantized) {
         printf("  KV MiB             %.2f used, %.2f allocated, %" PRId64
                " pages (raw %s K+V: %.2f)\n",
