@@ -26,6 +26,9 @@
  *     host tier without disk (CAPACITY, content unchanged), NUMA nodes, allocation
  *     failures injected in tier paths.
  *  7. copy_prefix, seq_remove, rebalance and trim with demoted pages stay exact.
+ *  8. Checkpoints of tiered caches restore into caches whose devices hold a quarter of
+ *     them (pages demoted as they are placed); a restore out of tier room fails with
+ *     CAPACITY and leaves the cache empty and usable.
  *
  * `tiers PART` runs only the parts whose name contains PART; `tiers measure` prints the
  * figures of docs/tiers.md instead (a decode loop, no checks of its timings).
@@ -37,6 +40,7 @@
 #include "cache-impl.h"
 
 #include <time.h>
+#include <unistd.h>
 
 static pikv_context *g_ctx;
 static const float TOL = 2e-5f;
@@ -1083,6 +1087,102 @@ static void measure(void)
         }
 }
 
+/* ------------------------------------------------------------------------ */
+/* 8. Checkpoints of tiered caches, restore under a device budget            */
+/* ------------------------------------------------------------------------ */
+
+/* A checkpoint of a tiered cache (demoted pages included) restores into another tiered
+   cache whose devices hold a quarter of it: pages beyond the budget are demoted as the
+   restore places them, attends equal the no-tier cache, the budget holds. A restore that
+   runs out of tier room fails with CAPACITY and leaves the cache empty and usable. */
+static void test_checkpoint(void)
+{
+    char path[] = "/tmp/pikv-tiers-ckpt-XXXXXX";
+    const int fd = mkstemp(path);
+    if (!CHECK(fd >= 0)) return;
+    close(fd);
+    for (int dt = 0; dt < 4; dt++) {
+        char what[96];
+        snprintf(what, sizeof what, "checkpoint, %s", dtype_name((pikv_dtype)dt));
+        tu_set_case("%s", what);
+        pikv_cache_params p = base_params((pikv_dtype)dt, PIKV_PLACEMENT_EXPERT, 4);
+        const uint64_t budget = measure_budget(&p, 900 + dt);
+        pikv_tier_params tp = pikv_cache_default_params().tiers;
+        tp.device_bytes = budget;
+        pair pr;
+        if (!pair_create(&pr, &p, &tp, 900 + dt, what)) continue;
+        build_context(&pr, 2, 160);
+        const int32_t seqs[2] = {0, 1};
+        pair_attend(&pr, 0, seqs, 2, NULL, NULL, NULL);
+        CHECK(tier_stats(pr.tier).host_pages > 0);
+        CHECK_OK(pikv_cache_checkpoint(pr.tier, path, PIKV_CHECKPOINT_FULL, NULL));
+
+        /* restore into a tiered cache with the same budget: compared with the no-tier cache */
+        pikv_cache_params q = p;
+        q.tiers = tp;
+        q.tiers.enabled = 1;
+        pikv_cache *restored = NULL;
+        if (CHECK_OK(pikv_cache_create(g_ctx, &q, &restored))) {
+            pikv_restore_report rep;
+            memset(&rep, 0, sizeof rep);
+            CHECK_OK(pikv_cache_restore(restored, path, &rep));
+            CHECK_EQ(rep.n_failed, 0);
+            check_device_budget(restored, what);
+            pikv_cache_stats a, b;
+            CHECK_OK(pikv_cache_get_stats(pr.ref, &a));
+            CHECK_OK(pikv_cache_get_stats(restored, &b));
+            CHECK_EQ(a.tokens, b.tokens);
+            CHECK_EQ(a.pages, b.pages);
+            const pikv_tier_stats ts = tier_stats(restored);
+            CHECKF(ts.host_pages > 0 && ts.device_pages + ts.host_pages + ts.disk_pages == b.pages,
+                   "%s: restored pages device %lld host %lld disk %lld of %lld", what, (long long)ts.device_pages,
+                   (long long)ts.host_pages, (long long)ts.disk_pages, (long long)b.pages);
+            pair rp = pr;
+            rp.tier = restored;
+            for (int32_t l = 0; l < p.n_layers; l++) pair_attend(&rp, l, seqs, 2, NULL, NULL, NULL);
+            pr.rng = rp.rng;
+            pikv_cache_free(restored);
+        }
+
+        /* a host tier of one page and no disk: the restore runs out of room, undoes itself */
+        pikv_cache *probe = NULL;
+        if (CHECK_OK(pikv_cache_create(g_ctx, &q, &probe))) {
+            q.tiers.host_bytes = tier_page_bytes(probe);
+            pikv_cache_free(probe);
+        }
+        pikv_cache *small = NULL;
+        if (CHECK_OK(pikv_cache_create(g_ctx, &q, &small))) {
+            pikv_cache_device_stats before[4];
+            for (int32_t d = 0; d < 4; d++) CHECK_OK(pikv_cache_get_device_stats(small, d, &before[d]));
+            CHECK_STATUS(PIKV_ERR_CAPACITY, pikv_cache_restore(small, path, NULL));
+            pikv_cache_stats cs;
+            CHECK_OK(pikv_cache_get_stats(small, &cs));
+            CHECK_EQ(cs.tokens, 0);
+            CHECK_EQ(cs.pages, 0);
+            CHECK_EQ(cs.sequences, 0);
+            const pikv_tier_stats ts = tier_stats(small);
+            CHECK_EQ(ts.device_pages + ts.host_pages + ts.disk_pages, 0);
+            for (int32_t d = 0; d < 4; d++) {
+                pikv_cache_device_stats ds;
+                CHECK_OK(pikv_cache_get_device_stats(small, d, &ds));
+                CHECK_EQ(ds.shards, before[d].shards);
+                CHECK_EQ(ds.pages, 0);
+            }
+            /* still usable: a sequence appends and attends */
+            CHECK_OK(pikv_seq_add(small, 0));
+            const size_t nv = 8 * (size_t)p.n_kv_heads * (size_t)p.head_dim;
+            float *k = tu_xcalloc(nv, sizeof(float)), *v = tu_xcalloc(nv, sizeof(float));
+            int32_t ex[16] = {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1};
+            CHECK_OK(pikv_cache_append(small, 0, 0, 8, k, v, NULL, ex));
+            free(k);
+            free(v);
+            pikv_cache_free(small);
+        }
+        pair_free(&pr);
+    }
+    unlink(path);
+}
+
 int main(int argc, char **argv)
 {
     /* argv[1] (optional): run only the parts whose name contains it */
@@ -1098,7 +1198,7 @@ int main(int argc, char **argv)
     } parts[] = {{"moves", test_exact_moves}, {"budget", test_exact_budget}, {"quest", test_quest},
                  {"promotion", test_promotion_zero_copy},
                  {"evict", test_evict_demotes}, {"prefetch", test_prefetch}, {"faults", test_faults},
-                 {"seqops", test_seq_ops}, {"alloc", test_alloc_failures}};
+                 {"seqops", test_seq_ops}, {"alloc", test_alloc_failures}, {"checkpoint", test_checkpoint}};
     if (strcmp(only, "measure") == 0) { /* the figures of docs/tiers.md */
         measure();
     } else {
