@@ -215,9 +215,12 @@ static pikv_status default_device_budget(pikv_context *ctx, const run_opts *o, c
     st = pikv_cache_get_stats(c, &cs);
     pikv_cache_free(c);
     if (st != PIKV_OK) return st;
+    /* a sequence's layer: its tokens over the shards, each shard's last page open and on
+       average half full */
     const int64_t tokens = o->context + o->steps;
-    const int64_t full = tokens / o->page_size;
-    const int64_t open = cs.n_shards < full + 1 ? cs.n_shards : full + 1;
+    const int64_t open = cs.n_shards < tokens ? cs.n_shards : tokens;
+    int64_t full = tokens / o->page_size - open / 2;
+    if (full < 0) full = 0;
     const uint64_t full_bytes = run_dtype_quantized(cpar->dtype) ? cs.quant_page_bytes : cs.page_bytes;
     const uint64_t per_seq_layer = (uint64_t)full * full_bytes + (uint64_t)open * cs.page_bytes;
     const uint64_t total = per_seq_layer * (uint64_t)o->layers * (uint64_t)o->seqs;
