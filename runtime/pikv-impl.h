@@ -31,6 +31,10 @@ struct pikv_context {
     /* The CPU device that runs host-side ops (cross-device merges). Always present:
        the CPU backend is the reference and is always loaded. */
     struct pikv_device *host_device;
+    /* > 0 while the runtime does best-effort work after a call has succeeded (promotions
+       and prefetches after an attend): failures there are logged as warnings and do not
+       replace last_error */
+    int32_t best_effort;
 };
 
 /* ---- errors --------------------------------------------------------------

@@ -94,6 +94,16 @@ pikv_status pikv_seq_length(const pikv_cache *c, int32_t seq, int32_t layer, int
     return PIKV_OK;
 }
 
+pikv_status pikv_seq_next_index(const pikv_cache *c, int32_t seq, int32_t layer, int64_t *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_FORWARD_IF_ERROR(check_seq_exists(c, seq, "pikv_seq_next_index:"));
+    PIKV_RETURN_ERROR_IF(layer < 0 || layer >= c->params.n_layers, c->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "pikv_seq_next_index: layer %d is outside 0..%d", layer, c->params.n_layers - 1);
+    *out = c->seqs[seq].layers[layer].next_index;
+    return PIKV_OK;
+}
+
 /* Rows of a page whose token index is below n (indices increase along a page). */
 static int32_t rows_below(const pikv_cache *c, uint32_t id, int64_t n)
 {

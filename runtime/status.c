@@ -55,23 +55,29 @@ pikv_status pikv_fail(pikv_context *ctx, pikv_status status, const char *file, i
                       const char *fmt, ...)
 {
     if (!ctx) return status;
+    /* best-effort work after a call succeeded (pikv_context.best_effort): the failure is
+       only logged as a warning and the last error stays that of the last failed call */
+    char spare[PIKV_ERROR_LEN];
+    char *msg = ctx->best_effort > 0 ? spare : ctx->last_error;
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(ctx->last_error, sizeof ctx->last_error, fmt, ap);
+    int n = vsnprintf(msg, PIKV_ERROR_LEN, fmt, ap);
     va_end(ap);
 #ifndef NDEBUG
     /* Debug builds say where the failure was raised. */
-    if (n >= 0 && (size_t)n < sizeof ctx->last_error) {
+    if (n >= 0 && (size_t)n < PIKV_ERROR_LEN) {
         const char *base = strrchr(file, '/');
-        snprintf(ctx->last_error + n, sizeof ctx->last_error - (size_t)n, " [%s:%d]",
-                 base ? base + 1 : file, line);
+        snprintf(msg + n, PIKV_ERROR_LEN - (size_t)n, " [%s:%d]", base ? base + 1 : file, line);
     }
 #else
     (void)file;
     (void)line;
     (void)n;
 #endif
-    if (ctx->log_fn && ctx->log_level >= PIKV_LOG_ERROR)
+    if (ctx->best_effort > 0)
+        pikv_log(ctx, PIKV_LOG_WARN, "%s (ignored: best-effort work after a successful call): %s",
+                 pikv_status_name(status), msg);
+    else if (ctx->log_fn && ctx->log_level >= PIKV_LOG_ERROR)
         pikv_log(ctx, PIKV_LOG_ERROR, "%s: %s", pikv_status_name(status), ctx->last_error);
     return status;
 }

@@ -256,6 +256,8 @@ static bool decode_page(const pikv_cache *c, uint8_t *b, uint64_t len, page_rec 
     if (pr.n_tokens < 1 || pr.n_tokens > cp->page_size || (pr.quant != 0 && pr.quant != 1)) return false;
     /* only full pages of INT8/INT4 caches are quantized */
     if (pr.quant && (!c->qdevs || pr.n_tokens != cp->page_size)) return false;
+    /* ... and every full page of those caches is (pages are quantized as they fill) */
+    if (c->qdevs && pr.n_tokens == cp->page_size && !pr.quant) return false;
     if (len != page_len(c, pr.n_tokens, pr.quant)) return false;
     if (pikv_get_u32(b + 20) != (pr.quant ? c->qlayout.page_bytes : c->layout.page_bytes)) return false;
     const uint8_t *rows = b + PIKV_PAGE_FIXED_BYTES;
@@ -616,13 +618,25 @@ static pikv_status walk_sequences(parse *p, plan *pl, pikv_restore_report *repor
                     if (e < 0)
                         return TABLES_FAIL(p, "%s: %s: sequence %d, layer %d, shard %d holds page %u, which the page "
                                            "tables do not list", r->fn, r->name, q, l, s, id);
-                    pl->refs[e]++; /* every reference, for the check that each listed page is used */
+                    const int32_t before = pl->refs[e]++; /* every reference: each listed page must be used */
                     const int64_t ri = pl->rec_of[e];
                     if (ri < 0 || p->recs[ri].layer != l || p->recs[ri].shard != s) {
                         good = false;
                         continue;
                     }
-                    sum += p->recs[ri].n_tokens;
+                    const page_rec *pr = &p->recs[ri];
+                    /* Only the back page of a ring may be partial (appends write into it), and
+                       it belongs to that ring alone (prefix copies copy partial pages): a file
+                       that breaks this would have appends write into another sequence's page. */
+                    if (pr->n_tokens < c->params.page_size && (j + 1 != count || before > 0))
+                        return TABLES_FAIL(p, "%s: %s: sequence %d, layer %d, shard %d: partial page %u (%d tokens) "
+                                           "is %s", r->fn, r->name, q, l, s, id, pr->n_tokens,
+                                           before > 0 ? "held by more than one page table" : "not the last of its ring");
+                    /* its rows' token indices must lie below the layer's next index */
+                    const uint8_t *rows = pr->payload + PIKV_PAGE_FIXED_BYTES;
+                    const int64_t last = (int64_t)(int32_t)pikv_get_u32(rows + 4 * ((size_t)pr->n_tokens + (size_t)pr->n_tokens - 1));
+                    if (last < 0 || last >= next) good = false;
+                    sum += pr->n_tokens;
                 }
             }
             if (good && sum != n_tokens) good = false; /* pages and table disagree */
@@ -910,7 +924,7 @@ static pikv_status apply(parse *p, plan *pl)
             m->refs = 1;
             pikv_page_unref(c, pl->new_id[e]);
         }
-        for (size_t i = 0; i < (size_t)nl * (size_t)ns; i++)
+        for (size_t i = 0; placed_before && i < (size_t)nl * (size_t)ns; i++)
             if (placed_before[i] < 0 && c->shards[i].dev >= 0) {
                 c->devs[c->shards[i].dev].shards--;
                 c->shards[i].dev = -1;

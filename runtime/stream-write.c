@@ -64,6 +64,10 @@ typedef struct writer {
     /* the segment being written: records, their CRCs, page records */
     uint32_t seg_records, seg_crc;
     int64_t seg_pages;
+    /* an incremental checkpoint: the segment's records are made durable (fsync) before its
+       COMMIT is written, so the kernel cannot put the commit on disk ahead of the data it
+       commits (a crash could otherwise leave a valid commit after holes) */
+    bool sync_before_commit;
 } writer;
 
 static pikv_status io_fail(pikv_cache *c, const char *fn, const char *name, const char *what, int err)
@@ -324,6 +328,10 @@ static pikv_status write_segment(writer *w, bool full, uint64_t since, uint64_t 
     st = put_record(w, PIKV_REC_TABLES, tables, tables_len);
     pikv_host_free(ctx, tables);
     PIKV_FORWARD_IF_ERROR(st);
+    if (w->sync_before_commit) {
+        PIKV_FORWARD_IF_ERROR(flush(w));
+        if (fsync(w->fd) != 0) return io_fail(c, w->fn, w->name, "fsync before the commit", errno);
+    }
     uint8_t commit[PIKV_COMMIT_BYTES];
     pikv_put_u64(commit, generation);
     pikv_put_u64(commit + 8, c->write_seq);
@@ -515,6 +523,7 @@ static pikv_status checkpoint_incremental(pikv_cache *c, const char *path, pikv_
     memset(&w, 0, sizeof w);
     if (st == PIKV_OK) st = writer_open(&w, c, fn, path, fd);
     w.offset = c->ckpt_end;
+    w.sync_before_commit = true;
     int64_t pages = 0;
     const uint64_t gen = c->ckpt_generation + 1;
     if (st == PIKV_OK) st = write_segment(&w, false, c->ckpt_write_seq, gen, &pages);

@@ -964,6 +964,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
             staging_slot *ss = &t->staging[d][fslot[fbegin[d] + k]];
             if (cached[fbegin[d] + k]) { /* already there */
                 ss->prefetched = 0;
+                if (m->tier == PIKV_TIER_DISK) t->disk_read += pb; /* queue_round read it anyway */
                 continue;
             }
             const int64_t b = (g % 2) * S_max + (k - r * S[d]);
@@ -1148,9 +1149,12 @@ static void prefetch_staging(pikv_cache *c, int32_t layer)
 void pikv_tier_after_attend(pikv_cache *c, int32_t layer)
 {
     pikv_tier_drain(c);
+    /* the attend succeeded: a promotion or prefetch that cannot be done is skipped */
+    c->ctx->best_effort++;
     promote_fetched(c, layer);
     prefetch_next(c, layer);
     prefetch_staging(c, layer);
+    c->ctx->best_effort--;
 }
 
 /* ---- create, free, stats ------------------------------------------------------------------ */

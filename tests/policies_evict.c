@@ -411,6 +411,9 @@ static void ev_compare(ev *e, const char *what)
         return;
     int64_t len = pt_len(e->c, 0, 0);
     int ok = CHECKF(len == e->n_tokens, "%s: length %lld, simulator %lld", what, (long long)len, (long long)e->n_tokens);
+    int64_t next = -1; /* tokens appended, evicted ones included */
+    CHECK_OK(pikv_seq_next_index(e->c, 0, 0, &next));
+    ok &= CHECKF(next == e->next, "%s: next index %lld, simulator %lld", what, (long long)next, (long long)e->next);
     for (int s = 0; s < e->n_shards; s++) {
         int64_t pages = -1, tokens = -1, sp = 0, stk = 0;
         CHECK_OK(pikv_cache_shard_info(e->c, 0, s, NULL, &pages, &tokens));

@@ -255,6 +255,106 @@ static pikv_status stream_in_bytes(const uint8_t *b, size_t n)
     return st;
 }
 
+/* Files whose CRCs are all right but whose page tables break the cache's invariants (what
+   a forged or buggy writer could produce, and byte-level fuzzing cannot reach): a partial
+   page held by two sequences, and a partial page before a full one in a ring. Restore must
+   refuse both before touching the cache (appends would write into the shared page). The
+   TABLES record is edited in place and its CRC recomputed; the commit covers only framing,
+   which the edit keeps. */
+static uint32_t rd32(const uint8_t *b) { return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24; }
+static void wr32(uint8_t *b, uint32_t x)
+{
+    for (int i = 0; i < 4; i++) b[i] = (uint8_t)(x >> (8 * i));
+}
+
+static void test_forged_tables(const char *dir)
+{
+    tu_set_case("forged page tables");
+    pikv_cache_params p = pikv_cache_default_params();
+    p.n_layers = 1;
+    p.n_q_heads = 2;
+    p.n_kv_heads = 1;
+    p.head_dim = 8;
+    p.page_size = 8;
+    p.max_sequences = 4;
+    p.capacity_tokens = 1024;
+    pikv_cache *c = su_cache(ctx, &p);
+    tu_rng r = tu_rng_seed(5);
+    for (int32_t q = 0; q < 2; q++) { /* each: a full page, then a partial page of 4 tokens */
+        CHECK_OK(pikv_seq_add(c, q));
+        CHECK_OK(su_append(c, &p, &r, 0, q, 12));
+    }
+    char file[700];
+    snprintf(file, sizeof file, "%s/forged.pikv", dir);
+    CHECK_OK(pikv_cache_checkpoint(c, file, PIKV_CHECKPOINT_FULL, NULL));
+    pikv_cache_free(c);
+    size_t n = 0;
+    uint8_t *good = su_read_file(file, &n);
+    if (!CHECK(good != NULL)) return;
+    /* the TABLES record and, in it, the sequences part: counters 88, one layer 72, one
+       expert 24, shard devices 4 + 4, live pages 4 + 28 x pages */
+    size_t at = 192, tab = 0;
+    uint32_t tab_len = 0;
+    while (at + 8 <= n) {
+        const uint32_t type = rd32(good + at), len = rd32(good + at + 4);
+        if (type == 2) {
+            tab = at;
+            tab_len = len;
+            break;
+        }
+        at += 8 + (size_t)len + 4;
+    }
+    if (!CHECK(tab > 0)) {
+        free(good);
+        return;
+    }
+    uint8_t *t = good + tab + 8;
+    size_t o = 88 + 72 + 24 + 8;
+    const uint32_t pages = rd32(t + o);
+    CHECK_EQ(pages, 4);
+    o += 4 + 28 * (size_t)pages;
+    CHECK_EQ(rd32(t + o), 2); /* sequences */
+    o += 4;
+    /* per sequence: id, next (8), tokens (8), shard count, ids */
+    const size_t s0 = o, s1 = o + 4 + 16 + 4 + 8;
+    CHECK_EQ(rd32(t + s0 + 20), 2);
+    CHECK_EQ(rd32(t + s1 + 20), 2);
+    const uint32_t a0 = rd32(t + s0 + 24), b0 = rd32(t + s0 + 28);
+    static const struct {
+        const char *what, *needle;
+    } cases[] = {{"sequence 1 holds sequence 0's partial page", "held by more than one page table"},
+                 {"sequence 0's partial page before its full one", "not the last of its ring"}};
+    for (int k = 0; k < 2; k++) {
+        uint8_t *b = tu_xmalloc(n);
+        memcpy(b, good, n);
+        uint8_t *tt = b + tab + 8;
+        if (k == 0) {
+            wr32(tt + s1 + 28, b0);
+        } else {
+            wr32(tt + s0 + 24, b0);
+            wr32(tt + s0 + 28, a0);
+        }
+        wr32(b + tab + 8 + tab_len, pikv_crc32c(0, b + tab, 8 + (size_t)tab_len));
+        CHECK(su_write_file(file, b, n));
+        pikv_cache *dst = su_cache(ctx, &p);
+        const pikv_status st = pikv_cache_restore(dst, file, NULL);
+        CHECKF(st == PIKV_ERR_INVALID_ARGUMENT && strstr(pikv_context_last_error(ctx), cases[k].needle),
+               "%s: got %s: %s", cases[k].what, pikv_status_name(st), pikv_context_last_error(ctx));
+        pikv_cache_stats cs;
+        CHECK_OK(pikv_cache_get_stats(dst, &cs));
+        CHECK_EQ(cs.pages, 0);
+        CHECK_EQ(cs.sequences, 0);
+        pikv_cache_free(dst);
+        free(b);
+    }
+    /* the unedited file restores */
+    CHECK(su_write_file(file, good, n));
+    pikv_cache *dst = su_cache(ctx, &p);
+    CHECK_OK(pikv_cache_restore(dst, file, NULL));
+    pikv_cache_free(dst);
+    free(good);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -405,6 +505,7 @@ int main(int argc, char **argv)
     free(b);
     free(good);
     pikv_cache_free(src);
+    test_forged_tables(dir);
     su_rmdir(dir);
     pikv_context_free(ctx);
     return tu_finish();

@@ -920,6 +920,42 @@ static void test_alloc_failures(void)
             if (refused == 0 && sa == PIKV_OK && n > 40) break;
         }
         CHECK(failures > 0);
+        /* a restore into a tiered cache under its device budget (pages demoted as they are
+           placed) with each allocation refused in turn: it fails cleanly, leaving the cache
+           empty, or succeeds; nothing leaks */
+        char path[] = "/tmp/pikv-tiers-alloc-XXXXXX";
+        const int fd = mkstemp(path);
+        if (CHECK(fd >= 0)) {
+            close(fd);
+            CHECK_OK(pikv_cache_checkpoint(pr.tier, path, PIKV_CHECKPOINT_FULL, NULL));
+            int restored = 0, refused_restores = 0;
+            for (long long n = 0; n < 400 && !restored; n++) {
+                const long long live0 = tu_fault_live();
+                pikv_cache *c = NULL;
+                if (!CHECK_OK(pikv_cache_create(g_ctx, &q, &c))) break;
+                tu_fault_arm(n, 0);
+                const pikv_status st = pikv_cache_restore(c, path, NULL);
+                const long long refused = tu_fault_disarm();
+                pikv_cache_stats cs;
+                CHECK_OK(pikv_cache_get_stats(c, &cs));
+                if (st == PIKV_OK) {
+                    restored = refused == 0;
+                    CHECK_EQ(cs.pages, pr.tier->pages_live);
+                } else {
+                    refused_restores++;
+                    CHECK_STATUS(PIKV_ERR_OUT_OF_MEMORY, st);
+                    CHECK_EQ(cs.pages, 0);
+                    CHECK_EQ(cs.tokens, 0);
+                    CHECK_EQ(cs.sequences, 0);
+                    const pikv_tier_stats ts = tier_stats(c);
+                    CHECK_EQ(ts.host_pages + ts.disk_pages, 0);
+                }
+                pikv_cache_free(c);
+                CHECK_EQ(tu_fault_live(), live0);
+            }
+            CHECK(restored && refused_restores > 10);
+            unlink(path);
+        }
         free(qv);
         free(o);
         pair_free(&pr);

@@ -418,13 +418,14 @@ int run_exec(const run_opts *o, const run_policy *pol, run_shared *sh, cli_progr
         int64_t len = -1;
         for (int32_t l = 0; l < o->layers; l++)
             for (int32_t s = 0; s < o->seqs; s++) {
+                /* tokens appended (eviction may have dropped some of those held) */
                 int64_t n = 0;
-                LIB(pikv_seq_length(cache, s, l, &n), "pikv_seq_length");
+                LIB(pikv_seq_next_index(cache, s, l, &n), "pikv_seq_next_index");
                 if (len < 0) len = n;
                 if (n != len || n < o->context || n - o->context > o->steps) {
-                    fprintf(stderr, "pikv: %s: sequence %" PRId32 " holds %" PRId64 " tokens in layer %" PRId32
-                                    "; a checkpoint of this workload holds --context %" PRId64
-                                    " plus at most --steps %" PRId32 " tokens in every layer (give the "
+                    fprintf(stderr, "pikv: %s: sequence %" PRId32 " had %" PRId64 " tokens appended in layer %" PRId32
+                                    "; a checkpoint of this workload has --context %" PRId64
+                                    " plus at most --steps %" PRId32 " in every layer (give the "
                                     "options of the run that wrote it)\n",
                             o->restore_path, s, n, l, o->context, o->steps);
                     goto done;

@@ -507,19 +507,20 @@ void run_print_quiet(const run_opts *o, const run_result *r)
                      run_ranks_balanced(o, r) ? "" : " (EXCEEDED: exit status 1)");
         }
     }
+    /* --tiers, --checkpoint, --restore */
+    char tiers[256] = "";
+    size_t len = 0;
+    if (r->tiers)
+        len += (size_t)snprintf(tiers + len, sizeof tiers - len,
+                                " tier_fetches=%" PRId64 " fetch_stall_s=%.3f prefetch_hit_rate=%.3f", r->tier.fetches,
+                                r->tier.fetch_stall_s, r->tier.prefetch_hit_rate);
+    if (r->checkpoints > 0 && len < sizeof tiers)
+        len += (size_t)snprintf(tiers + len, sizeof tiers - len, " checkpoints=%" PRId32, r->checkpoints);
+    if (r->restored && len < sizeof tiers)
+        snprintf(tiers + len, sizeof tiers - len, " resumed_after_step=%" PRId32, r->restored_steps);
     if (r->bounded) {
         int pass = run_passed(r);
         for (int32_t i = 0; r->ranks && i < r->n_ranks; i++) pass &= r->ranks[i].passed == 1;
-        char tiers[256] = "";
-        size_t len = 0;
-        if (r->tiers)
-            len += (size_t)snprintf(tiers + len, sizeof tiers - len,
-                                    " tier_fetches=%" PRId64 " fetch_stall_s=%.3f prefetch_hit_rate=%.3f",
-                                    r->tier.fetches, r->tier.fetch_stall_s, r->tier.prefetch_hit_rate);
-        if (r->checkpoints > 0 && len < sizeof tiers)
-            len += (size_t)snprintf(tiers + len, sizeof tiers - len, " checkpoints=%" PRId32, r->checkpoints);
-        if (r->restored && len < sizeof tiers)
-            snprintf(tiers + len, sizeof tiers - len, " resumed_after_step=%" PRId32, r->restored_steps);
         printf("%s max_norm_error=%.3e bound=%.0e mean_step_ms=%.3f decode_tokens_per_s=%.1f%s%s\n",
                pass ? "PASS" : "FAIL", r->max_err, r->bound, step_ms, tps, ranks, tiers);
         return;
@@ -543,11 +544,11 @@ void run_print_quiet(const run_opts *o, const run_result *r)
     }
     printf("LOSSY config='%s' recall=%s context_recall=%.4f err_vs_exact=%s "
            "max_norm_error=%.3e kv_mib=%.2f read_mib_per_step=%.3f evicted_pages=%" PRId64
-           " mean_step_ms=%.3f%s\n",
+           " mean_step_ms=%.3f%s%s\n",
            run_policy_describe(o, &o->policy, desc, sizeof desc), recall,
            run_mean(r->ctx_recall_sum, r->ctx_recall_n), err, r->max_err,
            mib(r->stats.bytes_used), mib(r->bytes_read_total) / steps, r->stats.evicted_pages,
-           step_ms, quant);
+           step_ms, quant, tiers);
     if (ranks[0]) printf("  over ranks:%s\n", ranks);
 }
 

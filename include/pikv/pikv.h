@@ -359,6 +359,10 @@ PIKV_API pikv_status pikv_seq_copy_prefix(pikv_cache *cache, int32_t src, int32_
 /* Tokens held for a sequence in one layer. */
 PIKV_API pikv_status pikv_seq_length(const pikv_cache *cache, int32_t seq, int32_t layer,
                                      int64_t *out);
+/* Tokens appended to a sequence's layer so far (its length plus the tokens eviction
+   dropped): the index in the sequence the next appended token gets. */
+PIKV_API pikv_status pikv_seq_next_index(const pikv_cache *cache, int32_t seq, int32_t layer,
+                                         int64_t *out);
 
 /*
  * Appends n_tokens tokens of one sequence to one layer.
