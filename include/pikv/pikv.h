@@ -640,7 +640,9 @@ typedef struct pikv_checkpoint_stats {
 } pikv_checkpoint_stats;
 
 /* Writes a checkpoint of the whole cache to path. stats may be NULL. The cache is
-   unchanged, whatever happens; on failure path still holds the previous checkpoint.
+   unchanged, whatever happens; on failure path still holds the previous checkpoint, but
+   for one case: when only the fsync of path's directory after the rename of a FULL
+   checkpoint fails, path holds the new one (the rename may not be durable yet).
    INCREMENTAL needs the cache's own last checkpoint in path (the same file, as that call
    left it): after a restore, or a FULL checkpoint to another path, write a FULL one first
    (PIKV_ERR_INVALID_ARGUMENT otherwise, with nothing written). Files are created with
