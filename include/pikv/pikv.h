@@ -272,7 +272,9 @@ typedef struct pikv_route_params {
    so selection scores it like a resident one; attend fetches the demoted pages it reads
    (overlapping the fetch with attention over the resident pages), promotes the ones it
    reads again, and prefetches what the next layer read at the last step. Results equal
-   those of a cache holding everything on the device. */
+   those of a cache holding everything on the device within float rounding (the fetched
+   pages' partials are merged exactly, in another grouping), bit for bit when an attend
+   reads no demoted page. */
 typedef struct pikv_tier_params {
     int32_t enabled;              /* nonzero: tiers on (all other fields are then checked) */
     uint64_t device_bytes;        /* page bytes per device the tier keeps resident, staging
