@@ -16,7 +16,7 @@ typedef struct gb {
     size_t n, cap;
 } gb;
 
-static void gb_put(gb *b, const void *src, size_t n)
+static inline void gb_put(gb *b, const void *src, size_t n)
 {
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
@@ -31,39 +31,39 @@ static void gb_put(gb *b, const void *src, size_t n)
     memcpy(b->p + b->n, src, n);
     b->n += n;
 }
-static void gb_u8(gb *b, uint8_t v) { gb_put(b, &v, 1); }
-static void gb_u16(gb *b, uint16_t v)
+static inline void gb_u8(gb *b, uint8_t v) { gb_put(b, &v, 1); }
+static inline void gb_u16(gb *b, uint16_t v)
 {
     const uint8_t x[2] = {(uint8_t)v, (uint8_t)(v >> 8)};
     gb_put(b, x, 2);
 }
-static void gb_u32(gb *b, uint32_t v)
+static inline void gb_u32(gb *b, uint32_t v)
 {
     gb_u16(b, (uint16_t)v);
     gb_u16(b, (uint16_t)(v >> 16));
 }
-static void gb_u64(gb *b, uint64_t v)
+static inline void gb_u64(gb *b, uint64_t v)
 {
     gb_u32(b, (uint32_t)v);
     gb_u32(b, (uint32_t)(v >> 32));
 }
-static void gb_f32(gb *b, float f)
+static inline void gb_f32(gb *b, float f)
 {
     uint32_t v;
     memcpy(&v, &f, 4);
     gb_u32(b, v);
 }
-static void gb_str(gb *b, const char *s)
+static inline void gb_str(gb *b, const char *s)
 {
     gb_u64(b, strlen(s));
     gb_put(b, s, strlen(s));
 }
-static void gb_set_u32(gb *b, size_t at, uint32_t v)
+static inline void gb_set_u32(gb *b, size_t at, uint32_t v)
 {
     for (int i = 0; i < 4; i++)
         b->p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
 }
-static void gb_set_u64(gb *b, size_t at, uint64_t v)
+static inline void gb_set_u64(gb *b, size_t at, uint64_t v)
 {
     for (int i = 0; i < 8; i++)
         b->p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
@@ -96,7 +96,7 @@ static const double GB_F16_VALS[12] = {1.0, -2.0, 65504.0, 5.9604644775390625e-0
                                        6.097555160522461e-05, -65504.0};
 
 /* Expected element i of sample tensor k (row-major over ne[0] fastest). */
-static double gb_expected(int k, int i)
+static inline double gb_expected(int k, int i)
 {
     const int blk = i / 32, j = i % 32, jj = j % 16, hi = j >= 16;
     switch (k) {
@@ -124,7 +124,7 @@ static const uint32_t GB_TYPES[GB_NT] = {0, 1, 2, 3, 8};
 static const uint32_t GB_NDIMS[GB_NT] = {2, 2, 2, 2, 3};
 static const uint64_t GB_DIMS[GB_NT][3] = {{8, 2, 1}, {6, 2, 1}, {64, 1, 1}, {32, 3, 1}, {32, 1, 2}};
 
-static void gb_tensor_data(gb *b, int k)
+static inline void gb_tensor_data(gb *b, int k)
 {
     switch (k) {
     case 0:
@@ -162,10 +162,10 @@ static void gb_tensor_data(gb *b, int k)
     }
 }
 
-static size_t gb_here(const gb *b) { return b->n; }
+static inline size_t gb_here(const gb *b) { return b->n; }
 
 /* Builds the sample file into b (reset first) with the given alignment (a power of two). */
-static void gb_build_sample(gb *b, gb_layout *L, uint32_t alignment)
+static inline void gb_build_sample(gb *b, gb_layout *L, uint32_t alignment)
 {
     static const uint64_t bytes[GB_NT] = {64, 24, 36, 60, 68};
     b->n = 0;
