@@ -637,6 +637,7 @@ static gguf_status parse(gguf_file *g, gguf_error *err)
         uint32_t *idx = (uint32_t *)malloc((size_t)g->n_tensors * sizeof(uint32_t));
         if (!idx)
             return GGUF_ERR_NOMEM;
+        g->alloc_bytes += (size_t)g->n_tensors * sizeof(uint32_t); /* counted, though freed below */
         for (uint64_t i = 0; i < g->n_tensors; i++)
             idx[i] = (uint32_t)i;
         sort_by_offset(idx, g->n_tensors, g);

@@ -106,7 +106,7 @@ uint32_t gguf_version(const gguf_file *g);
 uint64_t gguf_alignment(const gguf_file *g);
 uint64_t gguf_data_offset(const gguf_file *g); /* start of the data section in the file */
 uint64_t gguf_file_size(const gguf_file *g);
-size_t gguf_alloc_bytes(const gguf_file *g);   /* heap bytes held for the tables */
+size_t gguf_alloc_bytes(const gguf_file *g);   /* heap bytes allocated by the open (all of it) */
 
 /* Metadata. Index access, lookup by key (NUL-terminated), and typed getters. The getters
  * return GGUF_ERR_NOT_FOUND or GGUF_ERR_TYPE (out untouched) when the key is absent or of
