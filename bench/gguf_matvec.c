@@ -2,7 +2,8 @@
  * GGUF reader figures (docs/model.md): open + validate time of a model file, and matvec
  * throughput (weight bytes per second) of gguf_matvec with 1 and 2 threads: one Q4_1 matrix
  * repeated (cache-resident) and a sweep over every Q4_1 matrix of the model (about one token's
- * weight traffic of the dense forward pass). Times are the best of 5 runs.
+ * weight traffic of the dense forward pass), and gguf_matmul of 16 vectors (prefill). Times are
+ * the best of 5 runs.
  * Usage: pikv_bench_gguf MODEL.gguf [MATRIX_NAME]
  */
 #if !defined(_POSIX_C_SOURCE) || _POSIX_C_SOURCE < 200809L
@@ -72,6 +73,27 @@ int main(int argc, char **argv)
                gguf_type_name(w->type), (long long)w->ne[0], (long long)w->ne[1],
                (unsigned long long)w->n_bytes, th, 1e6 * t, (double)w->n_bytes / t / 1e9);
     }
+    /* prefill: 16 vectors at once (each block dequantized once per 8 vectors) */
+    float *X = (float *)malloc(16 * (size_t)w->ne[0] * sizeof(float));
+    float *Y = (float *)malloc(16 * (size_t)w->ne[1] * sizeof(float));
+    if (!X || !Y)
+        return 1;
+    for (size_t i = 0; i < 16 * (size_t)w->ne[0]; i++)
+        X[i] = (float)((i * 7919 % 1000) / 500.0 - 1.0);
+    for (int th = 1; th <= 2; th++) {
+        double t = 1e9;
+        for (int trial = 0; trial < 5; trial++) {
+            const double t0 = now_s();
+            for (int r = 0; r < 20; r++)
+                gguf_matmul(w, X, 16, Y, th);
+            const double tt = (now_s() - t0) / 20;
+            t = tt < t ? tt : t;
+        }
+        printf("%s, gguf_matmul of 16 vectors, %d thread(s): %.1f us, %.1f us per vector (%.2f GFLOP/s)\n", mname,
+               th, 1e6 * t, 1e6 * t / 16, 2.0 * 16 * (double)w->n_elements / t / 1e9);
+    }
+    free(X);
+    free(Y);
     for (int th = 1; th <= 2; th++) {
         double bytes = 0, tsum = 1e9;
         int n = 0;

@@ -1128,6 +1128,40 @@ gguf_status gguf_dequantize_rows(const gguf_tensor *t, uint64_t row0, uint64_t n
 /* Dot products and matvec                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* Elements k .. k + m - 1 of a row (k a multiple of 32, m <= 32) to tmp, as gguf_dequantize does. */
+static inline void deq_chunk(gguf_ttype type, const uint8_t *w, uint32_t bb, uint64_t k, uint64_t m,
+                             float *tmp)
+{
+    switch (type) {
+    case GGUF_T_Q4_0: deq_q4_0(w + k / 32 * bb, tmp); break;
+    case GGUF_T_Q4_1: deq_q4_1(w + k / 32 * bb, tmp); break;
+    case GGUF_T_Q8_0: deq_q8_0(w + k / 32 * bb, tmp); break;
+    case GGUF_T_F16:
+        for (uint64_t j = 0; j < m; j++)
+            tmp[j] = gguf_f16_to_f32(ld16(w + 2 * (k + j)));
+        break;
+    default: memcpy(tmp, w + 4 * k, m * 4); break;
+    }
+}
+
+/* acc[l] += tmp[j] * x[j] for j = l (mod 8), in element order. */
+static inline void acc_chunk(float *acc, const float *tmp, const float *xk, uint64_t m)
+{
+    if (m == 32) {
+        for (int j = 0; j < 32; j += 8)
+            for (int l = 0; l < 8; l++)
+                acc[l] += tmp[j + l] * xk[j + l];
+    } else {
+        for (uint64_t j = 0; j < m; j++)
+            acc[j % 8] += tmp[j] * xk[j];
+    }
+}
+
+static inline float acc_sum(const float *acc)
+{
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 static float dot_row(gguf_ttype type, const uint8_t *w, const float *x, uint64_t n)
 {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -1135,27 +1169,31 @@ static float dot_row(gguf_ttype type, const uint8_t *w, const float *x, uint64_t
     const uint32_t bb = gguf_type_block_bytes(type);
     for (uint64_t k = 0; k < n; k += 32) {
         const uint64_t m = n - k < 32 ? n - k : 32;
-        switch (type) {
-        case GGUF_T_Q4_0: deq_q4_0(w + k / 32 * bb, tmp); break;
-        case GGUF_T_Q4_1: deq_q4_1(w + k / 32 * bb, tmp); break;
-        case GGUF_T_Q8_0: deq_q8_0(w + k / 32 * bb, tmp); break;
-        case GGUF_T_F16:
-            for (uint64_t j = 0; j < m; j++)
-                tmp[j] = gguf_f16_to_f32(ld16(w + 2 * (k + j)));
-            break;
-        default: memcpy(tmp, w + 4 * k, m * 4); break;
-        }
-        const float *xk = x + k;
-        if (m == 32) {
-            for (int j = 0; j < 32; j += 8)
-                for (int l = 0; l < 8; l++)
-                    acc[l] += tmp[j + l] * xk[j + l];
-        } else {
-            for (uint64_t j = 0; j < m; j++)
-                acc[j % 8] += tmp[j] * xk[j];
-        }
+        deq_chunk(type, w, bb, k, m, tmp);
+        acc_chunk(acc, tmp, x + k, m);
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    return acc_sum(acc);
+}
+
+#define GGUF_MM_TILE 8 /* vectors sharing one dequantized block */
+
+/* out[v * out_stride] = row . x[v * n ...] for v < nv <= GGUF_MM_TILE: dot_row's arithmetic per
+ * vector, each block dequantized once. */
+static void dot_row_multi(gguf_ttype type, const uint8_t *w, const float *x, uint64_t n, uint64_t nv,
+                          float *out, uint64_t out_stride)
+{
+    float acc[GGUF_MM_TILE][8];
+    memset(acc, 0, sizeof acc);
+    float tmp[32];
+    const uint32_t bb = gguf_type_block_bytes(type);
+    for (uint64_t k = 0; k < n; k += 32) {
+        const uint64_t m = n - k < 32 ? n - k : 32;
+        deq_chunk(type, w, bb, k, m, tmp);
+        for (uint64_t v = 0; v < nv; v++)
+            acc_chunk(acc[v], tmp, x + v * n + k, m);
+    }
+    for (uint64_t v = 0; v < nv; v++)
+        out[v * out_stride] = acc_sum(acc[v]);
 }
 
 gguf_status gguf_row_dot(const gguf_tensor *w, uint64_t row, const float *x, float *out)
@@ -1174,23 +1212,32 @@ typedef struct mv_job {
     const gguf_tensor *w;
     const float *x;
     float *y;
-    uint64_t r0, r1;
+    uint64_t n_vec, rows, r0, r1;
 } mv_job;
 
 static void *mv_run(void *arg)
 {
     const mv_job *j = (const mv_job *)arg;
     const uint64_t rb = row_bytes(j->w), n = (uint64_t)j->w->ne[0];
+    if (j->n_vec == 1) {
+        for (uint64_t r = j->r0; r < j->r1; r++)
+            j->y[r] = dot_row(j->w->type, j->w->data + r * rb, j->x, n);
+        return NULL;
+    }
     for (uint64_t r = j->r0; r < j->r1; r++)
-        j->y[r] = dot_row(j->w->type, j->w->data + r * rb, j->x, n);
+        for (uint64_t v = 0; v < j->n_vec; v += GGUF_MM_TILE) {
+            const uint64_t nv = j->n_vec - v < GGUF_MM_TILE ? j->n_vec - v : GGUF_MM_TILE;
+            dot_row_multi(j->w->type, j->w->data + r * rb, j->x + v * n, n, nv, j->y + v * j->rows + r,
+                          j->rows);
+        }
     return NULL;
 }
 
 #define GGUF_MAX_THREADS 256
 
-gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_threads)
+gguf_status gguf_matmul(const gguf_tensor *w, const float *x, uint64_t n_vec, float *y, int n_threads)
 {
-    if (!w || !x || !y || n_threads < 1)
+    if (!w || !x || !y || n_threads < 1 || n_vec < 1)
         return GGUF_ERR_ARG;
     if (!gguf_type_can_dequantize(w->type))
         return GGUF_ERR_UNSUPPORTED;
@@ -1198,12 +1245,12 @@ gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_th
     if (n_threads > GGUF_MAX_THREADS)
         n_threads = GGUF_MAX_THREADS;
     if ((uint64_t)n_threads > rows)
-        n_threads = rows ? (int)rows : 1;
+        n_threads = (int)rows;
     mv_job jobs[GGUF_MAX_THREADS];
     pthread_t tid[GGUF_MAX_THREADS];
     int started[GGUF_MAX_THREADS];
     for (int i = 0; i < n_threads; i++) {
-        jobs[i] = (mv_job){w, x, y, rows * (uint64_t)i / (uint64_t)n_threads,
+        jobs[i] = (mv_job){w, x, y, n_vec, rows, rows * (uint64_t)i / (uint64_t)n_threads,
                            rows * (uint64_t)(i + 1) / (uint64_t)n_threads};
         started[i] = 0;
     }
@@ -1217,4 +1264,9 @@ gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_th
             mv_run(&jobs[i]); /* thread creation failed: do its rows here */
     }
     return GGUF_OK;
+}
+
+gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_threads)
+{
+    return gguf_matmul(w, x, 1, y, n_threads);
 }

@@ -6,7 +6,7 @@
  *    values;
  *  - dequantized samples of five tensors equal gguf-py's (tools/gguf_reference.py writes them);
  *  - a Q4_1 matrix-vector product (1 and 2 threads, identical) matches numpy's float64 product
- *    within 1e-5 of sum_j |W[r, j] x[j]| per row.
+ *    within 1e-5 of sum_j |W[r, j] x[j]| per row; gguf_matmul of 9 vectors gives the same row.
  * Usage: gguf_model MODEL.gguf REFERENCE.txt
  */
 #include "test-util.h"
@@ -162,6 +162,17 @@ static void check_reference(const gguf_file *g, const char *ref_path)
             CHECK(gguf_matvec(t, x, y1, 1) == GGUF_OK);
             CHECK(gguf_matvec(t, x, y2, 2) == GGUF_OK);
             CHECK(memcmp(y1, y2, (size_t)count * sizeof(float)) == 0);
+            /* a batch of 9 vectors (vector 4 is x) through gguf_matmul, 2 threads */
+            const size_t ne0 = (size_t)t->ne[0];
+            float *X = (float *)tu_xmalloc(9 * ne0 * sizeof(float));
+            float *Y = (float *)tu_xmalloc(9 * (size_t)count * sizeof(float));
+            for (size_t v = 0; v < 9; v++)
+                for (size_t j = 0; j < ne0; j++)
+                    X[v * ne0 + j] = v == 4 ? x[j] : (float)((double)((j * 31 + v) % 23) / 11.0 - 1.0);
+            CHECK(gguf_matmul(t, X, 9, Y, 2) == GGUF_OK);
+            CHECK(memcmp(Y + 4 * (size_t)count, y1, (size_t)count * sizeof(float)) == 0);
+            free(X);
+            free(Y);
             double worst = 0;
             long long bad = 0;
             for (long long r = 0; r < count; r++) {

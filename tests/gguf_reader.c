@@ -170,6 +170,30 @@ static void test_roundtrip(uint32_t alignment)
                 CHECK(d1 == y[r]);
             }
         }
+        /* matmul: n_vec products equal n_vec matvecs bit for bit */
+        static const uint64_t nvs[] = {1, 3, 8, 11};
+        for (size_t q = 0; q < sizeof nvs / sizeof nvs[0]; q++) {
+            const uint64_t nv = nvs[q], ne0 = (uint64_t)t->ne[0];
+            float *X = (float *)tu_xmalloc(nv * ne0 * sizeof(float));
+            float *Y = (float *)tu_xmalloc(nv * rows * sizeof(float));
+            for (uint64_t v = 0; v < nv; v++)
+                for (uint64_t j = 0; j < ne0; j++)
+                    X[v * ne0 + j] = (float)((double)((j * 13 + v * 7) % 17) / 4.0 - 2.0);
+            for (int th = 1; th <= 3; th += 2) {
+                CHECK_OK_G(gguf_matmul(t, X, nv, Y, th), e);
+                int diff = 0;
+                for (uint64_t v = 0; v < nv; v++) {
+                    CHECK_OK_G(gguf_matvec(t, X + v * ne0, y, 1), e);
+                    diff += memcmp(y, Y + v * rows, rows * sizeof(float)) != 0;
+                }
+                CHECKF(diff == 0, "matmul of %llu vectors (%d threads): %d differ from matvec",
+                       (unsigned long long)nv, th, diff);
+            }
+            free(X);
+            free(Y);
+        }
+        CHECK(gguf_matmul(t, x, 0, y, 1) == GGUF_ERR_ARG);
+        CHECK(gguf_matvec(t, x, y, 0) == GGUF_ERR_ARG);
         free(x); free(y); free(row); free(out);
     }
     CHECK(gguf_find_tensor(g, "t0.f3") == NULL);
