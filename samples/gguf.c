@@ -1270,3 +1270,142 @@ gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_th
 {
     return gguf_matmul(w, x, 1, y, n_threads);
 }
+
+/* ------------------------------------------------------------------------ */
+/* Persistent worker pool                                                    */
+/* ------------------------------------------------------------------------ */
+
+struct gguf_pool {
+    int n_threads;       /* workers + the caller */
+    pthread_t *tid;
+    int n_started;       /* workers running */
+    pthread_mutex_t mu;
+    pthread_cond_t go;   /* a new job or shutdown */
+    pthread_cond_t done; /* a worker finished its part */
+    uint64_t generation; /* bumped per job */
+    int pending;         /* workers still on the current job */
+    int shutdown;
+    mv_job jobs[GGUF_MAX_THREADS];
+};
+
+typedef struct pool_arg {
+    gguf_pool *p;
+    int index;
+} pool_arg;
+
+static void *pool_worker(void *arg)
+{
+    gguf_pool *p = ((pool_arg *)arg)->p;
+    const int index = ((pool_arg *)arg)->index;
+    free(arg);
+    uint64_t seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->shutdown && p->generation == seen)
+            pthread_cond_wait(&p->go, &p->mu);
+        if (p->shutdown)
+            break;
+        seen = p->generation;
+        mv_job job = p->jobs[index];
+        pthread_mutex_unlock(&p->mu);
+        mv_run(&job);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0)
+            pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+gguf_status gguf_pool_create(int n_threads, gguf_pool **out)
+{
+    if (!out || n_threads < 1)
+        return GGUF_ERR_ARG;
+    *out = NULL;
+    if (n_threads > GGUF_MAX_THREADS)
+        n_threads = GGUF_MAX_THREADS;
+    gguf_pool *p = (gguf_pool *)calloc(1, sizeof *p);
+    if (!p)
+        return GGUF_ERR_NOMEM;
+    p->tid = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
+    if (!p->tid || pthread_mutex_init(&p->mu, NULL) != 0) {
+        free(p->tid);
+        free(p);
+        return GGUF_ERR_NOMEM;
+    }
+    if (pthread_cond_init(&p->go, NULL) != 0) {
+        pthread_mutex_destroy(&p->mu);
+        free(p->tid);
+        free(p);
+        return GGUF_ERR_NOMEM;
+    }
+    if (pthread_cond_init(&p->done, NULL) != 0) {
+        pthread_cond_destroy(&p->go);
+        pthread_mutex_destroy(&p->mu);
+        free(p->tid);
+        free(p);
+        return GGUF_ERR_NOMEM;
+    }
+    p->n_threads = 1;
+    for (int i = 1; i < n_threads; i++) {
+        pool_arg *a = (pool_arg *)malloc(sizeof *a);
+        if (!a)
+            break;
+        a->p = p;
+        a->index = i;
+        if (pthread_create(&p->tid[i], NULL, pool_worker, a) != 0) {
+            free(a);
+            break;
+        }
+        p->n_started++;
+        p->n_threads++;
+    }
+    if (p->n_threads < n_threads) {
+        gguf_pool_destroy(p);
+        return GGUF_ERR_NOMEM;
+    }
+    *out = p;
+    return GGUF_OK;
+}
+
+void gguf_pool_destroy(gguf_pool *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->shutdown = 1;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i <= p->n_started; i++)
+        pthread_join(p->tid[i], NULL);
+    pthread_cond_destroy(&p->done);
+    pthread_cond_destroy(&p->go);
+    pthread_mutex_destroy(&p->mu);
+    free(p->tid);
+    free(p);
+}
+
+int gguf_pool_threads(const gguf_pool *p) { return p ? p->n_threads : 0; }
+
+gguf_status gguf_pool_matmul(gguf_pool *p, const gguf_tensor *w, const float *x, uint64_t n_vec, float *y)
+{
+    if (!p || !w || !x || !y || n_vec < 1)
+        return GGUF_ERR_ARG;
+    if (!gguf_type_can_dequantize(w->type))
+        return GGUF_ERR_UNSUPPORTED;
+    const uint64_t rows = n_rows_of(w);
+    const uint64_t n = (uint64_t)p->n_threads;
+    pthread_mutex_lock(&p->mu);
+    for (uint64_t i = 0; i < n; i++)
+        p->jobs[i] = (mv_job){w, x, y, n_vec, rows, rows * i / n, rows * (i + 1) / n};
+    p->pending = p->n_threads - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    mv_run(&p->jobs[0]); /* the caller's share; jobs[0] is not touched by workers */
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0)
+        pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    return GGUF_OK;
+}

@@ -172,6 +172,15 @@ gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_th
  * calls bit for bit. */
 gguf_status gguf_matmul(const gguf_tensor *w, const float *x, uint64_t n_vec, float *y, int n_threads);
 
+/* A persistent pool of n_threads - 1 workers (the caller is the n-th) for the forward pass's
+ * many small products: no thread creation per call. One caller at a time per pool.
+ * gguf_pool_matmul has gguf_matmul's arithmetic and row split, so results are identical. */
+typedef struct gguf_pool gguf_pool;
+gguf_status gguf_pool_create(int n_threads, gguf_pool **out);
+void gguf_pool_destroy(gguf_pool *p);
+int gguf_pool_threads(const gguf_pool *p);
+gguf_status gguf_pool_matmul(gguf_pool *p, const gguf_tensor *w, const float *x, uint64_t n_vec, float *y);
+
 const char *gguf_status_name(gguf_status s);
 
 #ifdef __cplusplus

@@ -6,7 +6,8 @@
  *    values;
  *  - dequantized samples of five tensors equal gguf-py's (tools/gguf_reference.py writes them);
  *  - a Q4_1 matrix-vector product (1 and 2 threads, identical) matches numpy's float64 product
- *    within 1e-5 of sum_j |W[r, j] x[j]| per row; gguf_matmul of 9 vectors gives the same row.
+ *    within 1e-5 of sum_j |W[r, j] x[j]| per row; gguf_matmul of 9 vectors (and the
+ *    same through a gguf_pool) gives the same row.
  * Usage: gguf_model MODEL.gguf REFERENCE.txt
  */
 #include "test-util.h"
@@ -171,6 +172,13 @@ static void check_reference(const gguf_file *g, const char *ref_path)
                     X[v * ne0 + j] = v == 4 ? x[j] : (float)((double)((j * 31 + v) % 23) / 11.0 - 1.0);
             CHECK(gguf_matmul(t, X, 9, Y, 2) == GGUF_OK);
             CHECK(memcmp(Y + 4 * (size_t)count, y1, (size_t)count * sizeof(float)) == 0);
+            gguf_pool *pool = NULL;
+            if (CHECK(gguf_pool_create(2, &pool) == GGUF_OK)) {
+                memset(Y, 0, 9 * (size_t)count * sizeof(float));
+                CHECK(gguf_pool_matmul(pool, t, X, 9, Y) == GGUF_OK);
+                CHECK(memcmp(Y + 4 * (size_t)count, y1, (size_t)count * sizeof(float)) == 0);
+                gguf_pool_destroy(pool);
+            }
             free(X);
             free(Y);
             double worst = 0;

@@ -192,6 +192,25 @@ static void test_roundtrip(uint32_t alignment)
             free(X);
             free(Y);
         }
+        /* the persistent pool: same results, many calls in a row */
+        for (int th = 1; th <= 4; th += 3) {
+            gguf_pool *pool = NULL;
+            if (!CHECK(gguf_pool_create(th, &pool) == GGUF_OK))
+                continue;
+            CHECK_EQ(gguf_pool_threads(pool), th);
+            float *yp = (float *)tu_xcalloc(rows, sizeof(float));
+            CHECK_OK_G(gguf_matvec(t, x, y, 1), e);
+            int diff = 0;
+            for (int rep = 0; rep < 500; rep++) {
+                memset(yp, 0, rows * sizeof(float));
+                CHECK_OK_G(gguf_pool_matmul(pool, t, x, 1, yp), e);
+                diff += memcmp(y, yp, rows * sizeof(float)) != 0;
+            }
+            CHECKF(diff == 0, "%d of 500 pool products (%d threads) differ from matvec", diff, th);
+            CHECK(gguf_pool_matmul(pool, t, x, 0, yp) == GGUF_ERR_ARG);
+            gguf_pool_destroy(pool);
+            free(yp);
+        }
         CHECK(gguf_matmul(t, x, 0, y, 1) == GGUF_ERR_ARG);
         CHECK(gguf_matvec(t, x, y, 0) == GGUF_ERR_ARG);
         free(x); free(y); free(row); free(out);
@@ -439,6 +458,9 @@ static void test_file(void)
 
 int main(void)
 {
+    gguf_pool *pool = NULL;
+    CHECK(gguf_pool_create(0, &pool) == GGUF_ERR_ARG && pool == NULL);
+    gguf_pool_destroy(NULL);
     test_f16_and_blocks();
     test_roundtrip(32);
     test_roundtrip(64);
