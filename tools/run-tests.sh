@@ -14,6 +14,10 @@ step() { echo; echo "==== $*"; }
 # OpenCL program binaries (and PoCL's own kernel cache) are shared by the three builds.
 export PIKV_CACHE_DIR="${PIKV_CACHE_DIR:-$PWD/build/opencl-cache}"
 mkdir -p "$PIKV_CACHE_DIR"
+# The real-model tests (gguf_model) are registered in all three builds when tools/setup-model.sh
+# has put the model under ${PIKV_CACHE:-~/.cache/pikv} (CMake looks there at configure time).
+model="${PIKV_CACHE:-$HOME/.cache/pikv}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$model" ]; then echo "model: $model"; else echo "model: none at $model (run tools/setup-model.sh): model tests skipped"; fi
 command -v clinfo >/dev/null && { echo "OpenCL platforms:"; clinfo -l 2>&1 | sed 's/^/  /'; }
 command -v vulkaninfo >/dev/null && { echo "Vulkan devices:"; vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion" | sed 's/^/  /'; }
 # The accelerator backends are auto-detected; said explicitly so a stale cache cannot drop one.
