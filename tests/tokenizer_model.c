@@ -58,12 +58,17 @@ static long long cur_int(cur *c)
 {
     while (c->p < c->end && *c->p == ' ')
         c->p++;
-    char *e = NULL;
-    long long v = strtoll(c->p, &e, 10);
-    if (e == c->p)
+    /* by hand: strtoll under ASan's strict_string_checks scans to the NUL each call */
+    int neg = c->p < c->end && *c->p == '-';
+    if (neg)
+        c->p++;
+    long long v = 0;
+    const char *start = c->p;
+    while (c->p < c->end && *c->p >= '0' && *c->p <= '9' && v < (1ll << 40))
+        v = v * 10 + (*c->p++ - '0');
+    if (c->p == start)
         c->bad = 1;
-    c->p = e;
-    return v;
+    return neg ? -v : v;
 }
 
 static void cur_expect(cur *c, char ch)
