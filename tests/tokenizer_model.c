@@ -278,13 +278,15 @@ int main(int argc, char **argv)
         CHECK_EQ(pikv_tokenizer_decode(t, k->ids, k->n_ids, 0, back, max_len + 1, &nb), PIKV_TOK_OK);
         CHECK(nb == k->len && memcmp(back, k->text, nb) == 0);
     }
-    printf("tokenizer_model: fixed strings %zu/%zu, dropped-byte strings %zu/%zu, corpus lines "
-           "%zu/%zu, whole corpus %zu/%zu, known ids %zu/%zu equal to HF tokenizers (create "
-           "%.0f ms)\n", ok_kind['F'], n_kind['F'], ok_kind['D'], n_kind['D'], ok_kind['C'],
+    printf("tokenizer_model: fixed strings %zu/%zu, random strings %zu/%zu, dropped-byte strings "
+           "%zu/%zu, corpus lines %zu/%zu, whole corpus %zu/%zu, known ids %zu/%zu equal to HF "
+           "tokenizers (create %.0f ms)\n", ok_kind['F'], n_kind['F'], ok_kind['R'], n_kind['R'],
+           ok_kind['D'], n_kind['D'], ok_kind['C'],
            n_kind['C'], ok_kind['W'], n_kind['W'],
            ok_kind['K'], n_kind['K'], 1e3 * t_create);
     tu_set_case("reference content");
     CHECK(n_kind['F'] >= 40);
+    CHECK(n_kind['R'] >= 1000);
     CHECK(n_kind['C'] >= 1000);
     CHECK(whole != NULL);
 

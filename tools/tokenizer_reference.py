@@ -17,7 +17,8 @@ File formats (all integers in decimal ASCII, strings as raw bytes with a length 
   vocab.bin: "PIKVVOCAB n_tokens n_merges bos eos unk pad\\n",
              n_tokens x "type len\\n<bytes>\\n", n_merges x "len\\n<bytes>\\n"
   cases.bin: "PIKVCASES n\\n", n x "kind len n_ids\\n<bytes>\\n<id id ...>\\n"
-             kind F: fixed string, D: one with bytes the vocabulary lacks, C: corpus line,
+             kind F: fixed string, R: random string (seeded), D: one with bytes the
+             vocabulary lacks, C: corpus line,
              W: whole corpus, K: a vocabulary string
              whose single id (the gguf list index) is given.
 Installs nothing; exits 2 with a message when a package is missing.
@@ -68,6 +69,23 @@ DROPPED = ["ctrl\x04char\x13x", "bad \x06 byte", "a\x1db", "\x14\x16"]
 
 KNOWN = ["Hello", "\u0120Hello", "\u0120the", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
          "1", "\u010a", "\u0120world"]
+
+
+# Random strings over a pool of code points of every class the pre-tokenizer distinguishes
+# (letters Lu/Ll/Lt/Lm/Lo, numbers Nd/Nl/No, White_Space incl. U+0085/U+2028/NBSP, marks,
+# format characters, punctuation, symbols, emoji, astral letters, apostrophes, specials).
+POOL = (list("abcXYZ019'!?.,-_ \n\t\r") +
+        ["\u00e9", "\u00df", "\u03a9", "\u0436", "\u4e2d", "\u306e", "\ud55c", "\u01c5",
+         "\u02b0", "\u00aa", "\u0663", "\u00bd", "\u2167", "\u00b2", "\u0301", "\u200b",
+         "\u00a0", "\u3000", "\u2003", "\u0085", "\u2028", "\U0001F600", "\U0001F3FD",
+         "\U00010400", "\u20ac", "\u2014", "\u00ab", "\ufeff", "<|im_start|>", "<|im_end|>",
+         "'s", "'ll", " ", "  ", "\n\n"])
+
+
+def random_strings(n, seed=10):
+    import random
+    rnd = random.Random(seed)
+    return ["".join(rnd.choice(POOL) for _ in range(rnd.randint(0, 40))) for _ in range(n)]
 
 
 def gguf_strings(reader, name):
@@ -140,7 +158,8 @@ def main():
 
     lines, src = corpus_lines(a.docs)
     lines = [l for l in lines if l]
-    cases = [("F", s) for s in FIXED] + [("D", s) for s in DROPPED] + [("C", l) for l in lines] + [("W", "\n".join(lines) + "\n")]
+    cases = [("F", s) for s in FIXED] + [("R", s) for s in random_strings(1000)] + \
+        [("D", s) for s in DROPPED] + [("C", l) for l in lines] + [("W", "\n".join(lines) + "\n")]
     encs = tk.encode_batch([s for _, s in cases], add_special_tokens=False)
     with open(os.path.join(a.outdir, "cases.bin"), "wb") as f:
         f.write(b"PIKVCASES %d\n" % (len(cases) + len(KNOWN)))
@@ -151,7 +170,7 @@ def main():
         for s in KNOWN:
             b = s.encode("utf-8")
             f.write(b"K %d 1\n" % len(b) + b + b"\n%d\n" % strs.index(s))
-    print("tokenizer_reference.py: %d tokens, %d merges; %d fixed strings, %d corpus lines "
+    print("tokenizer_reference.py: %d tokens, %d merges; %d fixed strings, 1000 random strings, %d corpus lines "
           "from %s (%d bytes); tokenizers %s" % (len(toks), len(merges), len(FIXED), len(lines),
           src, len(cases[-1][1].encode()), __import__("tokenizers").__version__))
 
