@@ -1,0 +1,112 @@
+/*
+ * llama.h — a Llama-architecture forward pass over a GGUF model (samples/gguf.h) whose
+ * KV cache is a PiKV cache (include/pikv/pikv.h). The model runner of issue 10.
+ *
+ * The runner loads the hyperparameters from the GGUF metadata (validated), looks up and
+ * shape-checks every tensor, builds the byte-level BPE tokenizer from the GGUF vocabulary
+ * arrays, and runs the forward pass (docs/model.md, "Forward pass"):
+ *
+ *   x = embedding row of the token (dequantized)
+ *   per layer: h = RMSNorm(x) * attn_norm; q, k, v = Wq h, Wk h, Wv h;
+ *              RoPE on q and k (adjacent pairs (2i, 2i+1), theta_i = pos * base^(-2i/d),
+ *              llama.cpp's "normal" mode, which the GGUF conversion's Q/K permutation expects);
+ *              k, v appended to the PiKV cache; a = attend(q) through pikv_cache_attend;
+ *              x += Wo a;  h = RMSNorm(x) * ffn_norm;  x += Wdown (silu(Wgate h) * Wup h)
+ *   logits = Wout RMSNorm(x) * output_norm (Wout = output.weight, or token_embd.weight when
+ *            the model ties them)
+ *
+ * Prefill is exactly causal: the projections of a chunk of tokens run as one matrix product,
+ * then per layer the tokens are appended to the cache and attended ONE AT A TIME, so the query
+ * of token t sees the cache holding exactly the tokens up to t.
+ *
+ * The caller owns the PiKV context and cache: pikv_llama_cache_params() fills the geometry
+ * (layers, heads, head_dim, one expert) and the rest may be varied (dtype, select policy,
+ * budgets, eviction). One generation stream = one sequence of the cache (pikv_seq_add first).
+ *
+ * A pikv_llama is used by one thread at a time (it owns a gguf_pool and scratch buffers);
+ * the matrix products run on the pool's threads.
+ */
+#ifndef PIKV_SAMPLES_LLAMA_H
+#define PIKV_SAMPLES_LLAMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pikv/pikv.h"
+#include "tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum pikv_llama_status {
+    PIKV_LLAMA_OK = 0,
+    PIKV_LLAMA_ERR_ARG,       /* bad argument (NULL, token id out of range, n_tokens < 1...) */
+    PIKV_LLAMA_ERR_IO,        /* the file cannot be opened or mapped */
+    PIKV_LLAMA_ERR_FORMAT,    /* malformed GGUF, or metadata / tensors not a usable Llama */
+    PIKV_LLAMA_ERR_NOMEM,     /* out of host memory */
+    PIKV_LLAMA_ERR_TOKENIZER, /* the vocabulary arrays do not make a tokenizer */
+    PIKV_LLAMA_ERR_CACHE,     /* a PiKV call failed (the message has its status and text) */
+    PIKV_LLAMA_ERR_CONTEXT    /* the sequence would pass the model's context length */
+} pikv_llama_status;
+
+typedef struct pikv_llama_error {
+    char message[384];
+} pikv_llama_error;
+
+typedef struct pikv_llama_hparams {
+    int32_t n_layers;     /* llama.block_count */
+    int32_t n_embd;       /* llama.embedding_length */
+    int32_t n_ff;         /* llama.feed_forward_length */
+    int32_t n_head;       /* llama.attention.head_count */
+    int32_t n_head_kv;    /* llama.attention.head_count_kv (divides n_head) */
+    int32_t head_dim;     /* n_embd / n_head; must equal llama.rope.dimension_count if given */
+    int32_t n_vocab;      /* rows of token_embd.weight (llama.vocab_size must agree if given) */
+    int32_t n_ctx;        /* llama.context_length */
+    double rope_base;     /* llama.rope.freq_base (default 10000) */
+    double rms_eps;       /* llama.attention.layer_norm_rms_epsilon */
+    int32_t tied_output;  /* 1 when logits use token_embd.weight (no output.weight) */
+} pikv_llama_hparams;
+
+typedef struct pikv_llama pikv_llama;
+
+/* Loads a model file (mapped read-only) with a pool of n_threads (>= 1) for the products.
+ * err may be NULL. On failure *out is NULL and err->message says what and where. */
+pikv_llama_status pikv_llama_load(const char *path, int n_threads, pikv_llama **out,
+                                  pikv_llama_error *err);
+/* The same from a GGUF image in memory (referenced, must outlive the model). */
+pikv_llama_status pikv_llama_load_memory(const void *data, size_t size, int n_threads,
+                                         pikv_llama **out, pikv_llama_error *err);
+void pikv_llama_free(pikv_llama *m);
+
+const pikv_llama_hparams *pikv_llama_get_hparams(const pikv_llama *m);
+const pikv_tokenizer *pikv_llama_get_tokenizer(const pikv_llama *m);
+
+/* pikv_cache_default_params() with this model's geometry (n_layers, n_q_heads, n_kv_heads,
+ * head_dim, one expert, attn_scale 1/sqrt(head_dim)), dtype F32, capacity_tokens and
+ * max_sequences as given. */
+pikv_cache_params pikv_llama_cache_params(const pikv_llama *m, int32_t max_sequences,
+                                          int64_t capacity_tokens);
+
+/* Runs n_tokens tokens of sequence `seq` through the model: their K/V are appended to every
+ * layer of `cache` at positions next_index .. next_index + n_tokens - 1 (pikv_seq_next_index of
+ * layer 0), so a prompt is one call and each decode step another. logits (n_vocab floats, may
+ * be NULL) gets the logits of the LAST token. The cache must have been made with this model's
+ * geometry (pikv_llama_cache_params). On error the cache may hold part of the tokens' K/V. */
+pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t seq,
+                                     const int32_t *tokens, int32_t n_tokens, float *logits,
+                                     pikv_llama_error *err);
+
+/* Sampling. temperature <= 0: greedy (argmax, the lowest id on ties). Otherwise softmax of
+ * logits / temperature over the top_k largest (top_k <= 0 or > n: all), drawn with the
+ * xorshift64* generator in *rng (seeded by the caller, nonzero). Returns the id, or -1 for bad
+ * arguments. */
+int32_t pikv_llama_sample(const float *logits, int32_t n_vocab, float temperature, int32_t top_k,
+                          uint64_t *rng);
+
+const char *pikv_llama_status_name(pikv_llama_status s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
