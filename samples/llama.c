@@ -627,8 +627,11 @@ pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t s
     }
     int64_t pos0 = 0;
     pikv_status ps = pikv_seq_next_index(cache, seq, 0, &pos0);
-    if (ps != PIKV_OK)
-        return cache_err(ps, "pikv_seq_next_index (is the sequence added?)", 0, err);
+    if (ps != PIKV_OK) {
+        set_err(err, "sequence %d: pikv_seq_next_index failed: %s (was it added with pikv_seq_add?)",
+                (int)seq, pikv_status_string(ps));
+        return PIKV_LLAMA_ERR_CACHE;
+    }
     if (pos0 + n_tokens > hp->n_ctx) {
         set_err(err, "sequence %d: %lld + %d tokens pass the context length %d", (int)seq,
                 (long long)pos0, (int)n_tokens, (int)hp->n_ctx);

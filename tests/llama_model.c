@@ -7,7 +7,8 @@
  *    1e-4 * max |logit| of the reference, and the greedy next 8 tokens equal the reference's;
  *  - prefill in one call equals the same prompt fed one token per call, bit for bit;
  *  - two sequences in one cache do not disturb each other;
- *  - errors: a missing file, a GGUF image lacking a tensor or a metadata key, a token outside
+ *  - errors: a missing file, a GGUF image lacking a tensor or a metadata key, a tensor of the
+ *    wrong shape, a token outside
  *    the vocabulary, a sequence never added -> a status and a message that names the problem;
  *  - sampling: greedy = argmax; a seeded draw is reproducible; top_k = 1 is greedy.
  * PIKV_LLAMA_TEST_CASES=N limits the reference cases run (sanitizer builds).
@@ -245,6 +246,30 @@ static void expect_missing(unsigned char *img, size_t n, const char *what)
     pikv_llama_free(m);
 }
 
+/* Loads an image with tensor `name`'s ne[1] changed to `ne1`; expects FORMAT naming the shape. */
+static void expect_bad_shape(unsigned char *img, size_t n, const char *name, uint64_t ne1)
+{
+    tu_set_case("bad shape of %s", name);
+    unsigned char *p = find_bytes(img, n, name);
+    if (!CHECKF(p != NULL, "'%s' not found in the file", name))
+        return;
+    unsigned char *ne1p = p + strlen(name) + 4 + 8; /* n_dims (u32), ne[0] (u64) */
+    unsigned char saved[8];
+    memcpy(saved, ne1p, 8);
+    memcpy(ne1p, &ne1, 8); /* little-endian host (GGUF is little-endian) */
+    pikv_llama *m = (pikv_llama *)1;
+    pikv_llama_error err;
+    pikv_llama_status s = pikv_llama_load_memory(img, n, 1, &m, &err);
+    memcpy(ne1p, saved, 8);
+    printf("%s with ne[1] = %llu -> %s: %s\n", name, (unsigned long long)ne1, pikv_llama_status_name(s),
+           err.message);
+    CHECK_EQ(s, PIKV_LLAMA_ERR_FORMAT);
+    CHECK(m == NULL);
+    CHECKF(strstr(err.message, name) != NULL && strstr(err.message, "shape") != NULL, "message: %s",
+           err.message);
+    pikv_llama_free(m);
+}
+
 static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_path)
 {
     tu_set_case("errors");
@@ -279,6 +304,7 @@ static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_pat
         expect_missing(img, n, "output_norm.weight");
         expect_missing(img, n, "llama.block_count");
         expect_missing(img, n, "tokenizer.ggml.tokens");
+        expect_bad_shape(img, n, "blk.0.attn_k.weight", 64);
         tu_set_case("memory image");
         pikv_llama *mm = NULL;
         s = pikv_llama_load_memory(img, n, 1, &mm, &err);
