@@ -7,6 +7,7 @@
  *    1e-4 * max |logit| of the reference, and the greedy next 8 tokens equal the reference's;
  *  - prefill in one call equals the same prompt fed one token per call, bit for bit;
  *  - two sequences in one cache do not disturb each other;
+ *  - F16 and INT8 caches: logits within 1e-2 / 5e-2 of max |logit|, the same top-1 token;
  *  - errors: a missing file, a GGUF image lacking a tensor or a metadata key, a tensor of the
  *    wrong shape, a token outside
  *    the vocabulary, a sequence never added -> a status and a message that names the problem;
@@ -172,6 +173,40 @@ static void run_case(pikv_llama *m, pikv_context *ctx, const ref_case *c)
 out:
     free(logits);
     pikv_cache_free(cache);
+}
+
+/* The cache's dtype is the caller's: F16 and INT8 caches on a reference case. Logged, and
+ * bounded loosely (F16: 1e-2 of max |logit|; INT8: 5e-2), with the same top-1 token. */
+static void check_dtypes(pikv_llama *m, pikv_context *ctx, const ref_case *c)
+{
+    static const pikv_dtype dts[2] = {PIKV_DTYPE_F16, PIKV_DTYPE_INT8};
+    static const char *const names[2] = {"f16", "int8"};
+    static const double tol[2] = {1e-2, 5e-2};
+    const int32_t V = pikv_llama_get_hparams(m)->n_vocab;
+    float *lg = malloc((size_t)V * sizeof(float));
+    if (!CHECK(lg != NULL))
+        return;
+    for (int d = 0; d < 2; d++) {
+        tu_set_case("dtype %s (%s)", names[d], c->name);
+        pikv_cache *cache = make_cache(ctx, m, 1, dts[d]);
+        pikv_llama_error err;
+        if (!cache)
+            continue;
+        if (CHECKF(pikv_llama_forward(m, cache, 0, c->ids, c->n_ids, lg, &err) == PIKV_LLAMA_OK, "%s",
+                   err.message)) {
+            double maxref = 0, maxdiff = 0;
+            for (int32_t i = 0; i < V; i++) {
+                maxref = fmax(maxref, fabs(c->logits[i]));
+                maxdiff = fmax(maxdiff, fabs((double)lg[i] - c->logits[i]));
+            }
+            printf("%s cache, %s: logits max |diff| %.3g (ratio %.2g), top-1 %d\n", names[d], c->name,
+                   maxdiff, maxdiff / maxref, (int)argmax(lg, V));
+            CHECK_LE(maxdiff, tol[d] * maxref);
+            CHECK_EQ(argmax(lg, V), c->greedy[0]);
+        }
+        pikv_cache_free(cache);
+    }
+    free(lg);
 }
 
 /* Prefill in one call = the prompt one token per call, bit for bit; and two sequences in one
@@ -381,6 +416,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < limit; i++)
             run_case(m, ctx, &cases[i]);
         check_chunking(m, ctx, &cases[0]);
+        check_dtypes(m, ctx, &cases[n_cases - 1]);
         check_errors(m, ctx, argv[1]);
     }
     pikv_context_free(ctx);
