@@ -136,6 +136,9 @@ static pikv_llama_status load_hparams(pikv_llama *m, pikv_llama_error *err)
         (s = get_int(m->g, "llama.attention.head_count", 1, 1024, 1, &hp->n_head, err)))
         return s;
     hp->n_head_kv = hp->n_head;
+    hp->n_experts = 1;
+    hp->n_experts_used = 1;
+    hp->moe_gating = PIKV_LLAMA_GATING_SOFTMAX;
     hp->n_ctx = 2048;
     hp->rope_base = 10000.0;
     hp->rms_eps = 1e-5;
@@ -611,6 +614,14 @@ pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t s
                                      const int32_t *tokens, int32_t n_tokens, float *logits,
                                      pikv_llama_error *err)
 {
+    return pikv_llama_forward_ex(m, cache, seq, tokens, n_tokens, NULL, logits, err);
+}
+
+pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_t seq,
+                                        const int32_t *tokens, int32_t n_tokens,
+                                        const pikv_llama_run_params *rp, float *logits,
+                                        pikv_llama_error *err)
+{
     if (err)
         err->message[0] = '\0';
     if (!m || !cache || !tokens || n_tokens < 1) {
@@ -709,7 +720,16 @@ pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t s
         for (size_t i = 0; i < (size_t)n_tokens * (size_t)E; i++)
             x[i] += m->tmp[i];
     }
-    if (logits) {
+    float *all = rp ? rp->logits_all : NULL;
+    if (all) {
+        /* every token's logits (perplexity): one product over all the final states */
+        rmsnorm(h, x, m->output_norm_w, n_tokens, E, hp->rms_eps);
+        if ((s = mm(m, m->output, h, n_tokens, all, err)))
+            return s;
+        if (logits)
+            memcpy(logits, all + (size_t)(n_tokens - 1) * (size_t)hp->n_vocab,
+                   (size_t)hp->n_vocab * sizeof(float));
+    } else if (logits) {
         const float *xl = x + (size_t)(n_tokens - 1) * (size_t)E;
         rmsnorm(h, xl, m->output_norm_w, 1, E, hp->rms_eps);
         if ((s = mm(m, m->output, h, 1, logits, err)))

@@ -66,7 +66,20 @@ typedef struct pikv_llama_hparams {
     double rope_base;     /* llama.rope.freq_base (default 10000) */
     double rms_eps;       /* llama.attention.layer_norm_rms_epsilon */
     int32_t tied_output;  /* 1 when logits use token_embd.weight (no output.weight) */
+    /* Mixture of experts (Mixtral layout; dense models: n_experts = n_experts_used = 1) */
+    int32_t n_experts;      /* llama.expert_count (absent: 1, dense) */
+    int32_t n_experts_used; /* llama.expert_used_count: the router's top-k in the FFN */
+    int32_t moe_gating;     /* pikv_llama_gating: how the chosen experts' outputs combine */
 } pikv_llama_hparams;
+
+/* How a MoE layer combines its top-k experts' outputs y_e (router logits r):
+ *  SOFTMAX (Mixtral, the default): sum_e softmax(r over the top-k)_e * y_e.
+ *  SUM (GGUF key pikv.moe.gating = "sum"; MoEfication, tools/moe_convert.py): sum_e y_e, so
+ *      with top-k = n_experts the layer is exactly the dense FFN it was split from. */
+typedef enum pikv_llama_gating {
+    PIKV_LLAMA_GATING_SOFTMAX = 0,
+    PIKV_LLAMA_GATING_SUM = 1
+} pikv_llama_gating;
 
 typedef struct pikv_llama pikv_llama;
 
@@ -83,8 +96,8 @@ const pikv_llama_hparams *pikv_llama_get_hparams(const pikv_llama *m);
 const pikv_tokenizer *pikv_llama_get_tokenizer(const pikv_llama *m);
 
 /* pikv_cache_default_params() with this model's geometry (n_layers, n_q_heads, n_kv_heads,
- * head_dim, one expert, attn_scale 1/sqrt(head_dim)), dtype F32, capacity_tokens and
- * max_sequences as given. */
+ * head_dim, n_experts and experts_per_token = n_experts_used (1 and 1 for a dense model),
+ * attn_scale 1/sqrt(head_dim)), dtype F32, capacity_tokens and max_sequences as given. */
 pikv_cache_params pikv_llama_cache_params(const pikv_llama *m, int32_t max_sequences,
                                           int64_t capacity_tokens);
 
@@ -96,6 +109,27 @@ pikv_cache_params pikv_llama_cache_params(const pikv_llama *m, int32_t max_seque
 pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t seq,
                                      const int32_t *tokens, int32_t n_tokens, float *logits,
                                      pikv_llama_error *err);
+
+/* Options of pikv_llama_forward_ex; zero-initialized = pikv_llama_forward. */
+typedef struct pikv_llama_run_params {
+    float *logits_all; /* NULL, or n_tokens * n_vocab floats: the logits of EVERY token
+                          (perplexity); row t is the prediction for token t + 1 */
+    int32_t moe_top_k; /* MoE FFN: experts per token; 0 = hparams.n_experts_used; else
+                          1..n_experts (ignored by dense models) */
+} pikv_llama_run_params;
+
+/* pikv_llama_forward with options (rp may be NULL).
+ * MoE models: in layer l the FFN input h goes to the router (blk.l.ffn_gate_inp), whose top
+ * moe_top_k experts run and combine by hparams.moe_gating. The KV of the token is routed by
+ * the same router, applied to the layer's INPUT (RMSNorm(x) * ffn_norm before attention, since
+ * the attention's K/V are needed before the FFN input exists): pikv_route picks the cache's
+ * experts_per_token experts, which go to pikv_cache_append (the token's KV is stored in the
+ * shard of its top-1) and to pikv_cache_attend as the query's experts (PIKV_SELECT_EXPERTS
+ * reads their shards). */
+pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_t seq,
+                                        const int32_t *tokens, int32_t n_tokens,
+                                        const pikv_llama_run_params *rp, float *logits,
+                                        pikv_llama_error *err);
 
 /* Sampling. temperature <= 0: greedy (argmax, the lowest id on ties). Otherwise softmax of
  * logits / temperature over the top_k largest (top_k <= 0 or > n: all), drawn with the
