@@ -46,7 +46,7 @@ static int print_token(const pikv_tokenizer *tok, int32_t id)
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *prompt = NULL, *dtype_s = "f16";
-    int n_gen = 32, threads = 2, chat = 0, top_k = 40;
+    int n_gen = 32, threads = 2, chat = 0, top_k = 40, moe_k = 0;
     float temp = 0.0f;
     unsigned long long seed = 42;
     for (int i = 1; i < argc; i++) {
@@ -68,6 +68,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--temp")) temp = (float)atof(v);
         else if (!strcmp(a, "--top-k")) top_k = atoi(v);
         else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--moe-k")) moe_k = atoi(v);
         else {
             usage();
             return 2;
@@ -142,8 +143,11 @@ int main(int argc, char **argv)
         goto out;
     }
 
+    pikv_llama_run_params rp;
+    memset(&rp, 0, sizeof rp);
+    rp.moe_top_k = moe_k;
     double t0 = now_s();
-    s = pikv_llama_forward(m, cache, 0, ids, (int32_t)n_ids, logits, &err);
+    s = pikv_llama_forward_ex(m, cache, 0, ids, (int32_t)n_ids, &rp, logits, &err);
     double t_prefill = now_s() - t0;
     if (s != PIKV_LLAMA_OK) {
         fprintf(stderr, "pikv_generate: %s: %s\n", pikv_llama_status_name(s), err.message);
@@ -164,7 +168,7 @@ int main(int argc, char **argv)
         n_done++;
         if (i + 1 == n_gen)
             break;
-        s = pikv_llama_forward(m, cache, 0, &next, 1, logits, &err);
+        s = pikv_llama_forward_ex(m, cache, 0, &next, 1, &rp, logits, &err);
         if (s != PIKV_LLAMA_OK) {
             fprintf(stderr, "\npikv_generate: %s: %s\n", pikv_llama_status_name(s), err.message);
             goto out;

@@ -13,8 +13,12 @@
 
 typedef struct llama_layer {
     const gguf_tensor *attn_norm, *wq, *wk, *wv, *wo;
-    const gguf_tensor *ffn_norm, *w_gate, *w_up, *w_down;
+    const gguf_tensor *ffn_norm, *w_gate, *w_up, *w_down; /* dense FFN (NULL in a MoE) */
     float *attn_norm_w, *ffn_norm_w; /* dequantized norm weights (n_embd) */
+    /* MoE: the router and one 2-D view per expert into the 3-D expert tensors, so every
+       expert's product is an ordinary matmul over its slice of the mapped file */
+    const gguf_tensor *router;                    /* ffn_gate_inp: [n_embd, n_experts] */
+    gguf_tensor *exp_gate, *exp_up, *exp_down;    /* n_experts views each (owned array) */
 } llama_layer;
 
 struct pikv_llama {
@@ -29,6 +33,11 @@ struct pikv_llama {
     /* scratch, grown to the largest chunk seen */
     int32_t cap_tokens;
     float *x, *h, *q, *k, *v, *att, *tmp, *gate, *up;
+    float *logit;            /* MoE: router logits, n_tokens x n_experts */
+    int32_t *kv_experts;     /* MoE: each token's experts for append/attend (cache's top-k) */
+    int32_t *ffn_experts;    /* MoE: each token's FFN experts, n_tokens x n_experts */
+    float *ffn_weight;       /* ... and their gate weights */
+    int32_t *rows;           /* MoE: the tokens routed to one expert */
 };
 
 static void set_err(pikv_llama_error *err, const char *fmt, ...)
@@ -165,6 +174,25 @@ static pikv_llama_status load_hparams(pikv_llama *m, pikv_llama_error *err)
     int32_t rope_dim = hp->head_dim;
     if ((s = get_int(m->g, "llama.rope.dimension_count", 1, 1024, 0, &rope_dim, err)))
         return s;
+    /* Mixture of experts (Mixtral layout): feed_forward_length is then one expert's width */
+    if ((s = get_int(m->g, "llama.expert_count", 1, 256, 0, &hp->n_experts, err)))
+        return s;
+    if (hp->n_experts > 1) {
+        if ((s = get_int(m->g, "llama.expert_used_count", 1, hp->n_experts, 1, &hp->n_experts_used, err)))
+            return s;
+        gguf_string gating = {0};
+        gguf_status gs = gguf_get_str(m->g, "pikv.moe.gating", &gating);
+        if (gs == GGUF_OK && gguf_str_eq(gating, "sum")) {
+            hp->moe_gating = PIKV_LLAMA_GATING_SUM;
+        } else if (gs == GGUF_OK && !gguf_str_eq(gating, "softmax")) {
+            set_err(err, "model metadata: pikv.moe.gating is '%.*s', expected 'sum' or 'softmax'",
+                    (int)(gating.len > 64 ? 64 : gating.len), gating.ptr);
+            return PIKV_LLAMA_ERR_FORMAT;
+        } else if (gs != GGUF_OK && gs != GGUF_ERR_NOT_FOUND) {
+            set_err(err, "model metadata: pikv.moe.gating is not a string (%s)", gguf_status_name(gs));
+            return PIKV_LLAMA_ERR_FORMAT;
+        }
+    }
     if (rope_dim != hp->head_dim) {
         set_err(err, "model metadata: llama.rope.dimension_count %d differs from the head dimension %d "
                 "(partial RoPE is not supported)", rope_dim, hp->head_dim);
@@ -175,21 +203,21 @@ static pikv_llama_status load_hparams(pikv_llama *m, pikv_llama_error *err)
 
 /* ---- tensors ---- */
 
-static pikv_llama_status find_tensor(pikv_llama *m, const char *name, int64_t ne0, int64_t ne1,
-                                     const gguf_tensor **out, pikv_llama_error *err)
+static pikv_llama_status find_tensor3(pikv_llama *m, const char *name, int64_t ne0, int64_t ne1,
+                                      int64_t ne2, const gguf_tensor **out, pikv_llama_error *err)
 {
     const gguf_tensor *t = gguf_find_tensor(m->g, name);
     if (!t) {
         set_err(err, "model tensors: '%s' is missing", name);
         return PIKV_LLAMA_ERR_FORMAT;
     }
-    int64_t want_dims = ne1 > 1 ? 2 : 1;
-    int shape_ok = t->ne[0] == ne0 && t->ne[1] == ne1 && t->ne[2] == 1 && t->ne[3] == 1 &&
-                   (int64_t)t->n_dims <= 2 && (int64_t)t->n_dims >= want_dims;
+    int64_t want_dims = ne2 > 1 ? 3 : ne1 > 1 ? 2 : 1, max_dims = ne2 > 1 ? 3 : 2;
+    int shape_ok = t->ne[0] == ne0 && t->ne[1] == ne1 && t->ne[2] == ne2 && t->ne[3] == 1 &&
+                   (int64_t)t->n_dims <= max_dims && (int64_t)t->n_dims >= want_dims;
     if (!shape_ok) {
-        set_err(err, "model tensors: '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]",
+        set_err(err, "model tensors: '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld, %lld]",
                 name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
-                (long long)t->ne[3], (long long)ne0, (long long)ne1);
+                (long long)t->ne[3], (long long)ne0, (long long)ne1, (long long)ne2);
         return PIKV_LLAMA_ERR_FORMAT;
     }
     if (!gguf_type_can_dequantize(t->type)) {
@@ -198,6 +226,36 @@ static pikv_llama_status find_tensor(pikv_llama *m, const char *name, int64_t ne
         return PIKV_LLAMA_ERR_FORMAT;
     }
     *out = t;
+    return PIKV_LLAMA_OK;
+}
+
+static pikv_llama_status find_tensor(pikv_llama *m, const char *name, int64_t ne0, int64_t ne1,
+                                     const gguf_tensor **out, pikv_llama_error *err)
+{
+    return find_tensor3(m, name, ne0, ne1, 1, out, err);
+}
+
+/* n 2-D views of a 3-D tensor [ne0, ne1, n]: view e is rows e*ne1 .. (e+1)*ne1 - 1. */
+static pikv_llama_status expert_views(const gguf_tensor *t, int32_t n, gguf_tensor **out,
+                                      pikv_llama_error *err)
+{
+    *out = calloc((size_t)n, sizeof **out);
+    if (!*out) {
+        set_err(err, "out of memory (expert views)");
+        return PIKV_LLAMA_ERR_NOMEM;
+    }
+    const uint64_t slice_elems = (uint64_t)t->ne[0] * (uint64_t)t->ne[1];
+    const uint64_t slice_bytes = t->n_bytes / (uint64_t)n; /* whole rows: ne0 is a block multiple */
+    for (int32_t e = 0; e < n; e++) {
+        gguf_tensor *v = &(*out)[e];
+        *v = *t;
+        v->n_dims = 2;
+        v->ne[2] = 1;
+        v->n_elements = slice_elems;
+        v->n_bytes = slice_bytes;
+        v->offset = t->offset + (uint64_t)e * slice_bytes;
+        v->data = t->data + (uint64_t)e * slice_bytes;
+    }
     return PIKV_LLAMA_OK;
 }
 
@@ -273,9 +331,27 @@ static pikv_llama_status load_tensors(pikv_llama *m, pikv_llama_error *err)
         T(wv, "attn_v", E, KV)
         T(wo, "attn_output", E, E)
         T(ffn_norm, "ffn_norm", E, 1)
-        T(w_gate, "ffn_gate", E, F)
-        T(w_up, "ffn_up", E, F)
-        T(w_down, "ffn_down", F, E)
+        if (hp->n_experts == 1) {
+            T(w_gate, "ffn_gate", E, F)
+            T(w_up, "ffn_up", E, F)
+            T(w_down, "ffn_down", F, E)
+        } else {
+            const int64_t X = hp->n_experts;
+            const gguf_tensor *g3 = NULL, *u3 = NULL, *d3 = NULL;
+            T(router, "ffn_gate_inp", E, X)
+#define T3(var, suffix, a, b)                                                    \
+    snprintf(name, sizeof name, "blk.%d." suffix ".weight", (int)l);              \
+    if ((s = find_tensor3(m, name, (a), (b), X, &var, err)))                       \
+        return s;
+            T3(g3, "ffn_gate_exps", E, F)
+            T3(u3, "ffn_up_exps", E, F)
+            T3(d3, "ffn_down_exps", F, E)
+#undef T3
+            if ((s = expert_views(g3, hp->n_experts, &L->exp_gate, err)) ||
+                (s = expert_views(u3, hp->n_experts, &L->exp_up, err)) ||
+                (s = expert_views(d3, hp->n_experts, &L->exp_down, err)))
+                return s;
+        }
 #undef T
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", (int)l);
         if ((s = load_norm(m, name, &L->attn_norm_w, err)))
@@ -488,7 +564,10 @@ static void free_scratch(pikv_llama *m)
 {
     free(m->x); free(m->h); free(m->q); free(m->k); free(m->v);
     free(m->att); free(m->tmp); free(m->gate); free(m->up);
+    free(m->logit); free(m->kv_experts); free(m->ffn_experts); free(m->ffn_weight); free(m->rows);
     m->x = m->h = m->q = m->k = m->v = m->att = m->tmp = m->gate = m->up = NULL;
+    m->logit = m->ffn_weight = NULL;
+    m->kv_experts = m->ffn_experts = m->rows = NULL;
     m->cap_tokens = 0;
 }
 
@@ -500,6 +579,9 @@ void pikv_llama_free(pikv_llama *m)
         for (int32_t l = 0; l < m->hp.n_layers; l++) {
             free(m->layers[l].attn_norm_w);
             free(m->layers[l].ffn_norm_w);
+            free(m->layers[l].exp_gate);
+            free(m->layers[l].exp_up);
+            free(m->layers[l].exp_down);
         }
     }
     free(m->layers);
@@ -525,8 +607,8 @@ pikv_cache_params pikv_llama_cache_params(const pikv_llama *m, int32_t max_seque
     p.n_q_heads = m->hp.n_head;
     p.n_kv_heads = m->hp.n_head_kv;
     p.head_dim = m->hp.head_dim;
-    p.n_experts = 1;
-    p.experts_per_token = 1;
+    p.n_experts = m->hp.n_experts;
+    p.experts_per_token = m->hp.n_experts_used;
     p.dtype = PIKV_DTYPE_F32;
     p.capacity_tokens = capacity_tokens;
     p.max_sequences = max_sequences;
@@ -545,15 +627,27 @@ static int grow(float **p, size_t n)
     return 1;
 }
 
+static int grow_i32(int32_t **p, size_t n)
+{
+    int32_t *q = realloc(*p, n * sizeof(int32_t));
+    if (!q)
+        return 0;
+    *p = q;
+    return 1;
+}
+
 static pikv_llama_status ensure_scratch(pikv_llama *m, int32_t n, pikv_llama_error *err)
 {
     if (n <= m->cap_tokens)
         return PIKV_LLAMA_OK;
     const size_t E = (size_t)m->hp.n_embd, F = (size_t)m->hp.n_ff,
                  KV = (size_t)m->hp.n_head_kv * (size_t)m->hp.head_dim, N = (size_t)n;
+    const size_t X = (size_t)m->hp.n_experts;
     if (!grow(&m->x, N * E) || !grow(&m->h, N * E) || !grow(&m->q, N * E) || !grow(&m->k, N * KV) ||
         !grow(&m->v, N * KV) || !grow(&m->att, N * E) || !grow(&m->tmp, N * E) ||
-        !grow(&m->gate, N * F) || !grow(&m->up, N * F)) {
+        !grow(&m->gate, N * F) || !grow(&m->up, N * F) || !grow(&m->logit, N * X) ||
+        !grow(&m->ffn_weight, N * X) || !grow_i32(&m->kv_experts, N * X) ||
+        !grow_i32(&m->ffn_experts, N * X) || !grow_i32(&m->rows, N)) {
         free_scratch(m);
         set_err(err, "out of memory (scratch for %d tokens)", n);
         return PIKV_LLAMA_ERR_NOMEM;
@@ -610,6 +704,104 @@ static pikv_llama_status cache_err(pikv_status ps, const char *what, int32_t lay
     return PIKV_LLAMA_ERR_CACHE;
 }
 
+/* The k largest of n logits, best first, ties to the lower id. */
+static void top_k(const float *logit, int32_t n, int32_t k, int32_t *out)
+{
+    for (int32_t j = 0; j < k; j++)
+        out[j] = -1;
+    for (int32_t e = 0; e < n; e++) {
+        int32_t j = k;
+        /* logit[e] beats a slot holding a strictly smaller logit (or a NaN: NaNs rank last) */
+        while (j > 0 && (out[j - 1] < 0 || logit[e] > logit[out[j - 1]] ||
+                         (isnan(logit[out[j - 1]]) && !isnan(logit[e]))))
+            j--;
+        if (j >= k)
+            continue;
+        memmove(out + j + 1, out + j, (size_t)(k - 1 - j) * sizeof *out);
+        out[j] = e;
+    }
+}
+
+/* The experts a token's KV goes to in layer l (and its query reads): the layer's router on
+ * the layer INPUT normalized as the FFN input is (RMSNorm(x) * ffn_norm), since K/V are needed
+ * before the FFN input exists; pikv_route ranks them (cache-aware: logit - lambda log(1+miss))
+ * and keeps the cache's experts_per_token. Uses m->tmp and m->logit; writes m->kv_experts. */
+static pikv_llama_status route_kv(pikv_llama *m, pikv_cache *cache, int32_t l, int32_t n,
+                                  pikv_llama_error *err)
+{
+    const llama_layer *L = &m->layers[l];
+    rmsnorm(m->tmp, m->x, L->ffn_norm_w, n, m->hp.n_embd, m->hp.rms_eps);
+    pikv_llama_status s = mm(m, L->router, m->tmp, n, m->logit, err);
+    if (s)
+        return s;
+    pikv_status ps = pikv_route(cache, l, n, m->logit, m->kv_experts, NULL);
+    return ps == PIKV_OK ? PIKV_LLAMA_OK : cache_err(ps, "pikv_route", l, err);
+}
+
+/* The MoE FFN of n tokens whose normalized FFN inputs are in m->h: router logits, each token's
+ * top-k experts and gate weights (SUM: 1; SOFTMAX: softmax over the chosen logits), then per
+ * expert one product over the tokens routed to it (gathered), and x += w * y. Experts are
+ * visited in id order, so each token's output adds its experts in id order whatever the
+ * batch. Scratch: logit, ffn_experts, ffn_weight, rows, att (gathered inputs), gate, up, q. */
+static pikv_llama_status moe_ffn(pikv_llama *m, const llama_layer *L, int32_t n, int32_t k,
+                                 pikv_llama_error *err)
+{
+    const pikv_llama_hparams *hp = &m->hp;
+    const int32_t X = hp->n_experts, E = hp->n_embd, F = hp->n_ff;
+    pikv_llama_status s = mm(m, L->router, m->h, n, m->logit, err);
+    if (s)
+        return s;
+    for (int32_t t = 0; t < n; t++) {
+        const float *lg = m->logit + (size_t)t * (size_t)X;
+        int32_t *ex = m->ffn_experts + (size_t)t * (size_t)X;
+        float *w = m->ffn_weight + (size_t)t * (size_t)X;
+        top_k(lg, X, k, ex);
+        if (hp->moe_gating == PIKV_LLAMA_GATING_SUM) {
+            for (int32_t j = 0; j < k; j++)
+                w[j] = 1.0f;
+        } else {
+            double z = 0, mx = lg[ex[0]];
+            for (int32_t j = 0; j < k; j++)
+                z += exp((double)lg[ex[j]] - mx);
+            for (int32_t j = 0; j < k; j++)
+                w[j] = (float)(exp((double)lg[ex[j]] - mx) / z);
+        }
+    }
+    for (int32_t e = 0; e < X; e++) {
+        int32_t n_e = 0;
+        for (int32_t t = 0; t < n; t++) {
+            const int32_t *ex = m->ffn_experts + (size_t)t * (size_t)X;
+            for (int32_t j = 0; j < k; j++) {
+                if (ex[j] == e) {
+                    m->rows[n_e] = t;
+                    m->tmp[n_e] = m->ffn_weight[(size_t)t * (size_t)X + (size_t)j];
+                    memcpy(m->att + (size_t)n_e * (size_t)E, m->h + (size_t)t * (size_t)E,
+                           (size_t)E * sizeof(float));
+                    n_e++;
+                }
+            }
+        }
+        if (n_e == 0)
+            continue;
+        if ((s = mm(m, &L->exp_gate[e], m->att, n_e, m->gate, err)) ||
+            (s = mm(m, &L->exp_up[e], m->att, n_e, m->up, err)))
+            return s;
+        for (size_t i = 0; i < (size_t)n_e * (size_t)F; i++) {
+            float g = m->gate[i];
+            m->gate[i] = g / (1.0f + expf(-g)) * m->up[i];
+        }
+        if ((s = mm(m, &L->exp_down[e], m->gate, n_e, m->q, err)))
+            return s;
+        for (int32_t i = 0; i < n_e; i++) {
+            float *xt = m->x + (size_t)m->rows[i] * (size_t)E;
+            const float *yt = m->q + (size_t)i * (size_t)E, w = m->tmp[i];
+            for (int32_t c = 0; c < E; c++)
+                xt[c] += w * yt[c];
+        }
+    }
+    return PIKV_LLAMA_OK;
+}
+
 pikv_llama_status pikv_llama_forward(pikv_llama *m, pikv_cache *cache, int32_t seq,
                                      const int32_t *tokens, int32_t n_tokens, float *logits,
                                      pikv_llama_error *err)
@@ -637,13 +829,24 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
         return PIKV_LLAMA_ERR_CACHE;
     }
     if (cp.n_layers != hp->n_layers || cp.n_q_heads != hp->n_head || cp.n_kv_heads != hp->n_head_kv ||
-        cp.head_dim != hp->head_dim || cp.n_experts != 1) {
+        cp.head_dim != hp->head_dim || cp.n_experts != hp->n_experts) {
         set_err(err, "the cache's geometry (%d layers, %d/%d heads, head_dim %d, %d experts) is not the model's "
-                     "(%d layers, %d/%d heads, head_dim %d, 1 expert): create it from pikv_llama_cache_params",
+                     "(%d layers, %d/%d heads, head_dim %d, %d experts): create it from pikv_llama_cache_params",
                 (int)cp.n_layers, (int)cp.n_q_heads, (int)cp.n_kv_heads, (int)cp.head_dim, (int)cp.n_experts,
-                (int)hp->n_layers, (int)hp->n_head, (int)hp->n_head_kv, (int)hp->head_dim);
+                (int)hp->n_layers, (int)hp->n_head, (int)hp->n_head_kv, (int)hp->head_dim, (int)hp->n_experts);
         return PIKV_LLAMA_ERR_ARG;
     }
+    const int moe = hp->n_experts > 1;
+    int32_t ffn_k = hp->n_experts_used;
+    if (rp && rp->moe_top_k != 0) {
+        if (rp->moe_top_k < 0 || rp->moe_top_k > hp->n_experts) {
+            set_err(err, "moe_top_k = %d is out of range [0, %d] (0 = the model's %d)", (int)rp->moe_top_k,
+                    (int)hp->n_experts, (int)hp->n_experts_used);
+            return PIKV_LLAMA_ERR_ARG;
+        }
+        ffn_k = rp->moe_top_k;
+    }
+    const int32_t kv_k = cp.experts_per_token; /* experts per token the cache stores/reads */
     for (int32_t t = 0; t < n_tokens; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->n_vocab) {
             set_err(err, "token %d (index %d) is outside the vocabulary [0, %d)", (int)tokens[t],
@@ -679,6 +882,8 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
     }
     for (int32_t l = 0; l < hp->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
+        if (moe && (s = route_kv(m, cache, l, n_tokens, err)))
+            return s;
         rmsnorm(h, x, L->attn_norm_w, n_tokens, E, hp->rms_eps);
         if ((s = mm(m, L->wq, h, n_tokens, m->q, err)) || (s = mm(m, L->wk, h, n_tokens, m->k, err)) ||
             (s = mm(m, L->wv, h, n_tokens, m->v, err)))
@@ -691,7 +896,8 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
             float *kt = m->k + (size_t)t * KV;
             rope(qt, hp->n_head, D, pos, m->rope_inv_freq);
             rope(kt, hp->n_head_kv, D, pos, m->rope_inv_freq);
-            ps = pikv_cache_append(cache, l, seq, 1, kt, m->v + (size_t)t * KV, &pos, NULL);
+            const int32_t *ex = moe ? m->kv_experts + (size_t)t * (size_t)kv_k : NULL;
+            ps = pikv_cache_append(cache, l, seq, 1, kt, m->v + (size_t)t * KV, &pos, ex);
             if (ps != PIKV_OK)
                 return cache_err(ps, "pikv_cache_append", l, err);
             pikv_attend_batch b;
@@ -699,6 +905,7 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
             b.n_queries = 1;
             b.seq_ids = &seq;
             b.q = qt;
+            b.experts = ex;
             b.out = m->att + (size_t)t * (size_t)E;
             ps = pikv_cache_attend(cache, l, &b);
             if (ps != PIKV_OK)
@@ -709,6 +916,11 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
         for (size_t i = 0; i < (size_t)n_tokens * (size_t)E; i++)
             x[i] += m->tmp[i];
         rmsnorm(h, x, L->ffn_norm_w, n_tokens, E, hp->rms_eps);
+        if (moe) {
+            if ((s = moe_ffn(m, L, n_tokens, ffn_k, err)))
+                return s;
+            continue;
+        }
         if ((s = mm(m, L->w_gate, h, n_tokens, m->gate, err)) || (s = mm(m, L->w_up, h, n_tokens, m->up, err)))
             return s;
         for (size_t i = 0; i < (size_t)n_tokens * (size_t)F; i++) {
