@@ -12,8 +12,17 @@
  *    wrong shape, a token outside
  *    the vocabulary, a sequence never added -> a status and a message that names the problem;
  *  - sampling: greedy = argmax; a seeded draw is reproducible; top_k = 1 is greedy.
+ * The MoE model (tools/moe_convert.py; the reference runs its router's top-k experts) gets the
+ * same reference checks, and (check_moe):
+ *  - FFN top-k = n_experts gives the dense model's logits (the "sum" gating of a MoEfied FFN
+ *    adds up the dense FFN's neurons; f16 expert down-projections: within 2e-3 of max |logit|, same top-1);
+ *  - every token's KV is stored in the shard of its routed top-1 expert, and PIKV_SELECT_EXPERTS
+ *    with experts_top_k = n_experts reads everything (logits equal exact mode within 1e-5),
+ *    while experts_top_k = 1 reads fewer tokens;
+ *  - bad moe_top_k, a cache whose expert count is not the model's, MoE keys or tensors missing
+ *    -> a status and a message naming them.
  * PIKV_LLAMA_TEST_CASES=N limits the reference cases run (sanitizer builds).
- * Usage: llama_model MODEL.gguf REFERENCE.txt
+ * Usage: llama_model MODEL.gguf REFERENCE.txt [DENSE.gguf (with a MoE model)]
  */
 #include "test-util.h"
 
@@ -314,6 +323,7 @@ static void expect_bad_shape(unsigned char *img, size_t n, const char *name, uin
 
 static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_path)
 {
+    const int moe = pikv_llama_get_hparams(m)->n_experts > 1;
     tu_set_case("errors");
     pikv_llama *bad = (pikv_llama *)1;
     pikv_llama_error err;
@@ -357,7 +367,11 @@ static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_pat
     size_t n = 0;
     unsigned char *img = read_file(model_path, &n);
     if (CHECKF(img != NULL, "cannot read %s", model_path)) {
-        expect_missing(img, n, "blk.7.ffn_up.weight");
+        expect_missing(img, n, moe ? "blk.7.ffn_up_exps.weight" : "blk.7.ffn_up.weight");
+        if (moe) {
+            expect_missing(img, n, "blk.3.ffn_gate_inp.weight");
+            expect_missing(img, n, "llama.expert_used_count");
+        }
         expect_missing(img, n, "output_norm.weight");
         expect_missing(img, n, "llama.block_count");
         expect_missing(img, n, "tokenizer.ggml.tokens");
@@ -395,6 +409,121 @@ static void check_sampling(void)
     CHECK_EQ(pikv_llama_sample(NULL, 6, 0.0f, 0, NULL), -1);
 }
 
+/* Logits of one prompt through a fresh F32 cache of `p` (NULL: the model's defaults). */
+static int forward_logits(pikv_llama *m, pikv_context *ctx, const pikv_cache_params *p,
+                          const ref_case *c, int32_t moe_k, float *lg, pikv_cache_stats *st)
+{
+    pikv_cache_params q = p ? *p : pikv_llama_cache_params(m, 1, 1024);
+    pikv_cache *cache = NULL;
+    if (!CHECK_OK(pikv_cache_create(ctx, &q, &cache)))
+        return 0;
+    pikv_llama_run_params rp;
+    memset(&rp, 0, sizeof rp);
+    rp.moe_top_k = moe_k;
+    pikv_llama_error err;
+    int ok = CHECK_OK(pikv_seq_add(cache, 0)) &&
+             CHECKF(pikv_llama_forward_ex(m, cache, 0, c->ids, c->n_ids, &rp, lg, &err) == PIKV_LLAMA_OK,
+                    "forward: %s", err.message);
+    if (ok && st)
+        ok = CHECK_OK(pikv_cache_get_stats(cache, st));
+    pikv_cache_free(cache);
+    return ok;
+}
+
+static double max_abs_diff(const float *a, const float *b, int32_t n, double *max_b)
+{
+    double d = 0, mb = 0;
+    for (int32_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - (double)b[i]));
+        mb = fmax(mb, fabs((double)b[i]));
+    }
+    if (max_b)
+        *max_b = mb;
+    return d;
+}
+
+static void check_moe(pikv_llama *m, pikv_context *ctx, const ref_case *c, const char *dense_path)
+{
+    const pikv_llama_hparams *hp = pikv_llama_get_hparams(m);
+    const int32_t V = hp->n_vocab, X = hp->n_experts;
+    float *a = malloc((size_t)V * sizeof(float)), *b = malloc((size_t)V * sizeof(float));
+    if (!CHECK(a && b))
+        goto out;
+    pikv_llama_error err;
+    if (dense_path) {
+        tu_set_case("moe: top-k = n_experts is the dense FFN");
+        pikv_llama *dense = NULL;
+        if (CHECKF(pikv_llama_load(dense_path, 2, &dense, &err) == PIKV_LLAMA_OK, "%s", err.message) &&
+            forward_logits(dense, ctx, NULL, c, 0, a, NULL) && forward_logits(m, ctx, NULL, c, X, b, NULL)) {
+            double mx = 0, d = max_abs_diff(b, a, V, &mx);
+            printf("moe top-%d vs dense: logits max |diff| %.3g (ratio %.2g)\n", (int)X, d, d / mx);
+            CHECKF(d <= 2e-3 * mx, "max |diff| %g > 2e-3 * %g", d, mx);
+            CHECK_EQ(argmax(a, V), argmax(b, V));
+        }
+        pikv_llama_free(dense);
+    }
+
+    tu_set_case("moe: experts selection");
+    pikv_cache_params p = pikv_llama_cache_params(m, 1, 1024);
+    CHECK_EQ(p.n_experts, X);
+    CHECK_EQ(p.experts_per_token, hp->n_experts_used);
+    pikv_cache_stats s_all, s_sel;
+    if (forward_logits(m, ctx, &p, c, 0, a, &s_all)) {
+        p.select.mode = PIKV_SELECT_EXPERTS;
+        p.experts_per_token = X;    /* every query is routed to all experts ... */
+        p.select.experts_top_k = X; /* ... and reads them all: exact */
+        if (forward_logits(m, ctx, &p, c, 0, b, &s_sel)) {
+            double mx = 0, d = max_abs_diff(b, a, V, &mx);
+            printf("experts selection, top %d of %d: max |diff| %.3g, tokens read %lld (all: %lld)\n", (int)X,
+                   (int)X, d, (long long)s_sel.last_tokens_read, (long long)s_all.last_tokens_read);
+            CHECKF(d <= 1e-5 * mx, "max |diff| %g > 1e-5 * %g", d, mx);
+            CHECK_EQ(s_sel.last_tokens_read, s_all.last_tokens_read);
+        }
+        p.select.experts_top_k = 1;
+        p.select.sink_tokens = 0;
+        p.select.recent_tokens = 0;
+        if (forward_logits(m, ctx, &p, c, 0, b, &s_sel)) {
+            printf("experts selection, top 1: tokens read in the last attend %lld of %lld, top-1 %d (exact %d)\n",
+                   (long long)s_sel.last_tokens_read, (long long)s_all.last_tokens_read, (int)argmax(b, V),
+                   (int)argmax(a, V));
+            CHECKF(s_sel.last_tokens_read < s_all.last_tokens_read && s_sel.last_tokens_read > 0,
+                   "tokens read %lld, all %lld", (long long)s_sel.last_tokens_read,
+                   (long long)s_all.last_tokens_read);
+        }
+    }
+
+    tu_set_case("moe: errors");
+    pikv_cache *cache = make_cache(ctx, m, 1, PIKV_DTYPE_F32);
+    if (cache) {
+        pikv_llama_run_params rp;
+        memset(&rp, 0, sizeof rp);
+        for (int k = 0; k < 2; k++) {
+            rp.moe_top_k = k ? -1 : X + 1;
+            pikv_llama_status s = pikv_llama_forward_ex(m, cache, 0, c->ids, 1, &rp, NULL, &err);
+            printf("moe_top_k %d -> %s: %s\n", (int)rp.moe_top_k, pikv_llama_status_name(s), err.message);
+            CHECK_EQ(s, PIKV_LLAMA_ERR_ARG);
+            CHECK(strstr(err.message, "moe_top_k") != NULL);
+        }
+        int64_t len = -1;
+        CHECK_OK(pikv_seq_length(cache, 0, 0, &len));
+        CHECK_EQ(len, 0); /* refused before anything was appended */
+        pikv_cache_free(cache);
+    }
+    p = pikv_llama_cache_params(m, 1, 1024);
+    p.n_experts = 1;
+    p.experts_per_token = 1;
+    pikv_cache *wrong = NULL;
+    if (CHECK_OK(pikv_cache_create(ctx, &p, &wrong)) && CHECK_OK(pikv_seq_add(wrong, 0))) {
+        pikv_llama_status s = pikv_llama_forward(m, wrong, 0, c->ids, 1, NULL, &err);
+        CHECK_EQ(s, PIKV_LLAMA_ERR_ARG);
+        CHECKF(strstr(err.message, "experts") != NULL, "message: %s", err.message);
+    }
+    pikv_cache_free(wrong);
+out:
+    free(a);
+    free(b);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -418,9 +547,18 @@ int main(int argc, char **argv)
         return tu_finish();
     printf("loaded %s in %.3f s\n", argv[1], now_s() - t0);
     const pikv_llama_hparams *hp = pikv_llama_get_hparams(m);
+    const int moe = hp->n_experts > 1;
     CHECK_EQ(hp->n_layers, 30);
     CHECK_EQ(hp->n_embd, 576);
-    CHECK_EQ(hp->n_ff, 1536);
+    if (moe) { /* tools/moe_convert.py's defaults: 8 experts of 192 neurons, top-2, summed */
+        CHECK_EQ(hp->n_experts, 8);
+        CHECK_EQ(hp->n_experts_used, 2);
+        CHECK_EQ(hp->n_ff, 1536 / 8);
+        CHECK_EQ(hp->moe_gating, PIKV_LLAMA_GATING_SUM);
+    } else {
+        CHECK_EQ(hp->n_ff, 1536);
+        CHECK_EQ(hp->n_experts, 1);
+    }
     CHECK_EQ(hp->n_head, 9);
     CHECK_EQ(hp->n_head_kv, 3);
     CHECK_EQ(hp->head_dim, 64);
@@ -440,6 +578,8 @@ int main(int argc, char **argv)
         check_chunking(m, ctx, &cases[0]);
         check_dtypes(m, ctx, &cases[n_cases - 1]);
         check_errors(m, ctx, argv[1]);
+        if (moe)
+            check_moe(m, ctx, &cases[0], argc > 3 ? argv[3] : NULL);
     }
     pikv_context_free(ctx);
     pikv_llama_free(m);
