@@ -1175,25 +1175,117 @@ static float dot_row(gguf_ttype type, const uint8_t *w, const float *x, uint64_t
     return acc_sum(acc);
 }
 
-#define GGUF_MM_TILE 8 /* vectors sharing one dequantized block */
+/* The products of one dequantized row w (n floats) with nv <= 4 vectors: dot_row's arithmetic
+ * per vector (w[i] * x[i] added to lane i % 8 in element order, lanes summed by acc_sum), so
+ * the results equal dot_row's bit for bit. The 8 lanes are one 8-float vector (GCC/Clang
+ * vector extension); where the CPU has AVX2 the clone built for it runs (ifunc): the same
+ * multiplies and adds in the same order (no FMA: this library is built with -ffp-contract=off). */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GGUF_NO_CLONES 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define GGUF_NO_CLONES 1
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(GGUF_NO_CLONES)
+#define GGUF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GGUF_CLONES
+#endif
 
-/* out[v * out_stride] = row . x[v * n ...] for v < nv <= GGUF_MM_TILE: dot_row's arithmetic per
- * vector, each block dequantized once. */
-static void dot_row_multi(gguf_ttype type, const uint8_t *w, const float *x, uint64_t n, uint64_t nv,
-                          float *out, uint64_t out_stride)
+#if defined(__GNUC__)
+typedef float gguf_v8 __attribute__((vector_size(32)));
+/* an unaligned load, without passing 32-byte vectors by value (an ABI that depends on -mavx) */
+#define GGUF_LD_V8(dst, p) memcpy(&(dst), (p), sizeof(dst))
+GGUF_CLONES
+static void dot4_lanes(const float *w, const float *x, uint64_t n, uint64_t nv, float *out,
+                       uint64_t out_stride)
 {
-    float acc[GGUF_MM_TILE][8];
-    memset(acc, 0, sizeof acc);
-    float tmp[32];
-    const uint32_t bb = gguf_type_block_bytes(type);
-    for (uint64_t k = 0; k < n; k += 32) {
-        const uint64_t m = n - k < 32 ? n - k : 32;
-        deq_chunk(type, w, bb, k, m, tmp);
-        for (uint64_t v = 0; v < nv; v++)
-            acc_chunk(acc[v], tmp, x + v * n + k, m);
+    gguf_v8 v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};
+    const float *x0 = x, *x1 = x + (nv > 1 ? n : 0), *x2 = x + (nv > 2 ? 2 * n : 0),
+                *x3 = x + (nv > 3 ? 3 * n : 0);
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        gguf_v8 wv, y0, y1, y2, y3;
+        GGUF_LD_V8(wv, w + i);
+        GGUF_LD_V8(y0, x0 + i);
+        GGUF_LD_V8(y1, x1 + i);
+        GGUF_LD_V8(y2, x2 + i);
+        GGUF_LD_V8(y3, x3 + i);
+        v0 += wv * y0;
+        v1 += wv * y1;
+        v2 += wv * y2;
+        v3 += wv * y3;
     }
-    for (uint64_t v = 0; v < nv; v++)
-        out[v * out_stride] = acc_sum(acc[v]);
+    float a0[8], a1[8], a2[8], a3[8];
+    memcpy(a0, &v0, sizeof a0);
+    memcpy(a1, &v1, sizeof a1);
+    memcpy(a2, &v2, sizeof a2);
+    memcpy(a3, &v3, sizeof a3);
+#else
+static void dot4_lanes(const float *w, const float *x, uint64_t n, uint64_t nv, float *out,
+                       uint64_t out_stride)
+{
+    float a0[8] = {0}, a1[8] = {0}, a2[8] = {0}, a3[8] = {0};
+    const float *x0 = x, *x1 = x + (nv > 1 ? n : 0), *x2 = x + (nv > 2 ? 2 * n : 0),
+                *x3 = x + (nv > 3 ? 3 * n : 0);
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) {
+            a0[l] += w[i + l] * x0[i + l];
+            a1[l] += w[i + l] * x1[i + l];
+            a2[l] += w[i + l] * x2[i + l];
+            a3[l] += w[i + l] * x3[i + l];
+        }
+#endif
+    for (; i < n; i++) {
+        a0[i % 8] += w[i] * x0[i];
+        a1[i % 8] += w[i] * x1[i];
+        a2[i % 8] += w[i] * x2[i];
+        a3[i % 8] += w[i] * x3[i];
+    }
+    out[0] = acc_sum(a0);
+    if (nv > 1) out[out_stride] = acc_sum(a1);
+    if (nv > 2) out[2 * out_stride] = acc_sum(a2);
+    if (nv > 3) out[3 * out_stride] = acc_sum(a3);
+}
+
+/* dot4_lanes for one vector (decode). */
+#if defined(__GNUC__)
+GGUF_CLONES
+static float dot1_lanes(const float *w, const float *x, uint64_t n)
+{
+    gguf_v8 v0 = {0};
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        gguf_v8 wv, y0;
+        GGUF_LD_V8(wv, w + i);
+        GGUF_LD_V8(y0, x + i);
+        v0 += wv * y0;
+    }
+    float a0[8];
+    memcpy(a0, &v0, sizeof a0);
+#else
+static float dot1_lanes(const float *w, const float *x, uint64_t n)
+{
+    float a0[8] = {0};
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++)
+            a0[l] += w[i + l] * x[i + l];
+#endif
+    for (; i < n; i++)
+        a0[i % 8] += w[i] * x[i];
+    return acc_sum(a0);
+}
+
+/* The whole row dequantized once (as gguf_dequantize does) into wbuf (n floats). */
+static void deq_row(gguf_ttype type, const uint8_t *w, uint64_t n, float *wbuf)
+{
+    const uint32_t bb = gguf_type_block_bytes(type);
+    for (uint64_t k = 0; k < n; k += 32)
+        deq_chunk(type, w, bb, k, n - k < 32 ? n - k : 32, wbuf + k);
 }
 
 gguf_status gguf_row_dot(const gguf_tensor *w, uint64_t row, const float *x, float *out)
@@ -1219,17 +1311,31 @@ static void *mv_run(void *arg)
 {
     const mv_job *j = (const mv_job *)arg;
     const uint64_t rb = row_bytes(j->w), n = (uint64_t)j->w->ne[0];
-    if (j->n_vec == 1) {
-        for (uint64_t r = j->r0; r < j->r1; r++)
-            j->y[r] = dot_row(j->w->type, j->w->data + r * rb, j->x, n);
+    /* each row dequantized once for all the vectors (rounded up to a block of 32, since
+       deq_chunk writes whole blocks) */
+    float *wbuf = malloc(((n + 31) / 32 * 32) * sizeof(float));
+    if (wbuf && j->n_vec == 1) {
+        for (uint64_t r = j->r0; r < j->r1; r++) {
+            deq_row(j->w->type, j->w->data + r * rb, n, wbuf);
+            j->y[r] = dot1_lanes(wbuf, j->x, n);
+        }
+        free(wbuf);
         return NULL;
     }
-    for (uint64_t r = j->r0; r < j->r1; r++)
-        for (uint64_t v = 0; v < j->n_vec; v += GGUF_MM_TILE) {
-            const uint64_t nv = j->n_vec - v < GGUF_MM_TILE ? j->n_vec - v : GGUF_MM_TILE;
-            dot_row_multi(j->w->type, j->w->data + r * rb, j->x + v * n, n, nv, j->y + v * j->rows + r,
-                          j->rows);
+    if (!wbuf) {
+        for (uint64_t r = j->r0; r < j->r1; r++)
+            for (uint64_t v = 0; v < j->n_vec; v++)
+                j->y[v * j->rows + r] = dot_row(j->w->type, j->w->data + r * rb, j->x + v * n, n);
+        return NULL;
+    }
+    for (uint64_t r = j->r0; r < j->r1; r++) {
+        deq_row(j->w->type, j->w->data + r * rb, n, wbuf);
+        for (uint64_t v = 0; v < j->n_vec; v += 4) {
+            const uint64_t nv = j->n_vec - v < 4 ? j->n_vec - v : 4;
+            dot4_lanes(wbuf, j->x + v * n, n, nv, j->y + v * j->rows + r, j->rows);
         }
+    }
+    free(wbuf);
     return NULL;
 }
 

@@ -167,9 +167,9 @@ gguf_status gguf_row_dot(const gguf_tensor *w, uint64_t row, const float *x, flo
  * gguf_row_dot, so the result does not depend on n_threads. */
 gguf_status gguf_matvec(const gguf_tensor *w, const float *x, float *y, int n_threads);
 /* n_vec products at once (prefill): x holds n_vec vectors of ne[0] floats, y gets n_vec vectors
- * of rows floats (y[v * rows + r] = row r . vector v). Each weight block is dequantized once per
- * 8 vectors; every product has gguf_matvec's arithmetic, so the results equal n_vec gguf_matvec
- * calls bit for bit. */
+ * of rows floats (y[v * rows + r] = row r . vector v). Each weight row is dequantized once for
+ * all the vectors (AVX2 where the CPU has it, same operations); every product has gguf_matvec's
+ * arithmetic, so the results equal n_vec gguf_matvec calls bit for bit. */
 gguf_status gguf_matmul(const gguf_tensor *w, const float *x, uint64_t n_vec, float *y, int n_threads);
 
 /* A persistent pool of n_threads - 1 workers (the caller is the n-th) for the forward pass's

@@ -214,7 +214,7 @@ static int run_generate(const gen_opts_t *o)
 
     pikv_context_params cp = pikv_context_default_params();
     cp.backends = o->backend;
-    cp.cpu_threads = 1;
+    cp.cpu_threads = o->threads; /* attention runs between the products, on the same cores */
     pikv_status ps = pikv_context_create(&cp, &ctx);
     if (ps != PIKV_OK) {
         rc = cli_lib_error(ctx, "pikv_context_create", ps);
