@@ -128,5 +128,6 @@ int cli_streq_nocase(const char *a, const char *b);
 /* Subcommands. */
 int cli_cmd_devices(int argc, char **argv);
 int cli_cmd_run(int argc, char **argv);
+int cli_cmd_eval(int argc, char **argv);
 
 #endif /* PIKV_TOOLS_CLI_H */

@@ -14,6 +14,8 @@ static void main_usage(FILE *f)
           "  devices     list the devices PiKV finds (name, backend, memory, capabilities)\n"
           "  run         run a synthetic MoE decode workload through the cache and check it\n"
           "              against a dense double-precision reference\n"
+          "  eval        accuracy against KV memory on the real model: perplexity, top-1\n"
+          "              agreement and passkey retrieval per cache configuration\n"
           "  help [CMD]  show this help, or a command's help\n"
           "\n"
           "options:\n"
@@ -56,11 +58,13 @@ int main(int argc, char **argv)
         char *sub_argv[3] = {argv[0], argv[2], help};
         if (strcmp(argv[2], "devices") == 0) return cli_cmd_devices(3, sub_argv);
         if (strcmp(argv[2], "run") == 0) return cli_cmd_run(3, sub_argv);
+        if (strcmp(argv[2], "eval") == 0) return cli_cmd_eval(3, sub_argv);
         fprintf(stderr, "pikv: unknown command '%s' (see 'pikv --help')\n", argv[2]);
         return CLI_EXIT_USAGE;
     }
     if (strcmp(cmd, "devices") == 0) return cli_cmd_devices(argc, argv);
     if (strcmp(cmd, "run") == 0) return cli_cmd_run(argc, argv);
+    if (strcmp(cmd, "eval") == 0) return cli_cmd_eval(argc, argv);
     if (cmd[0] == '-')
         fprintf(stderr, "pikv: unknown option '%s' (see 'pikv --help')\n", cmd);
     else
