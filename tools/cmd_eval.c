@@ -189,7 +189,7 @@ static void set_evict(eval_config *c, pikv_budget_mode mode, int64_t per_layer, 
 /* Every configuration for these options (dense layers n_layers; the MoE model's
    n_experts, or 0 when unknown). */
 static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_experts,
-                          config_list *L)
+                          int32_t n_experts_used, config_list *L)
 {
     char nm[40];
     const int32_t C = o->ctx, floor_tokens = o->sinks + o->recent;
@@ -235,6 +235,7 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
     }
     const int32_t ne = n_experts > 0 ? n_experts : 8;
     for (int32_t k = 1; k <= ne; k *= 2) {
+        if (k == n_experts_used) continue; /* that is moe-full */
         snprintf(nm, sizeof nm, "moe-k%d", (int)k);
         add_config(L, nm, EVAL_MOE)->moe_top_k = k;
     }
@@ -752,13 +753,14 @@ int cli_cmd_eval(int argc, char **argv)
         return CLI_EXIT_FAIL;
     }
     const int have_moe = file_exists(o.moe_model_path);
-    int32_t moe_experts = 0;
+    int32_t moe_experts = 0, moe_used = 0;
     if (have_moe) {
         if (load_model(&o, o.moe_model_path, &moe) != 0) {
             rc = CLI_EXIT_FAIL;
             goto out;
         }
         moe_experts = moe.hp->n_experts;
+        moe_used = moe.hp->n_experts_used;
         if (moe_experts < 2) {
             fprintf(stderr, "pikv eval: --moe-model '%s' is a dense model (%d expert)\n",
                     o.moe_model_path, (int)moe_experts);
@@ -766,7 +768,7 @@ int cli_cmd_eval(int argc, char **argv)
             goto out;
         }
     }
-    build_configs(&o, dense.hp->n_layers, moe_experts, L);
+    build_configs(&o, dense.hp->n_layers, moe_experts, moe_used, L);
     if (list) {
         for (int i = 0; i < L->n; i++) {
             char d[96];
