@@ -742,7 +742,7 @@ int cli_cmd_eval(int argc, char **argv)
     config_list *L = calloc(1, sizeof *L);
     int32_t *ids = NULL, *argmax = NULL;
     char *text = NULL;
-    char notes[512] = "";
+    char notes[1024] = "";
     int rc = CLI_EXIT_OK;
     if (!L) {
         fprintf(stderr, "pikv eval: out of memory\n");
@@ -870,8 +870,18 @@ int cli_cmd_eval(int argc, char **argv)
     }
     dense.ctx = moe.ctx = pctx;
 
-    /* runs: per model, the baseline first */
-    for (int model = EVAL_DENSE; model <= EVAL_MOE && rc == CLI_EXIT_OK; model++) {
+    /* runs: per model, the baseline first. A configuration that fails is reported and
+       left out (the others still run); the exit status is then 1. Without its baseline
+       a model's other configurations are skipped. */
+    char failed[512] = "";
+    int n_failed = 0;
+#define EVAL_FAILED(name)                                                                   \
+    do {                                                                                    \
+        n_failed++;                                                                         \
+        size_t fl_ = strlen(failed);                                                        \
+        snprintf(failed + fl_, sizeof failed - fl_, "%s%s", fl_ ? "," : "", (name));         \
+    } while (0)
+    for (int model = EVAL_DENSE; model <= EVAL_MOE; model++) {
         eval_model *em = model == EVAL_MOE ? &moe : &dense;
         if (model == EVAL_MOE && !have_moe) break;
         int32_t *mids = ids;
@@ -880,7 +890,7 @@ int cli_cmd_eval(int argc, char **argv)
         if (model == EVAL_MOE) { /* its own tokenizer (the same vocabulary, normally) */
             if (eval_tokenize(em->tok, text, 0, &own, &n_mids) != 0 || n_mids < o.chunks * o.ctx) {
                 free(own);
-                rc = CLI_EXIT_FAIL;
+                EVAL_FAILED("moe tokenizer");
                 break;
             }
             mids = own;
@@ -888,26 +898,34 @@ int cli_cmd_eval(int argc, char **argv)
         eval_config *base = NULL;
         for (int i = 0; i < L->n; i++)
             if (L->c[i].model == model && L->c[i].baseline) base = &L->c[i];
-        for (int pass = 0; pass < 2 && rc == CLI_EXIT_OK; pass++)
-            for (int i = 0; i < L->n && rc == CLI_EXIT_OK; i++) {
+        for (int pass = 0; pass < 2; pass++)
+            for (int i = 0; i < L->n; i++) {
                 eval_config *c = &L->c[i];
                 if (c->model != model || !keep[i] || (pass == 0) != (c == base)) continue;
-                if (eval_perplexity(&o, em, c, mids, o.chunks, argmax) != 0) rc = CLI_EXIT_FAIL;
+                if (pass == 1 && !base->ran) continue;
+                if (eval_perplexity(&o, em, c, mids, o.chunks, argmax) != 0) EVAL_FAILED(c->name);
                 else c->delta = c->ppl - base->ppl;
             }
-        for (int i = 0; i < L->n && rc == CLI_EXIT_OK; i++) {
+        for (int i = 0; i < L->n; i++) {
             eval_config *c = &L->c[i];
-            if (c->model != model || !c->passkey || o.n_pk_lengths == 0) continue;
-            if (eval_passkey(&o, em, c) != 0) rc = CLI_EXIT_FAIL;
+            if (c->model != model || !c->passkey || o.n_pk_lengths == 0 || !base->ran) continue;
+            if (eval_passkey(&o, em, c) != 0) EVAL_FAILED(c->name);
         }
         free(own);
+    }
+#undef EVAL_FAILED
+    if (n_failed) {
+        size_t nl = strlen(notes);
+        snprintf(notes + nl, sizeof notes - nl, "%sFAILED runs (see stderr): %s", nl ? "; " : "",
+                 failed);
+        rc = CLI_EXIT_FAIL;
     }
     pikv_context_free(pctx);
     const double wall = eval_now() - t_start;
 
     /* checks */
     check_result checks[16];
-    int n_checks = 0, failed = 0;
+    int n_checks = 0, n_check_failed = 0;
     eval_config *f32 = NULL, *full = NULL, *int8 = NULL, *moe_f32 = NULL;
     for (int i = 0; i < L->n; i++) {
         if (!L->c[i].ran) continue;
@@ -916,7 +934,7 @@ int cli_cmd_eval(int argc, char **argv)
         if (!strcmp(L->c[i].name, "int8")) int8 = &L->c[i];
         if (!strcmp(L->c[i].name, "moe-full-f32")) moe_f32 = &L->c[i];
     }
-    if (o.check && rc == CLI_EXIT_OK) {
+    if (o.check) {
         check_result *k = &checks[n_checks++];
         snprintf(k->name, sizeof k->name, "full-f32 ppl in range");
         k->pass = f32 && isfinite(f32->ppl) && f32->ppl >= CHECK_PPL_MIN && f32->ppl <= CHECK_PPL_MAX;
@@ -941,10 +959,10 @@ int cli_cmd_eval(int argc, char **argv)
             snprintf(k->detail, sizeof k->detail, "ppl %.6f vs %.6f: relative %.3g (bound %g)",
                      int8 ? int8->ppl : NAN, full ? full->ppl : NAN, rel, CHECK_INT8_REL);
         }
-        for (int i = 0; i < n_checks; i++) failed += !checks[i].pass;
+        for (int i = 0; i < n_checks; i++) n_check_failed += !checks[i].pass;
     }
 
-    if (rc == CLI_EXIT_OK) {
+    {
         print_table(&o, L);
         if (o.check) {
             printf("\nchecks:\n");
@@ -961,7 +979,7 @@ int cli_cmd_eval(int argc, char **argv)
     cmdline[0] = 0;
     for (int i = 0; i < argc && cl + 2 < sizeof cmdline; i++)
         cl += (size_t)snprintf(cmdline + cl, sizeof cmdline - cl, "%s%s", i ? " " : "", argv[i]);
-    if (rc == CLI_EXIT_OK && (o.json_path || o.plot_path)) {
+    if (o.json_path || o.plot_path) {
         char tmp[1300];
         const char *jp = o.json_path;
         if (!jp) {
@@ -971,11 +989,12 @@ int cli_cmd_eval(int argc, char **argv)
         if (write_json(jp, &o, L, cmdline, wall, checks, n_checks, notes, f32) != 0) {
             rc = CLI_EXIT_FAIL;
         } else if (o.plot_path) {
+            fflush(stdout);
             run_plot(jp, o.plot_path);
         }
     }
-    if (rc == CLI_EXIT_OK && failed) {
-        fprintf(stderr, "pikv eval: %d check(s) FAILED\n", failed);
+    if (n_check_failed) {
+        fprintf(stderr, "pikv eval: %d check(s) FAILED\n", n_check_failed);
         rc = CLI_EXIT_FAIL;
     }
 out:
