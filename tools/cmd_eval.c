@@ -35,7 +35,7 @@ enum {
     OPT_HELP = 1, OPT_MODEL, OPT_MOE_MODEL, OPT_CORPUS, OPT_CTX, OPT_CHUNKS, OPT_PK_LENGTHS,
     OPT_PK_SAMPLES, OPT_PK_CONFIGS, OPT_PK_LONG, OPT_PK_FORMAT, OPT_CONFIGS, OPT_THREADS,
     OPT_BACKEND, OPT_JSON, OPT_PLOT, OPT_SEED, OPT_QUICK, OPT_CHECK, OPT_DUMP_IDS,
-    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST
+    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST, OPT_PK_LONG_SAMPLES
 };
 
 static const cli_opt eval_opts_table[] = {
@@ -50,6 +50,7 @@ static const cli_opt eval_opts_table[] = {
     {"--passkey-configs", NULL, 1, OPT_PK_CONFIGS},
     {"--passkey-long", NULL, 1, OPT_PK_LONG},
     {"--passkey-format", NULL, 1, OPT_PK_FORMAT},
+    {"--passkey-long-samples", NULL, 1, OPT_PK_LONG_SAMPLES},
     {"--configs", NULL, 1, OPT_CONFIGS},
     {"--threads", NULL, 1, OPT_THREADS},
     {"--backend", NULL, 1, OPT_BACKEND},
@@ -110,14 +111,16 @@ static void eval_usage(FILE *f)
           "  --ctx N                 tokens per chunk, 32..8192 (default 512; --quick 128)\n"
           "  --chunks N              chunks, from the start of the text (default 2; --quick 1)\n"
           "passkey retrieval:\n"
-          "  --passkey-lengths LIST  prompt lengths in tokens, comma list, 0 = none\n"
-          "                          (default 512,2048,4096,8192; --quick 0)\n"
+          "  --passkey-lengths LIST  prompt lengths in tokens, comma list, 0 = none; 8192 is\n"
+          "                          cut to the model's context minus the answer\n"
+          "                          (default 1024,4096,8192; --quick 0)\n"
           "  --passkey-samples N     prompts per length, key depths spread by the seed (default 2)\n"
           "  --passkey-configs LIST  configurations tested (default full,int4,quest-B,\n"
           "                          streaming-B,h2o-B,pyramid-B with B = ctx/4, and\n"
           "                          moe-full,pikv)\n"
-          "  --passkey-long N        lengths above N run only the baselines full and moe-full\n"
-          "                          (default 2048)\n"
+          "  --passkey-long N        lengths above N run only for the dense baseline full\n"
+          "                          (default 1024)\n"
+          "  --passkey-long-samples N  ... with N prompts each (default 1)\n"
           "  --passkey-format F      plain|chat (default plain: the chat template gets fewer\n"
           "                          keys right from this model; docs/eval.md)\n"
           "configurations:\n"
@@ -488,10 +491,11 @@ static int write_json(const char *path, const eval_opts *o, const config_list *L
     fprintf(f,
             ", \"ctx\": %d, \"chunks\": %d, \"page_size\": %d, \"sinks\": %d, \"recent\": %d, "
             "\"seed\": %" PRIu64 ", \"quick\": %s, \"passkey_samples\": %d, "
-            "\"passkey_long\": %d, \"passkey_format\": \"%s\", \"passkey_lengths\": [",
+            "\"passkey_long\": %d, \"passkey_long_samples\": %d, \"passkey_format\": \"%s\", "
+            "\"passkey_lengths\": [",
             (int)o->ctx, (int)o->chunks, (int)o->page_size, (int)o->sinks, (int)o->recent,
             o->seed, o->quick ? "true" : "false", (int)o->pk_samples, (int)o->pk_long,
-            o->pk_chat ? "chat" : "plain");
+            (int)o->pk_long_samples, o->pk_chat ? "chat" : "plain");
     for (int l = 0; l < o->n_pk_lengths; l++) fprintf(f, "%s%d", l ? ", " : "", (int)o->pk_lengths[l]);
     fprintf(f, "]},\n  \"notes\": ");
     cli_json_string(f, notes);
@@ -672,7 +676,8 @@ int cli_cmd_eval(int argc, char **argv)
     o.piece = 64;
     o.seed = 1;
     o.pk_samples = 2;
-    o.pk_long = 2048;
+    o.pk_long = 1024;
+    o.pk_long_samples = 1;
     int ctx_set = 0, chunks_set = 0, lengths_set = 0, list = 0;
 
     cli_parser p;
@@ -695,6 +700,7 @@ int cli_cmd_eval(int argc, char **argv)
         case OPT_PK_SAMPLES: bad = cli_parse_i32(&p, v, 1, 1000, &o.pk_samples); break;
         case OPT_PK_CONFIGS: bad = valid_list(&p, "--passkey-configs", v); o.passkey_configs = v; break;
         case OPT_PK_LONG: bad = cli_parse_i32(&p, v, 0, 1 << 20, &o.pk_long); break;
+        case OPT_PK_LONG_SAMPLES: bad = cli_parse_i32(&p, v, 1, 1000, &o.pk_long_samples); break;
         case OPT_PK_FORMAT:
             bad = cli_parse_choice(&p, v, formats, &choice);
             o.pk_chat = choice == 1;
@@ -723,8 +729,8 @@ int cli_cmd_eval(int argc, char **argv)
     if (!ctx_set) o.ctx = o.quick ? 128 : 512;
     if (!chunks_set) o.chunks = 1 + !o.quick;
     if (!lengths_set && !o.quick) {
-        static const int32_t dl[] = {512, 2048, 4096, 8192};
-        o.n_pk_lengths = 4;
+        static const int32_t dl[] = {1024, 4096, 8192};
+        o.n_pk_lengths = 3;
         memcpy(o.pk_lengths, dl, sizeof dl);
     }
     if (o.ctx < o.page_size) {

@@ -62,7 +62,8 @@ typedef struct eval_opts {
     int32_t pk_lengths[EVAL_MAX_LENGTHS];
     int n_pk_lengths;
     int32_t pk_samples;
-    int32_t pk_long;            /* lengths above this run only the full baselines */
+    int32_t pk_long;            /* lengths above this run only the dense baseline `full` */
+    int32_t pk_long_samples;    /* ... with this many samples */
     int pk_chat;                /* the chat template around the passkey prompt */
     uint64_t seed;
     int quick, check, quiet;
@@ -83,7 +84,7 @@ int eval_perplexity(const eval_opts *o, eval_model *em, eval_config *cfg, const 
                     int32_t n_chunks, int32_t *base_argmax);
 
 /* Runs the passkey test of cfg at every length (skipping lengths past the model's context,
-   and lengths > o->pk_long unless cfg->baseline). */
+   and lengths > o->pk_long unless cfg is the dense baseline). */
 int eval_passkey(const eval_opts *o, eval_model *em, eval_config *cfg);
 
 /* Tokenizes text (no special tokens unless special). *out malloc'd. 0 or -1. */

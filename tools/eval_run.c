@@ -230,7 +230,7 @@ static void put(int32_t *dst, int32_t *len, const int32_t *src, int32_t n)
 
 /* The prompt of one sample: ids (malloc'd), the key, and the depth in [0, 1]. */
 static int pk_prompt(const eval_opts *o, const pikv_tokenizer *tok, int32_t length, int sample,
-                     int32_t **ids_out, int32_t *n_out, int *key_out, double *depth_out)
+                     int n_samples, int32_t **ids_out, int32_t *n_out, int *key_out, double *depth_out)
 {
     uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + (uint64_t)length * 1000003ull +
                    (uint64_t)sample * 7919ull + 1;
@@ -256,7 +256,7 @@ static int pk_prompt(const eval_opts *o, const pikv_tokenizer *tok, int32_t leng
     if (n_fill < 1) n_fill = 1;
     /* depths spread evenly over the samples, jittered by the seed */
     const double u = (double)(rng_next(&rng) >> 11) * (1.0 / 9007199254740992.0);
-    const double depth = ((double)sample + u) / (double)o->pk_samples;
+    const double depth = ((double)sample + u) / (double)n_samples;
     int32_t at = (int32_t)floor(depth * (double)n_fill + 0.5);
     if (at > n_fill) at = n_fill;
     const int32_t total = npre + nkt + nqt + n_fill * nfil;
@@ -345,7 +345,9 @@ int eval_passkey(const eval_opts *o, eval_model *em, eval_config *cfg)
     const double t_start = eval_now();
     for (int li = 0; li < o->n_pk_lengths && rc == 0; li++) {
         int32_t length = o->pk_lengths[li];
-        if (length > o->pk_long && !cfg->baseline) continue;
+        const int long_len = length > o->pk_long;
+        if (long_len && !(cfg->baseline && cfg->model == EVAL_DENSE)) continue;
+        const int n_samples = long_len ? o->pk_long_samples : o->pk_samples;
         /* the prompt plus the answer's tokens within the model's context */
         if (length > em->hp->n_ctx - 8) length = em->hp->n_ctx - 8;
         pikv_cache *cache = NULL;
@@ -354,11 +356,11 @@ int eval_passkey(const eval_opts *o, eval_model *em, eval_config *cfg)
             break;
         }
         int correct = 0, total = 0;
-        for (int s = 0; s < o->pk_samples && rc == 0; s++) {
+        for (int s = 0; s < n_samples && rc == 0; s++) {
             int32_t *ids = NULL, n = 0;
             int key = 0;
             double depth = 0;
-            if (pk_prompt(o, em->tok, length, s, &ids, &n, &key, &depth) != 0) {
+            if (pk_prompt(o, em->tok, length, s, n_samples, &ids, &n, &key, &depth) != 0) {
                 rc = -1;
                 break;
             }
