@@ -209,7 +209,7 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
            over it */
         c = add_config(L, "quest-exact", EVAL_DENSE);
         c->dtype = PIKV_DTYPE_F32;
-        set_quest(c, C);
+        set_quest(c, C > floor_tokens ? C : floor_tokens);
         c->exact = 1;
         c = add_config(L, "evict-exact", EVAL_DENSE);
         c->dtype = PIKV_DTYPE_F32;
