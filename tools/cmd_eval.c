@@ -244,13 +244,15 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
     }
     c = add_config(L, "experts", EVAL_MOE);
     c->select.mode = PIKV_SELECT_EXPERTS;
-    /* every expert's shard read: exact by construction */
-    c = add_config(L, "experts-exact", EVAL_MOE);
-    c->dtype = PIKV_DTYPE_F32;
-    c->select.mode = PIKV_SELECT_EXPERTS;
-    c->cache_experts = ne;
-    c->select.experts_top_k = ne;
-    c->exact = 1;
+    if (o->check || o->quick) {
+        /* every expert's shard read: exact by construction */
+        c = add_config(L, "experts-exact", EVAL_MOE);
+        c->dtype = PIKV_DTYPE_F32;
+        c->select.mode = PIKV_SELECT_EXPERTS;
+        c->cache_experts = ne;
+        c->select.experts_top_k = ne;
+        c->exact = 1;
+    }
     /* PiKV combined: the query's experts, Quest among them, int8 pages, pyramidal
        budgets with utility eviction */
     if (budgets[1] >= floor_tokens) {
