@@ -79,8 +79,9 @@ def main():
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("passkey accuracy")
-    ax.set_title("passkey retrieval (%s prompt, %d samples per length)"
-                 % (s.get("passkey_format", "plain"), s.get("passkey_samples", 0)))
+    ax.set_title("passkey retrieval (%s prompt; %d samples a length, %d above %d)"
+                 % (s.get("passkey_format", "plain"), s.get("passkey_samples", 0),
+                    s.get("passkey_long_samples", 0), s.get("passkey_long", 0)), fontsize=10)
     ax.grid(alpha=0.3)
     if any_pk:
         ax.legend(fontsize=7)
