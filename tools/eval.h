@@ -77,6 +77,17 @@ typedef struct eval_model {
     pikv_context *ctx;
 } eval_model;
 
+typedef struct eval_config_list {
+    eval_config c[EVAL_MAX_CONFIGS];
+    int n;
+} eval_config_list;
+
+typedef struct eval_check {
+    char name[64];
+    int pass;
+    char detail[192];
+} eval_check;
+
 /* Runs the perplexity of cfg over the chunks (tokens[c * ctx ...]); base_argmax holds the
    baseline's argmax of every position (written when cfg->baseline, else compared). 0, or
    nonzero after printing an error. */
@@ -92,5 +103,18 @@ int eval_tokenize(const pikv_tokenizer *tok, const char *text, int special, int3
                   int32_t *n);
 
 double eval_now(void);
+
+/* eval_report.c */
+const char *eval_cache_dir(char *buf, size_t cap); /* $PIKV_CACHE or ~/.cache/pikv */
+int eval_file_exists(const char *path);
+const char *eval_dtype_name(pikv_dtype d);
+const char *eval_evict_name(pikv_evict_policy p);
+void eval_describe(const eval_config *c, char *buf, size_t cap);
+void eval_print_table(const eval_opts *o, const eval_config_list *L);
+int eval_write_json(const char *path, const eval_opts *o, const eval_config_list *L,
+                    const char *cmdline, double wall, const eval_check *checks, int n_checks,
+                    const char *notes, const eval_config *first);
+/* Runs the plot script; 0, or -1 after saying on stderr why there is no plot. */
+int eval_run_plot(const char *json, const char *png);
 
 #endif
