@@ -130,5 +130,6 @@ int cli_cmd_devices(int argc, char **argv);
 int cli_cmd_run(int argc, char **argv);
 int cli_cmd_generate(int argc, char **argv);
 int cli_cmd_demo(int argc, char **argv);
+int cli_cmd_eval(int argc, char **argv);
 
 #endif /* PIKV_TOOLS_CLI_H */
