@@ -27,7 +27,7 @@ enum {
     OPT_HELP = 1, OPT_MODEL, OPT_MOE_MODEL, OPT_CORPUS, OPT_CTX, OPT_CHUNKS, OPT_PK_LENGTHS,
     OPT_PK_SAMPLES, OPT_PK_CONFIGS, OPT_PK_LONG, OPT_PK_FORMAT, OPT_CONFIGS, OPT_THREADS,
     OPT_BACKEND, OPT_JSON, OPT_PLOT, OPT_SEED, OPT_QUICK, OPT_CHECK, OPT_DUMP_IDS,
-    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST, OPT_PK_LONG_SAMPLES
+    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST, OPT_PK_LONG_SAMPLES, OPT_MOE_FFN_K
 };
 
 static const cli_opt eval_opts_table[] = {
@@ -54,6 +54,7 @@ static const cli_opt eval_opts_table[] = {
     {"--dump-ids", NULL, 1, OPT_DUMP_IDS},
     {"--page-size", NULL, 1, OPT_PAGESIZE},
     {"--sinks", NULL, 1, OPT_SINKS},
+    {"--moe-ffn-k", NULL, 1, OPT_MOE_FFN_K},
     {"--recent", NULL, 1, OPT_RECENT},
     {"--quiet", "-q", 0, OPT_QUIET},
     {"--list-configs", NULL, 0, OPT_LIST},
@@ -108,6 +109,9 @@ static void eval_usage(FILE *f)
           "                          the chosen --ctx); baselines always run\n"
           "  --page-size N           tokens per page (default 16)\n"
           "  --sinks N               sink tokens, always read and kept (default 4)\n"
+          "  --moe-ffn-k K           the FFN's experts per token in the MoE cache configurations\n"
+          "                          (moe-full, experts, pikv); 0 = all (default: the dense FFN,\n"
+          "                          so they measure the KV reads alone; moe-kN rows: the FFN)\n"
           "  --recent N              recent tokens, always read and kept (default 32)\n"
           "  --list-configs          print the configurations and exit\n"
           "run:\n"
@@ -205,21 +209,29 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
             if (f == 3) set_evict(c, PIKV_BUDGET_PYRAMID, B, n_layers, PIKV_EVICT_H2O);
         }
     }
-    /* MoE model */
+    /* MoE model. Its cache configurations run the FFN with ffn_k experts per token (default
+       all of them: the dense FFN, so that they measure what the KV reads cost, on a model
+       that is as good as the dense one); the moe-kN rows measure the FFN's top-k itself, with
+       the full cache. The KV is routed by the router's top experts_per_token either way. */
+    const int32_t ne = n_experts > 0 ? n_experts : 8;
+    const int32_t ffn_k = o->moe_ffn_k > 0 && o->moe_ffn_k <= ne ? o->moe_ffn_k : ne;
+    (void)n_experts_used;
     c = add_config(L, "moe-full", EVAL_MOE);
     c->baseline = 1;
+    c->moe_top_k = ffn_k;
     if (o->check || o->quick) {
         c = add_config(L, "moe-full-f32", EVAL_MOE);
         c->dtype = PIKV_DTYPE_F32;
+        c->moe_top_k = ffn_k;
     }
-    const int32_t ne = n_experts > 0 ? n_experts : 8;
-    for (int32_t k = 1; k <= ne; k *= 2) {
-        if (k == n_experts_used) continue; /* that is moe-full */
+    for (int32_t k = 1; k <= ne; k = k * 2 > ne && k < ne ? ne : k * 2) {
+        if (k == ffn_k) continue; /* that is moe-full */
         snprintf(nm, sizeof nm, "moe-k%d", (int)k);
         add_config(L, nm, EVAL_MOE)->moe_top_k = k;
     }
     c = add_config(L, "experts", EVAL_MOE);
     c->select.mode = PIKV_SELECT_EXPERTS;
+    c->moe_top_k = ffn_k;
     if (o->check || o->quick) {
         /* every expert's shard read: exact by construction */
         c = add_config(L, "experts-exact", EVAL_MOE);
@@ -227,6 +239,7 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
         c->select.mode = PIKV_SELECT_EXPERTS;
         c->cache_experts = ne;
         c->select.experts_top_k = ne;
+        c->moe_top_k = ffn_k;
         c->exact = 1;
     }
     /* PiKV combined: the query's experts, Quest among them, int8 pages, pyramidal
@@ -235,6 +248,7 @@ static void build_configs(const eval_opts *o, int32_t n_layers, int32_t n_expert
         c = add_config(L, "pikv", EVAL_MOE);
         c->dtype = PIKV_DTYPE_INT8;
         c->select.mode = PIKV_SELECT_EXPERTS;
+        c->moe_top_k = ffn_k;
         set_quest(c, budgets[1]);
         set_evict(c, PIKV_BUDGET_PYRAMID, budgets[2], n_layers, PIKV_EVICT_UTILITY);
     }
@@ -431,6 +445,7 @@ int cli_cmd_eval(int argc, char **argv)
         case OPT_DUMP_IDS: o.dump_ids_path = v; break;
         case OPT_PAGESIZE: bad = cli_parse_i32(&p, v, 1, 4096, &o.page_size); break;
         case OPT_SINKS: bad = cli_parse_i32(&p, v, 0, 4096, &o.sinks); break;
+        case OPT_MOE_FFN_K: bad = cli_parse_i32(&p, v, 0, 256, &o.moe_ffn_k); break;
         case OPT_RECENT: bad = cli_parse_i32(&p, v, 0, 4096, &o.recent); break;
         case OPT_QUIET: o.quiet = 1; break;
         case OPT_LIST: list = 1; break;

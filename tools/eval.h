@@ -59,6 +59,7 @@ typedef struct eval_opts {
     const char *passkey_configs;
     const char *backend;
     int32_t ctx, chunks, threads, page_size, sinks, recent, piece;
+    int32_t moe_ffn_k;          /* the MoE cache configurations' FFN top-k (0 = all experts) */
     int32_t pk_lengths[EVAL_MAX_LENGTHS];
     int n_pk_lengths;
     int32_t pk_samples;
