@@ -78,7 +78,12 @@ class Dense:
     """The dense model's hyperparameters and its weights, dequantized once to float32."""
 
     def __init__(self, path):
-        r = GGUFReader(path)
+        if not os.path.isfile(path):
+            fail("the dense model '%s' does not exist" % path)
+        try:
+            r = GGUFReader(path)
+        except (ValueError, OSError) as e:
+            fail("cannot read '%s' as GGUF: %s" % (path, e))
         self.r = r
         if field(r, "general.architecture") != ARCH:
             fail("%s: general.architecture is '%s', expected '%s'" % (path, field(r, "general.architecture"), ARCH))
@@ -371,6 +376,12 @@ class MoE:
         return run
 
 
+def is_dense_ffn(name):
+    """True for blk.N.ffn_gate/ffn_up/ffn_down.weight: the tensors the experts replace."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in FFN_NAMES and parts[3] == "weight"
+
+
 def copy_metadata(r, w, n_ff_expert, extra):
     """Copies every metadata key of the dense file (same types) but the changed ones, then adds extra."""
     for f in r.fields.values():
@@ -392,12 +403,11 @@ def write_moe(m, moe, out_path, meta):
     w = GGUFWriter(out_path, ARCH)
     copy_metadata(m.r, w, m.n_ff // E, meta)
     for t in m.r.tensors:
-        parts = t.name.split(".")
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] == "weight" and parts[1] in FFN_NAMES:
+        if is_dense_ffn(t.name):
             continue
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         if t.name.endswith(".ffn_norm.weight"):
-            l = int(parts[1])
+            l = int(t.name.split(".")[1])
             add_experts(m, moe, w, l)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -431,8 +441,14 @@ def verify(m, moe, path, meta):
             raise AssertionError("metadata key '%s' differs from the dense file" % key)
     if int(r.fields["llama.feed_forward_length"].contents()) != nfe:
         raise AssertionError("llama.feed_forward_length is not %d" % nfe)
+    expected = {t.name for t in m.r.tensors if not is_dense_ffn(t.name)}
+    expected |= {"blk.%d.%s.weight" % (l, n) for l in range(m.n_layers)
+                 for n in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+    if set(got) != expected:
+        raise AssertionError("tensor set differs: unexpected %s, missing %s" % (
+            sorted(set(got) - expected)[:4], sorted(expected - set(got))[:4]))
     for t in m.r.tensors:
-        if t.name.split(".")[-2] in FFN_NAMES:
+        if is_dense_ffn(t.name):
             continue
         g = got[t.name]
         if g.tensor_type != t.tensor_type or list(g.shape) != list(t.shape) or \

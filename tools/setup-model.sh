@@ -124,7 +124,7 @@ want=$( { sha_of "$HERE/moe_convert.py"; sha_of "$HERE/llama_reference.py"; echo
 if [ -f "$MOE" ] && [ -f "$MOE_REPORT" ] && [ "$(cat "$MOE_STAMP" 2>/dev/null)" = "$want" ]; then
   say "MoE model ready: $MOE"
 else
-  say "converting to MoE (about 2-3 minutes on 2 cores): $MOE"
+  say "converting to MoE (a few minutes on 2 cores): $MOE"
   rm -f "$MOE_STAMP" "$MOE".tmp.*
   mtmp="$MOE.tmp.$$"
   trap 'rm -f "$mtmp" "$mtmp.json"' EXIT
