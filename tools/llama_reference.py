@@ -76,8 +76,11 @@ class Model:
         f = r.fields.get("pikv.moe.gating")
         self.gating = f.contents() if f is not None else "softmax"
         if self.gating not in ("sum", "softmax"):
-            raise SystemExit("llama_reference: pikv.moe.gating = '%s': expected 'sum' (or the key absent)"
-                             % self.gating)
+            raise SystemExit("llama_reference: pikv.moe.gating = '%s': expected 'sum' or 'softmax' "
+                             "(absent: softmax)" % self.gating)
+        if self.n_experts > 1 and not 1 <= self.moe_k <= self.n_experts:
+            raise SystemExit("llama_reference: llama.expert_used_count = %d: must be 1..%d (llama.expert_count)"
+                             % (self.moe_k, self.n_experts))
 
     def set_moe_k(self, k):
         """The router's top-k (MoE models); None keeps llama.expert_used_count."""
