@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference forward pass of the Llama runner's model test (tests/llama_model.c), in numpy.
 
-Usage: llama_reference.py MODEL.gguf OUT.txt [--cases N]
+Usage: llama_reference.py MODEL.gguf OUT.txt [--cases N] [--moe-k K]
+       llama_reference.py MODEL.gguf --nll IDS.txt [--moe-k K]
 
 Dequantizes the weights with gguf-py (gguf.quants.dequantize: the exact f32 values the C
 reader produces) and runs the Llama forward pass in float64 over whole prompts with a causal
@@ -19,6 +20,18 @@ gives the same ids). Without `tokenizers` the text case is left out ("text -").
 
 Output (text): "vocab V" then per case: "case NAME N", "text HEX|-", "ids ...",
 "greedy ...", "margins ...", "logits" and V lines of floats.
+
+MoE models (Mixtral layout, llama.expert_count > 1, e.g. tools/moe_convert.py's output): the
+FFN input h goes to the router (blk.N.ffn_gate_inp, logits r = W_r h), whose top-k experts
+(k = --moe-k, default llama.expert_used_count; ties: the lower expert index) run as SwiGLU FFNs
+on the slices of the 3D tensors ffn_gate_exps / ffn_up_exps / ffn_down_exps, and combine per
+pikv.moe.gating: "sum" adds their outputs unweighted (MoEfication: k = expert_count is the
+dense FFN); absent, the outputs are weighted by the softmax of their router logits (Mixtral).
+
+--nll IDS.txt: the token ids in IDS.txt (whitespace-separated) run through one causal forward;
+prints one line "nll_sum S count N ppl P", the negative log-likelihood (natural log) of
+predicting ids[1..] from their prefixes, N = len(ids) - 1 and P = exp(S / N): what the C
+runner's perplexity is checked against.
 """
 import argparse
 import sys
@@ -58,6 +71,56 @@ class Model:
         self.hd = self.n_embd // self.n_head
         self.t = {t.name: t for t in r.tensors}
         self.cache = {}
+        self.n_experts = int(field_int(r, "llama.expert_count", 0))
+        self.moe_k = int(field_int(r, "llama.expert_used_count", 0))
+        f = r.fields.get("pikv.moe.gating")
+        self.gating = f.contents() if f is not None else "softmax"
+        if self.gating not in ("sum", "softmax"):
+            raise SystemExit("llama_reference: pikv.moe.gating = '%s': expected 'sum' or 'softmax' "
+                             "(absent: softmax)" % self.gating)
+        if self.n_experts > 1 and not 1 <= self.moe_k <= self.n_experts:
+            raise SystemExit("llama_reference: llama.expert_used_count = %d: must be 1..%d (llama.expert_count)"
+                             % (self.moe_k, self.n_experts))
+
+    def set_moe_k(self, k):
+        """The router's top-k (MoE models); None keeps llama.expert_used_count."""
+        if k is None:
+            return
+        if self.n_experts <= 1:
+            raise SystemExit("llama_reference: --moe-k %d: the model is dense (no llama.expert_count > 1)" % k)
+        if not 1 <= k <= self.n_experts:
+            raise SystemExit("llama_reference: --moe-k %d: must be 1..%d (llama.expert_count)" % (k, self.n_experts))
+        self.moe_k = k
+
+    def ffn(self, p, h):
+        """The FFN of a layer (prefix p) on the FFN input h: dense SwiGLU, or the MoE's top-k experts."""
+        if self.n_experts <= 1:
+            g = h @ self.w(p + "ffn_gate.weight").T
+            u = h @ self.w(p + "ffn_up.weight").T
+            return (g / (1.0 + np.exp(-g)) * u) @ self.w(p + "ffn_down.weight").T
+        E = self.n_experts
+        r = h @ self.w(p + "ffn_gate_inp.weight").T                    # (T, E)
+        top = np.argsort(-r, axis=1, kind="stable")[:, :self.moe_k]
+        if self.gating == "sum":
+            wts = np.ones(top.shape)
+        else:
+            lt = np.take_along_axis(r, top, axis=1)
+            wts = np.exp(lt - lt.max(axis=1, keepdims=True))
+            wts /= wts.sum(axis=1, keepdims=True)
+        gate = self.w(p + "ffn_gate_exps.weight").reshape(E, -1, self.n_embd)
+        up = self.w(p + "ffn_up_exps.weight").reshape(E, -1, self.n_embd)
+        down = self.w(p + "ffn_down_exps.weight").reshape(E, self.n_embd, -1)
+        out = np.zeros_like(h)
+        for e in range(E):
+            coef = (wts * (top == e)).sum(axis=1)                     # 0 where e is not chosen
+            rows = np.flatnonzero(top == e) // top.shape[1]
+            if rows.size == 0:
+                continue
+            he = h[rows]
+            g = he @ gate[e].T
+            u = he @ up[e].T
+            out[rows] += coef[rows, None] * ((g / (1.0 + np.exp(-g)) * u) @ down[e].T)
+        return out
 
     def w(self, name):
         """Dequantized f32 weights as float64, shape (rows, ne0)."""
@@ -83,8 +146,8 @@ class Model:
         out = np.stack([a * c - b * s, a * s + b * c], axis=-1)
         return out.reshape(T, n_heads * self.hd)
 
-    def forward(self, ids):
-        """Logits (float64) of the last position."""
+    def hidden(self, ids):
+        """The residual stream x (float64, (T, n_embd)) after the last layer, causal over ids."""
         T = len(ids)
         emb = self.t["token_embd.weight"]
         ne0 = int(emb.shape[0])
@@ -110,19 +173,41 @@ class Model:
                 att[:, hh * self.hd:(hh + 1) * self.hd] = s @ vh
             x = x + att @ self.w(p + "attn_output.weight").T
             h = self.rms(x, p + "ffn_norm.weight")
-            g = h @ self.w(p + "ffn_gate.weight").T
-            u = h @ self.w(p + "ffn_up.weight").T
-            x = x + (g / (1.0 + np.exp(-g)) * u) @ self.w(p + "ffn_down.weight").T
-        h = self.rms(x[-1:], "output_norm.weight")
+            x = x + self.ffn(p, h)
+        return x
+
+    def out_matrix(self):
+        """The output matrix: output.weight, or the tied embeddings (dequantized once, exact f32)."""
         out = "output.weight" if "output.weight" in self.t else "token_embd.weight"
         if out == "token_embd.weight":
-            # dequantize the (large) output matrix once, in f32 (exact), product in float64
             if "__out" not in self.cache:
+                emb = self.t["token_embd.weight"]
                 self.cache["__out"] = dequantize(np.asarray(emb.data), emb.tensor_type).astype(
-                    np.float32).reshape(-1, ne0)
-            wout = self.cache["__out"]
+                    np.float32).reshape(-1, int(emb.shape[0]))
+            return self.cache["__out"]
+        return self.w(out)
+
+    def forward(self, ids):
+        """Logits (float64) of the last position."""
+        x = self.hidden(ids)
+        h = self.rms(x[-1:], "output_norm.weight")
+        wout = self.out_matrix()
+        if wout.dtype == np.float32:
             return (wout.astype(np.float64) @ h[0])
-        return self.w(out) @ h[0]
+        return wout @ h[0]
+
+    def nll(self, ids, rows=64):
+        """Sum of -log p(ids[t+1] | ids[..t]) over t = 0..len-2 (float64), and the count."""
+        h = self.rms(self.hidden(ids), "output_norm.weight")
+        wout = self.out_matrix().astype(np.float64)
+        total = 0.0
+        for t0 in range(0, len(ids) - 1, rows):
+            t1 = min(t0 + rows, len(ids) - 1)
+            lg = h[t0:t1] @ wout.T
+            mx = lg.max(axis=1)
+            lse = mx + np.log(np.exp(lg - mx[:, None]).sum(axis=1))
+            total += float(np.sum(lse - lg[np.arange(t1 - t0), ids[t0 + 1:t1 + 1]]))
+        return total, len(ids) - 1
 
 
 def text_ids(r, text):
@@ -145,13 +230,43 @@ def text_ids(r, text):
     return tk.encode(text, add_special_tokens=False).ids
 
 
+def run_nll(m, path):
+    """--nll: reads the ids, checks them against the vocabulary, prints the one result line."""
+    try:
+        words = open(path).read().split()
+    except OSError as e:
+        raise SystemExit("llama_reference: cannot read '%s': %s" % (path, e.strerror))
+    vocab = int(m.t["token_embd.weight"].shape[1])
+    ids = []
+    for i, w in enumerate(words):
+        try:
+            v = int(w)
+        except ValueError:
+            raise SystemExit("llama_reference: %s: token %d is '%s', not an integer" % (path, i, w))
+        if not 0 <= v < vocab:
+            raise SystemExit("llama_reference: %s: token %d is %d, outside the vocabulary 0..%d" % (path, i, v, vocab - 1))
+        ids.append(v)
+    if len(ids) < 2:
+        raise SystemExit("llama_reference: %s: %d token id(s); need at least 2" % (path, len(ids)))
+    s, n = m.nll(ids)
+    print("nll_sum %.17g count %d ppl %.17g" % (s, n, np.exp(s / n)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf")
-    ap.add_argument("out")
+    ap.add_argument("out", nargs="?")
     ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--moe-k", type=int, help="MoE models: experts per token (default llama.expert_used_count)")
+    ap.add_argument("--nll", metavar="IDS.txt", help="print the NLL of these token ids instead")
     a = ap.parse_args()
+    if (a.out is None) == (a.nll is None):
+        ap.error("give either OUT.txt or --nll IDS.txt")
     m = Model(a.gguf)
+    m.set_moe_k(a.moe_k)
+    if a.nll is not None:
+        run_nll(m, a.nll)
+        return
     cases = [(n, None, ids) for n, ids in ID_CASES]
     tids = text_ids(m.r, TEXT_CASE[1])
     if tids is not None:
