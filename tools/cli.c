@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- Option parsing ---------------------------------------------------- */
@@ -380,4 +382,22 @@ const char *cli_format_bytes(uint64_t bytes, char *buf, size_t size)
     }
     snprintf(buf, size, "%.1f %s", x, units[u]);
     return buf;
+}
+
+const char *cli_cache_dir(char *buf, size_t cap)
+{
+    const char *c = getenv("PIKV_CACHE");
+    if (c && *c) {
+        snprintf(buf, cap, "%s", c);
+    } else {
+        const char *h = getenv("HOME");
+        snprintf(buf, cap, "%s/.cache/pikv", h && *h ? h : ".");
+    }
+    return buf;
+}
+
+int cli_file_exists(const char *path)
+{
+    struct stat st;
+    return path && stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }

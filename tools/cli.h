@@ -122,6 +122,12 @@ void cli_json_number(FILE *f, double x);
 /* "12.0 GiB", "512 B"... into buf. */
 const char *cli_format_bytes(uint64_t bytes, char *buf, size_t size);
 
+/* Where tools/setup-model.sh caches the model, venv and corpus: $PIKV_CACHE, or
+   ~/.cache/pikv. */
+const char *cli_cache_dir(char *buf, size_t cap);
+/* 1 when path names a regular file. */
+int cli_file_exists(const char *path);
+
 /* Case-insensitive ASCII string equality. */
 int cli_streq_nocase(const char *a, const char *b);
 

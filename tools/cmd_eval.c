@@ -385,7 +385,7 @@ int cli_cmd_eval(int argc, char **argv)
 {
     static char model_buf[1200], moe_buf[1200], corpus_buf[1200];
     char cdir[1024];
-    eval_cache_dir(cdir, sizeof cdir);
+    cli_cache_dir(cdir, sizeof cdir);
     snprintf(model_buf, sizeof model_buf, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", cdir);
     snprintf(moe_buf, sizeof moe_buf, "%s/models/SmolLM2-135M-Instruct-MoE8.gguf", cdir);
     snprintf(corpus_buf, sizeof corpus_buf, "%s/corpus/kjv-heldout.txt", cdir);
@@ -485,7 +485,7 @@ int cli_cmd_eval(int argc, char **argv)
         free(L);
         return CLI_EXIT_FAIL;
     }
-    int have_moe = eval_file_exists(o.moe_model_path);
+    int have_moe = cli_file_exists(o.moe_model_path);
     int32_t moe_experts = 0, moe_used = 0;
     if (have_moe) {
         if (load_model(&o, o.moe_model_path, &moe) != 0) {

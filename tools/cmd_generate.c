@@ -93,25 +93,12 @@ static void generate_usage(FILE *f)
           f);
 }
 
-/* $PIKV_CACHE/models/<file>, or ~/.cache/pikv/models/<file>. */
+/* <cache>/models/<file> (cli_cache_dir). */
 static const char *cached_model(const char *file, char *buf, size_t n)
 {
-    const char *cache = getenv("PIKV_CACHE");
-    const char *home = getenv("HOME");
-    if (cache && cache[0])
-        snprintf(buf, n, "%s/models/%s", cache, file);
-    else
-        snprintf(buf, n, "%s/.cache/pikv/models/%s", home ? home : ".", file);
+    char dir[768];
+    snprintf(buf, n, "%s/models/%s", cli_cache_dir(dir, sizeof dir), file);
     return buf;
-}
-
-static int file_exists(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return 0;
-    fclose(f);
-    return 1;
 }
 
 /* Writes one token's text (the tokenizer's bytes), growing the buffer as needed. */
@@ -402,7 +389,7 @@ int cli_cmd_demo(int argc, char **argv)
     char moe[1024], dense[1024];
     cached_model(MOE_FILE, moe, sizeof moe);
     cached_model(DENSE_FILE, dense, sizeof dense);
-    if (!file_exists(moe) && !file_exists(dense)) {
+    if (!cli_file_exists(moe) && !cli_file_exists(dense)) {
         fprintf(stderr, "pikv demo: no model at %s (tools/setup-model.sh could not fetch it?): running the "
                         "synthetic workload instead (pikv run)\n", dense);
         return cli_cmd_run(argc, argv);
@@ -410,7 +397,7 @@ int cli_cmd_demo(int argc, char **argv)
     int rc = parse_generate(&o, "pikv demo", argc, argv, 2);
     if (rc >= 0)
         return rc;
-    if (!o.model && !o.moe && file_exists(moe)) {
+    if (!o.model && !o.moe && cli_file_exists(moe)) {
         o.moe = 1;
         if (o.select == PIKV_SELECT_ALL)
             o.select = PIKV_SELECT_EXPERTS;

@@ -106,8 +106,6 @@ int eval_tokenize(const pikv_tokenizer *tok, const char *text, int special, int3
 double eval_now(void);
 
 /* eval_report.c */
-const char *eval_cache_dir(char *buf, size_t cap); /* $PIKV_CACHE or ~/.cache/pikv */
-int eval_file_exists(const char *path);
 const char *eval_dtype_name(pikv_dtype d);
 const char *eval_evict_name(pikv_evict_policy p);
 void eval_describe(const eval_config *c, char *buf, size_t cap);

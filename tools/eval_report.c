@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
+
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,24 +24,6 @@ extern char **environ;
 #ifndef PIKV_EVAL_PLOT_SCRIPT
 #define PIKV_EVAL_PLOT_SCRIPT "tools/eval_plot.py"
 #endif
-
-const char *eval_cache_dir(char *buf, size_t cap)
-{
-    const char *c = getenv("PIKV_CACHE");
-    if (c && *c) {
-        snprintf(buf, cap, "%s", c);
-    } else {
-        const char *h = getenv("HOME");
-        snprintf(buf, cap, "%s/.cache/pikv", h && *h ? h : ".");
-    }
-    return buf;
-}
-
-int eval_file_exists(const char *p)
-{
-    struct stat st;
-    return p && stat(p, &st) == 0 && S_ISREG(st.st_mode);
-}
 
 const char *eval_dtype_name(pikv_dtype d)
 {
@@ -265,12 +247,12 @@ int eval_run_plot(const char *json, const char *png)
     char cdir[1024], py[1200];
     const char *python = getenv("PIKV_PYTHON");
     if (!python || !*python) {
-        snprintf(py, sizeof py, "%s/venv/bin/python", eval_cache_dir(cdir, sizeof cdir));
+        snprintf(py, sizeof py, "%s/venv/bin/python", cli_cache_dir(cdir, sizeof cdir));
         python = py;
     }
     const char *script = getenv("PIKV_EVAL_PLOT");
     if (!script || !*script) script = PIKV_EVAL_PLOT_SCRIPT;
-    if (!eval_file_exists(script)) {
+    if (!cli_file_exists(script)) {
         fprintf(stderr, "pikv eval: no plot: the script '%s' is missing (set PIKV_EVAL_PLOT)\n",
                 script);
         return -1;
