@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
