@@ -115,7 +115,7 @@ typedef struct pikv_llama_run_params {
     float *logits_all; /* NULL, or n_tokens * n_vocab floats: the logits of EVERY token
                           (perplexity); row t is the prediction for token t + 1 */
     int32_t moe_top_k; /* MoE FFN: experts per token; 0 = hparams.n_experts_used; else
-                          1..n_experts (ignored by dense models) */
+                          1..n_experts (a dense model has 1 expert: 0 or 1) */
 } pikv_llama_run_params;
 
 /* pikv_llama_forward with options (rp may be NULL).

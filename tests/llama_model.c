@@ -492,6 +492,27 @@ static void check_moe(pikv_llama *m, pikv_context *ctx, const ref_case *c, const
         }
     }
 
+    tu_set_case("moe: each token's KV in its routed top-1 expert's shard");
+    pikv_cache *routed = make_cache(ctx, m, 1, PIKV_DTYPE_F32);
+    if (routed && CHECKF(pikv_llama_forward(m, routed, 0, c->ids, c->n_ids, a, &err) == PIKV_LLAMA_OK, "%s",
+                         err.message)) {
+        for (int32_t l = 0; l < hp->n_layers; l += 7) {
+            int64_t stored = 0, used = 0;
+            for (int32_t e = 0; e < X; e++) {
+                pikv_expert_stats es;
+                if (!CHECK_OK(pikv_cache_get_expert_stats(routed, l, e, &es)))
+                    break;
+                CHECK_EQ(es.stored_tokens, es.routed_top1); /* stored where the router sent it */
+                stored += es.stored_tokens;
+                used += es.stored_tokens > 0;
+            }
+            CHECK_EQ(stored, c->n_ids);
+            if (l == 0)
+                printf("layer 0: %d tokens stored in %d of %d experts' shards\n", (int)c->n_ids, (int)used, (int)X);
+        }
+    }
+    pikv_cache_free(routed);
+
     tu_set_case("moe: errors");
     pikv_cache *cache = make_cache(ctx, m, 1, PIKV_DTYPE_F32);
     if (cache) {

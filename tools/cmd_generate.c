@@ -21,6 +21,7 @@
 #define DENSE_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
 #define MOE_FILE "SmolLM2-135M-Instruct-MoE8.gguf"
 #define DEMO_PROMPT "Give me three tips for staying healthy."
+#define GEN_MOE_ALL (-1)
 
 enum {
     G_MODEL = 1, G_MOE, G_PROMPT, G_TOKENS, G_CHAT, G_THREADS, G_BACKEND, G_DTYPE, G_SELECT,
@@ -59,20 +60,32 @@ typedef struct gen_opts_t {
     uint32_t select;
     int32_t experts_top_k;
     int32_t token_budget;
-    int32_t moe_k;
+    int32_t moe_k;      /* 0: the model's top-k; GEN_MOE_ALL: every expert */
+    int select_set;     /* --select was given */
     double temp;
     int32_t top_k;
     uint64_t seed;
 } gen_opts_t;
 
-static void generate_usage(FILE *f)
+static void generate_usage(FILE *f, int demo)
 {
-    fputs("usage: pikv generate [options]\n"
-          "\n"
-          "Generates text with a real model (GGUF, Llama or Mixtral-style MoE) whose KV cache is\n"
-          "a PiKV cache, then prints what the cache held and read and the speed.\n"
-          "\n"
-          "options:\n"
+    if (demo)
+        fputs("usage: pikv demo [options]\n"
+              "\n"
+              "The README's main command: 'pikv generate --chat' on the cached MoE model (else the\n"
+              "dense one) with --select experts and the FFN running every expert (--moe-k to\n"
+              "change). Without any cached model it says so and runs 'pikv run' (whose options\n"
+              "then apply) instead.\n"
+              "\n",
+              f);
+    else
+        fputs("usage: pikv generate [options]\n"
+              "\n"
+              "Generates text with a real model (GGUF, Llama or Mixtral-style MoE) whose KV cache is\n"
+              "a PiKV cache, then prints what the cache held and read and the speed.\n"
+              "\n",
+              f);
+    fputs("options:\n"
           "  -m, --model PATH      GGUF model (default: the model tools/setup-model.sh cached,\n"
           "                        $PIKV_CACHE or ~/.cache/pikv, models/" DENSE_FILE ")\n"
           "  --moe                 the cached MoE model instead (models/" MOE_FILE ")\n"
@@ -160,7 +173,8 @@ static int run_generate(const gen_opts_t *o)
         rc = CLI_EXIT_USAGE;
         goto out;
     }
-    if (o->moe_k > hp->n_experts) {
+    const int32_t moe_k = o->moe_k == GEN_MOE_ALL ? hp->n_experts : o->moe_k;
+    if (moe_k > hp->n_experts) {
         cli_usage_error(GEN_CMD, "invalid value '%d' for --moe-k: the model has %d experts", (int)o->moe_k,
                         (int)hp->n_experts);
         rc = CLI_EXIT_USAGE;
@@ -223,7 +237,7 @@ static int run_generate(const gen_opts_t *o)
 
     pikv_llama_run_params rp;
     memset(&rp, 0, sizeof rp);
-    rp.moe_top_k = o->moe_k;
+    rp.moe_top_k = moe_k;
     double t0 = cli_now();
     s = pikv_llama_forward_ex(m, cache, 0, ids, (int32_t)n_ids, &rp, logits, &err);
     double t_prefill = cli_now() - t0;
@@ -236,7 +250,7 @@ static int run_generate(const gen_opts_t *o)
         fflush(stdout);
     }
     uint64_t rng = o->seed ? o->seed : 1;
-    int32_t n_done = 0;
+    int32_t n_done = 0, steps = 0; /* tokens printed; decode forward calls */
     uint64_t read_bytes = 0;
     int64_t read_tokens = 0;
     double t1 = cli_now();
@@ -258,6 +272,7 @@ static int run_generate(const gen_opts_t *o)
             fprintf(stderr, "\n" GEN_CMD ": %s: %s\n", pikv_llama_status_name(s), err.message);
             goto out;
         }
+        steps++;
         pikv_cache_stats st;
         if (pikv_cache_get_stats(cache, &st) == PIKV_OK) {
             read_bytes += st.last_bytes_read; /* the last layer's attend of this step */
@@ -274,11 +289,11 @@ static int run_generate(const gen_opts_t *o)
     }
     char b1[32], b2[32];
     const int64_t stored = st.tokens / (hp->n_layers > 0 ? hp->n_layers : 1);
-    const int steps = n_done > 1 ? n_done - 1 : 0;
     printf("\n\n");
     printf("model: %s (%s", path, hp->n_experts > 1 ? "MoE" : "dense");
     if (hp->n_experts > 1)
-        printf(", %d experts, top-%d", (int)hp->n_experts, (int)(o->moe_k ? o->moe_k : hp->n_experts_used));
+        printf(", %d experts, FFN top-%d, KV routed to the top-%d", (int)hp->n_experts,
+               (int)(moe_k ? moe_k : hp->n_experts_used), (int)kp.experts_per_token);
     printf(", %d layers)\n", (int)hp->n_layers);
     printf("KV cache: %s pages, select %s%s%s, %d device(s): %lld tokens x %d layers in %s",
            dtype_name(o->dtype), o->select == 0 ? "all" : "", (o->select & PIKV_SELECT_EXPERTS) ? "experts" : "",
@@ -333,7 +348,7 @@ static int parse_generate(gen_opts_t *o, const char *cmd, int argc, char **argv,
     while ((id = cli_next_opt(&p, gen_opts, &v)) != CLI_OPT_END) {
         switch (id) {
         case CLI_OPT_ERROR: return CLI_EXIT_USAGE;
-        case G_HELP: generate_usage(stdout); return CLI_EXIT_OK;
+        case G_HELP: generate_usage(stdout, strcmp(cmd, GEN_CMD) != 0); return CLI_EXIT_OK;
         case G_MODEL: o->model = v; break;
         case G_MOE: o->moe = 1; break;
         case G_PROMPT: o->prompt = v; break;
@@ -351,6 +366,7 @@ static int parse_generate(gen_opts_t *o, const char *cmd, int argc, char **argv,
         case G_SELECT:
             if (cli_parse_choice(&p, v, selects, &k)) return CLI_EXIT_USAGE;
             o->select = select_of[k];
+            o->select_set = 1;
             break;
         case G_EXPERTS_TOP_K: if (cli_parse_i32(&p, v, 0, 256, &o->experts_top_k)) return CLI_EXIT_USAGE; break;
         case G_BUDGET: if (cli_parse_i32(&p, v, 1, 1 << 20, &o->token_budget)) return CLI_EXIT_USAGE; break;
@@ -389,6 +405,11 @@ int cli_cmd_demo(int argc, char **argv)
     char moe[1024], dense[1024];
     cached_model(MOE_FILE, moe, sizeof moe);
     cached_model(DENSE_FILE, dense, sizeof dense);
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            generate_usage(stdout, 1);
+            return CLI_EXIT_OK;
+        }
     if (!cli_file_exists(moe) && !cli_file_exists(dense)) {
         fprintf(stderr, "pikv demo: no model at %s (tools/setup-model.sh could not fetch it?): running the "
                         "synthetic workload instead (pikv run)\n", dense);
@@ -399,8 +420,13 @@ int cli_cmd_demo(int argc, char **argv)
         return rc;
     if (!o.model && !o.moe && cli_file_exists(moe)) {
         o.moe = 1;
-        if (o.select == PIKV_SELECT_ALL)
+        if (!o.select_set)
             o.select = PIKV_SELECT_EXPERTS;
+        /* the FFN with every expert: MoEfication's top-2 of 8 loses half of each FFN's output
+           and the text with it (docs/moe.md); the KV is still sharded by the router's top-1
+           and each query reads its top experts' shards */
+        if (o.moe_k == 0)
+            o.moe_k = GEN_MOE_ALL;
     }
     return run_generate(&o);
 }

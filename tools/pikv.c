@@ -62,7 +62,7 @@ int main(int argc, char **argv)
         if (strcmp(argv[2], "devices") == 0) return cli_cmd_devices(3, sub_argv);
         if (strcmp(argv[2], "run") == 0) return cli_cmd_run(3, sub_argv);
         if (strcmp(argv[2], "generate") == 0) return cli_cmd_generate(3, sub_argv);
-        if (strcmp(argv[2], "demo") == 0) return cli_cmd_generate(3, sub_argv);
+        if (strcmp(argv[2], "demo") == 0) return cli_cmd_demo(3, sub_argv);
         if (strcmp(argv[2], "eval") == 0) return cli_cmd_eval(3, sub_argv);
         fprintf(stderr, "pikv: unknown command '%s' (see 'pikv --help')\n", argv[2]);
         return CLI_EXIT_USAGE;
