@@ -27,7 +27,8 @@ enum {
     OPT_HELP = 1, OPT_MODEL, OPT_MOE_MODEL, OPT_CORPUS, OPT_CTX, OPT_CHUNKS, OPT_PK_LENGTHS,
     OPT_PK_SAMPLES, OPT_PK_CONFIGS, OPT_PK_LONG, OPT_PK_FORMAT, OPT_CONFIGS, OPT_THREADS,
     OPT_BACKEND, OPT_JSON, OPT_PLOT, OPT_SEED, OPT_QUICK, OPT_CHECK, OPT_DUMP_IDS,
-    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST, OPT_PK_LONG_SAMPLES, OPT_MOE_FFN_K
+    OPT_PAGESIZE, OPT_SINKS, OPT_RECENT, OPT_QUIET, OPT_LIST, OPT_PK_LONG_SAMPLES, OPT_MOE_FFN_K,
+    OPT_PK_LONG_CONFIGS
 };
 
 static const cli_opt eval_opts_table[] = {
@@ -43,6 +44,7 @@ static const cli_opt eval_opts_table[] = {
     {"--passkey-long", NULL, 1, OPT_PK_LONG},
     {"--passkey-format", NULL, 1, OPT_PK_FORMAT},
     {"--passkey-long-samples", NULL, 1, OPT_PK_LONG_SAMPLES},
+    {"--passkey-long-configs", NULL, 1, OPT_PK_LONG_CONFIGS},
     {"--configs", NULL, 1, OPT_CONFIGS},
     {"--threads", NULL, 1, OPT_THREADS},
     {"--backend", NULL, 1, OPT_BACKEND},
@@ -94,13 +96,14 @@ static void eval_usage(FILE *f)
           "passkey retrieval:\n"
           "  --passkey-lengths LIST  prompt lengths in tokens, comma list, 0 = none; 8192 is\n"
           "                          cut to the model's context minus the answer\n"
-          "                          (default 1024,4096,8192; --quick 0)\n"
+          "                          (default 1024,2048,4096,8192; --quick 0)\n"
           "  --passkey-samples N     prompts per length, key depths spread by the seed (default 2)\n"
-          "  --passkey-configs LIST  configurations tested (default full,int4,quest-B,\n"
-          "                          streaming-B,h2o-B,pyramid-B with B = ctx/4, and\n"
-          "                          moe-full,pikv)\n"
-          "  --passkey-long N        lengths above N run only for the dense baseline full\n"
-          "                          (default 1024)\n"
+          "  --passkey-configs LIST  configurations tested (default full,int4,quest-B/4,quest-B/2,\n"
+          "                          streaming-B/2,h2o-B/2,pyramid-B/2 with B = ctx, and\n"
+          "                          moe-full,experts,pikv)\n"
+          "  --passkey-long N        lengths above N run only for --passkey-long-configs\n"
+          "                          (default 2048)\n"
+          "  --passkey-long-configs LIST  (default full,quest-B/2)\n"
           "  --passkey-long-samples N  ... with N prompts each (default 1)\n"
           "  --passkey-format F      plain|chat (default plain: the chat template gets fewer\n"
           "                          keys right from this model; docs/eval.md)\n"
@@ -402,7 +405,7 @@ int cli_cmd_eval(int argc, char **argv)
     o.piece = 64;
     o.seed = 1;
     o.pk_samples = 2;
-    o.pk_long = 1024;
+    o.pk_long = 2048;
     o.pk_long_samples = 1;
     int ctx_set = 0, chunks_set = 0, lengths_set = 0, list = 0, moe_set = 0;
 
@@ -427,6 +430,10 @@ int cli_cmd_eval(int argc, char **argv)
         case OPT_PK_CONFIGS: bad = valid_list(&p, "--passkey-configs", v); o.passkey_configs = v; break;
         case OPT_PK_LONG: bad = cli_parse_i32(&p, v, 0, 1 << 20, &o.pk_long); break;
         case OPT_PK_LONG_SAMPLES: bad = cli_parse_i32(&p, v, 1, 1000, &o.pk_long_samples); break;
+        case OPT_PK_LONG_CONFIGS:
+            bad = valid_list(&p, "--passkey-long-configs", v);
+            o.passkey_long_configs = v;
+            break;
         case OPT_PK_FORMAT:
             bad = cli_parse_choice(&p, v, formats, &choice);
             o.pk_chat = choice == 1;
@@ -456,8 +463,8 @@ int cli_cmd_eval(int argc, char **argv)
     if (!ctx_set) o.ctx = o.quick ? 128 : 512;
     if (!chunks_set) o.chunks = 1 + !o.quick;
     if (!lengths_set && !o.quick) {
-        static const int32_t dl[] = {1024, 4096, 8192};
-        o.n_pk_lengths = 3;
+        static const int32_t dl[] = {1024, 2048, 4096, 8192};
+        o.n_pk_lengths = 4;
         memcpy(o.pk_lengths, dl, sizeof dl);
     }
     if (o.ctx < o.page_size) {
@@ -521,19 +528,23 @@ int cli_cmd_eval(int argc, char **argv)
         goto out;
     }
     if ((o.configs && check_list("--configs", o.configs, L) != 0) ||
-        (o.passkey_configs && check_list("--passkey-configs", o.passkey_configs, L) != 0)) {
+        (o.passkey_configs && check_list("--passkey-configs", o.passkey_configs, L) != 0) ||
+        (o.passkey_long_configs && check_list("--passkey-long-configs", o.passkey_long_configs, L) != 0)) {
         rc = CLI_EXIT_USAGE;
         goto out;
     }
     /* which run: --quick's set, --configs, or all; baselines always */
-    static const char quick_set[] =
-        "full,full-f32,int8,int4,quest-exact,evict-exact,quest-64,streaming-64,h2o-64,"
-        "moe-full,moe-full-f32,experts,experts-exact";
+    char quick_set[256]; /* the exact rows, and the lossy ones at half the chunk */
+    snprintf(quick_set, sizeof quick_set,
+             "full,full-f32,int8,int4,quest-exact,evict-exact,quest-%d,streaming-%d,h2o-%d,"
+             "moe-full,moe-full-f32,experts,experts-exact",
+             (int)(o.ctx / 2), (int)(o.ctx / 2), (int)(o.ctx / 2));
     int keep[EVAL_MAX_CONFIGS];
-    char pk_default[256];
+    char pk_default[256], pk_long_default[64];
     snprintf(pk_default, sizeof pk_default,
-             "full,int4,quest-%d,streaming-%d,h2o-%d,pyramid-%d,moe-full,pikv", (int)(o.ctx / 4),
-             (int)(o.ctx / 4), (int)(o.ctx / 4), (int)(o.ctx / 4));
+             "full,int4,quest-%d,quest-%d,streaming-%d,h2o-%d,pyramid-%d,moe-full,experts,pikv",
+             (int)(o.ctx / 4), (int)(o.ctx / 2), (int)(o.ctx / 2), (int)(o.ctx / 2), (int)(o.ctx / 2));
+    snprintf(pk_long_default, sizeof pk_long_default, "full,quest-%d", (int)(o.ctx / 2));
     for (int i = 0; i < L->n; i++) {
         eval_config *c = &L->c[i];
         keep[i] = o.configs ? in_list(o.configs, c->name)
@@ -543,6 +554,8 @@ int cli_cmd_eval(int argc, char **argv)
                         !strcmp(c->name, "moe-full-f32") || !strcmp(c->name, "int8")))
             keep[i] = 1;
         c->passkey = keep[i] && in_list(o.passkey_configs ? o.passkey_configs : pk_default, c->name);
+        c->passkey_long = c->passkey &&
+                          in_list(o.passkey_long_configs ? o.passkey_long_configs : pk_long_default, c->name);
     }
     if (!have_moe) {
         if (!notes[0])
@@ -600,8 +613,14 @@ int cli_cmd_eval(int argc, char **argv)
     cp.cpu_threads = o.threads;
     pikv_context *pctx = NULL;
     pikv_status ps = pikv_context_create(&cp, &pctx);
-    if (!argmax || ps != PIKV_OK) {
-        fprintf(stderr, "pikv eval: %s\n", !argmax ? "out of memory" : "pikv_context_create failed");
+    if (ps != PIKV_OK) {
+        rc = cli_lib_error(pctx, "pikv_context_create", ps);
+        pikv_context_free(pctx);
+        goto out;
+    }
+    if (!argmax) {
+        fprintf(stderr, "pikv eval: out of memory\n");
+        pikv_context_free(pctx);
         rc = CLI_EXIT_FAIL;
         goto out;
     }

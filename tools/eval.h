@@ -28,6 +28,7 @@ typedef struct eval_config {
     int exact;                  /* exact by construction: must equal the f32 baseline */
     int baseline;               /* the model's baseline (delta and top-1 agreement) */
     int passkey;                /* runs the passkey test */
+    int passkey_long;           /* ... at the lengths above --passkey-long too */
     /* results: perplexity */
     int ran;
     double nll_sum;
@@ -57,6 +58,7 @@ typedef struct eval_opts {
     const char *dump_ids_path;
     const char *configs;        /* comma list or NULL */
     const char *passkey_configs;
+    const char *passkey_long_configs;
     const char *backend;
     int32_t ctx, chunks, threads, page_size, sinks, recent, piece;
     int32_t moe_ffn_k;          /* the MoE cache configurations' FFN top-k (0 = all experts) */

@@ -346,7 +346,7 @@ int eval_passkey(const eval_opts *o, eval_model *em, eval_config *cfg)
     for (int li = 0; li < o->n_pk_lengths && rc == 0; li++) {
         int32_t length = o->pk_lengths[li];
         const int long_len = length > o->pk_long;
-        if (long_len && !(cfg->baseline && cfg->model == EVAL_DENSE)) continue;
+        if (long_len && !cfg->passkey_long) continue;
         const int n_samples = long_len ? o->pk_long_samples : o->pk_samples;
         /* the prompt plus the answer's tokens within the model's context */
         if (length > em->hp->n_ctx - 8) length = em->hp->n_ctx - 8;
