@@ -18,6 +18,7 @@ typedef struct llama_layer {
     /* MoE: the router and one 2-D view per expert into the 3-D expert tensors, so every
        expert's product is an ordinary matmul over its slice of the mapped file */
     const gguf_tensor *router;                    /* ffn_gate_inp: [n_embd, n_experts] */
+    const gguf_tensor *sh_gate, *sh_up, *sh_down; /* the shared expert (NULL: none) */
     gguf_tensor *exp_gate, *exp_up, *exp_down;    /* n_experts views each (owned array) */
 } llama_layer;
 
@@ -192,6 +193,9 @@ static pikv_llama_status load_hparams(pikv_llama *m, pikv_llama_error *err)
             set_err(err, "model metadata: pikv.moe.gating is not a string (%s)", gguf_status_name(gs));
             return PIKV_LLAMA_ERR_FORMAT;
         }
+        if ((s = get_int(m->g, "llama.expert_shared_feed_forward_length", 0, 1 << 18, 0, &hp->n_ff_shared,
+                         err)))
+            return s;
     }
     if (rope_dim != hp->head_dim) {
         set_err(err, "model metadata: llama.rope.dimension_count %d differs from the head dimension %d "
@@ -347,6 +351,12 @@ static pikv_llama_status load_tensors(pikv_llama *m, pikv_llama_error *err)
             T3(u3, "ffn_up_exps", E, F)
             T3(d3, "ffn_down_exps", F, E)
 #undef T3
+            if (hp->n_ff_shared > 0) {
+                const int64_t S = hp->n_ff_shared;
+                T(sh_gate, "ffn_gate_shexp", E, S)
+                T(sh_up, "ffn_up_shexp", E, S)
+                T(sh_down, "ffn_down_shexp", S, E)
+            }
             if ((s = expert_views(g3, hp->n_experts, &L->exp_gate, err)) ||
                 (s = expert_views(u3, hp->n_experts, &L->exp_up, err)) ||
                 (s = expert_views(d3, hp->n_experts, &L->exp_down, err)))
@@ -640,7 +650,8 @@ static pikv_llama_status ensure_scratch(pikv_llama *m, int32_t n, pikv_llama_err
 {
     if (n <= m->cap_tokens)
         return PIKV_LLAMA_OK;
-    const size_t E = (size_t)m->hp.n_embd, F = (size_t)m->hp.n_ff,
+    const size_t E = (size_t)m->hp.n_embd,
+                 F = (size_t)(m->hp.n_ff > m->hp.n_ff_shared ? m->hp.n_ff : m->hp.n_ff_shared),
                  KV = (size_t)m->hp.n_head_kv * (size_t)m->hp.head_dim, N = (size_t)n;
     const size_t X = (size_t)m->hp.n_experts;
     if (!grow(&m->x, N * E) || !grow(&m->h, N * E) || !grow(&m->q, N * E) || !grow(&m->k, N * KV) ||
@@ -766,6 +777,19 @@ static pikv_llama_status moe_ffn(pikv_llama *m, const llama_layer *L, int32_t n,
             for (int32_t j = 0; j < k; j++)
                 w[j] = (float)(exp((double)lg[ex[j]] - mx) / z);
         }
+    }
+    if (L->sh_gate) { /* the shared expert: every token, weight 1, before the routed ones */
+        const size_t S = (size_t)hp->n_ff_shared;
+        if ((s = mm(m, L->sh_gate, m->h, n, m->gate, err)) || (s = mm(m, L->sh_up, m->h, n, m->up, err)))
+            return s;
+        for (size_t i = 0; i < (size_t)n * S; i++) {
+            float g = m->gate[i];
+            m->gate[i] = g / (1.0f + expf(-g)) * m->up[i];
+        }
+        if ((s = mm(m, L->sh_down, m->gate, n, m->q, err)))
+            return s;
+        for (size_t i = 0; i < (size_t)n * (size_t)E; i++)
+            m->x[i] += m->q[i];
     }
     for (int32_t e = 0; e < X; e++) {
         int32_t n_e = 0;

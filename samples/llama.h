@@ -70,12 +70,16 @@ typedef struct pikv_llama_hparams {
     int32_t n_experts;      /* llama.expert_count (absent: 1, dense) */
     int32_t n_experts_used; /* llama.expert_used_count: the router's top-k in the FFN */
     int32_t moe_gating;     /* pikv_llama_gating: how the chosen experts' outputs combine */
+    int32_t n_ff_shared;    /* llama.expert_shared_feed_forward_length: the width of a shared
+                               expert every token runs (ffn_*_shexp tensors); 0 = none */
 } pikv_llama_hparams;
 
 /* How a MoE layer combines its top-k experts' outputs y_e (router logits r):
  *  SOFTMAX (Mixtral, the default): sum_e softmax(r over the top-k)_e * y_e.
  *  SUM (GGUF key pikv.moe.gating = "sum"; MoEfication, tools/moe_convert.py): sum_e y_e, so
- *      with top-k = n_experts the layer is exactly the dense FFN it was split from. */
+ *      with top-k = n_experts the layer is exactly the dense FFN it was split from.
+ * A shared expert (n_ff_shared > 0), when the model has one, runs for every token and its
+ * output is added with weight 1 before the routed experts'. */
 typedef enum pikv_llama_gating {
     PIKV_LLAMA_GATING_SOFTMAX = 0,
     PIKV_LLAMA_GATING_SUM = 1

@@ -571,10 +571,11 @@ int main(int argc, char **argv)
     const int moe = hp->n_experts > 1;
     CHECK_EQ(hp->n_layers, 30);
     CHECK_EQ(hp->n_embd, 576);
-    if (moe) { /* tools/moe_convert.py's defaults: 8 experts of 192 neurons, top-2, summed */
+    if (moe) { /* tools/moe_convert.py: the dense FFN's 1536 neurons split into 8 experts (and
+                  a shared expert), top-2, summed */
         CHECK_EQ(hp->n_experts, 8);
         CHECK_EQ(hp->n_experts_used, 2);
-        CHECK_EQ(hp->n_ff, 1536 / 8);
+        CHECK_EQ(hp->n_ff * 8 + hp->n_ff_shared, 1536);
         CHECK_EQ(hp->moe_gating, PIKV_LLAMA_GATING_SUM);
     } else {
         CHECK_EQ(hp->n_ff, 1536);
