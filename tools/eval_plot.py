@@ -39,7 +39,9 @@ def main():
         return 2
     with open(sys.argv[1]) as f:
         r = json.load(f)
-    cfgs = [c for c in r["configs"] if c.get("ppl") is not None]
+    # the moe-kN rows vary the FFN, not the cache (their KV is moe-full's): they are in the
+    # table and the JSON, not on the KV axes, where their perplexity would flatten the rest
+    cfgs = [c for c in r["configs"] if c.get("ppl") is not None and family(c["name"]) != "moe-k"]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for ax, key, label in ((axes[0], "kv_bytes_stored", "KV MiB stored (end of chunk)"),
                            (axes[1], "bytes_read_per_attend", "KiB read per attend")):
@@ -60,6 +62,7 @@ def main():
                 ax.axhline(c["ppl"], color="black", lw=0.6, ls=":")
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity (lower is better)")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="filled: dense, open: MoE", title_fontsize=7)
     s = r["settings"]
