@@ -27,6 +27,9 @@ FFN input h goes to the router (blk.N.ffn_gate_inp, logits r = W_r h), whose top
 on the slices of the 3D tensors ffn_gate_exps / ffn_up_exps / ffn_down_exps, and combine per
 pikv.moe.gating: "sum" adds their outputs unweighted (MoEfication: k = expert_count is the
 dense FFN); absent, the outputs are weighted by the softmax of their router logits (Mixtral).
+With llama.expert_shared_feed_forward_length = N > 0 a shared expert (ffn_gate_shexp /
+ffn_up_shexp / ffn_down_shexp, N neurons) runs on every token and its output is added
+unweighted to the routed experts' (DeepSeek-MoE / Qwen2-MoE style).
 
 --nll IDS.txt: the token ids in IDS.txt (whitespace-separated) run through one causal forward;
 prints one line "nll_sum S count N ppl P", the negative log-likelihood (natural log) of
@@ -73,6 +76,7 @@ class Model:
         self.cache = {}
         self.n_experts = int(field_int(r, "llama.expert_count", 0))
         self.moe_k = int(field_int(r, "llama.expert_used_count", 0))
+        self.n_shared = int(field_int(r, "llama.expert_shared_feed_forward_length", 0))
         f = r.fields.get("pikv.moe.gating")
         self.gating = f.contents() if f is not None else "softmax"
         if self.gating not in ("sum", "softmax"):
@@ -120,6 +124,10 @@ class Model:
             g = he @ gate[e].T
             u = he @ up[e].T
             out[rows] += coef[rows, None] * ((g / (1.0 + np.exp(-g)) * u) @ down[e].T)
+        if self.n_shared > 0:  # the shared expert: every token, added unweighted
+            g = h @ self.w(p + "ffn_gate_shexp.weight").T
+            u = h @ self.w(p + "ffn_up_shexp.weight").T
+            out += (g / (1.0 + np.exp(-g)) * u) @ self.w(p + "ffn_down_shexp.weight").T
         return out
 
     def w(self, name):

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """MoEfication of a dense Llama GGUF into a Mixtral-layout MoE GGUF (docs/moe.md).
 
-Usage: moe_convert.py DENSE.gguf OUT.gguf [--experts 8] [--top-k 2] --calib CALIB.txt
+Usage: moe_convert.py DENSE.gguf OUT.gguf [--experts 8] [--top-k 2] [--shared N] --calib CALIB.txt
                       --heldout HELDOUT.txt [--calib-tokens 16384] [--seed 1]
-                      [--report REPORT.json] [--eval-chunks 2] [--chunk 256]
+                      [--report REPORT.json] [--eval-chunks 2] [--chunk 256] [--sweep N1,N2,..]
 
 No trained MoE small enough for CI exists, so one is made from the dense model (MoEfication,
 Zhang et al. 2022): each layer's FFN neurons are split into E equal groups of neurons that fire
@@ -282,14 +282,15 @@ def topk_recall(scores, oracle, k):
     return float(hits.mean() / k)
 
 
-def topk_rel_error(a, wdown, groups, scores, k):
+def topk_rel_error(a, wdown, groups, scores, k, shared=()):
     """Mean over tokens of ||y_topk - y||^2 / ||y||^2: how much of the dense FFN output top-k misses.
 
-    Per token, so that the few tokens with massive activations (the first of a chunk) do not
-    dominate the figure.
+    The shared expert's neurons (always on) count as kept. Per token, so that the few tokens with
+    massive activations (the first of a chunk) do not dominate the figure.
     """
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     keep = np.zeros(a.shape, dtype=np.float32)
+    keep[:, shared] = 1.0
     for e, s in enumerate(groups):
         keep[:, s] = (top == e).any(axis=1)[:, None]
     y = a @ wdown.T
@@ -297,46 +298,69 @@ def topk_rel_error(a, wdown, groups, scores, k):
     return float(np.mean(err / np.maximum(np.sum(y * y, axis=1), 1e-30)))
 
 
-class Calibrator:
-    """Per layer: clusters the neurons, fits the router, measures its recall (on_layer callback)."""
+def neuron_importance(a, wdown):
+    """Per neuron, its mean output contribution over the tokens: mean_t |a_n(t)| * ||W_down[:, n]||."""
+    return np.mean(np.abs(a), axis=0, dtype=np.float64) * np.linalg.norm(wdown.astype(np.float64), axis=0)
 
-    def __init__(self, m, n_experts, top_k, seed, n_val):
+
+class Split:
+    """One conversion setting's per-layer result: shared neurons, expert groups, routers, recall."""
+
+    def __init__(self, n_shared):
+        self.n_shared = n_shared
+        self.shared, self.groups, self.routers, self.recall = [], [], [], []
+
+
+class Calibrator:
+    """Per layer: picks the shared neurons, clusters the rest, fits the router (on_layer callback).
+
+    One Split per shared-expert width in shared_list (the sweep), all from the same captures.
+    """
+
+    def __init__(self, m, n_experts, top_k, seed, n_val, shared_list):
         self.m, self.E, self.k, self.seed, self.n_val = m, n_experts, top_k, seed, n_val
-        self.groups, self.routers, self.recall = [], [], []
+        self.splits = {n: Split(n) for n in shared_list}
 
     def __call__(self, l, h, a):
         m, E = self.m, self.E
         T = h.shape[0]
         n_fit = T - self.n_val
-        # neuron profiles: |a| over (a subsample of) the fitting tokens, unit-normalized
-        step = max(1, n_fit // PROFILE_TOKENS)
-        prof = np.abs(a[:n_fit:step]).T.copy()
-        prof -= prof.mean(axis=1, keepdims=True)
-        prof /= np.maximum(np.linalg.norm(prof, axis=1, keepdims=True), 1e-12)
-        assign = balanced_kmeans(prof, E, self.seed + l)
-        groups = [np.flatnonzero(assign == e) for e in range(E)]  # ascending original index
         wdown = m.w("blk.%d.ffn_down.weight" % l)
-        norms = expert_norms(a, wdown, groups)
-        target = np.log(norms + LOG_EPS)
-        target -= target.mean(axis=1, keepdims=True)
-        wr = fit_router(h[:n_fit], target[:n_fit])
-        scores = h[n_fit:] @ wr.T
-        rec = {"k%d" % k: topk_recall(scores, norms[n_fit:], k) for k in sorted({1, self.k})}
-        rec["rel_err_router"] = topk_rel_error(a[n_fit:], wdown, groups, scores, self.k)
-        rec["rel_err_oracle"] = topk_rel_error(a[n_fit:], wdown, groups, norms[n_fit:], self.k)
-        self.groups.append(groups)
-        self.routers.append(wr)
-        self.recall.append(rec)
-        log("layer %2d: router top-%d recall %.3f (top-1 %.3f), top-%d FFN output error %.3f "
-            "(oracle %.3f) on %d held-back tokens" % (l, self.k, rec["k%d" % self.k], rec["k1"], self.k,
-                                                      rec["rel_err_router"], rec["rel_err_oracle"], self.n_val))
+        imp = neuron_importance(a[:n_fit], wdown)
+        by_imp = np.argsort(-imp, kind="stable")
+        # neuron profiles: |a| over (a subsample of) the fitting tokens, centred, unit-normalized
+        step = max(1, n_fit // PROFILE_TOKENS)
+        prof_all = np.abs(a[:n_fit:step]).T.copy()
+        prof_all -= prof_all.mean(axis=1, keepdims=True)
+        prof_all /= np.maximum(np.linalg.norm(prof_all, axis=1, keepdims=True), 1e-12)
+        for n_sh, sp in self.splits.items():
+            shared = np.sort(by_imp[:n_sh])
+            rest = np.sort(by_imp[n_sh:])
+            assign = balanced_kmeans(prof_all[rest], E, self.seed + l)
+            groups = [rest[assign == e] for e in range(E)]  # ascending original index
+            norms = expert_norms(a, wdown, groups)
+            target = np.log(norms + LOG_EPS)
+            target -= target.mean(axis=1, keepdims=True)
+            wr = fit_router(h[:n_fit], target[:n_fit])
+            scores = h[n_fit:] @ wr.T
+            rec = {"k%d" % k: topk_recall(scores, norms[n_fit:], k) for k in sorted({1, self.k})}
+            rec["rel_err_router"] = topk_rel_error(a[n_fit:], wdown, groups, scores, self.k, shared)
+            rec["rel_err_oracle"] = topk_rel_error(a[n_fit:], wdown, groups, norms[n_fit:], self.k, shared)
+            sp.shared.append(shared)
+            sp.groups.append(groups)
+            sp.routers.append(wr)
+            sp.recall.append(rec)
+            log("layer %2d, shared %4d: router top-%d recall %.3f (top-1 %.3f), top-%d FFN output error %.3f "
+                "(oracle %.3f) on %d held-back tokens" % (
+                    l, n_sh, self.k, rec["k%d" % self.k], rec["k1"], self.k,
+                    rec["rel_err_router"], rec["rel_err_oracle"], self.n_val))
 
 
-def calibrate(m, calib_chunks, n_experts, top_k, seed):
+def calibrate(m, calib_chunks, n_experts, top_k, seed, shared_list):
     """Runs the dense forward over the calibration chunks, clustering and fitting per layer."""
     T = calib_chunks.size
     n_val = int(round(T * VAL_FRACTION / calib_chunks.shape[1])) * calib_chunks.shape[1]
-    cal = Calibrator(m, n_experts, top_k, seed, max(n_val, calib_chunks.shape[1]))
+    cal = Calibrator(m, n_experts, top_k, seed, max(n_val, calib_chunks.shape[1]), shared_list)
 
     def ffn(l, h):
         a = swiglu(m, l, h)
@@ -348,22 +372,29 @@ def calibrate(m, calib_chunks, n_experts, top_k, seed):
 
 
 class MoE:
-    """The converted FFNs in float32, exactly as the file holds them (down rounded to f16)."""
+    """The converted FFNs in float32, exactly as the file holds them (down rounded to f16).
 
-    def __init__(self, m, cal):
-        self.m, self.E = m, cal.E
-        self.perm = [np.concatenate(g) for g in cal.groups]
-        self.routers = cal.routers
+    Neuron order per layer: the shared expert's N neurons, then expert 0's, expert 1's, ...
+    """
+
+    def __init__(self, m, sp, n_experts):
+        self.m, self.E, self.S = m, n_experts, sp.n_shared
+        self.nfe = (m.n_ff - self.S) // n_experts
+        self.shared = sp.shared
+        self.perm = [np.concatenate(g) for g in sp.groups]            # routed neurons only
+        self.routers = sp.routers
         self.down = [m.w("blk.%d.ffn_down.weight" % l)[:, self.perm[l]].astype(np.float16).astype(np.float32)
                      for l in range(m.n_layers)]
+        self.down_sh = [m.w("blk.%d.ffn_down.weight" % l)[:, self.shared[l]].astype(np.float16).astype(np.float32)
+                        for l in range(m.n_layers)]
 
     def ffn(self, k):
-        """FFN callback for forward(): sum of the router's top-k experts' outputs (gating "sum")."""
+        """FFN callback for forward(): shared expert + sum of the router's top-k experts ("sum")."""
         m, E = self.m, self.E
 
         def run(l, h):
             p = "blk.%d." % l
-            perm = self.perm[l]
+            perm = np.concatenate([self.shared[l], self.perm[l]])
             g = h @ m.w(p + "ffn_gate.weight")[perm].T
             u = h @ m.w(p + "ffn_up.weight")[perm].T
             a = g / (1.0 + np.exp(-g)) * u
@@ -371,8 +402,8 @@ class MoE:
                 top = np.argsort(-(h @ self.routers[l].T), axis=1, kind="stable")[:, :k]
                 keep = np.zeros((h.shape[0], E), dtype=bool)
                 keep[np.arange(h.shape[0])[:, None], top] = True
-                a = a * np.repeat(keep, a.shape[1] // E, axis=1)
-            return a @ self.down[l].T
+                a[:, self.S:] *= np.repeat(keep, self.nfe, axis=1)
+            return a[:, :self.S] @ self.down_sh[l].T + a[:, self.S:] @ self.down[l].T
         return run
 
 
@@ -401,7 +432,7 @@ def write_moe(m, moe, out_path, meta):
     """Writes the Mixtral-layout GGUF: non-FFN tensors copied as they are, FFNs as experts."""
     E = moe.E
     w = GGUFWriter(out_path, ARCH)
-    copy_metadata(m.r, w, m.n_ff // E, meta)
+    copy_metadata(m.r, w, moe.nfe, meta)
     for t in m.r.tensors:
         if is_dense_ffn(t.name):
             continue
@@ -416,7 +447,7 @@ def write_moe(m, moe, out_path, meta):
 
 
 def add_experts(m, moe, w, l):
-    """Layer l's router and experts: gate/up rows byte-copied in expert order, down as F16."""
+    """Layer l's router, experts and shared expert: gate/up rows byte-copied, down as F16."""
     E, p = moe.E, "blk.%d." % l
     w.add_tensor(p + "ffn_gate_inp.weight", np.ascontiguousarray(moe.routers[l], dtype=np.float32))
     for name in ("ffn_gate", "ffn_up"):
@@ -426,12 +457,18 @@ def add_experts(m, moe, w, l):
                      raw_dtype=t.tensor_type)
     d = moe.down[l].reshape(m.n_embd, E, -1).transpose(1, 0, 2)  # (E, n_embd, n_ff/E)
     w.add_tensor(p + "ffn_down_exps.weight", np.ascontiguousarray(d.astype(np.float16)))
+    if moe.S:  # the shared expert: gate/up rows byte-copied, down columns as F16
+        for name in ("ffn_gate", "ffn_up"):
+            t = m.t[p + name + ".weight"]
+            w.add_tensor(p + name + "_shexp.weight", np.ascontiguousarray(np.asarray(t.data)[moe.shared[l]]),
+                         raw_dtype=t.tensor_type)
+        w.add_tensor(p + "ffn_down_shexp.weight", np.ascontiguousarray(moe.down_sh[l].astype(np.float16)))
 
 
 def verify(m, moe, path, meta):
     """Reads the output back: metadata, every tensor's shape and type, expert rows vs the dense ones."""
     r = GGUFReader(path)
-    E, nfe = moe.E, m.n_ff // moe.E
+    E, nfe, S = moe.E, moe.nfe, moe.S
     got = {t.name: t for t in r.tensors}
     for key, f in m.r.fields.items():
         if key.startswith("GGUF.") or key in meta or key == "llama.feed_forward_length":
@@ -444,6 +481,12 @@ def verify(m, moe, path, meta):
     expected = {t.name for t in m.r.tensors if not is_dense_ffn(t.name)}
     expected |= {"blk.%d.%s.weight" % (l, n) for l in range(m.n_layers)
                  for n in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+    if S:
+        expected |= {"blk.%d.%s.weight" % (l, n) for l in range(m.n_layers)
+                     for n in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")}
+    f = r.fields.get("llama.expert_shared_feed_forward_length")
+    if (int(f.contents()) if f is not None else 0) != S:
+        raise AssertionError("llama.expert_shared_feed_forward_length is not %d" % S)
     if set(got) != expected:
         raise AssertionError("tensor set differs: unexpected %s, missing %s" % (
             sorted(set(got) - expected)[:4], sorted(expected - set(got))[:4]))
@@ -460,6 +503,10 @@ def verify(m, moe, path, meta):
                   "ffn_gate_exps.weight": (m.t[p + "ffn_gate.weight"].tensor_type, [m.n_embd, nfe, E]),
                   "ffn_up_exps.weight": (m.t[p + "ffn_up.weight"].tensor_type, [m.n_embd, nfe, E]),
                   "ffn_down_exps.weight": (GGMLQuantizationType.F16, [nfe, m.n_embd, E])}
+        if S:
+            expect.update({"ffn_gate_shexp.weight": (m.t[p + "ffn_gate.weight"].tensor_type, [m.n_embd, S]),
+                           "ffn_up_shexp.weight": (m.t[p + "ffn_up.weight"].tensor_type, [m.n_embd, S]),
+                           "ffn_down_shexp.weight": (GGMLQuantizationType.F16, [S, m.n_embd])})
         for name, (ty, shape) in expect.items():
             g = got.get(p + name)
             if g is None or g.tensor_type != ty or list(map(int, g.shape)) != shape:
@@ -468,9 +515,15 @@ def verify(m, moe, path, meta):
                     None if g is None else list(map(int, g.shape)), ty.name, shape))
         for name in ("ffn_gate", "ffn_up"):
             dense = np.asarray(m.t[p + name + ".weight"].data)
-            exps = np.asarray(got[p + name + "_exps.weight"].data).reshape(m.n_ff, -1)
+            exps = np.asarray(got[p + name + "_exps.weight"].data).reshape(E * nfe, -1)
             if not np.array_equal(exps, dense[moe.perm[l]]):
                 raise AssertionError("'%s%s_exps.weight' rows differ from the dense rows" % (p, name))
+            if S and not np.array_equal(np.asarray(got[p + name + "_shexp.weight"].data).reshape(S, -1),
+                                        dense[moe.shared[l]]):
+                raise AssertionError("'%s%s_shexp.weight' rows differ from the dense rows" % (p, name))
+        if S and not np.array_equal(np.asarray(got[p + "ffn_down_shexp.weight"].data).reshape(m.n_embd, S)
+                                    .astype(np.float32), moe.down_sh[l]):
+            raise AssertionError("'%sffn_down_shexp.weight' differs from the dense columns" % p)
         down = np.asarray(got[p + "ffn_down_exps.weight"].data).reshape(E, m.n_embd, nfe)
         if not np.array_equal(down.transpose(1, 0, 2).reshape(m.n_embd, -1).astype(np.float32), moe.down[l]):
             raise AssertionError("'%sffn_down_exps.weight' differs from the dense columns" % p)
@@ -479,23 +532,33 @@ def verify(m, moe, path, meta):
     return len(r.tensors)
 
 
-def evaluate(m, moe, chunks, ks):
-    """Perplexity of the dense model and of the MoE for each top-k on the held-out chunks."""
-    rows = []
+def evaluate_dense(m, chunks):
+    """Perplexity row and final hidden states of the dense model on the held-out chunks."""
     t0 = time.time()
     hid = forward(m, chunks, lambda l, h: swiglu(m, l, h) @ m.w("blk.%d.ffn_down.weight" % l).T)
     s, n = nll_of(m, hid, chunks)
-    rows.append({"model": "dense", "top_k": None, "nll": s / n, "ppl": float(np.exp(s / n)), "tokens": n})
-    log("eval: dense ppl %.4f (%.1f s)" % (rows[-1]["ppl"], time.time() - t0))
+    row = {"model": "dense", "top_k": None, "nll": s / n, "ppl": float(np.exp(s / n)), "tokens": n}
+    log("eval: dense ppl %.4f (%.1f s)" % (row["ppl"], time.time() - t0))
+    return row, hid
+
+
+def evaluate(m, moe, chunks, ks, hid):
+    """Perplexity of the MoE for each top-k on the held-out chunks (hid: the dense hidden states)."""
+    rows = []
     for k in ks:
         hk = forward(m, chunks, moe.ffn(k))
         s, n = nll_of(m, hk, chunks)
-        row = {"model": "moe", "top_k": k, "nll": s / n, "ppl": float(np.exp(s / n)), "tokens": n}
+        row = {"model": "moe", "shared": moe.S, "top_k": k, "nll": s / n, "ppl": float(np.exp(s / n)), "tokens": n}
         if k == moe.E:
             row["max_abs_hidden_diff_vs_dense"] = float(np.max(np.abs(hk - hid)))
         rows.append(row)
-        log("eval: MoE top-%d ppl %.4f" % (k, row["ppl"]))
+        log("eval: MoE shared %d, top-%d ppl %.4f" % (moe.S, k, row["ppl"]))
     return rows
+
+
+def active_neurons(n_ff, n_shared, n_experts, k):
+    """FFN neurons a token runs: the shared expert's plus k routed experts'."""
+    return n_shared + k * (n_ff - n_shared) // n_experts
 
 
 def parse_args():
@@ -511,8 +574,18 @@ def parse_args():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--eval-chunks", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--shared", type=int, default=0)
+    ap.add_argument("--sweep", help="comma-separated shared widths to evaluate as well (not written)")
     ap.add_argument("--report")
     a = ap.parse_args()
+    a.sweep = [] if not a.sweep else a.sweep.split(",")
+    try:
+        a.sweep = [int(v) for v in a.sweep]
+    except ValueError:
+        fail("--sweep: '%s' is not a comma-separated list of integers" % ",".join(a.sweep))
+    for v in [a.shared] + a.sweep:
+        if v < 0:
+            fail("--shared/--sweep %d: must be >= 0" % v)
     if a.experts < 2:
         fail("--experts %d: need at least 2" % a.experts)
     if not 1 <= a.top_k <= a.experts:
@@ -532,23 +605,30 @@ def main():
     a = parse_args()
     t_start = time.time()
     m = Dense(a.dense)
-    if m.n_ff % a.experts:
-        fail("--experts %d does not divide the FFN width %d" % (a.experts, m.n_ff))
+    widths = [a.shared] + [v for v in dict.fromkeys(a.sweep) if v != a.shared]
+    for v in widths:
+        if v >= m.n_ff or (m.n_ff - v) % a.experts:
+            fail("--experts %d does not divide the routed FFN width %d (= %d - shared %d)" % (
+                a.experts, m.n_ff - v, m.n_ff, v))
     calib = tokens_of(m, a.calib, a.calib_tokens, a.chunk, "calibration")
     held = tokens_of(m, a.heldout, a.eval_chunks * a.chunk, a.chunk, "held-out")
-    log("%s: %d layers, FFN %d -> %d experts of %d, top-%d; %d calibration tokens" % (
-        a.dense, m.n_layers, m.n_ff, a.experts, m.n_ff // a.experts, a.top_k, calib.size))
+    nfe = (m.n_ff - a.shared) // a.experts
+    log("%s: %d layers, FFN %d -> shared expert of %d + %d experts of %d, top-%d; %d calibration tokens%s" % (
+        a.dense, m.n_layers, m.n_ff, a.shared, a.experts, nfe, a.top_k, calib.size,
+        "; sweep of shared widths %s" % widths if len(widths) > 1 else ""))
     t0 = time.time()
-    cal = calibrate(m, calib, a.experts, a.top_k, a.seed)
+    cal = calibrate(m, calib, a.experts, a.top_k, a.seed, widths)
     t_cal = time.time() - t0
-    moe = MoE(m, cal)
+    sp = cal.splits[a.shared]
+    moe = MoE(m, sp, a.experts)
     meta = {
         "llama.expert_count": (a.experts, GGUFValueType.UINT32),
         "llama.expert_used_count": (a.top_k, GGUFValueType.UINT32),
         "pikv.moe.gating": ("sum", GGUFValueType.STRING),
-        "pikv.moe.method": ("MoEfication: balanced spherical k-means of FFN neurons on centred |SwiGLU activation| "
-                            "profiles; ridge-regression linear router to the log expert output norm",
-                            GGUFValueType.STRING),
+        "pikv.moe.method": ("MoEfication: shared expert of the neurons with the largest mean output contribution "
+                            "(mean |a| x ||W_down column||); balanced spherical k-means of the other FFN neurons "
+                            "on centred |SwiGLU activation| profiles; ridge-regression linear router to the log "
+                            "expert output norm", GGUFValueType.STRING),
         "pikv.moe.source_sha256": (sha256_file(a.dense), GGUFValueType.STRING),
         "pikv.moe.source_feed_forward_length": (m.n_ff, GGUFValueType.UINT32),
         "pikv.moe.calibration_text": (os.path.basename(a.calib), GGUFValueType.STRING),
@@ -557,6 +637,8 @@ def main():
         "pikv.moe.seed": (a.seed, GGUFValueType.UINT32),
         "pikv.moe.experts": (a.experts, GGUFValueType.UINT32),
     }
+    if a.shared:
+        meta["llama.expert_shared_feed_forward_length"] = (a.shared, GGUFValueType.UINT32)
     t0 = time.time()
     write_moe(m, moe, a.out, meta)
     n_tensors = verify(m, moe, a.out, meta)
@@ -565,25 +647,38 @@ def main():
         a.out, n_tensors, os.path.getsize(a.out) / 1e6, t_write))
     t0 = time.time()
     ks = sorted({1, 2, 4, a.top_k, a.experts} & set(range(1, a.experts + 1)))
-    rows = evaluate(m, moe, held, ks)
+    dense_row, hid = evaluate_dense(m, held)
+    rows = [dense_row] + evaluate(m, moe, held, ks, hid)
+    sweep = []
+    for v in widths[1:]:
+        sweep += evaluate(m, MoE(m, cal.splits[v], a.experts), held,
+                          sorted({1, 2, 4, a.top_k} & set(range(1, a.experts))), hid)
     t_eval = time.time() - t0
     exact = rows[-1]
-    print_table(rows, cal, a)
+    for r in rows[1:] + sweep:
+        r["active_neurons"] = active_neurons(m.n_ff, r["shared"], a.experts, r["top_k"])
+    print_table(rows, sp, a)
+    if sweep:
+        print_sweep([r for r in rows[1:] if r["top_k"] < a.experts] + sweep, cal, a)
     if exact["top_k"] != a.experts or abs(exact["ppl"] - rows[0]["ppl"]) > 1e-3 * rows[0]["ppl"]:
         fail("top-k = %d does not reproduce the dense model: ppl %.6f vs %.6f" % (
             a.experts, exact["ppl"], rows[0]["ppl"]))
     report = {
         "dense": os.path.basename(a.dense), "moe": os.path.basename(a.out),
-        "experts": a.experts, "top_k": a.top_k, "expert_ffn": m.n_ff // a.experts,
+        "experts": a.experts, "top_k": a.top_k, "expert_ffn": nfe, "shared_ffn": a.shared,
         "calibration": {"text": os.path.basename(a.calib), "tokens": int(calib.size),
                         "router_validation_tokens": cal.n_val, "seed": a.seed},
         "heldout": {"text": os.path.basename(a.heldout), "chunks": a.eval_chunks, "chunk": a.chunk},
         "perplexity": rows,
-        "router_recall": {"per_layer": cal.recall,
-                          "mean": {k: float(np.mean([r[k] for r in cal.recall])) for k in cal.recall[0]}},
+        "router_recall": {"per_layer": sp.recall,
+                          "mean": {k: float(np.mean([r[k] for r in sp.recall])) for k in sp.recall[0]}},
         "seconds": {"calibration": round(t_cal, 1), "write_verify": round(t_write, 1),
                     "eval": round(t_eval, 1), "total": round(time.time() - t_start, 1)},
     }
+    if sweep:
+        report["sweep"] = {"perplexity": sweep, "router_recall_mean": {
+            str(v): {k: float(np.mean([r[k] for r in cal.splits[v].recall])) for k in cal.splits[v].recall[0]}
+            for v in widths}}
     if a.report:
         with open(a.report, "w") as f:
             json.dump(report, f, indent=1)
@@ -592,8 +687,20 @@ def main():
         time.time() - t_start, t_cal, t_write, t_eval))
 
 
+def print_sweep(rows, cal, a):
+    """The sweep table: perplexity per shared width and top-k, with the FFN neurons a token runs."""
+    print("sweep: shared  top-k  neurons/token  ppl        router top-%d recall  top-%d output error (router/oracle)"
+          % (a.top_k, a.top_k))
+    for r in sorted(rows, key=lambda r: (r["shared"], r["top_k"])):
+        rec = cal.splits[r["shared"]].recall
+        mean = {k: float(np.mean([x[k] for x in rec])) for k in rec[0]}
+        print("sweep: %-6d  %-5d  %-13d  %-9.4g  %-20.3f  %.3f / %.3f" % (
+            r["shared"], r["top_k"], r["active_neurons"], r["ppl"], mean["k%d" % a.top_k],
+            mean["rel_err_router"], mean["rel_err_oracle"]))
+
+
 def print_table(rows, cal, a):
-    """The perplexity table and the mean router recall, on stdout."""
+    """The perplexity table and the mean router recall (cal: the written Split), on stdout."""
     print("model        top-k  ppl       nll/token  (held-out, %d tokens)" % rows[0]["tokens"])
     for r in rows:
         print("%-12s %-6s %-9.4f %.5f" % (r["model"], "-" if r["top_k"] is None else r["top_k"], r["ppl"], r["nll"]))

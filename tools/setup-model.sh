@@ -130,7 +130,7 @@ MOE="$MODELS/SmolLM2-135M-Instruct-MoE8.gguf"
 MOE_REPORT="$MODELS/SmolLM2-135M-Instruct-MoE8.report.json"
 MOE_STAMP="$MOE.stamp"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-MOE_ARGS=(--experts 8 --top-k 2 --calib "$CALIB" --heldout "$HELDOUT" --calib-tokens 16384 --seed 1)
+MOE_ARGS=(--experts 8 --top-k 2 --shared 640 --calib "$CALIB" --heldout "$HELDOUT" --calib-tokens 16384 --seed 1)
 want=$( { sha_of "$HERE/moe_convert.py"; sha_of "$HERE/llama_reference.py"; echo "${MOE_ARGS[*]}";
           echo "$MODEL_SHA256"; sha_of "$CALIB"; sha_of "$HELDOUT"; echo "${PY_PKGS[*]}"; } |
         sha256sum | cut -d' ' -f1)
