@@ -598,11 +598,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < limit; i++)
             run_case(m, ctx, &cases[i]);
         check_chunking(m, ctx, &cases[0]);
-        /* not on the MoE: its top-2 of 8 experts loses about half of each FFN's output
-           (docs/moe.md), so a lossy cache's small error flips near-tied router choices and
-           the logits jump; the dense model checks the dtypes */
-        if (!moe)
-            check_dtypes(m, ctx, &cases[n_cases - 1]);
+        check_dtypes(m, ctx, &cases[n_cases - 1]);
         check_errors(m, ctx, argv[1]);
         if (moe)
             check_moe(m, ctx, &cases[0], argc > 3 ? argv[3] : NULL);
