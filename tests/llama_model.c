@@ -370,6 +370,8 @@ static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_pat
         expect_missing(img, n, moe ? "blk.7.ffn_up_exps.weight" : "blk.7.ffn_up.weight");
         if (moe) {
             expect_missing(img, n, "blk.3.ffn_gate_inp.weight");
+            expect_missing(img, n, "blk.5.ffn_down_shexp.weight");
+            expect_bad_shape(img, n, "blk.2.ffn_up_shexp.weight", 639);
             expect_missing(img, n, "llama.expert_used_count");
         }
         expect_missing(img, n, "output_norm.weight");
@@ -576,6 +578,7 @@ int main(int argc, char **argv)
         CHECK_EQ(hp->n_experts, 8);
         CHECK_EQ(hp->n_experts_used, 2);
         CHECK_EQ(hp->n_ff * 8 + hp->n_ff_shared, 1536);
+        CHECK_EQ(hp->n_ff_shared, 640); /* the shared expert's path runs */
         CHECK_EQ(hp->moe_gating, PIKV_LLAMA_GATING_SUM);
     } else {
         CHECK_EQ(hp->n_ff, 1536);

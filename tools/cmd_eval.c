@@ -103,7 +103,8 @@ static void eval_usage(FILE *f)
           "                          moe-full,experts,pikv)\n"
           "  --passkey-long N        lengths above N run only for --passkey-long-configs\n"
           "                          (default 2048)\n"
-          "  --passkey-long-configs LIST  (default full,quest-B/2)\n"
+          "  --passkey-long-configs LIST  (default full,quest-B/2; each must also be in\n"
+          "                          --passkey-configs to run)\n"
           "  --passkey-long-samples N  ... with N prompts each (default 1)\n"
           "  --passkey-format F      plain|chat (default plain: the chat template gets fewer\n"
           "                          keys right from this model; docs/eval.md)\n"
@@ -514,6 +515,12 @@ int cli_cmd_eval(int argc, char **argv)
             fprintf(stderr, "pikv eval: --moe-model '%s' is a dense model (%d expert)\n",
                     o.moe_model_path, (int)moe_experts);
             rc = CLI_EXIT_FAIL;
+            goto out;
+        }
+        if (o.moe_ffn_k > moe_experts) {
+            cli_usage_error(p.cmd, "invalid value '%d' for --moe-ffn-k: the MoE model has %d experts",
+                            (int)o.moe_ffn_k, (int)moe_experts);
+            rc = CLI_EXIT_USAGE;
             goto out;
         }
     }

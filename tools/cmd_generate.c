@@ -62,6 +62,7 @@ typedef struct gen_opts_t {
     int32_t token_budget;
     int32_t moe_k;      /* 0: the model's top-k; GEN_MOE_ALL: every expert */
     int select_set;     /* --select was given */
+    int moe_k_set;      /* --moe-k was given */
     double temp;
     int32_t top_k;
     uint64_t seed;
@@ -370,7 +371,10 @@ static int parse_generate(gen_opts_t *o, const char *cmd, int argc, char **argv,
             break;
         case G_EXPERTS_TOP_K: if (cli_parse_i32(&p, v, 0, 256, &o->experts_top_k)) return CLI_EXIT_USAGE; break;
         case G_BUDGET: if (cli_parse_i32(&p, v, 1, 1 << 20, &o->token_budget)) return CLI_EXIT_USAGE; break;
-        case G_MOE_K: if (cli_parse_i32(&p, v, 0, 256, &o->moe_k)) return CLI_EXIT_USAGE; break;
+        case G_MOE_K:
+            if (cli_parse_i32(&p, v, 0, 256, &o->moe_k)) return CLI_EXIT_USAGE;
+            o->moe_k_set = 1;
+            break;
         case G_TEMP: if (cli_parse_double(&p, v, 0.0, 100.0, &o->temp)) return CLI_EXIT_USAGE; break;
         case G_TOP_K: if (cli_parse_i32(&p, v, 0, 1 << 20, &o->top_k)) return CLI_EXIT_USAGE; break;
         case G_SEED:
@@ -418,7 +422,7 @@ int cli_cmd_demo(int argc, char **argv)
     int rc = parse_generate(&o, "pikv demo", argc, argv, 2);
     if (rc >= 0)
         return rc;
-    if (!o.model && !o.moe && cli_file_exists(moe)) {
+    if (!o.model && (o.moe || cli_file_exists(moe))) {
         o.moe = 1;
         if (!o.select_set)
             o.select = PIKV_SELECT_EXPERTS;
@@ -426,7 +430,7 @@ int cli_cmd_demo(int argc, char **argv)
            against the dense 8.5 on held-out text, docs/moe.md) writes visibly worse text; the
            KV is still sharded by the router's top-1 and each query reads its top experts'
            shards (--moe-k 2 runs the sparse FFN) */
-        if (o.moe_k == 0)
+        if (!o.moe_k_set)
             o.moe_k = GEN_MOE_ALL;
     }
     return run_generate(&o);

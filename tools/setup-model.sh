@@ -8,9 +8,10 @@
 #   - a text corpus from the KJV Bible (Debian package bible-kjv, public domain) in
 #     $PIKV_CACHE/corpus/: kjv-calibration.txt (Genesis + Exodus) and kjv-heldout.txt (Matthew +
 #     John), one verse per line without its reference;
-#   - SmolLM2-135M-Instruct-MoE8.gguf, the dense model split into 8 experts (top-2) by
-#     tools/moe_convert.py (docs/moe.md), and its report (.report.json), re-made only when the
-#     converter, its arguments or the dense model change (a stamp file holds their SHA-256).
+#   - SmolLM2-135M-Instruct-MoE8.gguf, the dense model split into a shared expert and 8 routed
+#     experts (top-2) by tools/moe_convert.py (docs/moe.md), and its report (.report.json),
+#     re-made only when the converter, its arguments, its inputs or the Python packages change
+#     (a stamp file holds their SHA-256).
 # PIKV_CACHE defaults to ~/.cache/pikv. A second run downloads and converts nothing. Prints the
 # dense model path on the last line of stdout (everything else goes to stderr). Exits non-zero with a message when something cannot be fetched
 # (offline machine, no python3-venv).
