@@ -249,24 +249,6 @@ out:
     pikv_cache_free(cache);
 }
 
-static unsigned char *read_file(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *d = sz > 0 ? malloc((size_t)sz) : NULL;
-    if (d && fread(d, 1, (size_t)sz, f) != (size_t)sz) {
-        free(d);
-        d = NULL;
-    }
-    fclose(f);
-    *n = d ? (size_t)sz : 0;
-    return d;
-}
-
 static unsigned char *find_bytes(unsigned char *d, size_t n, const char *s)
 {
     size_t k = strlen(s);
@@ -365,7 +347,7 @@ static void check_errors(pikv_llama *m, pikv_context *ctx, const char *model_pat
     }
 
     size_t n = 0;
-    unsigned char *img = read_file(model_path, &n);
+    unsigned char *img = tu_read_file(model_path, &n);
     if (CHECKF(img != NULL, "cannot read %s", model_path)) {
         expect_missing(img, n, moe ? "blk.7.ffn_up_exps.weight" : "blk.7.ffn_up.weight");
         if (moe) {

@@ -250,21 +250,6 @@ static inline void su_rmdir(char *dir)
     free(dir);
 }
 
-/* A whole file into memory (*n bytes); NULL if it cannot be read. */
-static inline uint8_t *su_read_file(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = (uint8_t *)tu_xmalloc((size_t)(sz > 0 ? sz : 1));
-    *n = fread(b, 1, (size_t)sz, f);
-    fclose(f);
-    return b;
-}
-
 static inline int su_write_file(const char *path, const uint8_t *b, size_t n)
 {
     FILE *f = fopen(path, "wb");

@@ -289,7 +289,7 @@ static void test_forged_tables(const char *dir)
     CHECK_OK(pikv_cache_checkpoint(c, file, PIKV_CHECKPOINT_FULL, NULL));
     pikv_cache_free(c);
     size_t n = 0;
-    uint8_t *good = su_read_file(file, &n);
+    uint8_t *good = tu_read_file(file, &n);
     if (!CHECK(good != NULL)) return;
     /* the TABLES record and, in it, the sequences part: counters 88, one layer 72, one
        expert 24, shard devices 4 + 4, live pages 4 + 28 x pages */
@@ -391,7 +391,7 @@ int main(int argc, char **argv)
         gen_nq[g] = su_attend(src, &P, 1234, &gen_out[g], &gen_lse[g]);
     }
     n_live = su_live(src, &P, live_seqs);
-    good = su_read_file(ckpt, &good_n);
+    good = tu_read_file(ckpt, &good_n);
     if (!CHECK(good != NULL))
         return tu_finish();
     walk_records();

@@ -187,6 +187,33 @@ static inline void *tu_xrealloc(void *p, size_t n)
     return q;
 }
 
+/* A whole file into memory: *n bytes, followed by a NUL (not counted) so text can be parsed
+   in place. NULL (nothing allocated) when it cannot be opened or read. */
+static inline uint8_t *tu_read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t cap = 1 << 16, len = 0, got;
+    uint8_t *buf = (uint8_t *)tu_xmalloc(cap + 1);
+    while ((got = fread(buf + len, 1, cap - len, f)) > 0) {
+        len += got;
+        if (len == cap) {
+            cap *= 2;
+            buf = (uint8_t *)tu_xrealloc(buf, cap + 1);
+        }
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        return NULL;
+    }
+    buf[len] = 0;
+    *n = len;
+    return buf;
+}
+
 /* ------------------------------------------------------------------------ */
 /* PRNG: splitmix64                                                          */
 /* ------------------------------------------------------------------------ */

@@ -27,24 +27,9 @@ static char *read_file(const char *dir, const char *name, size_t *len)
 {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "tokenizer_model: cannot open %s\n", path);
-        return NULL;
-    }
-    size_t cap = 1 << 20, n = 0;
-    char *buf = tu_xmalloc(cap + 1);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += got;
-        if (n == cap) {
-            cap *= 2;
-            buf = tu_xrealloc(buf, cap + 1);
-        }
-    }
-    fclose(f);
-    buf[n] = 0;
-    *len = n;
+    char *buf = (char *)tu_read_file(path, len);
+    if (!buf)
+        fprintf(stderr, "tokenizer_model: cannot read %s\n", path);
     return buf;
 }
 
