@@ -976,7 +976,7 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
 
 /* ---- sampling ---- */
 
-static uint64_t xorshift64s(uint64_t *st)
+uint64_t pikv_llama_rng_next(uint64_t *st)
 {
     uint64_t x = *st;
     x ^= x >> 12;
@@ -1037,7 +1037,7 @@ int32_t pikv_llama_sample(const float *logits, int32_t n_vocab, float temperatur
         p[i] = exp(((double)c[i].v - (double)c[0].v) / (double)temperature);
         sum += p[i];
     }
-    double r = (double)(xorshift64s(rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
+    double r = (double)(pikv_llama_rng_next(rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
     int32_t pick = c[k - 1].id;
     for (int32_t i = 0; i < k; i++) {
         r -= p[i];

@@ -135,6 +135,10 @@ pikv_llama_status pikv_llama_forward_ex(pikv_llama *m, pikv_cache *cache, int32_
                                         const pikv_llama_run_params *rp, float *logits,
                                         pikv_llama_error *err);
 
+/* The xorshift64* generator pikv_llama_sample draws with: advances *state (nonzero) and
+ * returns the next 64-bit value. */
+uint64_t pikv_llama_rng_next(uint64_t *state);
+
 /* Sampling. temperature <= 0: greedy (argmax, the lowest id on ties). Otherwise softmax of
  * logits / temperature over the top_k largest (top_k <= 0 or > n: all), drawn with the
  * xorshift64* generator in *rng (seeded by the caller, nonzero). Returns the id, or -1 for bad

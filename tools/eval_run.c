@@ -211,16 +211,6 @@ static const char pk_filler[] =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 static const char pk_chat_open[] = "<|im_start|>user\n";
 
-static uint64_t rng_next(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 0x2545F4914F6CDD1Dull;
-}
-
 /* Appends src[0..n) to the token buffer. */
 static void put(int32_t *dst, int32_t *len, const int32_t *src, int32_t n)
 {
@@ -235,8 +225,8 @@ static int pk_prompt(const eval_opts *o, const pikv_tokenizer *tok, int32_t leng
     uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + (uint64_t)length * 1000003ull +
                    (uint64_t)sample * 7919ull + 1;
     if (!rng) rng = 1;
-    for (int i = 0; i < 4; i++) rng_next(&rng);
-    const int key = 10000 + (int)(rng_next(&rng) % 90000);
+    for (int i = 0; i < 4; i++) pikv_llama_rng_next(&rng);
+    const int key = 10000 + (int)(pikv_llama_rng_next(&rng) % 90000);
     char keytxt[160], question[160], prefix[sizeof pk_prefix + sizeof pk_chat_open];
     snprintf(keytxt, sizeof keytxt, "The pass key is %d. Remember it. %d is the pass key. ", key,
              key);
@@ -255,7 +245,7 @@ static int pk_prompt(const eval_opts *o, const pikv_tokenizer *tok, int32_t leng
     int32_t n_fill = (length - npre - nkt - nqt) / nfil;
     if (n_fill < 1) n_fill = 1;
     /* depths spread evenly over the samples, jittered by the seed */
-    const double u = (double)(rng_next(&rng) >> 11) * (1.0 / 9007199254740992.0);
+    const double u = (double)(pikv_llama_rng_next(&rng) >> 11) * (1.0 / 9007199254740992.0);
     const double depth = ((double)sample + u) / (double)n_samples;
     int32_t at = (int32_t)floor(depth * (double)n_fill + 0.5);
     if (at > n_fill) at = n_fill;
