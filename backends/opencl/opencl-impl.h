@@ -33,6 +33,10 @@ typedef enum pikv_ocl_kernel {
     PIKV_OCL_K_QUANT_KEYS,
     PIKV_OCL_K_QUANT_VALUES,
     PIKV_OCL_K_TOPK,
+    /* CPU devices only (kernels/attention_cpu.cl, built with -DPIKV_OCL_CPU) */
+    PIKV_OCL_K_ATTN_CPU64,
+    PIKV_OCL_K_ATTN_CPU128,
+    PIKV_OCL_K_ATTN_CPU256,
     PIKV_OCL_K_COUNT_
 } pikv_ocl_kernel;
 

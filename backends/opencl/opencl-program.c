@@ -25,8 +25,14 @@ extern const size_t pikv_opencl_source_len;
 static const char *const kernel_names[PIKV_OCL_K_COUNT_] = {
     "pikv_append",         "pikv_page_copy", "pikv_attention_part", "pikv_attention_finish",
     "pikv_merge",          "pikv_score",     "pikv_quant_keys",     "pikv_quant_values",
-    "pikv_topk",
+    "pikv_topk",           "pikv_attention_cpu64", "pikv_attention_cpu128", "pikv_attention_cpu256",
 };
+
+/* Kernels that exist only in the CPU devices' build of the program. */
+static bool cpu_only(int k)
+{
+    return k == PIKV_OCL_K_ATTN_CPU64 || k == PIKV_OCL_K_ATTN_CPU128 || k == PIKV_OCL_K_ATTN_CPU256;
+}
 
 #define CACHE_MAGIC "PIKVCLB1"
 
@@ -188,8 +194,8 @@ static pikv_status build(pikv_device *dev)
     pikv_context *ctx = dev->ctx;
     pikv_ocl_device *od = pikv_ocl_dev(dev);
     char options[256];
-    snprintf(options, sizeof options, "-cl-std=CL1.2%s",
-             od->correct_div ? " -cl-fp32-correctly-rounded-divide-sqrt" : "");
+    snprintf(options, sizeof options, "-cl-std=CL1.2%s%s",
+             od->correct_div ? " -cl-fp32-correctly-rounded-divide-sqrt" : "", od->is_cpu ? " -DPIKV_OCL_CPU=1" : "");
 
     uint64_t key = 0xcbf29ce484222325ull;
     key = fnv1a(key, pikv_opencl_source, pikv_opencl_source_len);
@@ -239,6 +245,7 @@ static pikv_status build(pikv_device *dev)
     }
     od->program = prog;
     for (int k = 0; k < PIKV_OCL_K_COUNT_; k++) {
+        if (cpu_only(k) && !od->is_cpu) continue;
         od->kernels[k] = clCreateKernel(prog, kernel_names[k], &err);
         if (!od->kernels[k] || err != CL_SUCCESS) {
             od->kernels[k] = NULL;

@@ -1,0 +1,269 @@
+/* Decode attention for CPU devices (PoCL), compiled only there (-DPIKV_OCL_CPU).
+ *
+ * Same contract as pikv_attention_part (attention.cl): one task = a run of
+ * pages of one (query, KV head) list in one chunk, producing per query head of
+ * the group the online softmax state (max, sum, unnormalized accumulator) that
+ * pikv_attention_finish merges, and each page's log-sum-exp.
+ *
+ * CPU shape: one work item per task (work-groups of one item, so PoCL runs
+ * tasks as independent loop iterations spread over its threads, no barriers),
+ * each streaming its contiguous rows with explicit float16 vectors: the head
+ * dimension is a compile-time constant (one kernel per supported head_dim), so
+ * the query and the accumulator live in vector registers. Query heads of a
+ * GQA group are taken one after the other over the task's pages (a task is a
+ * few pages: the re-reads hit the cache). Rows go in blocks of up to 16: the
+ * block's scores are one float16, so exp is vectorized, and the running max is
+ * updated once per block. Quantized pages are dequantized on the fly:
+ * keys as q.(s*k + z) = (q*s).k + q.z per key group, values as w*s*v + w*z per
+ * value group (value groups must be a multiple of 16 channels for int8, 32 for
+ * int4: the host checks). An int4 row's vector j (16 bytes) holds channels
+ * 32j.. 32j+31, even ones in the low nibbles: the query and the accumulator are
+ * kept de-interleaved (slot 2j even channels, 2j+1 odd) and put back in order at
+ * the end. */
+#ifdef PIKV_OCL_CPU
+
+#define CPU_NVMAX 16 /* float16 vectors per row: head_dim up to 256 */
+
+/* Software prefetch of n bytes from p (one per 64-byte line). A head's rows of a
+   page are only a few KiB, too short for the hardware prefetchers to ramp up;
+   the next page's rows are requested while this one is computed. */
+#if defined(__clang__)
+#define CPU_PREFETCH(p, n)                                                        \
+    do {                                                                          \
+        for (uint o_ = 0; o_ < (uint)(n); o_ += 64) __builtin_prefetch((p) + o_); \
+    } while (0)
+#else
+#define CPU_PREFETCH(p, n) ((void)0)
+#endif
+
+inline float cpu_hsum16(float16 v)
+{
+    float8 a = v.lo + v.hi;
+    float4 b = a.lo + a.hi;
+    float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+
+/* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp into s[0..16)
+   (-inf past nb). qk: the (scaled, for quantized pages dequantization-folded)
+   query; kc: the constant term (quantized: q.z of the key group). */
+inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
+                                                         int r0, int nb, const float16 *qk, float kc)
+{
+    float s[16];
+    for (int i = 0; i < 16; i++) s[i] = -INFINITY;
+    for (int i = 0; i < nb; i++) {
+        page_ptr row = kp + (size_t)(r0 + i) * row_bytes;
+        float16 t = (float16)(0.0f);
+        if (DT == DT_F32) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload16(j, (__global const float *)row), t);
+        } else if (DT == DT_F16) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload_half16(j, (__global const half *)row), t);
+        } else if (DT == DT_INT8) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], convert_float16(vload16(j, row)), t);
+        } else {
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                const uchar16 b = vload16(j, row);
+                t = fma(qk[2 * j], convert_float16(b & (uchar)15), t);
+                t = fma(qk[2 * j + 1], convert_float16(b >> (uchar)4), t);
+            }
+        }
+        s[i] = cpu_hsum16(t) + kc;
+    }
+    return vload16(0, s);
+}
+
+/* acc += sum_i w[i] * value row r0 + i, for i < nb. */
+inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
+                                                      page_ptr page, const layout_t L, int g, int r0, int nb,
+                                                      const float *w, float16 *acc)
+{
+    for (int i = 0; i < nb; i++) {
+        const int r = r0 + i;
+        page_ptr row = vp + (size_t)r * row_bytes;
+        const float wi = w[i];
+        if (DT == DT_F32) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma((float16)(wi), vload16(j, (__global const float *)row), acc[j]);
+        } else if (DT == DT_F16) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma((float16)(wi), vload_half16(j, (__global const half *)row), acc[j]);
+        } else {
+            const size_t at = ((size_t)g * L.ps + (size_t)r) * L.vg;
+            __global const half *vs = (__global const half *)(page + L.vsc) + at;
+            __global const half *vz = (__global const half *)(page + L.vze) + at;
+            if (DT == DT_INT8) {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) {
+                    const int grp = (16 * j) / L.group;
+                    const float ws = wi * vload_half(grp, vs), wz = wi * vload_half(grp, vz);
+                    acc[j] += fma((float16)(ws), convert_float16(vload16(j, row)), (float16)(wz));
+                }
+            } else {
+                _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                    const int grp = (32 * j) / L.group;
+                    const float ws = wi * vload_half(grp, vs), wz = wi * vload_half(grp, vz);
+                    const uchar16 b = vload16(j, row);
+                    acc[2 * j] += fma((float16)(ws), convert_float16(b & (uchar)15), (float16)(wz));
+                    acc[2 * j + 1] += fma((float16)(ws), convert_float16(b >> (uchar)4), (float16)(wz));
+                }
+            }
+        }
+    }
+}
+
+inline __attribute__((always_inline)) void cpu_attn_task(
+    const int HD, const int DT, __global const uchar *chunk, const layout_t L, __global const float *qb,
+    int e0, int e1, __global const uint *ent_off, __global const int *ent_len, __global const int *ent_id, int g,
+    int G, float scale, int want_page_lse, __global float *part, __global float *page_lse)
+{
+    const int NV = HD / 16;
+    const bool quant = DT == DT_INT8 || DT == DT_INT4;
+    for (int h = 0; h < G; h++) {
+        float16 qv[CPU_NVMAX], qk[CPU_NVMAX], acc[CPU_NVMAX];
+        _Pragma("unroll") for (int j = 0; j < NV; j++) {
+            qv[j] = vload16(j, qb + (size_t)h * HD) * scale;
+            acc[j] = (float16)(0.0f);
+        }
+        if (DT == DT_INT4) { /* de-interleave: slot 2j even channels of 32j.., 2j+1 odd */
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                const float16 a = qv[2 * j], b = qv[2 * j + 1];
+                qv[2 * j] = (float16)(a.even, b.even);
+                qv[2 * j + 1] = (float16)(a.odd, b.odd);
+            }
+        }
+        if (!quant)
+            _Pragma("unroll") for (int j = 0; j < NV; j++) qk[j] = qv[j];
+        float m = -INFINITY, l = 0.0f;
+        for (int e = e0; e < e1; e++) {
+            const int n = ent_len[e];
+            if (n <= 0) continue;
+            page_ptr page = chunk + ent_off[e];
+            page_ptr kp = page + L.k + (size_t)g * L.hs;
+            page_ptr vp = page + L.v + (size_t)g * L.hs;
+            if (e + 1 < e1) { /* the next page's rows of this head */
+                page_ptr np = chunk + ent_off[e + 1];
+                const uint nbytes = (uint)max(ent_len[e + 1], 0) * L.row;
+                CPU_PREFETCH(np + L.k + (size_t)g * L.hs, nbytes);
+                CPU_PREFETCH(np + L.v + (size_t)g * L.hs, nbytes);
+            }
+            float pm = -INFINITY, psum = 0.0f; /* the page's own log-sum-exp, online */
+            const int kgroup = quant ? L.group : 1 << 30;
+            for (int r0 = 0; r0 < n;) {
+                const int gend = min(n, (r0 / kgroup + 1) * kgroup);
+                float kc = 0.0f;
+                if (quant) { /* r0 starts a key group here */
+                    /* a new key group: fold its per-channel scales into the query */
+                    const size_t at = ((size_t)g * L.kg + (size_t)(r0 / kgroup)) * HD;
+                    __global const half *ks = (__global const half *)(page + L.ksc) + at;
+                    __global const half *kz = (__global const half *)(page + L.kze) + at;
+                    float16 c = (float16)(0.0f);
+                    if (DT == DT_INT4) { /* scales and zeros de-interleaved like qv */
+                        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                            const float16 sa = vload_half16(2 * j, ks), sb = vload_half16(2 * j + 1, ks);
+                            const float16 za = vload_half16(2 * j, kz), zb = vload_half16(2 * j + 1, kz);
+                            qk[2 * j] = qv[2 * j] * (float16)(sa.even, sb.even);
+                            qk[2 * j + 1] = qv[2 * j + 1] * (float16)(sa.odd, sb.odd);
+                            c = fma(qv[2 * j], (float16)(za.even, zb.even), c);
+                            c = fma(qv[2 * j + 1], (float16)(za.odd, zb.odd), c);
+                        }
+                    } else {
+                        _Pragma("unroll") for (int j = 0; j < NV; j++) {
+                            qk[j] = qv[j] * vload_half16(j, ks);
+                            c = fma(qv[j], vload_half16(j, kz), c);
+                        }
+                    }
+                    kc = cpu_hsum16(c);
+                }
+                /* blocks of <= 16 rows inside this key group */
+                for (; r0 < gend; r0 += 16) {
+                    const int nb = min(16, gend - r0);
+                    const float16 s = cpu_scores(NV, DT, kp, L.row, r0, nb, qk, kc);
+                    float8 m8 = fmax(s.lo, s.hi);
+                    float4 m4 = fmax(m8.lo, m8.hi);
+                    float2 m2 = fmax(m4.lo, m4.hi);
+                    const float bm = fmax(m2.x, m2.y);
+                    /* NaN or inf scores: poison the state so the finish kernel reports them */
+                    if (!(bm < INFINITY) || bm != bm) {
+                        l = NAN; /* sticky: every later update keeps it */
+                        continue;
+                    }
+                    const float16 ex = exp(s - bm);
+                    const float bs = cpu_hsum16(ex);
+                    if (want_page_lse) {
+                        const float npm = fmax(pm, bm);
+                        psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
+                        pm = npm;
+                    }
+                    const float mn = fmax(m, bm);
+                    if (mn > m) {
+                        const float alpha = m == -INFINITY ? 0.0f : exp(m - mn);
+                        _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] *= alpha;
+                        l *= alpha;
+                        m = mn;
+                    }
+                    const float beta = exp(bm - m);
+                    float w[16];
+                    vstore16(ex * beta, 0, w);
+                    l = fma(bs, beta, l);
+                    cpu_values(NV, DT, vp, L.row, page, L, g, r0, nb, w, acc);
+                }
+                r0 = gend;
+            }
+            if (want_page_lse)
+                page_lse[(size_t)ent_id[e] * G + h] = psum > 0.0f ? pm + log(psum) : -INFINITY;
+        }
+        __global float *ph = part + (size_t)h * (HD + 2);
+        ph[0] = m;
+        ph[1] = l;
+        if (DT == DT_INT4) {
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                float ev[16], od[16];
+                vstore16(acc[2 * j], 0, ev);
+                vstore16(acc[2 * j + 1], 0, od);
+                for (int i = 0; i < 16; i++) {
+                    ph[2 + 32 * j + 2 * i] = ev[i];
+                    ph[2 + 32 * j + 2 * i + 1] = od[i];
+                }
+            }
+        } else {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) vstore16(acc[j], 0, ph + 2 + 16 * j);
+        }
+    }
+}
+
+#define PIKV_ATTN_CPU(HD)                                                                                        \
+    __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_attention_cpu##HD(                       \
+        __global const uchar *chunk, __global const uint *lay, int lay_off, __global const float *q,            \
+        __global const int *tasks, __global const int *chunk_tasks, int ct_begin, __global const uint *ent_off, \
+        __global const int *ent_len, __global const int *ent_id, int n_q_heads, int G, float scale,            \
+        int want_page_lse, __global float *parts, __global float *page_lse)                                     \
+    {                                                                                                           \
+        const int task = chunk_tasks[ct_begin + (int)get_global_id(0)];                                         \
+        const int unit = tasks[3 * task], e0 = tasks[3 * task + 1], e1 = tasks[3 * task + 2];                   \
+        const layout_t L = get_layout(lay + lay_off);                                                           \
+        const int query = unit / L.kvh, g = unit % L.kvh;                                                       \
+        __global const float *qb = q + ((size_t)query * (size_t)n_q_heads + (size_t)g * (size_t)G) * HD;        \
+        __global float *part = parts + (size_t)task * (size_t)G * (size_t)(HD + 2);                             \
+        switch (L.dtype) {                                                                                      \
+        case DT_F32:                                                                                            \
+            cpu_attn_task(HD, DT_F32, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,             \
+                          want_page_lse, part, page_lse);                                                       \
+            break;                                                                                              \
+        case DT_F16:                                                                                            \
+            cpu_attn_task(HD, DT_F16, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,             \
+                          want_page_lse, part, page_lse);                                                       \
+            break;                                                                                              \
+        case DT_INT8:                                                                                           \
+            cpu_attn_task(HD, DT_INT8, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,            \
+                          want_page_lse, part, page_lse);                                                       \
+            break;                                                                                              \
+        default:                                                                                                \
+            cpu_attn_task(HD, DT_INT4, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,            \
+                          want_page_lse, part, page_lse);                                                       \
+            break;                                                                                              \
+        }                                                                                                       \
+    }
+
+PIKV_ATTN_CPU(64)
+PIKV_ATTN_CPU(128)
+PIKV_ATTN_CPU(256)
+
+#endif /* PIKV_OCL_CPU */
