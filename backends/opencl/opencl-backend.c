@@ -88,6 +88,7 @@ static void ocl_device_free(pikv_context *ctx, pikv_device *d)
     if (od) {
         if (od->queue) clFinish(od->queue);
         pikv_ocl_scratch_free(od);
+        pikv_ocl_arenas_free(ctx, od);
         pikv_ocl_program_free(od);
         if (od->queue) clReleaseCommandQueue(od->queue);
         if (od->cl) clReleaseContext(od->cl);
@@ -160,6 +161,10 @@ static pikv_status open_device(pikv_context *ctx, pikv_backend *b, cl_platform_i
     clGetDeviceInfo(id, CL_DEVICE_SINGLE_FP_CONFIG, sizeof fp, &fp, NULL);
     od->correct_div = (fp & CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT) != 0;
     clGetDeviceInfo(id, CL_DEVICE_LOCAL_MEM_SIZE, sizeof od->local_mem, &od->local_mem, NULL);
+    clGetDeviceInfo(id, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof od->max_alloc, &od->max_alloc, NULL);
+    cl_uint align_bits = 0;
+    clGetDeviceInfo(id, CL_DEVICE_MEM_BASE_ADDR_ALIGN, sizeof align_bits, &align_bits, NULL);
+    od->base_align = align_bits / 8;
     clGetDeviceInfo(id, CL_DEVICE_MAX_WORK_GROUP_SIZE, sizeof od->max_wg, &od->max_wg, NULL);
 
     cl_int err = CL_SUCCESS;

@@ -48,6 +48,29 @@ typedef struct pikv_ocl_scratch_buf {
     size_t size;
 } pikv_ocl_scratch_buf;
 
+/* CPU devices: pool chunks are sub-buffers carved out of a few large arenas
+   (opencl-buffers.c), so one kernel launch can reach the pages of many chunks
+   through the arena buffer (the CPU attention path). Granules of 4 KiB, a bitmap
+   of used ones; an arena is released with its last piece. */
+typedef struct pikv_ocl_arena {
+    cl_mem mem;
+    size_t size;
+    size_t n_granules;
+    uint64_t *used; /* bitmap of granules */
+    int32_t pieces;
+    struct pikv_ocl_arena *next;
+} pikv_ocl_arena;
+
+/* What buffer_alloc returns: a pikv_buffer (first member, what the runtime
+   sees; handle is the cl_mem of this buffer or sub-buffer) and where its bytes
+   lie: parent (the arena's buffer, or the buffer itself) at byte offset base. */
+typedef struct pikv_ocl_buffer {
+    pikv_buffer b;
+    cl_mem parent;
+    uint64_t base;
+    pikv_ocl_arena *arena; /* NULL for a buffer of its own */
+} pikv_ocl_buffer;
+
 typedef struct pikv_ocl_device {
     cl_platform_id platform;
     cl_device_id id;
@@ -56,7 +79,11 @@ typedef struct pikv_ocl_device {
     bool is_cpu;
     bool correct_div;      /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT */
     cl_ulong local_mem;
+    cl_ulong max_alloc;    /* CL_DEVICE_MAX_MEM_ALLOC_SIZE */
+    cl_uint base_align;    /* CL_DEVICE_MEM_BASE_ADDR_ALIGN, in bytes */
     size_t max_wg;
+    pikv_ocl_arena *arenas;
+    uint64_t arena_bytes;  /* sum of the arenas' sizes */
     char dev_name[128];
     char driver[64];
     char platform_version[128];
@@ -96,6 +123,12 @@ pikv_status pikv_ocl_scratch(pikv_device *dev, int i, size_t size, cl_mem *out);
    host data must stay alive until the op finishes, which every op waits for). */
 pikv_status pikv_ocl_upload(pikv_device *dev, int i, const void *src, size_t size, cl_mem *out);
 void pikv_ocl_scratch_free(pikv_ocl_device *od);
+/* Releases the arenas left (every piece should have been freed before). */
+void pikv_ocl_arenas_free(pikv_context *ctx, pikv_ocl_device *od);
+static inline const pikv_ocl_buffer *pikv_ocl_buf(const pikv_buffer *b)
+{
+    return (const pikv_ocl_buffer *)b;
+}
 
 /* opencl-program.c: builds (or loads from the binary cache) the program and
    creates its kernels, once; later calls return the first outcome. */
@@ -110,5 +143,11 @@ pikv_status pikv_ocl_merge(pikv_device *dev, const pikv_merge_args *args);
 pikv_status pikv_ocl_score(pikv_device *dev, const pikv_score_args *args);
 pikv_status pikv_ocl_quantize(pikv_device *dev, pikv_quantize_args *args);
 pikv_status pikv_ocl_topk(pikv_device *dev, const pikv_topk_args *args);
+
+/* opencl-attn-cpu.c: decode attention on CPU devices, one launch per arena
+   (kernel: one of PIKV_OCL_K_ATTN_CPU*); false from the check when it does not
+   apply (then the generic path runs). */
+bool pikv_ocl_attention_cpu_applies(const pikv_ocl_device *od, const pikv_attention_args *args, int *kernel);
+pikv_status pikv_ocl_attention_cpu(pikv_device *dev, const pikv_attention_args *args, int kernel);
 
 #endif /* PIKV_OPENCL_IMPL_H */

@@ -156,27 +156,6 @@ done:
 
 /* ---- attention ------------------------------------------------------------ */
 
-/* Whether a layout's quantized value groups suit the CPU kernel's vectors. */
-static bool cpu_groups_ok(const pikv_page_layout *L)
-{
-    if (L->dtype == PIKV_DTYPE_INT8) return L->group % 16 == 0;
-    if (L->dtype == PIKV_DTYPE_INT4) return L->group % 32 == 0;
-    return true;
-}
-
-/* The CPU attention kernel for this pool, or -1 (then the generic one runs). */
-static int cpu_attention_kernel(const pikv_ocl_device *od, const pikv_pool_view *pool)
-{
-    if (!od->is_cpu) return -1;
-    const pikv_page_layout *L = pool->layout;
-    if (!cpu_groups_ok(L) || (pool->quant && !cpu_groups_ok(pool->quant->layout))) return -1;
-    const int k = L->head_dim == 64    ? PIKV_OCL_K_ATTN_CPU64
-                  : L->head_dim == 128 ? PIKV_OCL_K_ATTN_CPU128
-                  : L->head_dim == 256 ? PIKV_OCL_K_ATTN_CPU256
-                                       : -1;
-    return k >= 0 && od->kernels[k] ? k : -1;
-}
-
 pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *a)
 {
     if (a->n_queries <= 0) return PIKV_OK;
@@ -188,10 +167,11 @@ pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *a)
     const int32_t kvh = L->n_kv_heads, hd = L->head_dim, ps = L->page_size, G = a->n_q_heads / kvh;
     const int32_t units = a->n_queries * kvh;
     const int32_t E = a->indptr[units]; /* entries are indexed absolutely, like the CPU backend */
-    const int cpu_k = cpu_attention_kernel(od, pool);
-    const size_t W = cpu_k >= 0 ? 1 : od->attn_wg;
+    int cpu_k = -1;
+    if (pikv_ocl_attention_cpu_applies(od, a, &cpu_k)) return pikv_ocl_attention_cpu(dev, a, cpu_k);
+    const size_t W = od->attn_wg;
     const size_t local_bytes = ((size_t)G * (size_t)ps + (size_t)G * (size_t)hd + W + 3 * (size_t)G) * sizeof(float);
-    PIKV_RETURN_ERROR_IF(cpu_k < 0 && local_bytes > od->local_mem, ctx, PIKV_ERR_UNSUPPORTED,
+    PIKV_RETURN_ERROR_IF(local_bytes > od->local_mem, ctx, PIKV_ERR_UNSUPPORTED,
                          "device %s: attention needs %zu bytes of local memory (G %d, page %d, head_dim %d); "
                          "the device has %llu", dev->info.name, local_bytes, (int)G, (int)ps, (int)hd,
                          (unsigned long long)od->local_mem);
@@ -220,7 +200,7 @@ pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *a)
     const cl_int no_error = INT_MAX;
     CHECK_ST(pikv_ocl_upload(dev, S_ERR, &no_error, sizeof no_error, &merr));
     {
-        cl_kernel k = od->kernels[cpu_k >= 0 ? cpu_k : PIKV_OCL_K_ATTN_PART];
+        cl_kernel k = od->kernels[PIKV_OCL_K_ATTN_PART];
         const cl_int nqh = a->n_q_heads, g_ = G, want = a->page_lse != NULL;
         const cl_float scale = a->scale;
         for (int32_t c = 0; c < plan.n_keys; c++) {
@@ -244,12 +224,10 @@ pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *a)
             ARG(k, 13, want);
             ARG(k, 14, mparts);
             ARG(k, 15, mplse);
-            if (cpu_k < 0) {
-                LOCAL_ARG(k, 16, (size_t)G * (size_t)ps * sizeof(float));
-                LOCAL_ARG(k, 17, (size_t)G * (size_t)hd * sizeof(float));
-                LOCAL_ARG(k, 18, W * sizeof(float));
-                LOCAL_ARG(k, 19, 3 * (size_t)G * sizeof(float));
-            }
+            LOCAL_ARG(k, 16, (size_t)G * (size_t)ps * sizeof(float));
+            LOCAL_ARG(k, 17, (size_t)G * (size_t)hd * sizeof(float));
+            LOCAL_ARG(k, 18, W * sizeof(float));
+            LOCAL_ARG(k, 19, 3 * (size_t)G * sizeof(float));
             CHECK_ST(launch(dev, k, (size_t)items * W, W));
         }
     }

@@ -145,14 +145,15 @@ __kernel void pikv_attention_finish(int n_items, int G, int hd, int n_q_heads, i
         if (ph[1] > 0.0f) sum += exp(ph[0] - m) * ph[1];
     }
     const float inv = 1.0f / sum;
-    for (int d = 0; d < hd; d++) {
-        float a = 0.0f;
-        for (int t = t0; t < t1; t++) {
-            __global const float *ph = parts + (size_t)t * stride + (size_t)h * (hd + 2);
-            if (ph[1] > 0.0f) a += exp(ph[0] - m) * ph[2 + d];
-        }
-        o[d] = a * inv;
+    /* tasks outer, channels inner: one exp per task (the same sums in the same order) */
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int t = t0; t < t1; t++) {
+        __global const float *ph = parts + (size_t)t * stride + (size_t)h * (hd + 2);
+        if (!(ph[1] > 0.0f)) continue;
+        const float w = exp(ph[0] - m);
+        for (int d = 0; d < hd; d++) o[d] += w * ph[2 + d];
     }
+    for (int d = 0; d < hd; d++) o[d] *= inv;
     lse[head] = m + log(sum);
 }
 

@@ -36,7 +36,7 @@
 #define CPU_PREFETCH(p, n) ((void)0)
 #endif
 
-inline float cpu_hsum16(float16 v)
+static inline float cpu_hsum16(float16 v)
 {
     float8 a = v.lo + v.hi;
     float4 b = a.lo + a.hi;
@@ -47,7 +47,7 @@ inline float cpu_hsum16(float16 v)
 /* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp into s[0..16)
    (-inf past nb). qk: the (scaled, for quantized pages dequantization-folded)
    query; kc: the constant term (quantized: q.z of the key group). */
-inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
+static inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
                                                          int r0, int nb, const float16 *qk, float kc)
 {
     float s[16];
@@ -74,7 +74,7 @@ inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int
 }
 
 /* acc += sum_i w[i] * value row r0 + i, for i < nb. */
-inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
+static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
                                                       page_ptr page, const layout_t L, int g, int r0, int nb,
                                                       const float *w, float16 *acc)
 {
@@ -109,157 +109,205 @@ inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT
     }
 }
 
-inline __attribute__((always_inline)) void cpu_attn_task(
-    const int HD, const int DT, __global const uchar *chunk, const layout_t L, __global const float *qb,
-    int e0, int e1, __global const uint *ent_off, __global const int *ent_len, __global const int *ent_id, int g,
-    int G, float scale, int want_page_lse, __global float *part, __global float *page_lse)
+/* One page of one (KV head g, query head) pair: updates the running softmax state
+   (m, l, acc; acc de-interleaved for int4) with rows [0, n) of the page, and
+   returns the page's log-sum-exp (-inf when no row). qh: the query row. */
+static inline __attribute__((always_inline)) float cpu_page(const int HD, const int DT, page_ptr page, const layout_t L,
+                                                            int g, int n, __global const float *qh, float scale,
+                                                            float *m_io, float *l_io, float16 *acc)
 {
     const int NV = HD / 16;
     const bool quant = DT == DT_INT8 || DT == DT_INT4;
-    for (int h = 0; h < G; h++) {
-        float16 qv[CPU_NVMAX], qk[CPU_NVMAX], acc[CPU_NVMAX];
-        _Pragma("unroll") for (int j = 0; j < NV; j++) {
-            qv[j] = vload16(j, qb + (size_t)h * HD) * scale;
-            acc[j] = (float16)(0.0f);
+    float16 qv[CPU_NVMAX], qk[CPU_NVMAX];
+    _Pragma("unroll") for (int j = 0; j < NV; j++) qv[j] = vload16(j, qh) * scale;
+    if (DT == DT_INT4) { /* de-interleave: slot 2j even channels of 32j.., 2j+1 odd */
+        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+            const float16 a = qv[2 * j], b = qv[2 * j + 1];
+            qv[2 * j] = (float16)(a.even, b.even);
+            qv[2 * j + 1] = (float16)(a.odd, b.odd);
         }
-        if (DT == DT_INT4) { /* de-interleave: slot 2j even channels of 32j.., 2j+1 odd */
-            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-                const float16 a = qv[2 * j], b = qv[2 * j + 1];
-                qv[2 * j] = (float16)(a.even, b.even);
-                qv[2 * j + 1] = (float16)(a.odd, b.odd);
-            }
-        }
-        if (!quant)
-            _Pragma("unroll") for (int j = 0; j < NV; j++) qk[j] = qv[j];
-        float m = -INFINITY, l = 0.0f;
-        for (int e = e0; e < e1; e++) {
-            const int n = ent_len[e];
-            if (n <= 0) continue;
-            page_ptr page = chunk + ent_off[e];
-            page_ptr kp = page + L.k + (size_t)g * L.hs;
-            page_ptr vp = page + L.v + (size_t)g * L.hs;
-            if (e + 1 < e1) { /* the next page's rows of this head */
-                page_ptr np = chunk + ent_off[e + 1];
-                const uint nbytes = (uint)max(ent_len[e + 1], 0) * L.row;
-                CPU_PREFETCH(np + L.k + (size_t)g * L.hs, nbytes);
-                CPU_PREFETCH(np + L.v + (size_t)g * L.hs, nbytes);
-            }
-            float pm = -INFINITY, psum = 0.0f; /* the page's own log-sum-exp, online */
-            const int kgroup = quant ? L.group : 1 << 30;
-            for (int r0 = 0; r0 < n;) {
-                const int gend = min(n, (r0 / kgroup + 1) * kgroup);
-                float kc = 0.0f;
-                if (quant) { /* r0 starts a key group here */
-                    /* a new key group: fold its per-channel scales into the query */
-                    const size_t at = ((size_t)g * L.kg + (size_t)(r0 / kgroup)) * HD;
-                    __global const half *ks = (__global const half *)(page + L.ksc) + at;
-                    __global const half *kz = (__global const half *)(page + L.kze) + at;
-                    float16 c = (float16)(0.0f);
-                    if (DT == DT_INT4) { /* scales and zeros de-interleaved like qv */
-                        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-                            const float16 sa = vload_half16(2 * j, ks), sb = vload_half16(2 * j + 1, ks);
-                            const float16 za = vload_half16(2 * j, kz), zb = vload_half16(2 * j + 1, kz);
-                            qk[2 * j] = qv[2 * j] * (float16)(sa.even, sb.even);
-                            qk[2 * j + 1] = qv[2 * j + 1] * (float16)(sa.odd, sb.odd);
-                            c = fma(qv[2 * j], (float16)(za.even, zb.even), c);
-                            c = fma(qv[2 * j + 1], (float16)(za.odd, zb.odd), c);
-                        }
-                    } else {
-                        _Pragma("unroll") for (int j = 0; j < NV; j++) {
-                            qk[j] = qv[j] * vload_half16(j, ks);
-                            c = fma(qv[j], vload_half16(j, kz), c);
-                        }
-                    }
-                    kc = cpu_hsum16(c);
+    }
+    if (!quant) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) qk[j] = qv[j];
+    }
+    page_ptr kp = page + L.k + (size_t)g * L.hs;
+    page_ptr vp = page + L.v + (size_t)g * L.hs;
+    float m = *m_io, l = *l_io;
+    float pm = -INFINITY, psum = 0.0f; /* the page's own log-sum-exp, online */
+    const int kgroup = quant ? L.group : 1 << 30;
+    for (int r0 = 0; r0 < n;) {
+        const int gend = min(n, (r0 / kgroup + 1) * kgroup);
+        float kc = 0.0f;
+        if (quant) { /* r0 starts a key group: fold its per-channel scales into the query */
+            const size_t at = ((size_t)g * L.kg + (size_t)(r0 / kgroup)) * HD;
+            __global const half *ks = (__global const half *)(page + L.ksc) + at;
+            __global const half *kz = (__global const half *)(page + L.kze) + at;
+            float16 c = (float16)(0.0f);
+            if (DT == DT_INT4) { /* scales and zeros de-interleaved like qv */
+                _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                    const float16 sa = vload_half16(2 * j, ks), sb = vload_half16(2 * j + 1, ks);
+                    const float16 za = vload_half16(2 * j, kz), zb = vload_half16(2 * j + 1, kz);
+                    qk[2 * j] = qv[2 * j] * (float16)(sa.even, sb.even);
+                    qk[2 * j + 1] = qv[2 * j + 1] * (float16)(sa.odd, sb.odd);
+                    c = fma(qv[2 * j], (float16)(za.even, zb.even), c);
+                    c = fma(qv[2 * j + 1], (float16)(za.odd, zb.odd), c);
                 }
-                /* blocks of <= 16 rows inside this key group */
-                for (; r0 < gend; r0 += 16) {
-                    const int nb = min(16, gend - r0);
-                    const float16 s = cpu_scores(NV, DT, kp, L.row, r0, nb, qk, kc);
-                    float8 m8 = fmax(s.lo, s.hi);
-                    float4 m4 = fmax(m8.lo, m8.hi);
-                    float2 m2 = fmax(m4.lo, m4.hi);
-                    const float bm = fmax(m2.x, m2.y);
-                    /* NaN or inf scores: poison the state so the finish kernel reports them */
-                    if (!(bm < INFINITY) || bm != bm) {
-                        l = NAN; /* sticky: every later update keeps it */
-                        continue;
-                    }
-                    const float16 ex = exp(s - bm);
-                    const float bs = cpu_hsum16(ex);
-                    if (want_page_lse) {
-                        const float npm = fmax(pm, bm);
-                        psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
-                        pm = npm;
-                    }
-                    const float mn = fmax(m, bm);
-                    if (mn > m) {
-                        const float alpha = m == -INFINITY ? 0.0f : exp(m - mn);
-                        _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] *= alpha;
-                        l *= alpha;
-                        m = mn;
-                    }
-                    const float beta = exp(bm - m);
-                    float w[16];
-                    vstore16(ex * beta, 0, w);
-                    l = fma(bs, beta, l);
-                    cpu_values(NV, DT, vp, L.row, page, L, g, r0, nb, w, acc);
+            } else {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) {
+                    qk[j] = qv[j] * vload_half16(j, ks);
+                    c = fma(qv[j], vload_half16(j, kz), c);
                 }
-                r0 = gend;
             }
-            if (want_page_lse)
-                page_lse[(size_t)ent_id[e] * G + h] = psum > 0.0f ? pm + log(psum) : -INFINITY;
+            kc = cpu_hsum16(c);
         }
-        __global float *ph = part + (size_t)h * (HD + 2);
-        ph[0] = m;
-        ph[1] = l;
-        if (DT == DT_INT4) {
-            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+        /* blocks of <= 16 rows inside this key group */
+        for (; r0 < gend; r0 += 16) {
+            const int nb = min(16, gend - r0);
+            const float16 s = cpu_scores(NV, DT, kp, L.row, r0, nb, qk, kc);
+            const float8 m8 = fmax(s.lo, s.hi);
+            const float4 m4 = fmax(m8.lo, m8.hi);
+            const float2 m2 = fmax(m4.lo, m4.hi);
+            const float bm = fmax(m2.x, m2.y);
+            /* NaN or inf scores: poison the state so the finish kernel reports them */
+            if (!(bm < INFINITY) || bm != bm) {
+                l = NAN; /* sticky: every later update keeps it */
+                continue;
+            }
+            const float16 ex = exp(s - bm);
+            const float bs = cpu_hsum16(ex);
+            const float npm = fmax(pm, bm);
+            psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
+            pm = npm;
+            const float mn = fmax(m, bm);
+            if (mn > m) {
+                const float alpha = m == -INFINITY ? 0.0f : exp(m - mn);
+                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] *= alpha;
+                l *= alpha;
+                m = mn;
+            }
+            const float beta = exp(bm - m);
+            float w[16];
+            vstore16(ex * beta, 0, w);
+            l = fma(bs, beta, l);
+            cpu_values(NV, DT, vp, L.row, page, L, g, r0, nb, w, acc);
+        }
+        r0 = gend;
+    }
+    *m_io = m;
+    *l_io = l;
+    return psum > 0.0f ? pm + log(psum) : -INFINITY; /* callers that do not want it drop it */
+}
+
+/* Softmax states of the (KV head, query head) pairs of one work item, in
+   private memory (L1): pairs * head_dim floats at most (the host checks). */
+#define CPU_STATE_FLOATS 8192
+#define CPU_PF_HEADS 4 /* prefetch distance in head blocks */
+
+/* An item (8 ints): query, g0, ng, e_begin, n, list_stride, part_base,
+   part_gstride: pages e_begin .. e_begin + n (absolute entries of the list of KV
+   head g0; KV head g0 + i reads the same pages, its list entries are i *
+   list_stride further, for page_lse), for KV heads g0 .. g0 + ng, every query
+   head of their groups. The partial of KV head g0 + i goes to task part_base +
+   i * part_gstride. Pages are taken one after the other, all heads of a page
+   before the next page, so the reads stream through the page. ent_len: rows,
+   with bit 30 set for a page of the quantized pool (layout row 1). */
+static inline __attribute__((always_inline)) void cpu_attn_item(
+    const int HD, __global const uchar *arena, __global const uint *lay, __global const float *q,
+    __global const int *it, __global const ulong *ent_off, __global const int *ent_len, int n_q_heads, int G,
+    float scale, int want_page_lse, __global float *parts, __global float *page_lse)
+{
+    const int NV = HD / 16;
+    const int query = it[0], g0 = it[1], ng = it[2], e_begin = it[3], n = it[4], list_stride = it[5];
+    const int part_base = it[6], part_gstride = it[7];
+    const layout_t L0 = get_layout(lay), L1 = get_layout(lay + LAYOUT_WORDS);
+    const int pairs = ng * G;
+    float16 st[CPU_STATE_FLOATS / 16];
+    float sm[CPU_STATE_FLOATS / 64], sl[CPU_STATE_FLOATS / 64];
+    for (int c = 0; c < pairs; c++) {
+        sm[c] = -INFINITY;
+        sl[c] = 0.0f;
+        _Pragma("unroll") for (int j = 0; j < NV; j++) st[c * NV + j] = (float16)(0.0f);
+    }
+    __global const float *qq = q + ((size_t)query * (size_t)n_q_heads + (size_t)g0 * (size_t)G) * HD;
+    for (int k = 0; k < n; k++) {
+        const int e = e_begin + k;
+        const int lenq = ent_len[e], len = lenq & 0xffff;
+        if (len <= 0) continue;
+        const bool qpool = (lenq >> 30) & 1;
+        page_ptr page = arena + ent_off[e];
+        const layout_t L = qpool ? L1 : L0;
+        if (ng == 1 && k + 1 < n) { /* one head: its rows are short runs, help the prefetcher */
+            const int g = g0;
+            page_ptr np = arena + ent_off[e + 1];
+            const uint nbytes = (uint)(ent_len[e + 1] & 0xffff) * L.row;
+            CPU_PREFETCH(np + L.k + (size_t)g * L.hs, nbytes);
+            CPU_PREFETCH(np + L.v + (size_t)g * L.hs, nbytes);
+        }
+        for (int c = 0; c < pairs; c++) {
+            const int gi = c / G, h = c - gi * G, g = g0 + gi;
+            if (ng > 1 && h == 0) { /* the rows of the head CPU_PF_HEADS further on (maybe next page's) */
+                int gp = gi + CPU_PF_HEADS, kp_ = k;
+                if (gp >= ng) {
+                    gp -= ng;
+                    kp_++;
+                }
+                if (kp_ < n && gp < ng) {
+                    const int ep = e_begin + kp_;
+                    const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
+                    page_ptr pp = arena + ent_off[ep];
+                    const uint nbytes = (uint)(ent_len[ep] & 0xffff) * Lp.row;
+                    CPU_PREFETCH(pp + Lp.k + (size_t)(g0 + gp) * Lp.hs, nbytes);
+                    CPU_PREFETCH(pp + Lp.v + (size_t)(g0 + gp) * Lp.hs, nbytes);
+                }
+            }
+            float16 acc[CPU_NVMAX];
+            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = st[c * NV + j];
+            float m = sm[c], l = sl[c], plse;
+            __global const float *qh = qq + (size_t)c * HD;
+            switch (L.dtype) {
+            case DT_F32: plse = cpu_page(HD, DT_F32, page, L, g, len, qh, scale, &m, &l, acc); break;
+            case DT_F16: plse = cpu_page(HD, DT_F16, page, L, g, len, qh, scale, &m, &l, acc); break;
+            case DT_INT8: plse = cpu_page(HD, DT_INT8, page, L, g, len, qh, scale, &m, &l, acc); break;
+            default: plse = cpu_page(HD, DT_INT4, page, L, g, len, qh, scale, &m, &l, acc); break;
+            }
+            _Pragma("unroll") for (int j = 0; j < NV; j++) st[c * NV + j] = acc[j];
+            sm[c] = m;
+            sl[c] = l;
+            if (want_page_lse) page_lse[((size_t)e + (size_t)gi * list_stride) * G + h] = plse;
+        }
+    }
+    /* An item never mixes int4 pages with others (the host splits runs where the
+       pool changes): its accumulators are all de-interleaved, or none. */
+    const bool deint = L1.dtype == DT_INT4 && n > 0 && ((ent_len[e_begin] >> 30) & 1);
+    for (int c = 0; c < pairs; c++) {
+        const int gi = c / G, h = c - gi * G;
+        __global float *ph = parts + ((size_t)(part_base + gi * part_gstride) * G + h) * (HD + 2);
+        ph[0] = sm[c];
+        ph[1] = sl[c];
+        if (deint) {
+            for (int j = 0; j < NV / 2; j++) {
                 float ev[16], od[16];
-                vstore16(acc[2 * j], 0, ev);
-                vstore16(acc[2 * j + 1], 0, od);
+                vstore16(st[c * NV + 2 * j], 0, ev);
+                vstore16(st[c * NV + 2 * j + 1], 0, od);
                 for (int i = 0; i < 16; i++) {
                     ph[2 + 32 * j + 2 * i] = ev[i];
                     ph[2 + 32 * j + 2 * i + 1] = od[i];
                 }
             }
         } else {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) vstore16(acc[j], 0, ph + 2 + 16 * j);
+            for (int j = 0; j < NV; j++) vstore16(st[c * NV + j], 0, ph + 2 + 16 * j);
         }
     }
 }
 
-#define PIKV_ATTN_CPU(HD)                                                                                        \
-    __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_attention_cpu##HD(                       \
-        __global const uchar *chunk, __global const uint *lay, int lay_off, __global const float *q,            \
-        __global const int *tasks, __global const int *chunk_tasks, int ct_begin, __global const uint *ent_off, \
-        __global const int *ent_len, __global const int *ent_id, int n_q_heads, int G, float scale,            \
-        int want_page_lse, __global float *parts, __global float *page_lse)                                     \
-    {                                                                                                           \
-        const int task = chunk_tasks[ct_begin + (int)get_global_id(0)];                                         \
-        const int unit = tasks[3 * task], e0 = tasks[3 * task + 1], e1 = tasks[3 * task + 2];                   \
-        const layout_t L = get_layout(lay + lay_off);                                                           \
-        const int query = unit / L.kvh, g = unit % L.kvh;                                                       \
-        __global const float *qb = q + ((size_t)query * (size_t)n_q_heads + (size_t)g * (size_t)G) * HD;        \
-        __global float *part = parts + (size_t)task * (size_t)G * (size_t)(HD + 2);                             \
-        switch (L.dtype) {                                                                                      \
-        case DT_F32:                                                                                            \
-            cpu_attn_task(HD, DT_F32, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,             \
-                          want_page_lse, part, page_lse);                                                       \
-            break;                                                                                              \
-        case DT_F16:                                                                                            \
-            cpu_attn_task(HD, DT_F16, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,             \
-                          want_page_lse, part, page_lse);                                                       \
-            break;                                                                                              \
-        case DT_INT8:                                                                                           \
-            cpu_attn_task(HD, DT_INT8, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,            \
-                          want_page_lse, part, page_lse);                                                       \
-            break;                                                                                              \
-        default:                                                                                                \
-            cpu_attn_task(HD, DT_INT4, chunk, L, qb, e0, e1, ent_off, ent_len, ent_id, g, G, scale,            \
-                          want_page_lse, part, page_lse);                                                       \
-            break;                                                                                              \
-        }                                                                                                       \
+#define PIKV_ATTN_CPU(HD)                                                                                      \
+    __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_attention_cpu##HD(                     \
+        __global const uchar *arena, __global const uint *lay, __global const float *q,                       \
+        __global const int *items, int item_begin, __global const ulong *ent_off, __global const int *ent_len, \
+        int n_q_heads, int G, float scale, int want_page_lse, __global float *parts, __global float *page_lse) \
+    {                                                                                                         \
+        cpu_attn_item(HD, arena, lay, q, items + 8 * ((size_t)item_begin + get_global_id(0)), ent_off,        \
+                      ent_len, n_q_heads, G, scale, want_page_lse, parts, page_lse);                          \
     }
 
 PIKV_ATTN_CPU(64)
