@@ -301,6 +301,7 @@ static void test_round_trip(void)
 static void test_read_bandwidth(void)
 {
     pikv_context_params cp = pikv_context_default_params();
+    cp.backends = "all";
     pikv_context *ctx = NULL;
     tu_set_case("read bandwidth");
     if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
