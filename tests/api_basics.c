@@ -266,6 +266,10 @@ static void test_round_trip(void)
     CHECK_EQ(st.attends, 1);
     CHECK_EQ(st.last_tokens_read, 2);
     CHECK_EQ(st.last_pages_read, 1);
+    /* where the time went: a plan and a kernel, no QUEST, one device (no merge) */
+    CHECKF(st.last_plan_s > 0 && st.last_attention_s > 0, "plan %g s, attention %g s", st.last_plan_s,
+           st.last_attention_s);
+    CHECK(st.last_score_s == 0 && st.last_topk_s == 0 && st.last_merge_s == 0);
     CHECK(st.last_bytes_read > 0);
     /* the split attend: one process does everything in start, the same output bit for
        bit; requests finish in the order started; finish(NULL) and a failed start */

@@ -471,6 +471,17 @@ typedef struct pikv_cache_stats {
     int64_t evicted_tokens;
     int64_t appends;
     int64_t attends;
+    /* Where the last attend's time went, host wall clock in seconds: plan = selection
+       and page lists (page scoring and the budgeted top-k included; score and topk are
+       those two alone); attention = the kernels with the copies of q and outputs (with
+       tiers, the fetches of demoted pages too; with select.measure, the exact pass too);
+       merge = the exact merge of partials across devices, and over ranks the wait for
+       the other ranks' partials. */
+    double last_plan_s;
+    double last_score_s;
+    double last_topk_s;
+    double last_attention_s;
+    double last_merge_s;
 } pikv_cache_stats;
 
 /* With tiers on, tokens, pages and bytes_used count the device's resident pages (not
