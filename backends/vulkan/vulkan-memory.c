@@ -156,10 +156,9 @@ pikv_status pikv_vk_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **
     pikv_context *ctx = dev->ctx;
     pikv_vk_device *vd = pikv_vk_dev(dev);
     PIKV_RETURN_ERROR_IF(size == 0, ctx, PIKV_ERR_INVALID_ARGUMENT, "device %s: buffer of 0 bytes", dev->info.name);
-    PIKV_RETURN_ERROR_IF(size > vd->limits.maxStorageBufferRange, ctx, PIKV_ERR_UNSUPPORTED,
-                         "device %s: a buffer of %llu bytes is past the device's storage buffer range (%u bytes); "
-                         "use smaller pages", dev->info.name, (unsigned long long)size,
-                         (unsigned)vd->limits.maxStorageBufferRange);
+    /* A buffer may be larger than one binding (maxStorageBufferRange): read_reduce
+       binds it window by window. The ops that bind a page chunk whole refuse a
+       chunk past the range (vulkan-ops.c, upload_layouts). */
     PIKV_FORWARD_IF_ERROR(pikv_device_reserve_bytes(dev, size));
     pikv_buffer *buf = pikv_host_calloc(ctx, 1, sizeof *buf);
     pikv_vk_buffer *vb = pikv_host_calloc(ctx, 1, sizeof *vb);
