@@ -5,6 +5,7 @@
    host-visible scratch buffers. */
 #include "vulkan-impl.h"
 
+#include <stdio.h>
 #include <string.h>
 
 enum { STAGING_BYTES = 8u << 20, MIN_SCRATCH = 256 };
@@ -37,7 +38,9 @@ static pikv_status create_buffer(pikv_device *dev, VkDeviceSize size, VkBuffer *
     VkResult r = vd->fn.vkCreateBuffer(vd->device, &bci, NULL, out);
     if (r != VK_SUCCESS) {
         *out = VK_NULL_HANDLE;
-        return pikv_vk_fail(dev, r, "vkCreateBuffer");
+        char what[80]; /* the size says why (past maxBufferSize, or memory) */
+        snprintf(what, sizeof what, "vkCreateBuffer (%llu bytes)", (unsigned long long)size);
+        return pikv_vk_fail(dev, r, what);
     }
     vd->fn.vkGetBufferMemoryRequirements(vd->device, *out, req);
     return PIKV_OK;
@@ -127,7 +130,9 @@ static pikv_status block_new(pikv_device *dev, VkDeviceSize size, uint32_t type,
     if (r != VK_SUCCESS) {
         b->memory = VK_NULL_HANDLE;
         block_free(ctx, vd, b);
-        return pikv_vk_fail(dev, r, "vkAllocateMemory (device-local block)");
+        char what[96]; /* the size says why (past maxMemoryAllocationSize, or memory) */
+        snprintf(what, sizeof what, "vkAllocateMemory (a device-local block of %llu bytes)", (unsigned long long)size);
+        return pikv_vk_fail(dev, r, what);
     }
     b->size = size;
     b->type = type;
