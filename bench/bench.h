@@ -47,6 +47,7 @@ typedef struct bench_opts {
     int n_device_names;
     const char *json_path;
     int baseline, memory, check, quiet;
+    int rank;                               /* over MPI ranks: this process's (0 prints) */
     uint64_t seed;
 } bench_opts;
 
@@ -98,8 +99,9 @@ typedef struct bench_memory {
     double imbalance;             /* max / mean of bytes_used */
     double merge_s;               /* an attend's merge of the devices' partials */
     double attend_s;
-    int32_t n_ranks;
-    uint64_t rank_bytes;          /* this process's bytes (one rank) */
+    int32_t n_ranks;              /* 1: one process */
+    uint64_t rank_bytes[BENCH_MAX_DEVICES]; /* bytes_used of each rank's devices */
+    double rank_imbalance;        /* max / mean over ranks */
 } bench_memory;
 
 typedef struct bench_target {
@@ -140,8 +142,10 @@ void bench_env_free(bench_env *env);
 /* The dense, quantized and sparse sweeps of one device; 0, or CLI_EXIT_FAIL after a
    library error (printed). */
 int bench_device_sweeps(bench_env *env, int32_t dev);
-/* The memory/merge section (its own context with several CPU devices). */
-int bench_memory_section(bench_env *env);
+/* The memory/merge section (its own context with several CPU devices); over MPI ranks
+   (mpi with size > 1: tools/run.h) one cache spans the ranks' devices. */
+struct run_mpi;
+int bench_memory_section(bench_env *env, const struct run_mpi *mpi);
 /* The point of a sweep, or NULL. */
 const bench_point *bench_find(const bench_results *r, int32_t dev, const char *kind, pikv_dtype dtype,
                               int32_t batch, int64_t context, int32_t param);

@@ -16,6 +16,7 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "run.h"
 
 enum { POOL_TOKENS = 2048, FILL_CHUNK = 1024 };
 
@@ -452,9 +453,11 @@ int bench_device_sweeps(bench_env *env, int32_t dev)
 
 /* Memory per device and the merge of partials: an MoE cache (8 experts, top-2,
    routing skewed as real routers are: expert e drawn with weight 1/(e+1)) over
-   several CPU devices of a context of its own, for each placement. One process
-   is one rank: its bytes are the rank's. */
-int bench_memory_section(bench_env *env)
+   several CPU devices of a context of its own, for each placement. Over MPI ranks
+   the cache spans every rank's devices (rank 0 passes the tokens, every rank
+   attends; balanced placement is not re-packed there: rebalance is one-process);
+   the metadata is replicated, so rank 0 reads every device's bytes. */
+int bench_memory_section(bench_env *env, const run_mpi *mpi)
 {
     const bench_opts *o = env->o;
     pikv_context_params cpp = pikv_context_default_params();
@@ -467,6 +470,16 @@ int bench_memory_section(bench_env *env)
         fprintf(stderr, "pikv bench: pikv_context_create (%d CPU devices): %s\n", o->memory_devices,
                 pikv_status_name(st));
         return CLI_EXIT_FAIL;
+    }
+    const int ranks = mpi && mpi->size > 1 ? mpi->size : 1, rank = ranks > 1 ? mpi->rank : 0;
+    pikv_comm *comm = NULL;
+    if (ranks > 1) {
+        st = run_mpi_comm_create(mpi, ctx, &comm);
+        if (st != PIKV_OK) {
+            const int rc = cli_lib_error(ctx, "pikv_comm_create_mpi", st);
+            pikv_context_free(ctx);
+            return rc;
+        }
     }
     static const struct {
         const char *name;
@@ -507,13 +520,16 @@ int bench_memory_section(bench_env *env)
         p.placement = placements[pl].p;
         p.capacity_tokens = BATCH * n + (int64_t)BATCH * E * o->page_size;
         p.max_sequences = BATCH;
+        p.comm = comm;
         pikv_cache *c = NULL;
         st = pikv_cache_create(ctx, &p, &c);
         if (st != PIKV_OK) {
             rc = cli_lib_error(ctx, "pikv_cache_create", st);
             break;
         }
-        if (!o->quiet) fprintf(stderr, "  memory: %s placement over %d devices\n", placements[pl].name, o->memory_devices);
+        if (!o->quiet && rank == 0)
+            fprintf(stderr, "  memory: %s placement over %d devices x %d rank%s\n", placements[pl].name,
+                    o->memory_devices, ranks, ranks > 1 ? "s" : "");
         for (int32_t s = 0; s < BATCH && rc == 0; s++) {
             st = pikv_seq_add(c, s);
             for (int64_t t0 = 0; t0 < n && st == PIKV_OK; t0 += FILL_CHUNK) {
@@ -527,11 +543,12 @@ int bench_memory_section(bench_env *env)
                     experts[i * EPT] = e0;
                     experts[i * EPT + 1] = (e0 + 1) % E;
                 }
-                st = pikv_cache_append(c, 0, s, m, k, v, NULL, experts);
+                /* over ranks: rank 0's tokens are the append, the others pass none */
+                st = pikv_cache_append(c, 0, s, rank == 0 ? m : 0, k, v, NULL, experts);
             }
             if (st != PIKV_OK) rc = cli_lib_error(ctx, "pikv_cache_append", st);
         }
-        if (rc == 0 && p.placement == PIKV_PLACEMENT_BALANCED) {
+        if (rc == 0 && p.placement == PIKV_PLACEMENT_BALANCED && !comm) {
             int64_t moved = 0;
             st = pikv_cache_rebalance(c, &moved);
             if (st != PIKV_OK) rc = cli_lib_error(ctx, "pikv_cache_rebalance", st);
@@ -553,8 +570,14 @@ int bench_memory_section(bench_env *env)
             max = (double)ds.bytes_used > max ? (double)ds.bytes_used : max;
         }
         bm->imbalance = sum > 0 ? max / (sum / bm->n_devices) : 0;
-        bm->n_ranks = 1;
-        bm->rank_bytes = (uint64_t)sum;
+        /* global devices are rank-major: rank r holds devices r*n .. r*n+n-1 */
+        bm->n_ranks = ranks < BENCH_MAX_DEVICES ? ranks : BENCH_MAX_DEVICES;
+        const int32_t per_rank = bm->n_devices / ranks > 0 ? bm->n_devices / ranks : 1;
+        double rmax = 0;
+        for (int32_t d = 0; rc == 0 && d < bm->n_devices && d < BENCH_MAX_DEVICES; d++)
+            if (d / per_rank < bm->n_ranks) bm->rank_bytes[d / per_rank] += bm->bytes_used[d];
+        for (int32_t i = 0; i < bm->n_ranks; i++) rmax = (double)bm->rank_bytes[i] > rmax ? (double)bm->rank_bytes[i] : rmax;
+        bm->rank_imbalance = sum > 0 ? rmax / (sum / bm->n_ranks) : 0;
         /* one attend over every device: the partials are merged on the host */
         pikv_attend_batch b = {BATCH, seqs, q, qexp, out, NULL, NULL};
         double best = INFINITY;
@@ -581,6 +604,7 @@ int bench_memory_section(bench_env *env)
     free(v);
     free(q);
     free(out);
+    pikv_comm_free(comm);
     pikv_context_free(ctx);
     return rc;
 }

@@ -267,14 +267,20 @@ static void print_baselines(FILE *f, const bench_results *r)
 static void print_memory(FILE *f, const bench_results *r)
 {
     if (r->n_memory == 0) return;
-    fprintf(f, "\nMemory per device (MoE cache: 8 experts, top-2, skewed routing; one process = one rank)\n");
+    fprintf(f, "\nMemory per device (MoE cache: 8 experts, top-2, skewed routing; %d rank%s)\n", r->memory[0].n_ranks,
+            r->memory[0].n_ranks > 1 ? "s, devices rank-major" : "");
     for (int i = 0; i < r->n_memory; i++) {
         const bench_memory *m = &r->memory[i];
         fprintf(f, "  %-8s", m->placement);
         for (int d = 0; d < m->n_devices && d < BENCH_MAX_DEVICES; d++)
             fprintf(f, " %8.1f", (double)m->bytes_used[d] / 1048576.0);
-        fprintf(f, " MiB  imbalance %.2f  rank %.1f MiB  attend %.3f ms, merge %.3f ms\n", m->imbalance,
-                (double)m->rank_bytes / 1048576.0, 1e3 * m->attend_s, 1e3 * m->merge_s);
+        fprintf(f, " MiB  imbalance %.2f", m->imbalance);
+        if (m->n_ranks > 1) {
+            fprintf(f, "; per rank");
+            for (int k = 0; k < m->n_ranks; k++) fprintf(f, " %.1f", (double)m->rank_bytes[k] / 1048576.0);
+            fprintf(f, " MiB, imbalance %.2f", m->rank_imbalance);
+        }
+        fprintf(f, "; attend %.3f ms, merge %.3f ms\n", 1e3 * m->attend_s, 1e3 * m->merge_s);
     }
 }
 
@@ -434,7 +440,11 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         fputs("], ", f);
         jnum(f, "imbalance", m->imbalance, 1);
         jnum(f, "n_ranks", m->n_ranks, 1);
-        jnum(f, "rank_bytes", (double)m->rank_bytes, 1);
+        jkey(f, "rank_bytes");
+        fputc('[', f);
+        for (int k = 0; k < m->n_ranks; k++) fprintf(f, "%s%llu", k ? ", " : "", (unsigned long long)m->rank_bytes[k]);
+        fputs("], ", f);
+        jnum(f, "rank_imbalance", m->rank_imbalance, 1);
         jnum(f, "attend_s", m->attend_s, 1);
         jnum(f, "merge_s", m->merge_s, 0);
         fputs("}", f);

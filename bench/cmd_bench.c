@@ -10,6 +10,7 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "run.h"
 
 enum {
     OPT_HELP = 1, OPT_QUICK, OPT_JSON, OPT_BACKEND, OPT_DEVICE, OPT_THREADS, OPT_Q_HEADS, OPT_KV_HEADS,
@@ -98,7 +99,11 @@ static void bench_usage(FILE *f)
           "  --seed N              data seed (default 1)\n"
           "  -v, --verbose         library log messages\n"
           "  -h, --help            show this help\n"
-          "Contexts and byte counts take K, M, G suffixes (binary).\n",
+          "Contexts and byte counts take K, M, G suffixes (binary).\n"
+          "\n"
+          "Under an MPI launcher with more than one rank (mpirun -np N pikv bench), only\n"
+          "the memory and merge section runs, with one cache over every rank's devices:\n"
+          "bytes per device and per rank, and both imbalances.\n",
           f);
 }
 
@@ -284,6 +289,21 @@ int cli_cmd_bench(int argc, char **argv)
         return CLI_EXIT_USAGE;
     }
 
+    /* over MPI ranks: the memory section only (the sweeps are per process) */
+    run_mpi mpi = {0, 0, 1};
+    const int over_ranks = run_mpi_env_size() > 1;
+    run_mpi_silencer quiet_rank = {-1, -1};
+    if (over_ranks) {
+        if (!run_mpi_compiled()) {
+            cli_usage_error(p.cmd, "started by an MPI launcher with %d ranks, but built without MPI", run_mpi_env_size());
+            return CLI_EXIT_USAGE;
+        }
+        if (run_mpi_start(&mpi) != 0) return CLI_EXIT_FAIL;
+        o.rank = mpi.rank;
+        o.quiet |= mpi.rank != 0;
+        run_mpi_silence(&quiet_rank, mpi.rank != 0);
+    }
+
     bench_results r;
     memset(&r, 0, sizeof r);
     r.started_at = cli_now();
@@ -301,10 +321,13 @@ int cli_cmd_bench(int argc, char **argv)
     cp.log_user = &filter;
     pikv_context *ctx = NULL;
     pikv_status st = pikv_context_create(&cp, &ctx);
-    if (st != PIKV_OK) return cli_lib_error(NULL, "pikv_context_create", st);
+    if (st != PIKV_OK) {
+        run_mpi_finish(&mpi);
+        return cli_lib_error(NULL, "pikv_context_create", st);
+    }
 
     /* the devices under test */
-    for (int32_t d = 0; d < pikv_device_count(ctx) && r.n_devices < BENCH_MAX_DEVICES; d++) {
+    for (int32_t d = 0; !over_ranks && d < pikv_device_count(ctx) && r.n_devices < BENCH_MAX_DEVICES; d++) {
         bench_device *bd = &r.devices[r.n_devices];
         memset(bd, 0, sizeof *bd);
         bd->index = d;
@@ -313,7 +336,7 @@ int cli_cmd_bench(int argc, char **argv)
         for (int i = 0; i < o.n_device_names; i++) wanted |= strcmp(o.device_names[i], bd->info.name) == 0;
         if (wanted) r.n_devices++;
     }
-    if (r.n_devices == 0) {
+    if (r.n_devices == 0 && !over_ranks) {
         cli_usage_error(p.cmd, "no device matches --device %s", o.device_names[0]);
         pikv_context_free(ctx);
         return CLI_EXIT_USAGE;
@@ -322,6 +345,7 @@ int cli_cmd_bench(int argc, char **argv)
     int rc = bench_env_init(&env, &o, ctx, &r);
     if (rc) {
         pikv_context_free(ctx);
+        run_mpi_finish(&mpi);
         return rc;
     }
     /* 1. rooflines */
@@ -364,16 +388,20 @@ int cli_cmd_bench(int argc, char **argv)
         }
     }
     /* 4. memory per device, the merge */
-    if (rc == 0 && o.memory) {
+    if (rc == 0 && (o.memory || over_ranks)) {
         if (!o.quiet) fprintf(stderr, "pikv bench: memory per device (%d CPU devices)\n", o.memory_devices);
-        rc = bench_memory_section(&env);
+        rc = bench_memory_section(&env, &mpi);
     }
-    if (rc == 0) {
+    if (over_ranks) rc = run_mpi_max(&mpi, rc); /* every rank agrees on the outcome */
+    if (rc == 0 && o.rank == 0) {
         bench_print_tables(stdout, &o, &r);
         bench_compute_targets(&o, &r);
         if (o.json_path) rc = bench_write_json(o.json_path, &o, &r);
         fprintf(stdout, "\n(%.0f s in all)\n", cli_now() - r.started_at);
-        bench_print_targets(stdout, &r);
+        if (over_ranks)
+            fprintf(stdout, "\nTargets: measured by a one-process run (over ranks only the memory section runs)\n");
+        else
+            bench_print_targets(stdout, &r);
         if (rc == 0 && o.check)
             for (int i = 0; i < r.n_targets; i++)
                 if (r.targets[i].have && !r.targets[i].pass) rc = CLI_EXIT_FAIL;
@@ -381,5 +409,7 @@ int cli_cmd_bench(int argc, char **argv)
     bench_env_free(&env);
     free(r.points);
     pikv_context_free(ctx);
+    run_mpi_unsilence(&quiet_rank);
+    run_mpi_finish(&mpi);
     return rc;
 }
