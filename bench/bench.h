@@ -74,6 +74,7 @@ typedef struct bench_point {
     double median_s;
     int32_t reps;
     uint64_t bytes;               /* read by one attend (pikv_cache_stats.last_bytes_read) */
+    uint64_t stored_bytes;        /* the cache's bytes_used on its one device (and rank) */
     double plan_s, score_s, topk_s, attention_s, merge_s; /* of the best attend */
     double append_s_per_token;    /* filling the cache this point read (0: shared fill) */
 } bench_point;

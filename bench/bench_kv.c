@@ -282,6 +282,7 @@ static int timed_attend(bench_env *env, bench_cache *bc, const int32_t *seqs, co
             pikv_cache_stats cs;
             pikv_cache_get_stats(bc->cache, &cs);
             pt->bytes = cs.last_bytes_read;
+            pt->stored_bytes = cs.bytes_used;
             pt->plan_s = cs.last_plan_s;
             pt->score_s = cs.last_score_s;
             pt->topk_s = cs.last_topk_s;

@@ -187,8 +187,8 @@ static void print_dense(FILE *f, const bench_results *r, int dev)
     const bench_device *d = &r->devices[dev];
     fprintf(f, "\nDense decode attention on %s (one layer, every page; best of N, each after an LLC flush)\n",
             d->info.name);
-    fprintf(f, "  %-5s %5s %7s %9s %10s %8s %7s %8s %8s %9s %9s\n", "dtype", "batch", "context", "ms", "KV MiB",
-            "GB/s", "%roof", "xf16", "ideal", "plan ms", "append ns/tok");
+    fprintf(f, "  %-5s %5s %7s %10s %9s %10s %8s %7s %8s %8s %9s %9s\n", "dtype", "batch", "context", "stored MiB",
+            "ms", "read MiB", "GB/s", "%roof", "xf16", "ideal", "plan ms", "append ns/tok");
     for (int i = 0; i < r->n_points; i++) {
         const bench_point *p = &r->points[i];
         if (p->device != dev || strcmp(p->kind, "dense")) continue;
@@ -196,9 +196,9 @@ static void print_dense(FILE *f, const bench_results *r, int dev)
         double sp = 0, id = 0;
         const int qr = p->dtype != PIKV_DTYPE_F16 && quant_ratios(r, p, &sp, &id);
         const double share = d->read_bps > 0 ? (double)p->bytes / p->seconds / d->read_bps : 0;
-        fprintf(f, "  %-5s %5d %7s %9.3f %10.1f %8.2f", bench_dtype_name(p->dtype), p->batch,
-                ctx_label(p->context, c, sizeof c), 1e3 * p->seconds, (double)p->bytes / 1048576.0,
-                gbps(p->bytes, p->seconds));
+        fprintf(f, "  %-5s %5d %7s %10.1f %9.3f %10.1f %8.2f", bench_dtype_name(p->dtype), p->batch,
+                ctx_label(p->context, c, sizeof c), (double)p->stored_bytes / 1048576.0, 1e3 * p->seconds,
+                (double)p->bytes / 1048576.0, gbps(p->bytes, p->seconds));
         if (d->read_bps > 0) fprintf(f, " %6.0f%%", 100 * share);
         else fprintf(f, " %7s", "-");
         if (qr) fprintf(f, " %7.2fx %7.2fx", sp, id);
@@ -396,6 +396,7 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         jnum(f, "median_s", p->median_s, 1);
         jnum(f, "reps", p->reps, 1);
         jnum(f, "bytes", (double)p->bytes, 1);
+        jnum(f, "stored_bytes", (double)p->stored_bytes, 1);
         jnum(f, "bytes_per_s", p->seconds > 0 ? (double)p->bytes / p->seconds : NAN, 1);
         jnum(f, "share_of_read", d->read_bps > 0 && p->seconds > 0 ? (double)p->bytes / p->seconds / d->read_bps : NAN, 1);
         jnum(f, "speedup", sp, 1);
