@@ -86,7 +86,10 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
         PIKV_RETURN_ERROR_IF(io_on_device || !c->tier, ctx, PIKV_ERR_INTERNAL,
                              "%s: a plan with %lld demoted page reads on the zero-copy path", fn,
                              (long long)plan->n_demoted);
-        return pikv_tier_run_plan(c, fn, nq, q, plan, out, lse, page_lse);
+        const double t0 = pikv_monotonic_s();
+        pikv_status st = pikv_tier_run_plan(c, fn, nq, q, plan, out, lse, page_lse);
+        c->run_attention_s += pikv_monotonic_s() - t0;
+        return st;
     }
     if (n_active == 0) { /* nothing to read */
         memset(out, 0, out_floats * sizeof(float));
@@ -119,11 +122,15 @@ static pikv_status run_plan(pikv_cache *c, const char *fn, int32_t nq, const flo
             .page_lse = page_lse ? page_lse + (size_t)off * (size_t)G : NULL,
             .io_on_device = io_on_device,
         };
+        const double t0 = pikv_monotonic_s();
         st = pool->dev->iface->attention(pool->dev, &args);
+        c->run_attention_s += pikv_monotonic_s() - t0;
     }
     if (st == PIKV_OK && n_active > 1) {
         pikv_merge_args margs = {n_active, nq * hq, hd, parts, parts + (size_t)n_active * out_floats, out, lse};
+        const double t0 = pikv_monotonic_s();
         st = ctx->host_device->iface->merge(ctx->host_device, &margs);
+        c->run_merge_s += pikv_monotonic_s() - t0;
     }
     pikv_host_free(ctx, parts);
     return st;
@@ -295,6 +302,7 @@ struct pikv_attend_request {
        between start and finish are not mixed in */
     uint64_t sent, received, partial_bytes;
     double merge_wait_s, merge_posted_s;
+    double plan_s;               /* pikv_plan_reads of the batch */
 };
 
 /* Over ranks every rank must pass the same batch, or the merge mixes different
@@ -402,7 +410,10 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
         }
     }
     pikv_read_plan *plan = &r->plan;
+    c->run_attention_s = c->run_merge_s = 0.0;
+    const double plan_t0 = pikv_monotonic_s();
     st = pikv_plan_reads(c, layer, &hb, sel, plan);
+    r->plan_s = pikv_monotonic_s() - plan_t0;
     if (st != PIKV_OK) {
         pikv_host_free(ctx, q_host);
         return c->comm ? pikv_dist_sync_status(c, fn, st) : st; /* the exchange the others make below */
@@ -572,6 +583,11 @@ static pikv_status attend_end(pikv_attend_request *r)
         c->last_recall = sel->mode == PIKV_SELECT_ALL ? 1.0 : r->measure ? r->recall : -1.0;
         c->last_output_error = sel->mode == PIKV_SELECT_ALL ? 0.0 : r->measure ? r->error : -1.0;
         c->attends++;
+        c->last_plan_s = r->plan_s;
+        c->last_score_s = plan->score_s;
+        c->last_topk_s = plan->topk_s;
+        c->last_attention_s = c->run_attention_s;
+        c->last_merge_s = c->run_merge_s + r->merge_wait_s;
         if (c->comm) {
             uint64_t dev_bytes[PIKV_MAX_DEVICES];
             for (int32_t d = 0; d < c->n_devs; d++) dev_bytes[d] = c->devs[d].last_bytes_read;

@@ -174,6 +174,15 @@ typedef struct pikv_merge_args {
     float *lse;
 } pikv_merge_args;
 
+/* Streaming read-and-reduce, the roofline probe of pikv_device_read_bandwidth:
+   *sum = the sum of the first n_floats f32 values of buf, each read exactly once
+   (any order of addition, float or wider accumulators); finished on return. */
+typedef struct pikv_read_reduce_args {
+    const pikv_buffer *buf;
+    uint64_t n_floats;
+    double *sum;               /* host */
+} pikv_read_reduce_args;
+
 typedef enum pikv_op {
     PIKV_OP_APPEND = 0,
     PIKV_OP_PAGE_COPY,
@@ -182,6 +191,7 @@ typedef enum pikv_op {
     PIKV_OP_SCORE,
     PIKV_OP_TOPK,
     PIKV_OP_QUANTIZE,
+    PIKV_OP_READ_REDUCE,       /* dtype-free: asked with PIKV_DTYPE_F32 */
     PIKV_OP_COUNT_
 } pikv_op;
 
@@ -203,6 +213,7 @@ typedef struct pikv_device_iface {
     pikv_status (*score)(pikv_device *dev, const pikv_score_args *args);
     pikv_status (*topk)(pikv_device *dev, const pikv_topk_args *args);
     pikv_status (*quantize)(pikv_device *dev, pikv_quantize_args *args);
+    pikv_status (*read_reduce)(pikv_device *dev, const pikv_read_reduce_args *args);
     pikv_status (*synchronize)(pikv_device *dev);
 
     /* Zero copy: raw addresses of the device's own memory (an engine's tensors).

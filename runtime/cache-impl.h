@@ -217,6 +217,9 @@ struct pikv_cache {
     int64_t last_pages_read, last_tokens_read;
     uint64_t last_bytes_read;
     uint64_t bytes_read;
+    /* the last attend's time (pikv_cache_stats last_*_s); run_* accumulate the call's */
+    double last_plan_s, last_score_s, last_topk_s, last_attention_s, last_merge_s;
+    double run_attention_s, run_merge_s;
 };
 
 /* The pool holding a page, and the slot as ops name it (flag bit for quantized). */

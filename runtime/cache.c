@@ -468,6 +468,11 @@ pikv_status pikv_cache_get_stats(const pikv_cache *c, pikv_cache_stats *out)
     out->evicted_tokens = c->evicted_tokens;
     out->appends = c->appends;
     out->attends = c->attends;
+    out->last_plan_s = c->last_plan_s;
+    out->last_score_s = c->last_score_s;
+    out->last_topk_s = c->last_topk_s;
+    out->last_attention_s = c->last_attention_s;
+    out->last_merge_s = c->last_merge_s;
     return PIKV_OK;
 }
 

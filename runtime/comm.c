@@ -23,27 +23,21 @@ void pikv_comm_init(pikv_comm *c, const pikv_comm_iface *iface, pikv_context *ct
 
 /* ---- waiting ------------------------------------------------------------ */
 
-static double comm_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 void pikv_comm_wait_begin(pikv_comm_wait *w)
 {
-    w->start = comm_now();
+    w->start = pikv_monotonic_s();
     w->polls = 0;
 }
 
 double pikv_comm_wait_elapsed(const pikv_comm_wait *w)
 {
-    return comm_now() - w->start;
+    return pikv_monotonic_s() - w->start;
 }
 
 bool pikv_comm_wait_pause(const pikv_comm *c, pikv_comm_wait *w)
 {
-    double waited = comm_now() - w->start;
+    double waited = pikv_monotonic_s() - w->start;
     if (c->timeout_s > 0.0 && waited >= c->timeout_s) return false;
     w->polls++;
     /* The first millisecond: poll as fast as the scheduler lets us, yielding the core
@@ -497,9 +491,9 @@ pikv_status pikv_comm_merge_begin(pikv_comm *comm, int32_t n_rows, int32_t dim, 
             }
             wsum[r] = w;
         }
-        m->posted_at = comm_now();
+        m->posted_at = pikv_monotonic_s();
         st = pikv_comm_iallreduce(comm, pack, (int64_t)n_pack, PIKV_REDUCE_SUM, &m->req);
-        m->post_s = comm_now() - m->posted_at;
+        m->post_s = pikv_monotonic_s() - m->posted_at;
     }
     if (st != PIKV_OK) {
         pikv_host_free(ctx, pack);
@@ -523,9 +517,9 @@ pikv_status pikv_comm_merge_end_timed(pikv_comm *comm, pikv_comm_merge *m, doubl
     if (!comm) return PIKV_ERR_INVALID_ARGUMENT;
     if (!m) return PIKV_OK;
     pikv_context *ctx = comm->ctx;
-    const double t0 = comm_now();
+    const double t0 = pikv_monotonic_s();
     pikv_status st = pikv_comm_wait_request(comm, m->req);
-    const double t1 = comm_now();
+    const double t1 = pikv_monotonic_s();
     if (exposed_s) *exposed_s = m->post_s + (t1 - t0);
     if (posted_s) *posted_s = t1 - m->posted_at;
     if (st == PIKV_OK) {

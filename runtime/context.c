@@ -4,6 +4,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static void *default_alloc(void *user, size_t size, size_t align)
 {
@@ -285,4 +286,11 @@ pikv_status pikv_device_reserve_bytes(pikv_device *dev, uint64_t size)
 void pikv_device_release_bytes(pikv_device *dev, uint64_t size)
 {
     dev->info.memory_used -= size;
+}
+
+double pikv_monotonic_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }

@@ -66,6 +66,9 @@ void pikv_log(pikv_context *ctx, pikv_log_level level, const char *fmt, ...) PIK
         if (pikv_fwd_st_ != PIKV_OK) return pikv_fwd_st_;                    \
     } while (0)
 
+/* Seconds of CLOCK_MONOTONIC (context.c): every duration the library reports. */
+double pikv_monotonic_s(void);
+
 /* ---- host memory through the context's allocator ----------------------- */
 void *pikv_host_alloc(pikv_context *ctx, size_t size, size_t align);
 void *pikv_host_calloc(pikv_context *ctx, size_t count, size_t size);

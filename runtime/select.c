@@ -94,7 +94,7 @@ static pikv_status gather_candidates(pikv_cache *c, int32_t layer, const pikv_at
 /* QUEST: score the non-forced candidates where they live, then keep the best of
    each (query, KV head) under its budget. keep[(cand) * kvh + g]. */
 static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const pikv_select_params *sel,
-                                const candidates *cand, uint8_t *keep, int64_t *scored)
+                                const candidates *cand, uint8_t *keep, pikv_read_plan *plan)
 {
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
@@ -126,7 +126,7 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
         if (cand->forced[k]) continue;
         const pikv_page_meta *m = &c->pages[cand->ids[k]];
         per_dev[m->tier != PIKV_TIER_DEVICE ? nd : m->dev]++;
-        scored[m->dev]++;
+        plan->scored[m->dev]++;
     }
     for (int32_t d = 0; d <= nd; d++) dev_begin[d + 1] = dev_begin[d] + per_dev[d];
     int64_t fill[PIKV_MAX_DEVICES + 1];
@@ -151,7 +151,9 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
         float *dev_scores = list_scores; /* borrowed: filled below anyway */
         pikv_score_args args = {d < nd ? &c->devs[d].view : pikv_tier_bounds_view(c), nq, c->params.n_q_heads, b->q,
                                 dev_indptr + (size_t)d * ((size_t)nq + 1), dev_slots + dev_begin[d], dev_scores};
+        const double t0 = pikv_monotonic_s();
         st = dev->iface->score(dev, &args);
+        plan->score_s += pikv_monotonic_s() - t0;
         for (int64_t j = dev_begin[d]; j < dev_begin[d + 1] && st == PIKV_OK; j++)
             memcpy(scores + (size_t)dev_pos[j] * (size_t)kvh, dev_scores + (size_t)(j - dev_begin[d]) * (size_t)kvh,
                    (size_t)kvh * sizeof(float));
@@ -177,7 +179,9 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     }
     list_indptr[(size_t)nq * (size_t)kvh] = (int32_t)e;
     pikv_topk_args targs = {nq * kvh, list_indptr, list_scores, list_tokens, budget, list_keep};
+    const double t0 = pikv_monotonic_s();
     st = ctx->host_device->iface->topk(ctx->host_device, &targs);
+    plan->topk_s = pikv_monotonic_s() - t0;
     if (st != PIKV_OK) goto done;
     e = 0;
     for (int32_t i = 0; i < nq; i++)
@@ -213,7 +217,7 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     const int64_t n_cand = st == PIKV_OK ? cand.indptr[nq] : 0;
     if (st == PIKV_OK && (sel->mode & PIKV_SELECT_QUEST)) {
         keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
-        st = keep ? quest_select(c, b, sel, &cand, keep, plan->scored)
+        st = keep ? quest_select(c, b, sel, &cand, keep, plan)
                   : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
     }
     /* count, then fill, the per-device lists of every (query, KV head) */

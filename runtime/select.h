@@ -16,6 +16,7 @@ typedef struct pikv_read_plan {
     uint32_t *ids;
     int64_t scored[PIKV_MAX_DEVICES]; /* pages whose bounds QUEST read, per device */
     int64_t n_demoted;               /* entries naming demoted pages (slot PIKV_SLOT_DEMOTED) */
+    double score_s, topk_s;          /* QUEST: seconds in the score and top-k ops */
 } pikv_read_plan;
 
 pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batch *b,

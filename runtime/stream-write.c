@@ -357,12 +357,6 @@ static pikv_status writer_open(writer *w, pikv_cache *c, const char *fn, const c
     return PIKV_OK;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static pikv_status check_cache(pikv_cache *c, const char *fn)
 {
@@ -560,9 +554,9 @@ pikv_status pikv_cache_checkpoint(pikv_cache *c, const char *path, pikv_checkpoi
     PIKV_FORWARD_IF_ERROR(check_cache(c, fn));
     pikv_checkpoint_stats s;
     memset(&s, 0, sizeof s);
-    const double t0 = now_s();
+    const double t0 = pikv_monotonic_s();
     pikv_status st = mode == PIKV_CHECKPOINT_FULL ? checkpoint_full(c, path, &s) : checkpoint_incremental(c, path, &s);
-    s.seconds = now_s() - t0;
+    s.seconds = pikv_monotonic_s() - t0;
     if (st == PIKV_OK && stats) *stats = s;
     return st;
 }
@@ -573,7 +567,7 @@ pikv_status pikv_cache_stream_out(pikv_cache *c, int fd, pikv_checkpoint_stats *
     static const char *fn = "pikv_cache_stream_out";
     PIKV_RETURN_ERROR_IF(fd < 0, c->ctx, PIKV_ERR_INVALID_ARGUMENT, "%s: fd = %d is not a descriptor", fn, fd);
     PIKV_FORWARD_IF_ERROR(check_cache(c, fn));
-    const double t0 = now_s();
+    const double t0 = pikv_monotonic_s();
     char name[32];
     snprintf(name, sizeof name, "fd %d", fd);
     writer w;
@@ -590,7 +584,7 @@ pikv_status pikv_cache_stream_out(pikv_cache *c, int fd, pikv_checkpoint_stats *
         stats->pages_written = pages;
         stats->pages_total = c->pages_live;
         stats->bytes_written = w.written;
-        stats->seconds = now_s() - t0;
+        stats->seconds = pikv_monotonic_s() - t0;
     }
     pikv_host_free(c->ctx, w.buf);
     return st;

@@ -116,12 +116,6 @@ struct pikv_tier_state {
     int64_t disk_copies; /* disk slots still held by host pages (pikv_page_meta.disk_copy) */
 };
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* ---- file I/O: whole transfers, EINTR retried --------------------------------------- */
 
@@ -834,10 +828,10 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
     const size_t out_floats = (size_t)nq * (size_t)hq * (size_t)hd, lse_floats = (size_t)nq * (size_t)hq;
     const int64_t entries = plan->dev_begin[nd], n_lists = plan->n_lists;
     const uint64_t pb = t->L->page_bytes;
-    const double drain0 = now_s();
+    const double drain0 = pikv_monotonic_s();
     pikv_tier_drain(c); /* prefetches still in flight: waiting for them is a stall too */
-    t->last_fetch_stall_s += now_s() - drain0;
-    t->fetch_stall_s += now_s() - drain0;
+    t->last_fetch_stall_s += pikv_monotonic_s() - drain0;
+    t->fetch_stall_s += pikv_monotonic_s() - drain0;
 
     /* the demoted pages each device reads, each once: pos[id] = its index there */
     pikv_status st = PIKV_OK;
@@ -956,7 +950,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
             taken[next] = 1;
             fslot[i] = (int32_t)next;
         }
-        const double t0 = now_s();
+        const double t0 = pikv_monotonic_s();
         if (round_seq[g % 2]) io_wait(t, round_seq[g % 2]);
         for (int64_t k = r * S[d]; k < (r + 1) * S[d] && fbegin[d] + k < fbegin[d + 1] && st == PIKV_OK; k++) {
             const uint32_t id = fetch_ids[fbegin[d] + k];
@@ -981,7 +975,7 @@ pikv_status pikv_tier_run_plan(pikv_cache *c, const char *fn, int32_t nq, const 
             st = copy_to_slot(c, d, ss->slot, src);
             if (st == PIKV_OK) ss->tag = id + 1;
         }
-        const double waited = now_s() - t0;
+        const double waited = pikv_monotonic_s() - t0;
         t->fetch_stall_s += waited;
         t->last_fetch_stall_s += waited;
         if (st != PIKV_OK) break;

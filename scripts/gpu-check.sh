@@ -3,7 +3,8 @@
 # runs the backend conformance program on CUDA (and on any other GPU backend
 # the machine has), runs `pikv run` end to end on CUDA, and the dense decode
 # attention benchmark at 4K/32K/128K tokens against the GPU's measured read
-# bandwidth. Prints a summary; exits non-zero when a check fails.
+# bandwidth, then `pikv bench` on every backend (JSON and plots next to the build
+# directory). Prints a summary; exits non-zero when a check fails.
 #
 #   scripts/gpu-check.sh [build-dir]        (default build-gpu)
 # Environment: CUDA_ARCHS (default: the GPU's own, e.g. 90), JOBS.
@@ -65,6 +66,14 @@ for dt in f16 int8 int4; do
   while read -r line; do note "  $line"; done < <(grep -E '^ +[0-9]+ ' "$build.bench_$dt.log")
   [ "$dt" = f16 ] && note "$(tail -1 "$build.bench_$dt.log")"
 done
+# pikv bench on every backend the machine has (docs/performance.md): tables, JSON, plots
+if "$build/bin/pikv" bench --backend all --json "$build.bench.json" >"$build.bench.txt" 2>"$build.bench.err"; then
+  note "pikv bench: $build.bench.txt, $build.bench.json"
+  while read -r line; do note "  $line"; done < <(sed -n '/^Targets/,$p' "$build.bench.txt")
+  python3 bench/bench_plot.py "$build.bench.json" --out "$build-plots" || note "(no plots: matplotlib missing)"
+else
+  fail=1; note "pikv bench FAILED: $(tail -3 "$build.bench.err" | tr '\n' ' ')"
+fi
 echo
 echo "==== summary"
 printf '%s\n' "${summary[@]}"

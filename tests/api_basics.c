@@ -2,7 +2,8 @@
  * api_basics: version macros and runtime version, default parameters, context creation,
  * devices (count, cpu0 info, cpu_devices), backend names, logging through the callback, and
  * a minimal cache round trip (also through the split attend, pikv_cache_attend_start /
- * _finish, in one process).
+ * _finish, in one process), and the read-bandwidth probe on every device (measured, or
+ * unsupported), with its argument checks.
  */
 #include "test-util.h"
 
@@ -265,6 +266,10 @@ static void test_round_trip(void)
     CHECK_EQ(st.attends, 1);
     CHECK_EQ(st.last_tokens_read, 2);
     CHECK_EQ(st.last_pages_read, 1);
+    /* where the time went: a plan and a kernel, no QUEST, one device (no merge) */
+    CHECKF(st.last_plan_s > 0 && st.last_attention_s > 0, "plan %g s, attention %g s", st.last_plan_s,
+           st.last_attention_s);
+    CHECK(st.last_score_s == 0 && st.last_topk_s == 0 && st.last_merge_s == 0);
     CHECK(st.last_bytes_read > 0);
     /* the split attend: one process does everything in start, the same output bit for
        bit; requests finish in the order started; finish(NULL) and a failed start */
@@ -295,6 +300,55 @@ static void test_round_trip(void)
     pikv_context_free(ctx);
 }
 
+/* Every device either measures (a positive rate, the memory given back) or says it has
+   no read-reduce kernel; bad arguments name the bad value and change nothing. */
+static void test_read_bandwidth(void)
+{
+    pikv_context_params cp = pikv_context_default_params();
+    cp.backends = "all";
+    pikv_context *ctx = NULL;
+    tu_set_case("read bandwidth");
+    if (!CHECK_OK(pikv_context_create(&cp, &ctx)))
+        return;
+    tu_err_ctx = ctx;
+    for (int32_t d = 0; d < pikv_device_count(ctx); d++) {
+        pikv_device_info info;
+        CHECK_OK(pikv_device_get_info(ctx, d, &info));
+        tu_set_case("read bandwidth of %s", info.name);
+        pikv_read_bandwidth bw;
+        memset(&bw, 0, sizeof bw);
+        pikv_status st = pikv_device_read_bandwidth(ctx, d, 3u << 20, 3, &bw);
+        if (info.backend == PIKV_BACKEND_CPU)
+            CHECK_OK(st);
+        if (st == PIKV_ERR_UNSUPPORTED) {
+            CHECKF(strstr(pikv_context_last_error(ctx), info.name) != NULL, "message \"%s\"",
+                   pikv_context_last_error(ctx));
+            continue;
+        }
+        if (!CHECK_OK(st))
+            continue;
+        CHECK_EQ(bw.bytes, 3u << 20);
+        CHECK_EQ(bw.passes, 3);
+        CHECK(bw.best_s > 0 && bw.best_s <= bw.median_s);
+        CHECKF(bw.bytes_per_s > 1e6, "%g bytes/s", bw.bytes_per_s);
+        pikv_device_info after;
+        CHECK_OK(pikv_device_get_info(ctx, d, &after));
+        CHECK_EQ(after.memory_used, info.memory_used);
+    }
+    tu_set_case("read bandwidth: bad arguments");
+    pikv_read_bandwidth bw;
+    CHECK_STATUS(PIKV_ERR_OUT_OF_RANGE, pikv_device_read_bandwidth(ctx, pikv_device_count(ctx), 1u << 20, 1, &bw));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 4098, 1, &bw));
+    CHECK(strstr(pikv_context_last_error(ctx), "4098") != NULL);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 1024, 1, &bw));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 1u << 20, 0, &bw));
+    CHECK(strstr(pikv_context_last_error(ctx), "passes 0") != NULL);
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 1u << 20, 1, NULL));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(NULL, 0, 1u << 20, 1, &bw));
+    tu_err_ctx = NULL;
+    pikv_context_free(ctx);
+}
+
 int main(void)
 {
     test_version();
@@ -304,6 +358,7 @@ int main(void)
     test_backend_names();
     test_logging();
     test_round_trip();
+    test_read_bandwidth();
     tu_set_case("");
     return tu_finish();
 }

@@ -137,5 +137,6 @@ int cli_cmd_run(int argc, char **argv);
 int cli_cmd_generate(int argc, char **argv);
 int cli_cmd_demo(int argc, char **argv);
 int cli_cmd_eval(int argc, char **argv);
+int cli_cmd_bench(int argc, char **argv); /* bench/cmd_bench.c */
 
 #endif /* PIKV_TOOLS_CLI_H */

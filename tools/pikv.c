@@ -19,6 +19,8 @@ static void main_usage(FILE *f)
           "              PiKV's expert-sharded reads ('run' when no model is installed)\n"
           "  eval        accuracy against KV memory on the real model: perplexity, top-1\n"
           "              agreement and passkey retrieval per cache configuration\n"
+          "  bench       benchmarks: every device against its measured read roofline,\n"
+          "              sparse and quantized reads against dense, PiKV against baselines\n"
           "  help [CMD]  show this help, or a command's help\n"
           "\n"
           "options:\n"
@@ -64,6 +66,7 @@ int main(int argc, char **argv)
         if (strcmp(argv[2], "generate") == 0) return cli_cmd_generate(3, sub_argv);
         if (strcmp(argv[2], "demo") == 0) return cli_cmd_demo(3, sub_argv);
         if (strcmp(argv[2], "eval") == 0) return cli_cmd_eval(3, sub_argv);
+        if (strcmp(argv[2], "bench") == 0) return cli_cmd_bench(3, sub_argv);
         fprintf(stderr, "pikv: unknown command '%s' (see 'pikv --help')\n", argv[2]);
         return CLI_EXIT_USAGE;
     }
@@ -72,6 +75,7 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "generate") == 0) return cli_cmd_generate(argc, argv);
     if (strcmp(cmd, "demo") == 0) return cli_cmd_demo(argc, argv);
     if (strcmp(cmd, "eval") == 0) return cli_cmd_eval(argc, argv);
+    if (strcmp(cmd, "bench") == 0) return cli_cmd_bench(argc, argv);
     if (cmd[0] == '-')
         fprintf(stderr, "pikv: unknown option '%s' (see 'pikv --help')\n", cmd);
     else

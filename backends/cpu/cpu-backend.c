@@ -117,6 +117,7 @@ static const pikv_device_iface cpu_device_iface = {
     .score = pikv_cpu_score,
     .topk = pikv_cpu_topk,
     .quantize = pikv_cpu_quantize,
+    .read_reduce = pikv_cpu_read_reduce,
     .synchronize = cpu_synchronize,
     .memory_read = cpu_memory_read,
     .memory_write = cpu_memory_write,

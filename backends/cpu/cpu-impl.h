@@ -63,6 +63,7 @@ pikv_status pikv_cpu_merge(pikv_device *dev, const pikv_merge_args *args);      
 pikv_status pikv_cpu_score(pikv_device *dev, const pikv_score_args *args);         /* cpu-select.c */
 pikv_status pikv_cpu_topk(pikv_device *dev, const pikv_topk_args *args);           /* cpu-select.c */
 pikv_status pikv_cpu_quantize(pikv_device *dev, pikv_quantize_args *args);         /* cpu-quant.c */
+pikv_status pikv_cpu_read_reduce(pikv_device *dev, const pikv_read_reduce_args *args); /* cpu-reduce.c */
 
 /* Dequantize row t of KV head g of a quantized page into out[head_dim].
    is_key selects the key (per-channel groups over tokens) or value (per-token

@@ -459,16 +459,6 @@ cudaError_t launch_part(const pikv_cuda_attention_launch &a, cudaStream_t stream
     return cudaGetLastError();
 }
 
-__global__ void read_probe(const uint4 *src, uint64_t n, unsigned *sink)
-{
-    uint32_t x = 0;
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldcs(src + i); /* streaming: no reuse */
-        x ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (x == 0x9e3779b9u) atomicAdd(sink, 1u); /* keeps the loads; almost never taken */
-}
-
 } // namespace
 
 extern "C" int pikv_cuda_attention_vectorized(const pikv_cuda_layout *L)
@@ -506,13 +496,5 @@ extern "C" cudaError_t pikv_cuda_attention(const pikv_cuda_attention_launch *a, 
         if (err != cudaSuccess) return err;
     }
     attention_finish<<<units * G, 128, 0, stream>>>(*a);
-    return cudaGetLastError();
-}
-
-extern "C" cudaError_t pikv_cuda_read_probe(const void *src_dev, uint64_t n_bytes, unsigned *sink_dev, int32_t blocks,
-                                            cudaStream_t stream)
-{
-    if (n_bytes < 16) return cudaSuccess;
-    read_probe<<<blocks, 256, 0, stream>>>(static_cast<const uint4 *>(src_dev), n_bytes / 16, sink_dev);
     return cudaGetLastError();
 }

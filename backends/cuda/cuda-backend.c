@@ -62,7 +62,8 @@ static bool cuda_supports_op(pikv_device *dev, pikv_op op, pikv_dtype dtype)
     case PIKV_OP_QUANTIZE:
         return quant;
     case PIKV_OP_TOPK:
-        return true;
+    case PIKV_OP_READ_REDUCE:
+        return true; /* no pages involved */
     default:
         return false;
     }
@@ -93,6 +94,7 @@ static const pikv_device_iface cuda_device_iface = {
     .score = pikv_cuda_score_op,
     .topk = pikv_cuda_topk_op,
     .quantize = pikv_cuda_quantize_op,
+    .read_reduce = pikv_cuda_read_reduce_op,
     .synchronize = cuda_synchronize,
     .memory_read = pikv_cuda_memory_read,
     .memory_write = pikv_cuda_memory_write,

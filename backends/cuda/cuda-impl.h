@@ -96,6 +96,7 @@ pikv_status pikv_cuda_merge_op(pikv_device *dev, const pikv_merge_args *args);
 pikv_status pikv_cuda_score_op(pikv_device *dev, const pikv_score_args *args);
 pikv_status pikv_cuda_topk_op(pikv_device *dev, const pikv_topk_args *args);
 pikv_status pikv_cuda_quantize_op(pikv_device *dev, pikv_quantize_args *args);
+pikv_status pikv_cuda_read_reduce_op(pikv_device *dev, const pikv_read_reduce_args *args);
 pikv_status pikv_cuda_find_out_of_range_op(pikv_device *dev, const float *ptr, int64_t n, float limit,
                                            int64_t *first);
 void pikv_cuda_layout_from(pikv_cuda_layout *out, const pikv_page_layout *layout);

@@ -132,6 +132,14 @@ typedef struct pikv_cuda_attention_launch {
 int pikv_cuda_attention_vectorized(const pikv_cuda_layout *L);
 cudaError_t pikv_cuda_attention(const pikv_cuda_attention_launch *a, cudaStream_t stream);
 
+/* ---- streaming reads (cuda-reduce.cu) --------------------------------------- */
+
+/* read_reduce: parts_dev[b] = block b's share of the sum of the n_floats floats
+   at x_dev (16-byte aligned), grid-stride over `blocks` blocks; the host adds
+   the partials. */
+cudaError_t pikv_cuda_read_reduce(const float *x_dev, uint64_t n_floats, double *parts_dev, int32_t blocks,
+                                  cudaStream_t stream);
+
 /* Bandwidth probe for benchmarks: reads n_bytes (a multiple of 16) at src_dev
    with 16-byte loads and reduces them into *sink_dev. */
 cudaError_t pikv_cuda_read_probe(const void *src_dev, uint64_t n_bytes, unsigned *sink_dev, int32_t blocks,

@@ -514,3 +514,37 @@ pikv_status pikv_cuda_find_out_of_range_op(pikv_device *dev, const float *ptr, i
 done:
     return op_end(dev, st, prev);
 }
+
+/* ---- read_reduce (the roofline probe) ------------------------------------- */
+
+pikv_status pikv_cuda_read_reduce_op(pikv_device *dev, const pikv_read_reduce_args *a)
+{
+    PIKV_RETURN_ERROR_IF(a->n_floats > a->buf->size / sizeof(float), dev->ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "read_reduce: %llu floats past a buffer of %llu bytes", (unsigned long long)a->n_floats,
+                         (unsigned long long)a->buf->size);
+    *a->sum = 0;
+    if (a->n_floats == 0) return PIKV_OK;
+    int prev;
+    PIKV_FORWARD_IF_ERROR(pikv_cuda_enter(dev, &prev));
+    pikv_cuda_device *cd = pikv_cuda_dev(dev);
+    pikv_status st = PIKV_OK;
+    /* eight blocks per SM keep enough loads in flight; the grid stride covers the rest */
+    const uint64_t n4 = a->n_floats / 4, want = (n4 + 255) / 256;
+    const uint64_t cap = (uint64_t)(cd->sm_count > 0 ? cd->sm_count : 1) * 8;
+    const int32_t blocks = (int32_t)(want == 0 ? 1 : want < cap ? want : cap);
+    unsigned char *parts_dev = NULL, *parts_host = NULL;
+    CHECK_ST(pikv_cuda_scratch(dev, (size_t)blocks * sizeof(double), &parts_dev));
+    CHECK_ST(pikv_cuda_pinned(dev, (size_t)blocks * sizeof(double), &parts_host));
+    CUDA_TRY(pikv_cuda_read_reduce((const float *)a->buf->handle, a->n_floats, (double *)parts_dev, blocks,
+                                   cd->stream),
+             "read_reduce kernel launch");
+    CUDA_TRY(cudaMemcpyAsync(parts_host, parts_dev, (size_t)blocks * sizeof(double), cudaMemcpyDeviceToHost,
+                             cd->stream),
+             "cudaMemcpyAsync (read_reduce partials)");
+    CUDA_TRY(cudaStreamSynchronize(cd->stream), "cudaStreamSynchronize (read_reduce)");
+    double sum = 0;
+    for (int32_t b = 0; b < blocks; b++) sum += ((const double *)parts_host)[b];
+    *a->sum = sum;
+done:
+    return op_end(dev, st, prev);
+}

@@ -99,6 +99,7 @@ static bool vk_supports_op(pikv_device *dev, pikv_op op, pikv_dtype dtype)
     case PIKV_OP_QUANTIZE:
         return pikv_dtype_quantized(dtype);
     case PIKV_OP_TOPK:
+    case PIKV_OP_READ_REDUCE:
         return true; /* no pages involved */
     default:
         return false;
@@ -126,6 +127,7 @@ static const pikv_device_iface vk_device_iface = {
     .score = pikv_vk_score,
     .topk = pikv_vk_topk,
     .quantize = pikv_vk_quantize,
+    .read_reduce = pikv_vk_read_reduce,
     .synchronize = vk_synchronize,
 };
 

@@ -5,6 +5,7 @@
    host-visible scratch buffers. */
 #include "vulkan-impl.h"
 
+#include <stdio.h>
 #include <string.h>
 
 enum { STAGING_BYTES = 8u << 20, MIN_SCRATCH = 256 };
@@ -37,7 +38,9 @@ static pikv_status create_buffer(pikv_device *dev, VkDeviceSize size, VkBuffer *
     VkResult r = vd->fn.vkCreateBuffer(vd->device, &bci, NULL, out);
     if (r != VK_SUCCESS) {
         *out = VK_NULL_HANDLE;
-        return pikv_vk_fail(dev, r, "vkCreateBuffer");
+        char what[80]; /* the size says why (past maxBufferSize, or memory) */
+        snprintf(what, sizeof what, "vkCreateBuffer (%llu bytes)", (unsigned long long)size);
+        return pikv_vk_fail(dev, r, what);
     }
     vd->fn.vkGetBufferMemoryRequirements(vd->device, *out, req);
     return PIKV_OK;
@@ -127,7 +130,9 @@ static pikv_status block_new(pikv_device *dev, VkDeviceSize size, uint32_t type,
     if (r != VK_SUCCESS) {
         b->memory = VK_NULL_HANDLE;
         block_free(ctx, vd, b);
-        return pikv_vk_fail(dev, r, "vkAllocateMemory (device-local block)");
+        char what[96]; /* the size says why (past maxMemoryAllocationSize, or memory) */
+        snprintf(what, sizeof what, "vkAllocateMemory (a device-local block of %llu bytes)", (unsigned long long)size);
+        return pikv_vk_fail(dev, r, what);
     }
     b->size = size;
     b->type = type;
@@ -156,10 +161,9 @@ pikv_status pikv_vk_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **
     pikv_context *ctx = dev->ctx;
     pikv_vk_device *vd = pikv_vk_dev(dev);
     PIKV_RETURN_ERROR_IF(size == 0, ctx, PIKV_ERR_INVALID_ARGUMENT, "device %s: buffer of 0 bytes", dev->info.name);
-    PIKV_RETURN_ERROR_IF(size > vd->limits.maxStorageBufferRange, ctx, PIKV_ERR_UNSUPPORTED,
-                         "device %s: a buffer of %llu bytes is past the device's storage buffer range (%u bytes); "
-                         "use smaller pages", dev->info.name, (unsigned long long)size,
-                         (unsigned)vd->limits.maxStorageBufferRange);
+    /* A buffer may be larger than one binding (maxStorageBufferRange): read_reduce
+       binds it window by window. The ops that bind a page chunk whole refuse a
+       chunk past the range (vulkan-ops.c, upload_layouts). */
     PIKV_FORWARD_IF_ERROR(pikv_device_reserve_bytes(dev, size));
     pikv_buffer *buf = pikv_host_calloc(ctx, 1, sizeof *buf);
     pikv_vk_buffer *vb = pikv_host_calloc(ctx, 1, sizeof *vb);

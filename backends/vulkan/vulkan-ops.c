@@ -28,8 +28,23 @@ static VkBuffer chunk_of(const pikv_pool_view *pool, int32_t key)
     return ((const pikv_vk_buffer *)pikv_chunk_buffer(pool, key)->handle)->buffer;
 }
 
+/* A pool's chunks are all one size; the kernels bind a chunk whole, so it must
+   fit in one binding (buffer_alloc takes larger buffers for read_reduce). */
+static pikv_status check_chunk_size(pikv_device *dev, const pikv_pool_view *pool)
+{
+    const pikv_vk_device *vd = pikv_vk_dev(dev);
+    const uint64_t size = pool && pool->n_chunks > 0 ? pool->chunks[0]->size : 0;
+    PIKV_RETURN_ERROR_IF(size > vd->limits.maxStorageBufferRange, dev->ctx, PIKV_ERR_UNSUPPORTED,
+                         "device %s: a page chunk of %llu bytes is past the device's storage buffer range (%u "
+                         "bytes); use smaller pages", dev->info.name, (unsigned long long)size,
+                         (unsigned)vd->limits.maxStorageBufferRange);
+    return PIKV_OK;
+}
+
 static pikv_status upload_layouts(pikv_device *dev, const pikv_pool_view *pool, hbuf **out)
 {
+    PIKV_FORWARD_IF_ERROR(check_chunk_size(dev, pool));
+    PIKV_FORWARD_IF_ERROR(check_chunk_size(dev, pool->quant));
     uint32_t lay[2 * PIKV_LAYOUT_WORDS];
     pikv_pool_layout_words(lay, pool);
     return pikv_vk_upload(dev, S_LAY, lay, sizeof lay, out);
@@ -381,5 +396,68 @@ pikv_status pikv_vk_topk(pikv_device *dev, const pikv_topk_args *a)
 done:
     if (st != PIKV_OK) pikv_vk_abandon(dev);
     pikv_host_free(ctx, budget);
+    return st;
+}
+
+/* ---- read_reduce ------------------------------------------------------------- */
+
+/* The buffer is read in windows of at most maxStorageBufferRange bytes, each
+   bound at its own offset (lavapipe's range is 128 MiB; a GPU's is at most
+   4 GiB, less than a roofline buffer may be), so the shader's indices stay
+   32-bit. All windows go in one submission; the host adds the partials in
+   double. */
+/* vec4s per invocation: 256 KiB per workgroup on a GPU (a few per SM per window);
+   on lavapipe, more and smaller workgroups read faster (1 GiB: 8 steps about
+   twice the rate of 64, measured on a shared 2-core machine, noisy). */
+enum { REDUCE_STEPS = 64, REDUCE_STEPS_CPU = 8 };
+
+pikv_status pikv_vk_read_reduce(pikv_device *dev, const pikv_read_reduce_args *a)
+{
+    pikv_context *ctx = dev->ctx;
+    pikv_vk_device *vd = pikv_vk_dev(dev);
+    PIKV_RETURN_ERROR_IF(a->n_floats > a->buf->size / sizeof(float), ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "read_reduce: %llu floats past a buffer of %llu bytes", (unsigned long long)a->n_floats,
+                         (unsigned long long)a->buf->size);
+    *a->sum = 0;
+    if (a->n_floats == 0) return PIKV_OK;
+    PIKV_FORWARD_IF_ERROR(pikv_vk_ready(dev));
+    /* window: a multiple of 16 bytes and of the offset alignment (both powers of two) */
+    VkDeviceSize align = vd->limits.minStorageBufferOffsetAlignment;
+    if (align < 16) align = 16;
+    const uint64_t window = (uint64_t)vd->limits.maxStorageBufferRange / align * align;
+    PIKV_RETURN_ERROR_IF(window < 16, ctx, PIKV_ERR_UNSUPPORTED, "device %s: read_reduce: storage buffer range "
+                         "of %u bytes", dev->info.name, (unsigned)vd->limits.maxStorageBufferRange);
+    const uint64_t span = (uint64_t)PIKV_VK_REDUCE_WG * (vd->loop_limit ? REDUCE_STEPS_CPU : REDUCE_STEPS);
+    const uint64_t bytes = a->n_floats * sizeof(float);
+    uint64_t n_parts = 0;
+    for (uint64_t at = 0; at < bytes; at += window) {
+        const uint64_t w = bytes - at < window ? bytes - at : window;
+        const uint64_t groups = (w / 16 + span - 1) / span;
+        n_parts += groups ? groups : 1; /* a window of under 4 floats still takes one group */
+    }
+    const VkBuffer vb = ((const pikv_vk_buffer *)a->buf->handle)->buffer;
+    pikv_status st = PIKV_OK;
+    hbuf *parts;
+    CHECK_ST(pikv_vk_scratch(dev, S_OUT, (size_t)n_parts * sizeof(float), &parts));
+    uint64_t part0 = 0;
+    for (uint64_t at = 0; at < bytes; at += window) {
+        const uint64_t w = bytes - at < window ? bytes - at : window;
+        uint64_t groups = (w / 16 + span - 1) / span;
+        if (!groups) groups = 1;
+        const VkBuffer b[] = {vb, vb, parts->buffer};
+        const VkDeviceSize off[] = {at, at, 0}, range[] = {w, w, VK_WHOLE_SIZE};
+        const uint32_t push[5] = {(uint32_t)(w / 16), (uint32_t)(w % 16 / 4), (uint32_t)span, (uint32_t)part0,
+                                  (uint32_t)groups};
+        CHECK_ST(pikv_vk_dispatch_ranges(dev, PIKV_VK_K_READ_REDUCE, VK_NULL_HANDLE, b, off, range, 3, push,
+                                         sizeof push, groups));
+        part0 += groups;
+    }
+    CHECK_ST(pikv_vk_submit(dev));
+    const float *p = parts->map;
+    double sum = 0;
+    for (uint64_t i = 0; i < n_parts; i++) sum += p[i];
+    *a->sum = sum;
+done:
+    if (st != PIKV_OK) pikv_vk_abandon(dev);
     return st;
 }

@@ -20,6 +20,7 @@ static const kernel_desc KERNELS[PIKV_VK_K_COUNT_] = {
     [PIKV_VK_K_TOPK] = {"topk", NULL, 6},
     [PIKV_VK_K_QUANT_KEYS] = {"quant_keys", NULL, 4},
     [PIKV_VK_K_QUANT_VALUES] = {"quant_values", NULL, 4},
+    [PIKV_VK_K_READ_REDUCE] = {"read_reduce", "read_reduce_subgroups", 3},
 };
 
 static const pikv_vk_spirv *find_spirv(const char *name)
@@ -81,7 +82,9 @@ static pikv_status build(pikv_device *dev)
         r = vd->fn.vkCreatePipelineLayout(vd->device, &pli, NULL, &vd->pipe_layout[k]);
         if (r != VK_SUCCESS) return pikv_vk_fail(dev, r, "vkCreatePipelineLayout");
         if (k == PIKV_VK_K_ATTENTION) continue; /* specialized per geometry, on demand */
-        const uint32_t wg = k == PIKV_VK_K_TOPK ? PIKV_VK_TOPK_WG : vd->wg;
+        const uint32_t wg = k == PIKV_VK_K_TOPK          ? PIKV_VK_TOPK_WG
+                            : k == PIKV_VK_K_READ_REDUCE ? PIKV_VK_REDUCE_WG
+                                                         : vd->wg;
         r = create_pipeline(vd, (pikv_vk_kernel)k, &wg, 1, &vd->pipeline[k]);
         if (r != VK_SUCCESS) return pikv_vk_fail(dev, r, "vkCreateComputePipelines");
     }
@@ -243,6 +246,13 @@ void pikv_vk_abandon(pikv_device *dev)
 pikv_status pikv_vk_dispatch(pikv_device *dev, pikv_vk_kernel k, VkPipeline pipeline, const VkBuffer *buffers, int n,
                              const void *push, uint32_t push_size, uint64_t groups)
 {
+    return pikv_vk_dispatch_ranges(dev, k, pipeline, buffers, NULL, NULL, n, push, push_size, groups);
+}
+
+pikv_status pikv_vk_dispatch_ranges(pikv_device *dev, pikv_vk_kernel k, VkPipeline pipeline, const VkBuffer *buffers,
+                                    const VkDeviceSize *offsets, const VkDeviceSize *ranges, int n, const void *push,
+                                    uint32_t push_size, uint64_t groups)
+{
     pikv_vk_device *vd = pikv_vk_dev(dev);
     if (groups == 0) return PIKV_OK;
     const uint64_t max_x = vd->limits.maxComputeWorkGroupCount[0], max_y = vd->limits.maxComputeWorkGroupCount[1];
@@ -267,7 +277,9 @@ pikv_status pikv_vk_dispatch(pikv_device *dev, pikv_vk_kernel k, VkPipeline pipe
     VkDescriptorBufferInfo info[PIKV_VK_MAX_BINDINGS];
     VkWriteDescriptorSet w[PIKV_VK_MAX_BINDINGS];
     for (int i = 0; i < n; i++) {
-        info[i] = (VkDescriptorBufferInfo){.buffer = buffers[i], .offset = 0, .range = VK_WHOLE_SIZE};
+        info[i] = (VkDescriptorBufferInfo){.buffer = buffers[i],
+                                           .offset = offsets ? offsets[i] : 0,
+                                           .range = ranges ? ranges[i] : VK_WHOLE_SIZE};
         w[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET,
                                       .dstSet = set,
                                       .dstBinding = (uint32_t)i,

@@ -471,6 +471,17 @@ typedef struct pikv_cache_stats {
     int64_t evicted_tokens;
     int64_t appends;
     int64_t attends;
+    /* Where the last attend's time went, host wall clock in seconds: plan = selection
+       and page lists (page scoring and the budgeted top-k included; score and topk are
+       those two alone); attention = the kernels with the copies of q and outputs (with
+       tiers, the fetches of demoted pages too; with select.measure, the exact pass too);
+       merge = the exact merge of partials across devices, and over ranks the wait for
+       the other ranks' partials. */
+    double last_plan_s;
+    double last_score_s;
+    double last_topk_s;
+    double last_attention_s;
+    double last_merge_s;
 } pikv_cache_stats;
 
 /* With tiers on, tokens, pages and bytes_used count the device's resident pages (not
@@ -697,6 +708,26 @@ PIKV_API pikv_status pikv_cache_restore(pikv_cache *cache, const char *path, pik
    SIGPIPE in the process if that can happen (the library installs no signal handler). */
 PIKV_API pikv_status pikv_cache_stream_out(pikv_cache *cache, int fd, pikv_checkpoint_stats *stats);
 PIKV_API pikv_status pikv_cache_stream_in(pikv_cache *cache, int fd, pikv_restore_report *report);
+
+/* ---- Measuring (experimental; docs/performance.md) ----------------------
+ * A device's roofline: the read bandwidth of its own streaming read-and-reduce
+ * kernel over a buffer of `bytes` bytes in the device's memory (choose it much
+ * larger than the device's caches: 1 GiB on a CPU, 4 GiB on a GPU). The buffer is
+ * allocated (counted in the device's memory_used while it exists), filled with
+ * ones, read `passes` times and freed; each pass is timed on the host around the
+ * whole op (launch and the 8-byte result included). bytes: a multiple of 4 in
+ * 4096..2^40; passes: 1..1000. PIKV_ERR_UNSUPPORTED when the device's backend has no
+ * such kernel; PIKV_ERR_BACKEND when a pass's sum is not the number of floats read
+ * (the kernel did not read every value). */
+typedef struct pikv_read_bandwidth {
+    uint64_t bytes;               /* read by each pass */
+    int32_t passes;
+    double best_s;                /* fastest pass */
+    double median_s;
+    double bytes_per_s;           /* bytes / best_s */
+} pikv_read_bandwidth;
+PIKV_API pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64_t bytes,
+                                                int32_t passes, pikv_read_bandwidth *out);
 
 /* ---- Zero copy (docs/api.md, "Zero copy (experimental)") ----------------
  * An engine that keeps K, V, Q and the attention output in device memory hands
