@@ -34,7 +34,9 @@
  *             as the mass fraction exp(page_lse - lse), which f32 cannot give as a log);
  *  merge      1/4/67 parts (past the CPU's 64-part groups), rows whose parts are all empty,
  *             with and without lse: normalized error 1e-6;
- *  buffer     buffer_write / buffer_read round trips at odd offsets and sizes.
+ *  buffer     buffer_write / buffer_read round trips at odd offsets and sizes;
+ *  read_reduce  sums of 0..3M floats against the exact sum (1e-6 of sum |x|), floats past
+ *             n planted huge (over-reads show).
  *
  * Devices of the CPU backend must match the reference exactly (tolerance 0).
  *
@@ -80,12 +82,15 @@
 /* Ops, groups, results                                                      */
 /* ------------------------------------------------------------------------ */
 
-enum { T_APPEND, T_BOUNDS, T_QUANTIZE, T_PAGE_COPY, T_SCORE, T_TOPK, T_ATTENTION, T_MERGE, T_BUFFER, T_COUNT };
+enum {
+    T_APPEND, T_BOUNDS, T_QUANTIZE, T_PAGE_COPY, T_SCORE, T_TOPK, T_ATTENTION, T_MERGE, T_BUFFER, T_READ_REDUCE,
+    T_COUNT
+};
 static const char *const t_name[T_COUNT] = {"append", "bounds",    "quantize", "page_copy", "score",
-                                            "topk",   "attention", "merge",    "buffer"};
+                                            "topk",   "attention", "merge",    "buffer",    "read_reduce"};
 static const int t_iface_op[T_COUNT] = {PIKV_OP_APPEND, PIKV_OP_APPEND,    PIKV_OP_QUANTIZE,
                                         PIKV_OP_PAGE_COPY, PIKV_OP_SCORE,  PIKV_OP_TOPK,
-                                        PIKV_OP_ATTENTION, PIKV_OP_MERGE,  -1};
+                                        PIKV_OP_ATTENTION, PIKV_OP_MERGE,  -1, PIKV_OP_READ_REDUCE};
 #define N_DT 5 /* f32 f16 int8 int4, and "-" for ops without a page dtype */
 static const char *const dt_name[N_DT] = {"f32", "f16", "int8", "int4", "-"};
 
@@ -1565,6 +1570,64 @@ static void step_buffer(const dut *d)
     }
 }
 
+/* read_reduce: sums of n floats (tails of every length mod 16, several MiB) of a
+   buffer whose floats past n are huge (an over-read shows), against the exact
+   double sum: error over sum |x| within 1e-6 (float lanes), 0 for CPU devices
+   against the reference device's own sum. */
+static void step_read_reduce(const dut *d)
+{
+    static const uint64_t ns[] = {0, 1, 15, 16, 17, 1000, (1u << 20) + 5, (3u << 20) + 7};
+    if (!op_selected(T_READ_REDUCE)) return;
+    pikv_device *ref = g_ctx->devices[0];
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const uint64_t n = ns[ni], total = n + 9; /* 9 floats of slack */
+        char shape[64];
+        snprintf(shape, sizeof shape, "n=%llu", (unsigned long long)n);
+        char match[80];
+        snprintf(match, sizeof match, "- %s ", shape);
+        if (g_opt.shape && !strstr(match, g_opt.shape)) continue;
+        if (!d->dev->iface->read_reduce || !d->dev->iface->supports_op(d->dev, PIKV_OP_READ_REDUCE, PIKV_DTYPE_F32)) {
+            record(T_READ_REDUCE, d, 4, shape, 2, 0, NULL);
+            continue;
+        }
+        tu_rng r = tu_rng_seed(0x5edull + ni);
+        float *x = tu_xmalloc((size_t)total * sizeof(float));
+        double exact = 0, mag = 0;
+        for (uint64_t i = 0; i < total; i++) {
+            x[i] = i < n ? tu_sym(&r, 1.0f) : 1e30f;
+            if (i < n) {
+                exact += x[i];
+                mag += fabs(x[i]);
+            }
+        }
+        double sum[2] = {0, 0};
+        pikv_status st[2] = {PIKV_OK, PIKV_OK};
+        for (int k = 0; k < 2; k++) {
+            pikv_device *dev = k ? d->dev : ref;
+            pikv_buffer *b = NULL;
+            st[k] = dev->iface->buffer_alloc(dev, total * sizeof(float), &b);
+            if (st[k] == PIKV_OK) st[k] = dev->iface->buffer_write(dev, b, 0, x, total * sizeof(float));
+            if (st[k] == PIKV_OK) sync_dev(dev);
+            if (st[k] == PIKV_OK) {
+                pikv_read_reduce_args a = {b, n, &sum[k]};
+                st[k] = dev->iface->read_reduce(dev, &a);
+            }
+            if (b) dev->iface->buffer_free(dev, b);
+        }
+        const double e = mag > 0 ? fabs(sum[1] - exact) / mag : fabs(sum[1] - exact);
+        const double e_ref = mag > 0 ? fabs(sum[1] - sum[0]) / mag : fabs(sum[1] - sum[0]);
+        if (st[0] != PIKV_OK || st[1] != PIKV_OK)
+            record(T_READ_REDUCE, d, 4, shape, 1, INFINITY, "status %s, reference %s (%s)", status_str(st[1]),
+                   status_str(st[0]), pikv_context_last_error(g_ctx));
+        else if (e <= 1e-6 && (!d->exact || e_ref == 0))
+            record(T_READ_REDUCE, d, 4, shape, 0, e, "sum %.9g exact %.9g", sum[1], exact);
+        else
+            record(T_READ_REDUCE, d, 4, shape, 1, e, "sum %.9g, exact %.9g, reference %.9g (tol 1e-6)", sum[1], exact,
+                   sum[0]);
+        free(x);
+    }
+}
+
 /* Zero-copy memory calls: memory_write/memory_read round trips at odd offsets of a
    device buffer, and find_out_of_range with NaN, inf and past-limit values planted. */
 static void step_zero_copy_memory(const dut *d)
@@ -1721,6 +1784,7 @@ int main(int argc, char **argv)
         const dut *d = &g_duts[di];
         const double td = now_s();
         step_buffer(d);
+        step_read_reduce(d);
         step_zero_copy_memory(d);
         step_topk_odd_scores(d);
         int idx = 0;

@@ -53,6 +53,7 @@ static bool ocl_supports_op(pikv_device *dev, pikv_op op, pikv_dtype dtype)
     case PIKV_OP_QUANTIZE:
         return quant;
     case PIKV_OP_TOPK:
+    case PIKV_OP_READ_REDUCE:
         return true; /* no pages involved */
     default:
         return false;
@@ -78,6 +79,7 @@ static const pikv_device_iface ocl_device_iface = {
     .score = pikv_ocl_score,
     .topk = pikv_ocl_topk,
     .quantize = pikv_ocl_quantize,
+    .read_reduce = pikv_ocl_read_reduce,
     .synchronize = ocl_synchronize,
 };
 

@@ -33,10 +33,13 @@ typedef enum pikv_ocl_kernel {
     PIKV_OCL_K_QUANT_KEYS,
     PIKV_OCL_K_QUANT_VALUES,
     PIKV_OCL_K_TOPK,
+    PIKV_OCL_K_READ_REDUCE_GPU,
+    PIKV_OCL_K_READ_REDUCE_CPU, /* CPU devices only from here on */
     /* CPU devices only (kernels/attention_cpu.cl, built with -DPIKV_OCL_CPU) */
     PIKV_OCL_K_ATTN_CPU64,
     PIKV_OCL_K_ATTN_CPU128,
     PIKV_OCL_K_ATTN_CPU256,
+    PIKV_OCL_K_SCORE_CPU,
     PIKV_OCL_K_COUNT_
 } pikv_ocl_kernel;
 
@@ -144,10 +147,15 @@ pikv_status pikv_ocl_score(pikv_device *dev, const pikv_score_args *args);
 pikv_status pikv_ocl_quantize(pikv_device *dev, pikv_quantize_args *args);
 pikv_status pikv_ocl_topk(pikv_device *dev, const pikv_topk_args *args);
 
-/* opencl-attn-cpu.c: decode attention on CPU devices, one launch per arena
+/* opencl-cpu-ops.c: decode attention on CPU devices, one launch per arena
    (kernel: one of PIKV_OCL_K_ATTN_CPU*); false from the check when it does not
    apply (then the generic path runs). */
 bool pikv_ocl_attention_cpu_applies(const pikv_ocl_device *od, const pikv_attention_args *args, int *kernel);
 pikv_status pikv_ocl_attention_cpu(pikv_device *dev, const pikv_attention_args *args, int kernel);
+/* Quest scores on CPU devices (one launch per arena); false when it does not apply. */
+bool pikv_ocl_score_cpu_applies(const pikv_ocl_device *od, const pikv_score_args *args);
+pikv_status pikv_ocl_score_cpu(pikv_device *dev, const pikv_score_args *args);
+/* opencl-ops.c */
+pikv_status pikv_ocl_read_reduce(pikv_device *dev, const pikv_read_reduce_args *args);
 
 #endif /* PIKV_OPENCL_IMPL_H */

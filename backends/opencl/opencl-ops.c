@@ -447,3 +447,75 @@ done:
     if (st != PIKV_OK) clFinish(od->queue);
     return st;
 }
+
+/* ---- read_reduce (the roofline probe) ---------------------------------------- */
+
+/* CPU devices: a contiguous run per work item, 2 MiB each (at least 64 items
+   when the buffer allows, so every core streams); GPUs: up to 1024 groups of
+   256 items striding over the buffer. The partials are added in double here. */
+enum { REDUCE_CPU_RUN = 2 << 20, REDUCE_GPU_WG = 256, REDUCE_GPU_GROUPS = 1024 };
+
+pikv_status pikv_ocl_read_reduce(pikv_device *dev, const pikv_read_reduce_args *a)
+{
+    pikv_context *ctx = dev->ctx;
+    PIKV_RETURN_ERROR_IF(a->n_floats > a->buf->size / sizeof(float), ctx, PIKV_ERR_OUT_OF_RANGE,
+                         "read_reduce: %llu floats past a buffer of %llu bytes", (unsigned long long)a->n_floats,
+                         (unsigned long long)a->buf->size);
+    *a->sum = 0;
+    if (a->n_floats == 0) return PIKV_OK;
+    PIKV_FORWARD_IF_ERROR(pikv_ocl_ready(dev));
+    pikv_ocl_device *od = pikv_ocl_dev(dev);
+    pikv_status st = PIKV_OK;
+    float *host = NULL;
+    cl_mem buf = (cl_mem)a->buf->handle, mparts;
+    const cl_ulong n = a->n_floats;
+    size_t items = 0, local = 0;
+    cl_kernel k = NULL;
+    if (od->is_cpu && od->kernels[PIKV_OCL_K_READ_REDUCE_CPU]) {
+        const uint64_t n16 = a->n_floats / 16;
+        uint64_t per = REDUCE_CPU_RUN / 64; /* float16s per item */
+        if (n16 / per < 64) per = n16 / 64 > 0 ? n16 / 64 : 1;
+        items = (size_t)((n16 + per - 1) / per);
+        if (items == 0) items = 1; /* fewer than 16 floats: item 0 adds the tail */
+        local = 1;
+        k = od->kernels[PIKV_OCL_K_READ_REDUCE_CPU];
+        const cl_ulong per_ = per;
+        CHECK_ST(pikv_ocl_scratch(dev, S_OUT, items * sizeof(float), &mparts));
+        ARG(k, 0, buf);
+        ARG(k, 1, n);
+        ARG(k, 2, per_);
+        ARG(k, 3, mparts);
+    } else {
+        size_t wg = REDUCE_GPU_WG, kmax = 0;
+        k = od->kernels[PIKV_OCL_K_READ_REDUCE_GPU];
+        clGetKernelWorkGroupInfo(k, od->id, CL_KERNEL_WORK_GROUP_SIZE, sizeof kmax, &kmax, NULL);
+        while (wg > 1 && wg > kmax) wg /= 2;
+        const uint64_t n4 = a->n_floats / 4;
+        uint64_t groups = (n4 / 8 + wg - 1) / wg; /* at least ~8 float4s per item */
+        groups = groups < 1 ? 1 : groups > REDUCE_GPU_GROUPS ? REDUCE_GPU_GROUPS : groups;
+        items = (size_t)groups * wg;
+        local = wg;
+        CHECK_ST(pikv_ocl_scratch(dev, S_OUT, (size_t)groups * sizeof(float), &mparts));
+        ARG(k, 0, buf);
+        ARG(k, 1, n);
+        ARG(k, 2, mparts);
+        LOCAL_ARG(k, 3, wg * sizeof(float));
+    }
+    CHECK_ST(launch(dev, k, items, local));
+    {
+        const size_t n_parts = local == 1 ? items : items / local;
+        host = pikv_host_alloc(ctx, n_parts * sizeof(float), 16);
+        if (!host) {
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "read_reduce: host scratch allocation failed");
+            goto done;
+        }
+        CHECK_ST(read_back(dev, mparts, host, n_parts * sizeof(float)));
+        double sum = 0;
+        for (size_t i = 0; i < n_parts; i++) sum += host[i];
+        *a->sum = sum;
+    }
+done:
+    if (st != PIKV_OK) clFinish(od->queue);
+    pikv_host_free(ctx, host);
+    return st;
+}

@@ -25,13 +25,14 @@ extern const size_t pikv_opencl_source_len;
 static const char *const kernel_names[PIKV_OCL_K_COUNT_] = {
     "pikv_append",         "pikv_page_copy", "pikv_attention_part", "pikv_attention_finish",
     "pikv_merge",          "pikv_score",     "pikv_quant_keys",     "pikv_quant_values",
-    "pikv_topk",           "pikv_attention_cpu64", "pikv_attention_cpu128", "pikv_attention_cpu256",
+    "pikv_topk",           "pikv_read_reduce_gpu", "pikv_read_reduce_cpu", "pikv_attention_cpu64",
+    "pikv_attention_cpu128", "pikv_attention_cpu256", "pikv_score_cpu",
 };
 
 /* Kernels that exist only in the CPU devices' build of the program. */
 static bool cpu_only(int k)
 {
-    return k == PIKV_OCL_K_ATTN_CPU64 || k == PIKV_OCL_K_ATTN_CPU128 || k == PIKV_OCL_K_ATTN_CPU256;
+    return k >= PIKV_OCL_K_READ_REDUCE_CPU;
 }
 
 #define CACHE_MAGIC "PIKVCLB1"
