@@ -44,74 +44,131 @@ static inline float cpu_hsum16(float16 v)
     return c.x + c.y;
 }
 
-/* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp into s[0..16)
-   (-inf past nb). qk: the (scaled, for quantized pages dequantization-folded)
-   query; kc: the constant term (quantized: q.z of the key group). */
-static inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
-                                                         int r0, int nb, const float16 *qk, float kc)
+/* The dot product partials of one key row (16 lanes to add up). */
+static inline __attribute__((always_inline)) float16 cpu_row_dot(const int NV, const int DT, page_ptr row,
+                                                                 const float16 *qk)
 {
-    float s[16];
-    for (int i = 0; i < 16; i++) s[i] = -INFINITY;
-    for (int i = 0; i < nb; i++) {
-        page_ptr row = kp + (size_t)(r0 + i) * row_bytes;
-        float16 t = (float16)(0.0f);
-        if (DT == DT_F32) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload16(j, (__global const float *)row), t);
-        } else if (DT == DT_F16) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload_half16(j, (__global const half *)row), t);
-        } else if (DT == DT_INT8) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], convert_float16(vload16(j, row)), t);
-        } else {
-            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-                const uchar16 b = vload16(j, row);
-                t = fma(qk[2 * j], convert_float16(b & (uchar)15), t);
-                t = fma(qk[2 * j + 1], convert_float16(b >> (uchar)4), t);
-            }
+    float16 t = (float16)(0.0f);
+    if (DT == DT_F32) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload16(j, (__global const float *)row), t);
+    } else if (DT == DT_F16) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload_half16(j, (__global const half *)row), t);
+    } else if (DT == DT_INT8) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], convert_float16(vload16(j, row)), t);
+    } else {
+        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+            const uchar16 b = vload16(j, row);
+            t = fma(qk[2 * j], convert_float16(b & (uchar)15), t);
+            t = fma(qk[2 * j + 1], convert_float16(b >> (uchar)4), t);
         }
-        s[i] = cpu_hsum16(t) + kc;
     }
-    return vload16(0, s);
+    return t;
 }
 
-/* acc += sum_i w[i] * value row r0 + i, for i < nb. */
-static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
-                                                      page_ptr page, const layout_t L, int g, int r0, int nb,
-                                                      const float *w, float16 *acc)
+/* Folds lane chunks of c pairwise: chunk 2k + chunk 2k+1. */
+static inline float8 cpu_fold8(float16 v) { return (float8)(v.s0123 + v.s4567, v.s89ab + v.scdef); }
+static inline float8 cpu_fold4(float16 v)
 {
+    return (float8)(v.s01 + v.s23, v.s45 + v.s67, v.s89 + v.sab, v.scd + v.sef);
+}
+
+/* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp, as one vector
+   (-inf past nb): 16 rows' partials are added up together by a transposing
+   tree (row order kept) instead of one horizontal sum per row. Rows past nb
+   re-read row nb - 1 (cached) and are masked. qk: the (scaled, for quantized
+   pages dequantization-folded) query; kc: the constant term (q.z of the key
+   group for quantized pages). */
+static inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
+                                                                int r0, int nb, const float16 *qk, float kc)
+{
+    float16 v[8];
+    _Pragma("unroll") for (int k = 0; k < 8; k++) {
+        const float16 a = cpu_row_dot(NV, DT, kp + (size_t)(r0 + min(2 * k, nb - 1)) * row_bytes, qk);
+        const float16 b = cpu_row_dot(NV, DT, kp + (size_t)(r0 + min(2 * k + 1, nb - 1)) * row_bytes, qk);
+        v[k] = (float16)(a.lo + a.hi, b.lo + b.hi);       /* rows 2k, 2k+1: 8 lanes each */
+    }
+    float16 w[4];
+    _Pragma("unroll") for (int k = 0; k < 4; k++) w[k] = (float16)(cpu_fold8(v[2 * k]), cpu_fold8(v[2 * k + 1]));
+    float16 x[2];
+    _Pragma("unroll") for (int k = 0; k < 2; k++) x[k] = (float16)(cpu_fold4(w[2 * k]), cpu_fold4(w[2 * k + 1]));
+    const float16 sums = (float16)(x[0].even + x[0].odd, x[1].even + x[1].odd) + kc;
+    const int16 lane = (int16)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return select((float16)(-INFINITY), sums, lane < (int16)(nb));
+}
+
+/* acc += sum_i w[i] * value row r0 + i, for i < nb. Quantized rows: per value
+   group (a multiple of 16 channels for int8, 32 for int4) the weight times the
+   group's scale multiplies the codes, and the zero points' share w * z is added
+   once per group and block. */
+static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
+                                                             page_ptr page, const layout_t L, int g, int r0, int nb,
+                                                             const float *w, float16 *acc)
+{
+    if (DT == DT_F32 || DT == DT_F16) {
+        for (int i = 0; i < nb; i++) {
+            page_ptr row = vp + (size_t)(r0 + i) * row_bytes;
+            const float16 wi = (float16)(w[i]);
+            if (DT == DT_F32) {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma(wi, vload16(j, (__global const float *)row), acc[j]);
+            } else {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma(wi, vload_half16(j, (__global const half *)row), acc[j]);
+            }
+        }
+        return;
+    }
+    const int vg = L.vg, per = DT == DT_INT8 ? L.group / 16 : L.group / 32; /* vectors per group */
+    int gj[CPU_NVMAX];
+    _Pragma("unroll") for (int j = 0; j < NV; j++) gj[j] = j / per;
+    float zb[CPU_NVMAX];
+    for (int k = 0; k < vg; k++) zb[k] = 0.0f;
+    /* the block's scales and zero points ([row][group], contiguous), converted with
+       vector loads (a scalar vload_half is a slow software conversion on PoCL) */
+    float sc[16 * CPU_NVMAX], zc[16 * CPU_NVMAX];
+    const size_t at0 = ((size_t)g * L.ps + (size_t)r0) * (size_t)vg;
+    __global const half *vs0 = (__global const half *)(page + L.vsc) + at0;
+    __global const half *vz0 = (__global const half *)(page + L.vze) + at0;
+    if (nb == 16) {
+        for (int k = 0; k < vg; k++) {
+            vstore16(vload_half16(k, vs0), 0, sc + 16 * k);
+            vstore16(vload_half16(k, vz0), 0, zc + 16 * k);
+        }
+    } else {
+        for (int k = 0; k < nb * vg; k++) {
+            sc[k] = vload_half(k, vs0);
+            zc[k] = vload_half(k, vz0);
+        }
+    }
     for (int i = 0; i < nb; i++) {
         const int r = r0 + i;
         page_ptr row = vp + (size_t)r * row_bytes;
         const float wi = w[i];
-        if (DT == DT_F32) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma((float16)(wi), vload16(j, (__global const float *)row), acc[j]);
-        } else if (DT == DT_F16) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma((float16)(wi), vload_half16(j, (__global const half *)row), acc[j]);
+        float ws[CPU_NVMAX];
+        for (int k = 0; k < vg; k++) {
+            ws[k] = wi * sc[i * vg + k];
+            zb[k] = fma(wi, zc[i * vg + k], zb[k]);
+        }
+        if (DT == DT_INT8) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++)
+                acc[j] = fma((float16)(ws[gj[j]]), convert_float16(vload16(j, row)), acc[j]);
         } else {
-            const size_t at = ((size_t)g * L.ps + (size_t)r) * L.vg;
-            __global const half *vs = (__global const half *)(page + L.vsc) + at;
-            __global const half *vz = (__global const half *)(page + L.vze) + at;
-            if (DT == DT_INT8) {
-                _Pragma("unroll") for (int j = 0; j < NV; j++) {
-                    const int grp = (16 * j) / L.group;
-                    const float ws = wi * vload_half(grp, vs), wz = wi * vload_half(grp, vz);
-                    acc[j] += fma((float16)(ws), convert_float16(vload16(j, row)), (float16)(wz));
-                }
-            } else {
-                _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-                    const int grp = (32 * j) / L.group;
-                    const float ws = wi * vload_half(grp, vs), wz = wi * vload_half(grp, vz);
-                    const uchar16 b = vload16(j, row);
-                    acc[2 * j] += fma((float16)(ws), convert_float16(b & (uchar)15), (float16)(wz));
-                    acc[2 * j + 1] += fma((float16)(ws), convert_float16(b >> (uchar)4), (float16)(wz));
-                }
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                const uchar16 b = vload16(j, row);
+                const float16 sj = (float16)(ws[gj[j]]);
+                acc[2 * j] = fma(sj, convert_float16(b & (uchar)15), acc[2 * j]);
+                acc[2 * j + 1] = fma(sj, convert_float16(b >> (uchar)4), acc[2 * j + 1]);
             }
+        }
+    }
+    if (DT == DT_INT8) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] += (float16)(zb[gj[j]]);
+    } else {
+        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+            acc[2 * j] += (float16)(zb[gj[j]]);
+            acc[2 * j + 1] += (float16)(zb[gj[j]]);
         }
     }
 }
 
-/* One page of one (KV head g, query head) pair: updates the running softmax state
-   (m, l, acc; acc de-interleaved for int4) with rows [0, n) of the page, and
-   returns the page's log-sum-exp (-inf when no row). qh: the query row. */
 static inline __attribute__((always_inline)) float cpu_page(const int HD, const int DT, page_ptr page, const layout_t L,
                                                             int g, int n, __global const float *qh, float scale,
                                                             float *m_io, float *l_io, float16 *acc)
@@ -201,7 +258,7 @@ static inline __attribute__((always_inline)) float cpu_page(const int HD, const 
 /* Softmax states of the (KV head, query head) pairs of one work item, in
    private memory (L1): pairs * head_dim floats at most (the host checks). */
 #define CPU_STATE_FLOATS 8192
-#define CPU_PF_HEADS 4 /* prefetch distance in head blocks */
+#define CPU_PF_HEADS 8 /* prefetch distance in head blocks */
 
 /* An item (8 ints): query, g0, ng, e_begin, n, list_stride, part_base,
    part_gstride: pages e_begin .. e_begin + n (absolute entries of the list of KV
