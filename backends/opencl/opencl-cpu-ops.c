@@ -347,3 +347,118 @@ done:
     plan_free(ctx, &plan);
     return st;
 }
+
+/* ---- Quest scores ------------------------------------------------------------- */
+
+enum { SCORE_RUN = 16 }; /* candidates per work item, as kernels/select_cpu.cl */
+
+bool pikv_ocl_score_cpu_applies(const pikv_ocl_device *od, const pikv_score_args *a)
+{
+    return od->is_cpu && od->kernels[PIKV_OCL_K_SCORE_CPU] && a->pool->layout->head_dim % 16 == 0;
+}
+
+pikv_status pikv_ocl_score_cpu(pikv_device *dev, const pikv_score_args *a)
+{
+    pikv_context *ctx = dev->ctx;
+    pikv_ocl_device *od = pikv_ocl_dev(dev);
+    const pikv_pool_view *pool = a->pool;
+    const pikv_page_layout *L = pool->layout;
+    const int32_t kvh = L->n_kv_heads, hd = L->head_dim, G = a->n_q_heads / kvh;
+    const int32_t n = a->indptr[a->n_queries], first = a->indptr[0], nk = pikv_chunk_count(pool);
+    const size_t nn = (size_t)n;
+    pikv_status st = PIKV_OK;
+    uint64_t *off = pikv_host_calloc(ctx, nn, sizeof *off);
+    int32_t *query = pikv_host_calloc(ctx, nn, sizeof *query), *info = pikv_host_calloc(ctx, nn, sizeof *info);
+    int32_t *arena_of = pikv_host_calloc(ctx, nn, sizeof *arena_of), *order = pikv_host_calloc(ctx, nn, sizeof *order);
+    int32_t *key_arena = pikv_host_alloc(ctx, ((size_t)nk + 1) * sizeof *key_arena, 16);
+    int32_t *aptr = pikv_host_calloc(ctx, (size_t)nk + 2, sizeof *aptr);
+    cl_mem *arenas = pikv_host_alloc(ctx, ((size_t)nk + 1) * sizeof *arenas, 16);
+    int32_t n_arenas = 0;
+    if (!off || !query || !info || !arena_of || !order || !key_arena || !aptr || !arenas) {
+        st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "score: host scratch for %d candidates: allocation failed", (int)n);
+        goto done;
+    }
+    for (int32_t k = 0; k < nk; k++) key_arena[k] = -1;
+    for (int32_t i = 0; i < a->n_queries; i++)
+        for (int32_t c = a->indptr[i]; c < a->indptr[i + 1]; c++) {
+            int32_t key = 0;
+            uint32_t o = 0;
+            CHECK_ST(pikv_chunk_resolve(dev, pool, a->slots[c], &key, &o));
+            const pikv_ocl_buffer *ob = pikv_ocl_buf(pikv_chunk_buffer(pool, key));
+            if (key_arena[key] < 0) {
+                int32_t ai = 0;
+                while (ai < n_arenas && arenas[ai] != ob->parent) ai++;
+                if (ai == n_arenas) arenas[n_arenas++] = ob->parent;
+                key_arena[key] = ai;
+            }
+            off[c] = ob->base + o;
+            query[c] = i;
+            info[c] = (a->slots[c] & PIKV_SLOT_QUANT) ? (1 << 30) : 0;
+            arena_of[c] = key_arena[key];
+        }
+    /* candidates grouped by arena (stable): order[aptr[x] .. aptr[x+1]) */
+    for (int32_t c = first; c < n; c++) aptr[arena_of[c] + 1]++;
+    for (int32_t x = 0; x < n_arenas; x++) aptr[x + 1] += aptr[x];
+    {
+        int32_t *cur = arena_of; /* reused: each candidate's slot in order */
+        int32_t *fill = pikv_host_alloc(ctx, ((size_t)n_arenas + 1) * sizeof *fill, 16);
+        if (!fill) {
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "score: host scratch allocation failed");
+            goto done;
+        }
+        memcpy(fill, aptr, ((size_t)n_arenas + 1) * sizeof *fill);
+        for (int32_t c = first; c < n; c++) order[fill[cur[c]]++] = c;
+        pikv_host_free(ctx, fill);
+    }
+    {
+        cl_mem lay, moff, mqo, minfo, mord, mq, msc;
+        uint32_t words[2 * PIKV_LAYOUT_WORDS];
+        pikv_pool_layout_words(words, pool);
+        CHECK_ST(pikv_ocl_scratch(dev, S_LAY, sizeof words, &lay));
+        CHECK_CL(clEnqueueWriteBuffer(od->queue, lay, CL_TRUE, 0, sizeof words, words, 0, NULL, NULL),
+                 "clEnqueueWriteBuffer (layouts)");
+        const size_t q_floats = (size_t)a->n_queries * (size_t)a->n_q_heads * (size_t)hd;
+        CHECK_ST(pikv_ocl_upload(dev, S_A, off, nn * sizeof *off, &moff));
+        CHECK_ST(pikv_ocl_upload(dev, S_B, query, nn * sizeof *query, &mqo));
+        CHECK_ST(pikv_ocl_upload(dev, S_C, info, nn * sizeof *info, &minfo));
+        CHECK_ST(pikv_ocl_upload(dev, S_D, order, (size_t)(n - first) * sizeof *order, &mord));
+        CHECK_ST(pikv_ocl_upload(dev, S_E, a->q, q_floats * sizeof(float), &mq));
+        /* scores of candidates before indptr[0] keep the caller's values */
+        CHECK_ST(pikv_ocl_upload(dev, S_OUT, a->scores, nn * (size_t)kvh * sizeof(float), &msc));
+        cl_kernel k = od->kernels[PIKV_OCL_K_SCORE_CPU];
+        const cl_int nqh = a->n_q_heads, g_ = G;
+        for (int32_t x = 0; x < n_arenas; x++) {
+            const cl_int ob = aptr[x], oe = aptr[x + 1];
+            if (oe <= ob) continue;
+            ARG(k, 0, arenas[x]);
+            ARG(k, 1, lay);
+            ARG(k, 2, moff);
+            ARG(k, 3, mqo);
+            ARG(k, 4, minfo);
+            ARG(k, 5, mord);
+            ARG(k, 6, ob);
+            ARG(k, 7, oe);
+            ARG(k, 8, mq);
+            ARG(k, 9, nqh);
+            ARG(k, 10, g_);
+            ARG(k, 11, msc);
+            const size_t global = (size_t)(oe - ob + SCORE_RUN - 1) / SCORE_RUN, local = 1;
+            CHECK_CL(clEnqueueNDRangeKernel(od->queue, k, 1, NULL, &global, &local, 0, NULL, NULL),
+                     "clEnqueueNDRangeKernel");
+        }
+        CHECK_CL(clEnqueueReadBuffer(od->queue, msc, CL_TRUE, 0, nn * (size_t)kvh * sizeof(float), a->scores, 0, NULL,
+                                     NULL),
+                 "clEnqueueReadBuffer (op output)");
+    }
+done:
+    if (st != PIKV_OK) clFinish(od->queue);
+    pikv_host_free(ctx, off);
+    pikv_host_free(ctx, query);
+    pikv_host_free(ctx, info);
+    pikv_host_free(ctx, arena_of);
+    pikv_host_free(ctx, order);
+    pikv_host_free(ctx, key_arena);
+    pikv_host_free(ctx, aptr);
+    pikv_host_free(ctx, arenas);
+    return st;
+}

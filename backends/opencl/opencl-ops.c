@@ -308,6 +308,7 @@ pikv_status pikv_ocl_score(pikv_device *dev, const pikv_score_args *a)
     PIKV_FORWARD_IF_ERROR(pikv_ocl_ready(dev));
     pikv_context *ctx = dev->ctx;
     pikv_ocl_device *od = pikv_ocl_dev(dev);
+    if (pikv_ocl_score_cpu_applies(od, a)) return pikv_ocl_score_cpu(dev, a);
     const pikv_pool_view *pool = a->pool;
     const pikv_page_layout *L = pool->layout;
     const int32_t kvh = L->n_kv_heads, hd = L->head_dim, G = a->n_q_heads / kvh;

@@ -259,6 +259,7 @@ static inline __attribute__((always_inline)) float cpu_page(const int HD, const 
    private memory (L1): pairs * head_dim floats at most (the host checks). */
 #define CPU_STATE_FLOATS 8192
 #define CPU_PF_HEADS 8 /* prefetch distance in head blocks */
+#define CPU_PF_PAGES 3 /* ... in pages, for items of one KV head */
 
 /* An item (8 ints): query, g0, ng, e_begin, n, list_stride, part_base,
    part_gstride: pages e_begin .. e_begin + n (absolute entries of the list of KV
@@ -293,12 +294,15 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
         const bool qpool = (lenq >> 30) & 1;
         page_ptr page = arena + ent_off[e];
         const layout_t L = qpool ? L1 : L0;
-        if (ng == 1 && k + 1 < n) { /* one head: its rows are short runs, help the prefetcher */
-            const int g = g0;
-            page_ptr np = arena + ent_off[e + 1];
-            const uint nbytes = (uint)(ent_len[e + 1] & 0xffff) * L.row;
-            CPU_PREFETCH(np + L.k + (size_t)g * L.hs, nbytes);
-            CPU_PREFETCH(np + L.v + (size_t)g * L.hs, nbytes);
+        if (ng == 1) { /* one head: its rows are short runs, help the prefetcher (CPU_PF_PAGES ahead) */
+            for (int kp_ = k == 0 ? 1 : k + CPU_PF_PAGES; kp_ <= k + CPU_PF_PAGES && kp_ < n; kp_++) {
+                const int ep = e_begin + kp_;
+                const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
+                page_ptr np = arena + ent_off[ep];
+                const uint nbytes = (uint)(ent_len[ep] & 0xffff) * Lp.row;
+                CPU_PREFETCH(np + Lp.k + (size_t)g0 * Lp.hs, nbytes);
+                CPU_PREFETCH(np + Lp.v + (size_t)g0 * Lp.hs, nbytes);
+            }
         }
         for (int c = 0; c < pairs; c++) {
             const int gi = c / G, h = c - gi * G, g = g0 + gi;

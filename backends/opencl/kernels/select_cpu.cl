@@ -4,10 +4,11 @@
  * go to work items in runs of SCORE_RUN, each scoring every KV head of its
  * candidates with float16 vectors over the contiguous min/max bounds rows
  * (head_dim a multiple of 16: the host checks). cand_info[c]: bit 30 set for a
- * page of the quantized pool (layout row 1). */
+ * page of the quantized pool (layout row 1). CPU_PREFETCH: attention_cpu.cl. */
 #ifdef PIKV_OCL_CPU
 
 #define SCORE_RUN 16
+#define SCORE_PF 2 /* prefetch distance in candidates */
 
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_score_cpu(
     __global const uchar *arena, __global const uint *lay, __global const ulong *page_off,
@@ -16,8 +17,14 @@ __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_score_cpu(
 {
     const int b = o_begin + (int)get_global_id(0) * SCORE_RUN, e = min(b + SCORE_RUN, o_end);
     const int kvh = (int)lay[L_KVH], hd = (int)lay[L_HD], nv = hd / 16;
+    const uint bounds_bytes = 2u * (uint)kvh * (uint)hd * 4u; /* min then max, contiguous */
     for (int o = b; o < e; o++) {
         const int c = order[o];
+        if (o + SCORE_PF < o_end) { /* a later candidate's bounds: pages are far apart */
+            const int cp = order[o + SCORE_PF];
+            __global const uint *Lp = ((cand_info[cp] >> 30) & 1) ? lay + LAYOUT_WORDS : lay;
+            CPU_PREFETCH(arena + page_off[cp] + Lp[L_KMIN], bounds_bytes);
+        }
         const bool qpool = (cand_info[c] >> 30) & 1;
         __global const uint *Lw = qpool ? lay + LAYOUT_WORDS : lay;
         page_ptr page = arena + page_off[c];
