@@ -36,6 +36,22 @@
 #define CPU_PREFETCH(p, n) ((void)0)
 #endif
 
+/* Prefetch of KV head g's rows of a page (n rows), with its scales and zero
+   points on quantized pages (they lie apart from the rows). */
+static inline void cpu_prefetch_head(page_ptr page, const layout_t L, int g, int n)
+{
+    const uint nbytes = (uint)n * L.row;
+    CPU_PREFETCH(page + L.k + (size_t)g * L.hs, nbytes);
+    CPU_PREFETCH(page + L.v + (size_t)g * L.hs, nbytes);
+    if (L.dtype >= DT_INT8) {
+        const uint kb = (uint)L.kg * (uint)L.hd * 2u, vb = (uint)L.ps * (uint)L.vg * 2u;
+        CPU_PREFETCH(page + L.ksc + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.kze + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.vsc + (size_t)g * vb, vb);
+        CPU_PREFETCH(page + L.vze + (size_t)g * vb, vb);
+    }
+}
+
 static inline float cpu_hsum16(float16 v)
 {
     float8 a = v.lo + v.hi;
@@ -57,9 +73,9 @@ static inline __attribute__((always_inline)) float16 cpu_row_dot(const int NV, c
         _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], convert_float16(vload16(j, row)), t);
     } else {
         _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-            const uchar16 b = vload16(j, row);
-            t = fma(qk[2 * j], convert_float16(b & (uchar)15), t);
-            t = fma(qk[2 * j + 1], convert_float16(b >> (uchar)4), t);
+            const int16 x = convert_int16(vload16(j, row)); /* nibbles split after widening: fewer shuffles */
+            t = fma(qk[2 * j], convert_float16(x & 15), t);
+            t = fma(qk[2 * j + 1], convert_float16(x >> 4), t);
         }
     }
     return t;
@@ -152,10 +168,10 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
                 acc[j] = fma((float16)(ws[gj[j]]), convert_float16(vload16(j, row)), acc[j]);
         } else {
             _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-                const uchar16 b = vload16(j, row);
+                const int16 x = convert_int16(vload16(j, row));
                 const float16 sj = (float16)(ws[gj[j]]);
-                acc[2 * j] = fma(sj, convert_float16(b & (uchar)15), acc[2 * j]);
-                acc[2 * j + 1] = fma(sj, convert_float16(b >> (uchar)4), acc[2 * j + 1]);
+                acc[2 * j] = fma(sj, convert_float16(x & 15), acc[2 * j]);
+                acc[2 * j + 1] = fma(sj, convert_float16(x >> 4), acc[2 * j + 1]);
             }
         }
     }
@@ -169,9 +185,13 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     }
 }
 
+/* One page of one (KV head g, query head) pair: updates the running softmax state
+   (m, l, acc; acc de-interleaved for int4) with rows [0, n) of the page; returns
+   the page's log-sum-exp when want_lse (else, or without rows, -inf). qh: the
+   query row. */
 static inline __attribute__((always_inline)) float cpu_page(const int HD, const int DT, page_ptr page, const layout_t L,
                                                             int g, int n, __global const float *qh, float scale,
-                                                            float *m_io, float *l_io, float16 *acc)
+                                                            int want_lse, float *m_io, float *l_io, float16 *acc)
 {
     const int NV = HD / 16;
     const bool quant = DT == DT_INT8 || DT == DT_INT4;
@@ -232,9 +252,11 @@ static inline __attribute__((always_inline)) float cpu_page(const int HD, const 
             }
             const float16 ex = exp(s - bm);
             const float bs = cpu_hsum16(ex);
-            const float npm = fmax(pm, bm);
-            psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
-            pm = npm;
+            if (want_lse) {
+                const float npm = fmax(pm, bm);
+                psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
+                pm = npm;
+            }
             const float mn = fmax(m, bm);
             if (mn > m) {
                 const float alpha = m == -INFINITY ? 0.0f : exp(m - mn);
@@ -252,7 +274,7 @@ static inline __attribute__((always_inline)) float cpu_page(const int HD, const 
     }
     *m_io = m;
     *l_io = l;
-    return psum > 0.0f ? pm + log(psum) : -INFINITY; /* callers that do not want it drop it */
+    return want_lse && psum > 0.0f ? pm + log(psum) : -INFINITY;
 }
 
 /* Softmax states of the (KV head, query head) pairs of one work item, in
@@ -297,11 +319,7 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
         if (ng == 1) { /* one head: its rows are short runs, help the prefetcher (CPU_PF_PAGES ahead) */
             for (int kp_ = k == 0 ? 1 : k + CPU_PF_PAGES; kp_ <= k + CPU_PF_PAGES && kp_ < n; kp_++) {
                 const int ep = e_begin + kp_;
-                const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
-                page_ptr np = arena + ent_off[ep];
-                const uint nbytes = (uint)(ent_len[ep] & 0xffff) * Lp.row;
-                CPU_PREFETCH(np + Lp.k + (size_t)g0 * Lp.hs, nbytes);
-                CPU_PREFETCH(np + Lp.v + (size_t)g0 * Lp.hs, nbytes);
+                cpu_prefetch_head(arena + ent_off[ep], ((ent_len[ep] >> 30) & 1) ? L1 : L0, g0, ent_len[ep] & 0xffff);
             }
         }
         for (int c = 0; c < pairs; c++) {
@@ -314,11 +332,8 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
                 }
                 if (kp_ < n && gp < ng) {
                     const int ep = e_begin + kp_;
-                    const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
-                    page_ptr pp = arena + ent_off[ep];
-                    const uint nbytes = (uint)(ent_len[ep] & 0xffff) * Lp.row;
-                    CPU_PREFETCH(pp + Lp.k + (size_t)(g0 + gp) * Lp.hs, nbytes);
-                    CPU_PREFETCH(pp + Lp.v + (size_t)(g0 + gp) * Lp.hs, nbytes);
+                    cpu_prefetch_head(arena + ent_off[ep], ((ent_len[ep] >> 30) & 1) ? L1 : L0, g0 + gp,
+                                      ent_len[ep] & 0xffff);
                 }
             }
             float16 acc[CPU_NVMAX];
@@ -326,10 +341,10 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
             float m = sm[c], l = sl[c], plse;
             __global const float *qh = qq + (size_t)c * HD;
             switch (L.dtype) {
-            case DT_F32: plse = cpu_page(HD, DT_F32, page, L, g, len, qh, scale, &m, &l, acc); break;
-            case DT_F16: plse = cpu_page(HD, DT_F16, page, L, g, len, qh, scale, &m, &l, acc); break;
-            case DT_INT8: plse = cpu_page(HD, DT_INT8, page, L, g, len, qh, scale, &m, &l, acc); break;
-            default: plse = cpu_page(HD, DT_INT4, page, L, g, len, qh, scale, &m, &l, acc); break;
+            case DT_F32: plse = cpu_page(HD, DT_F32, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
+            case DT_F16: plse = cpu_page(HD, DT_F16, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
+            case DT_INT8: plse = cpu_page(HD, DT_INT8, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
+            default: plse = cpu_page(HD, DT_INT4, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
             }
             _Pragma("unroll") for (int j = 0; j < NV; j++) st[c * NV + j] = acc[j];
             sm[c] = m;
