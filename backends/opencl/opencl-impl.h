@@ -11,7 +11,12 @@
  * offsets into that chunk). Attention computes partial softmax states per
  * (list, chunk, run of pages) and a second kernel merges them exactly (log-sum-
  * exp), so a list may span any number of chunks and there is never a launch
- * per page. */
+ * per page.
+ *
+ * CPU devices (PoCL) differ where it pays: chunks are sub-buffers of large
+ * arenas, so attention and Quest scoring launch once per arena over work items
+ * of contiguous runs (opencl-cpu-ops.c, kernels/attention_cpu.cl and
+ * select_cpu.cl, built with -DPIKV_OCL_CPU); GPUs keep the work-group kernels. */
 #ifndef PIKV_OPENCL_IMPL_H
 #define PIKV_OPENCL_IMPL_H
 

@@ -1,25 +1,29 @@
 /* Decode attention for CPU devices (PoCL), compiled only there (-DPIKV_OCL_CPU).
  *
- * Same contract as pikv_attention_part (attention.cl): one task = a run of
- * pages of one (query, KV head) list in one chunk, producing per query head of
- * the group the online softmax state (max, sum, unnormalized accumulator) that
- * pikv_attention_finish merges, and each page's log-sum-exp.
+ * Same output as pikv_attention_part (attention.cl): per task (a run of pages
+ * of one (query, KV head) list) and query head of the group, the online softmax
+ * state (max, sum, unnormalized accumulator) that pikv_attention_finish merges,
+ * and each page's log-sum-exp. The host side is opencl-cpu-ops.c.
  *
- * CPU shape: one work item per task (work-groups of one item, so PoCL runs
- * tasks as independent loop iterations spread over its threads, no barriers),
- * each streaming its contiguous rows with explicit float16 vectors: the head
- * dimension is a compile-time constant (one kernel per supported head_dim), so
- * the query and the accumulator live in vector registers. Query heads of a
- * GQA group are taken one after the other over the task's pages (a task is a
- * few pages: the re-reads hit the cache). Rows go in blocks of up to 16: the
- * block's scores are one float16, so exp is vectorized, and the running max is
- * updated once per block. Quantized pages are dequantized on the fly:
- * keys as q.(s*k + z) = (q*s).k + q.z per key group, values as w*s*v + w*z per
- * value group (value groups must be a multiple of 16 channels for int8, 32 for
- * int4: the host checks). An int4 row's vector j (16 bytes) holds channels
- * 32j.. 32j+31, even ones in the low nibbles: the query and the accumulator are
- * kept de-interleaved (slot 2j even channels, 2j+1 odd) and put back in order at
- * the end. */
+ * CPU shape: one work item per item (work-groups of one item, so PoCL runs items
+ * as independent loop iterations spread over its threads, no barriers). Pages are
+ * addressed in a pool arena (one launch covers every chunk of it). An item takes a
+ * run of pages for one or several KV heads of a query (several when their lists
+ * agree), page after page, all its heads of a page before the next page, so the
+ * reads stream through each page; software prefetch runs a few head blocks ahead.
+ * Vectors are explicit float16s: the head dimension is a compile-time constant (one
+ * kernel per supported head_dim), so queries and accumulators live in registers;
+ * the softmax states of the item's (KV head, query head) pairs wait in private
+ * memory (L1) between pages. GQA: two query heads of a group go through a page
+ * together, sharing each K/V load and conversion. Rows go in blocks of up to 16:
+ * the block's 16 scores come out of one transposing add tree as one float16, exp
+ * is vectorized, the running max is updated once per block. Quantized pages are
+ * dequantized on the fly: keys as q.(s*k + z) = (q*s).k + q.z per key group,
+ * values as w*s*v + w*z per value group (value groups must be a multiple of 16
+ * channels for int8, 32 for int4: the host checks). An int4 row's vector j (16
+ * bytes) holds channels 32j .. 32j+31, even ones in the low nibbles: queries and
+ * accumulators are kept de-interleaved (slot 2j even channels, 2j+1 odd) and put
+ * back in order at the end. */
 #ifdef PIKV_OCL_CPU
 
 #define CPU_NVMAX 16 /* float16 vectors per row: head_dim up to 256 */
@@ -60,25 +64,37 @@ static inline float cpu_hsum16(float16 v)
     return c.x + c.y;
 }
 
-/* The dot product partials of one key row (16 lanes to add up). */
-static inline __attribute__((always_inline)) float16 cpu_row_dot(const int NV, const int DT, page_ptr row,
-                                                                 const float16 *qk)
+/* GQA: HP (1 or 2) query heads of a KV head go through a page together, so each
+   K and V vector is loaded and converted once for them. Per-head arrays are
+   indexed [hp * CPU_NVMAX + j]. */
+#define CPU_HPMAX 2
+
+/* The dot product partials of one key row with HP queries (16 lanes each to add up). */
+static inline __attribute__((always_inline)) void cpu_row_dot(const int NV, const int DT, const int HP, page_ptr row,
+                                                              const float16 *qk, float16 *t)
 {
-    float16 t = (float16)(0.0f);
-    if (DT == DT_F32) {
-        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload16(j, (__global const float *)row), t);
-    } else if (DT == DT_F16) {
-        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], vload_half16(j, (__global const half *)row), t);
-    } else if (DT == DT_INT8) {
-        _Pragma("unroll") for (int j = 0; j < NV; j++) t = fma(qk[j], convert_float16(vload16(j, row)), t);
-    } else {
+    _Pragma("unroll") for (int p = 0; p < HP; p++) t[p] = (float16)(0.0f);
+    if (DT == DT_INT4) {
         _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
             const int16 x = convert_int16(vload16(j, row)); /* nibbles split after widening: fewer shuffles */
-            t = fma(qk[2 * j], convert_float16(x & 15), t);
-            t = fma(qk[2 * j + 1], convert_float16(x >> 4), t);
+            const float16 lo = convert_float16(x & 15), hi = convert_float16(x >> 4);
+            _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                t[p] = fma(qk[p * CPU_NVMAX + 2 * j], lo, t[p]);
+                t[p] = fma(qk[p * CPU_NVMAX + 2 * j + 1], hi, t[p]);
+            }
         }
+        return;
     }
-    return t;
+    _Pragma("unroll") for (int j = 0; j < NV; j++) {
+        float16 x;
+        if (DT == DT_F32)
+            x = vload16(j, (__global const float *)row);
+        else if (DT == DT_F16)
+            x = vload_half16(j, (__global const half *)row);
+        else
+            x = convert_float16(vload16(j, row));
+        _Pragma("unroll") for (int p = 0; p < HP; p++) t[p] = fma(qk[p * CPU_NVMAX + j], x, t[p]);
+    }
 }
 
 /* Folds lane chunks of c pairwise: chunk 2k + chunk 2k+1. */
@@ -88,46 +104,54 @@ static inline float8 cpu_fold4(float16 v)
     return (float8)(v.s01 + v.s23, v.s45 + v.s67, v.s89 + v.sab, v.scd + v.sef);
 }
 
-/* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp, as one vector
-   (-inf past nb): 16 rows' partials are added up together by a transposing
-   tree (row order kept) instead of one horizontal sum per row. Rows past nb
-   re-read row nb - 1 (cached) and are masked. qk: the (scaled, for quantized
-   pages dequantization-folded) query; kc: the constant term (q.z of the key
-   group for quantized pages). */
-static inline __attribute__((always_inline)) float16 cpu_scores(const int NV, const int DT, page_ptr kp, uint row_bytes,
-                                                                int r0, int nb, const float16 *qk, float kc)
+/* Scores of rows [r0, r0 + nb) (nb <= 16) of KV head row base kp for HP queries,
+   one vector each (-inf past nb): 16 rows' partials are added up together by a
+   transposing tree (row order kept) instead of one horizontal sum per row. Rows
+   past nb re-read row nb - 1 (cached) and are masked. qk: the (scaled, for
+   quantized pages dequantization-folded) queries; kc: their constant terms (q.z
+   of the key group for quantized pages). */
+static inline __attribute__((always_inline)) void cpu_scores(const int NV, const int DT, const int HP, page_ptr kp,
+                                                             uint row_bytes, int r0, int nb, const float16 *qk,
+                                                             const float *kc, float16 *s)
 {
-    float16 v[8];
+    float16 v[CPU_HPMAX * 8];
     _Pragma("unroll") for (int k = 0; k < 8; k++) {
-        const float16 a = cpu_row_dot(NV, DT, kp + (size_t)(r0 + min(2 * k, nb - 1)) * row_bytes, qk);
-        const float16 b = cpu_row_dot(NV, DT, kp + (size_t)(r0 + min(2 * k + 1, nb - 1)) * row_bytes, qk);
-        v[k] = (float16)(a.lo + a.hi, b.lo + b.hi);       /* rows 2k, 2k+1: 8 lanes each */
+        float16 a[CPU_HPMAX], b[CPU_HPMAX];
+        cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k, nb - 1)) * row_bytes, qk, a);
+        cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k + 1, nb - 1)) * row_bytes, qk, b);
+        _Pragma("unroll") for (int p = 0; p < HP; p++)
+            v[p * 8 + k] = (float16)(a[p].lo + a[p].hi, b[p].lo + b[p].hi); /* rows 2k, 2k+1: 8 lanes each */
     }
-    float16 w[4];
-    _Pragma("unroll") for (int k = 0; k < 4; k++) w[k] = (float16)(cpu_fold8(v[2 * k]), cpu_fold8(v[2 * k + 1]));
-    float16 x[2];
-    _Pragma("unroll") for (int k = 0; k < 2; k++) x[k] = (float16)(cpu_fold4(w[2 * k]), cpu_fold4(w[2 * k + 1]));
-    const float16 sums = (float16)(x[0].even + x[0].odd, x[1].even + x[1].odd) + kc;
     const int16 lane = (int16)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return select((float16)(-INFINITY), sums, lane < (int16)(nb));
+    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+        const float16 *vp = v + p * 8;
+        float16 w[4];
+        _Pragma("unroll") for (int k = 0; k < 4; k++) w[k] = (float16)(cpu_fold8(vp[2 * k]), cpu_fold8(vp[2 * k + 1]));
+        float16 x[2];
+        _Pragma("unroll") for (int k = 0; k < 2; k++) x[k] = (float16)(cpu_fold4(w[2 * k]), cpu_fold4(w[2 * k + 1]));
+        const float16 sums = (float16)(x[0].even + x[0].odd, x[1].even + x[1].odd) + kc[p];
+        s[p] = select((float16)(-INFINITY), sums, lane < (int16)(nb));
+    }
 }
 
-/* acc += sum_i w[i] * value row r0 + i, for i < nb. Quantized rows: per value
-   group (a multiple of 16 channels for int8, 32 for int4) the weight times the
-   group's scale multiplies the codes, and the zero points' share w * z is added
-   once per group and block. */
-static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, page_ptr vp, uint row_bytes,
-                                                             page_ptr page, const layout_t L, int g, int r0, int nb,
-                                                             const float *w, float16 *acc)
+/* acc[p] += sum_i w[p * 16 + i] * value row r0 + i, for i < nb. Quantized rows:
+   per value group (a multiple of 16 channels for int8, 32 for int4) the weight
+   times the group's scale multiplies the codes, and the zero points' share w * z
+   is added once per group and block. */
+static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, const int HP, page_ptr vp,
+                                                             uint row_bytes, page_ptr page, const layout_t L, int g,
+                                                             int r0, int nb, const float *w, float16 *acc)
 {
     if (DT == DT_F32 || DT == DT_F16) {
         for (int i = 0; i < nb; i++) {
             page_ptr row = vp + (size_t)(r0 + i) * row_bytes;
-            const float16 wi = (float16)(w[i]);
-            if (DT == DT_F32) {
-                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma(wi, vload16(j, (__global const float *)row), acc[j]);
-            } else {
-                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = fma(wi, vload_half16(j, (__global const half *)row), acc[j]);
+            float16 wi[CPU_HPMAX];
+            _Pragma("unroll") for (int p = 0; p < HP; p++) wi[p] = (float16)(w[p * 16 + i]);
+            _Pragma("unroll") for (int j = 0; j < NV; j++) {
+                const float16 x = DT == DT_F32 ? vload16(j, (__global const float *)row)
+                                               : vload_half16(j, (__global const half *)row);
+                _Pragma("unroll") for (int p = 0; p < HP; p++)
+                    acc[p * CPU_NVMAX + j] = fma(wi[p], x, acc[p * CPU_NVMAX + j]);
             }
         }
         return;
@@ -135,8 +159,9 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     const int vg = L.vg, per = DT == DT_INT8 ? L.group / 16 : L.group / 32; /* vectors per group */
     int gj[CPU_NVMAX];
     _Pragma("unroll") for (int j = 0; j < NV; j++) gj[j] = j / per;
-    float zb[CPU_NVMAX];
-    for (int k = 0; k < vg; k++) zb[k] = 0.0f;
+    float zb[CPU_HPMAX * CPU_NVMAX];
+    for (int k = 0; k < vg; k++)
+        _Pragma("unroll") for (int p = 0; p < HP; p++) zb[p * CPU_NVMAX + k] = 0.0f;
     /* the block's scales and zero points ([row][group], contiguous), converted with
        vector loads (a scalar vload_half is a slow software conversion on PoCL) */
     float sc[16 * CPU_NVMAX], zc[16 * CPU_NVMAX];
@@ -157,124 +182,156 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     for (int i = 0; i < nb; i++) {
         const int r = r0 + i;
         page_ptr row = vp + (size_t)r * row_bytes;
-        const float wi = w[i];
-        float ws[CPU_NVMAX];
+        float ws[CPU_HPMAX * CPU_NVMAX];
         for (int k = 0; k < vg; k++) {
-            ws[k] = wi * sc[i * vg + k];
-            zb[k] = fma(wi, zc[i * vg + k], zb[k]);
+            _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                const float wi = w[p * 16 + i];
+                ws[p * CPU_NVMAX + k] = wi * sc[i * vg + k];
+                zb[p * CPU_NVMAX + k] = fma(wi, zc[i * vg + k], zb[p * CPU_NVMAX + k]);
+            }
         }
         if (DT == DT_INT8) {
-            _Pragma("unroll") for (int j = 0; j < NV; j++)
-                acc[j] = fma((float16)(ws[gj[j]]), convert_float16(vload16(j, row)), acc[j]);
+            _Pragma("unroll") for (int j = 0; j < NV; j++) {
+                const float16 x = convert_float16(vload16(j, row));
+                _Pragma("unroll") for (int p = 0; p < HP; p++)
+                    acc[p * CPU_NVMAX + j] = fma((float16)(ws[p * CPU_NVMAX + gj[j]]), x, acc[p * CPU_NVMAX + j]);
+            }
         } else {
             _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
                 const int16 x = convert_int16(vload16(j, row));
-                const float16 sj = (float16)(ws[gj[j]]);
-                acc[2 * j] = fma(sj, convert_float16(x & 15), acc[2 * j]);
-                acc[2 * j + 1] = fma(sj, convert_float16(x >> 4), acc[2 * j + 1]);
+                const float16 lo = convert_float16(x & 15), hi = convert_float16(x >> 4);
+                _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                    const float16 sj = (float16)(ws[p * CPU_NVMAX + gj[j]]);
+                    acc[p * CPU_NVMAX + 2 * j] = fma(sj, lo, acc[p * CPU_NVMAX + 2 * j]);
+                    acc[p * CPU_NVMAX + 2 * j + 1] = fma(sj, hi, acc[p * CPU_NVMAX + 2 * j + 1]);
+                }
             }
         }
     }
-    if (DT == DT_INT8) {
-        _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] += (float16)(zb[gj[j]]);
-    } else {
-        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-            acc[2 * j] += (float16)(zb[gj[j]]);
-            acc[2 * j + 1] += (float16)(zb[gj[j]]);
+    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+        if (DT == DT_INT8) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[p * CPU_NVMAX + j] += (float16)(zb[p * CPU_NVMAX + gj[j]]);
+        } else {
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                acc[p * CPU_NVMAX + 2 * j] += (float16)(zb[p * CPU_NVMAX + gj[j]]);
+                acc[p * CPU_NVMAX + 2 * j + 1] += (float16)(zb[p * CPU_NVMAX + gj[j]]);
+            }
         }
     }
 }
 
-/* One page of one (KV head g, query head) pair: updates the running softmax state
-   (m, l, acc; acc de-interleaved for int4) with rows [0, n) of the page; returns
-   the page's log-sum-exp when want_lse (else, or without rows, -inf). qh: the
-   query row. */
-static inline __attribute__((always_inline)) float cpu_page(const int HD, const int DT, page_ptr page, const layout_t L,
-                                                            int g, int n, __global const float *qh, float scale,
-                                                            int want_lse, float *m_io, float *l_io, float16 *acc)
+/* One page for HP query heads of KV head g (rows qh, qh + HD, ...): updates their
+   running softmax states (m, l, acc; acc de-interleaved for int4) with rows
+   [0, n) of the page, and writes each head's page log-sum-exp to plse when
+   want_lse (-inf without rows). */
+static inline __attribute__((always_inline)) void cpu_page(const int HD, const int DT, const int HP, page_ptr page,
+                                                           const layout_t L, int g, int n, __global const float *qh,
+                                                           float scale, int want_lse, float *m_io, float *l_io,
+                                                           float16 *acc, float *plse)
 {
     const int NV = HD / 16;
     const bool quant = DT == DT_INT8 || DT == DT_INT4;
-    float16 qv[CPU_NVMAX], qk[CPU_NVMAX];
-    _Pragma("unroll") for (int j = 0; j < NV; j++) qv[j] = vload16(j, qh) * scale;
-    if (DT == DT_INT4) { /* de-interleave: slot 2j even channels of 32j.., 2j+1 odd */
-        _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
-            const float16 a = qv[2 * j], b = qv[2 * j + 1];
-            qv[2 * j] = (float16)(a.even, b.even);
-            qv[2 * j + 1] = (float16)(a.odd, b.odd);
+    float16 qv[CPU_HPMAX * CPU_NVMAX], qk[CPU_HPMAX * CPU_NVMAX];
+    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+        _Pragma("unroll") for (int j = 0; j < NV; j++) qv[p * CPU_NVMAX + j] = vload16(j, qh + (size_t)p * HD) * scale;
+        if (DT == DT_INT4) { /* de-interleave: slot 2j even channels of 32j.., 2j+1 odd */
+            _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
+                const float16 a = qv[p * CPU_NVMAX + 2 * j], b = qv[p * CPU_NVMAX + 2 * j + 1];
+                qv[p * CPU_NVMAX + 2 * j] = (float16)(a.even, b.even);
+                qv[p * CPU_NVMAX + 2 * j + 1] = (float16)(a.odd, b.odd);
+            }
         }
-    }
-    if (!quant) {
-        _Pragma("unroll") for (int j = 0; j < NV; j++) qk[j] = qv[j];
+        if (!quant) {
+            _Pragma("unroll") for (int j = 0; j < NV; j++) qk[p * CPU_NVMAX + j] = qv[p * CPU_NVMAX + j];
+        }
     }
     page_ptr kp = page + L.k + (size_t)g * L.hs;
     page_ptr vp = page + L.v + (size_t)g * L.hs;
-    float m = *m_io, l = *l_io;
-    float pm = -INFINITY, psum = 0.0f; /* the page's own log-sum-exp, online */
+    float m[CPU_HPMAX], l[CPU_HPMAX], pm[CPU_HPMAX], psum[CPU_HPMAX], kc[CPU_HPMAX];
+    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+        m[p] = m_io[p];
+        l[p] = l_io[p];
+        pm[p] = -INFINITY; /* the page's own log-sum-exp, online */
+        psum[p] = 0.0f;
+        kc[p] = 0.0f;
+    }
     const int kgroup = quant ? L.group : 1 << 30;
     for (int r0 = 0; r0 < n;) {
         const int gend = min(n, (r0 / kgroup + 1) * kgroup);
-        float kc = 0.0f;
-        if (quant) { /* r0 starts a key group: fold its per-channel scales into the query */
+        if (quant) { /* r0 starts a key group: fold its per-channel scales into the queries */
             const size_t at = ((size_t)g * L.kg + (size_t)(r0 / kgroup)) * HD;
             __global const half *ks = (__global const half *)(page + L.ksc) + at;
             __global const half *kz = (__global const half *)(page + L.kze) + at;
-            float16 c = (float16)(0.0f);
+            float16 c[CPU_HPMAX];
+            _Pragma("unroll") for (int p = 0; p < HP; p++) c[p] = (float16)(0.0f);
             if (DT == DT_INT4) { /* scales and zeros de-interleaved like qv */
                 _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
                     const float16 sa = vload_half16(2 * j, ks), sb = vload_half16(2 * j + 1, ks);
                     const float16 za = vload_half16(2 * j, kz), zb = vload_half16(2 * j + 1, kz);
-                    qk[2 * j] = qv[2 * j] * (float16)(sa.even, sb.even);
-                    qk[2 * j + 1] = qv[2 * j + 1] * (float16)(sa.odd, sb.odd);
-                    c = fma(qv[2 * j], (float16)(za.even, zb.even), c);
-                    c = fma(qv[2 * j + 1], (float16)(za.odd, zb.odd), c);
+                    const float16 se = (float16)(sa.even, sb.even), so = (float16)(sa.odd, sb.odd);
+                    const float16 ze = (float16)(za.even, zb.even), zo = (float16)(za.odd, zb.odd);
+                    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                        qk[p * CPU_NVMAX + 2 * j] = qv[p * CPU_NVMAX + 2 * j] * se;
+                        qk[p * CPU_NVMAX + 2 * j + 1] = qv[p * CPU_NVMAX + 2 * j + 1] * so;
+                        c[p] = fma(qv[p * CPU_NVMAX + 2 * j], ze, c[p]);
+                        c[p] = fma(qv[p * CPU_NVMAX + 2 * j + 1], zo, c[p]);
+                    }
                 }
             } else {
                 _Pragma("unroll") for (int j = 0; j < NV; j++) {
-                    qk[j] = qv[j] * vload_half16(j, ks);
-                    c = fma(qv[j], vload_half16(j, kz), c);
+                    const float16 sv = vload_half16(j, ks), zv = vload_half16(j, kz);
+                    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                        qk[p * CPU_NVMAX + j] = qv[p * CPU_NVMAX + j] * sv;
+                        c[p] = fma(qv[p * CPU_NVMAX + j], zv, c[p]);
+                    }
                 }
             }
-            kc = cpu_hsum16(c);
+            _Pragma("unroll") for (int p = 0; p < HP; p++) kc[p] = cpu_hsum16(c[p]);
         }
         /* blocks of <= 16 rows inside this key group */
         for (; r0 < gend; r0 += 16) {
             const int nb = min(16, gend - r0);
-            const float16 s = cpu_scores(NV, DT, kp, L.row, r0, nb, qk, kc);
-            const float8 m8 = fmax(s.lo, s.hi);
-            const float4 m4 = fmax(m8.lo, m8.hi);
-            const float2 m2 = fmax(m4.lo, m4.hi);
-            const float bm = fmax(m2.x, m2.y);
-            /* NaN or inf scores: poison the state so the finish kernel reports them */
-            if (!(bm < INFINITY) || bm != bm) {
-                l = NAN; /* sticky: every later update keeps it */
-                continue;
+            float16 s[CPU_HPMAX];
+            cpu_scores(NV, DT, HP, kp, L.row, r0, nb, qk, kc, s);
+            float w[CPU_HPMAX * 16];
+            _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                const float8 m8 = fmax(s[p].lo, s[p].hi);
+                const float4 m4 = fmax(m8.lo, m8.hi);
+                const float2 m2 = fmax(m4.lo, m4.hi);
+                const float bm = fmax(m2.x, m2.y);
+                /* NaN or inf scores: poison the state so the finish kernel reports them */
+                if (!(bm < INFINITY) || bm != bm) {
+                    l[p] = NAN; /* sticky: every later update keeps it */
+                    vstore16((float16)(0.0f), 0, w + p * 16);
+                    continue;
+                }
+                const float16 ex = exp(s[p] - bm);
+                const float bs = cpu_hsum16(ex);
+                if (want_lse) {
+                    const float npm = fmax(pm[p], bm);
+                    psum[p] = psum[p] * (pm[p] == -INFINITY ? 0.0f : exp(pm[p] - npm)) + bs * exp(bm - npm);
+                    pm[p] = npm;
+                }
+                const float mn = fmax(m[p], bm);
+                if (mn > m[p]) {
+                    const float alpha = m[p] == -INFINITY ? 0.0f : exp(m[p] - mn);
+                    _Pragma("unroll") for (int j = 0; j < NV; j++) acc[p * CPU_NVMAX + j] *= alpha;
+                    l[p] *= alpha;
+                    m[p] = mn;
+                }
+                const float beta = exp(bm - m[p]);
+                vstore16(ex * beta, 0, w + p * 16);
+                l[p] = fma(bs, beta, l[p]);
             }
-            const float16 ex = exp(s - bm);
-            const float bs = cpu_hsum16(ex);
-            if (want_lse) {
-                const float npm = fmax(pm, bm);
-                psum = psum * (pm == -INFINITY ? 0.0f : exp(pm - npm)) + bs * exp(bm - npm);
-                pm = npm;
-            }
-            const float mn = fmax(m, bm);
-            if (mn > m) {
-                const float alpha = m == -INFINITY ? 0.0f : exp(m - mn);
-                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] *= alpha;
-                l *= alpha;
-                m = mn;
-            }
-            const float beta = exp(bm - m);
-            float w[16];
-            vstore16(ex * beta, 0, w);
-            l = fma(bs, beta, l);
-            cpu_values(NV, DT, vp, L.row, page, L, g, r0, nb, w, acc);
+            cpu_values(NV, DT, HP, vp, L.row, page, L, g, r0, nb, w, acc);
         }
         r0 = gend;
     }
-    *m_io = m;
-    *l_io = l;
-    return want_lse && psum > 0.0f ? pm + log(psum) : -INFINITY;
+    _Pragma("unroll") for (int p = 0; p < HP; p++) {
+        m_io[p] = m[p];
+        l_io[p] = l[p];
+        plse[p] = want_lse && psum[p] > 0.0f ? pm[p] + log(psum[p]) : -INFINITY;
+    }
 }
 
 /* Softmax states of the (KV head, query head) pairs of one work item, in
@@ -336,20 +393,34 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
                                       ent_len[ep] & 0xffff);
                 }
             }
-            float16 acc[CPU_NVMAX];
-            _Pragma("unroll") for (int j = 0; j < NV; j++) acc[j] = st[c * NV + j];
-            float m = sm[c], l = sl[c], plse;
-            __global const float *qh = qq + (size_t)c * HD;
-            switch (L.dtype) {
-            case DT_F32: plse = cpu_page(HD, DT_F32, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
-            case DT_F16: plse = cpu_page(HD, DT_F16, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
-            case DT_INT8: plse = cpu_page(HD, DT_INT8, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
-            default: plse = cpu_page(HD, DT_INT4, page, L, g, len, qh, scale, want_page_lse, &m, &l, acc); break;
+            const int HPn = (G % 2 == 0) ? 2 : 1; /* query heads per pass (c is even when HPn is 2) */
+            if (h % HPn) continue;
+            float16 acc[CPU_HPMAX * CPU_NVMAX];
+            float m[CPU_HPMAX], l[CPU_HPMAX], plse[CPU_HPMAX];
+            for (int p = 0; p < HPn; p++) {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) acc[p * CPU_NVMAX + j] = st[(c + p) * NV + j];
+                m[p] = sm[c + p];
+                l[p] = sl[c + p];
             }
-            _Pragma("unroll") for (int j = 0; j < NV; j++) st[c * NV + j] = acc[j];
-            sm[c] = m;
-            sl[c] = l;
-            if (want_page_lse) page_lse[((size_t)e + (size_t)gi * list_stride) * G + h] = plse;
+            __global const float *qh = qq + (size_t)c * HD;
+#define CPU_PAGE_CASE(DT_)                                                                                 \
+    if (HPn == 2)                                                                                          \
+        cpu_page(HD, DT_, 2, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);                  \
+    else                                                                                                   \
+        cpu_page(HD, DT_, 1, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);
+            switch (L.dtype) {
+            case DT_F32: CPU_PAGE_CASE(DT_F32) break;
+            case DT_F16: CPU_PAGE_CASE(DT_F16) break;
+            case DT_INT8: CPU_PAGE_CASE(DT_INT8) break;
+            default: CPU_PAGE_CASE(DT_INT4) break;
+            }
+#undef CPU_PAGE_CASE
+            for (int p = 0; p < HPn; p++) {
+                _Pragma("unroll") for (int j = 0; j < NV; j++) st[(c + p) * NV + j] = acc[p * CPU_NVMAX + j];
+                sm[c + p] = m[p];
+                sl[c + p] = l[p];
+                if (want_page_lse) page_lse[((size_t)e + (size_t)gi * list_stride) * G + h + p] = plse[p];
+            }
         }
     }
     /* An item never mixes int4 pages with others (the host splits runs where the
