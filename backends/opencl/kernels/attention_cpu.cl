@@ -31,10 +31,11 @@
 /* Software prefetch of n bytes from p (one per 64-byte line). A head's rows of a
    page are only a few KiB, too short for the hardware prefetchers to ramp up;
    the next page's rows are requested while this one is computed. */
+#define CPU_PF_STRIDE 64 /* bytes: one per cache line (every other line measured slower) */
 #if defined(__clang__)
 #define CPU_PREFETCH(p, n)                                                        \
     do {                                                                          \
-        for (uint o_ = 0; o_ < (uint)(n); o_ += 64) __builtin_prefetch((p) + o_); \
+        for (uint o_ = 0; o_ < (uint)(n); o_ += CPU_PF_STRIDE) __builtin_prefetch((p) + o_); \
     } while (0)
 #else
 #define CPU_PREFETCH(p, n) ((void)0)

@@ -2,12 +2,13 @@
  * floats of a buffer, each read once, in any order; the host adds the partials
  * in double.
  *
- * CPU devices (pikv_read_reduce_cpu): one contiguous run of `per` float16s per
+ * CPU devices (pikv_read_reduce_cpu, built with -DPIKV_OCL_CPU): one contiguous run of `per` float16s per
  * work item (work-groups of one item), four independent accumulators so the
  * loads stream; item 0 also adds the n % 16 tail floats.
  * GPUs (pikv_read_reduce_gpu): grid-stride float4 loads (coalesced), then a
  * work-group tree reduction into one partial per group. Each float lane adds at
  * most a few million values, so sums of ones stay exact. */
+#ifdef PIKV_OCL_CPU
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_read_reduce_cpu(__global const float *buf, ulong n,
                                                                                   ulong per, __global float *parts)
 {
@@ -30,6 +31,7 @@ __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void pikv_read_reduce_cp
         for (ulong j = n16 * 16; j < n; j++) r += buf[j];
     parts[i] = r;
 }
+#endif /* PIKV_OCL_CPU */
 
 __kernel void pikv_read_reduce_gpu(__global const float *buf, ulong n, __global float *parts, __local float *red)
 {
