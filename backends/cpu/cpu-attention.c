@@ -7,7 +7,7 @@
  * context so a single sequence still uses every thread; the splits are merged
  * exactly with their log-sum-exp. Within a task the softmax is online, one
  * page at a time: scores of the page, one rescale, then the value sum. */
-#include "cpu-impl.h"
+#include "cpu-attention.h"
 
 #include <math.h>
 #include <string.h>
@@ -27,6 +27,7 @@ typedef struct attn_job {
     float *scratch;       /* per thread */
     size_t scratch_floats;
     const pikv_cpu_backend *cb;
+    bool fast;            /* the AVX-512 page kernels (cpu-attention-avx512.c) */
 } attn_job;
 
 /* Row t of KV head g of a page, as f32 (dequantized inside the kernel for
@@ -45,9 +46,45 @@ static inline const float *row_f32(const attn_job *job, const pikv_page_layout *
     return tmp;
 }
 
+/* The fast kernels: q scaled once per task (and in even/odd order for int4 pages). */
+static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
+{
+    const pikv_attention_args *a = job->a;
+    const pikv_page_layout *L0 = a->pool->layout;
+    const attn_task *t = &job->tasks[ti];
+    const int32_t hd = L0->head_dim, G = job->group;
+    float *sc = job->scratch + (size_t)thread * job->scratch_floats;
+    pikv_cpu_attn_list l = {.args = a, .kv_head = t->kv_head, .G = G, .page_begin = t->page_begin,
+                            .page_end = t->page_end};
+    l.part = job->parts + (size_t)ti * (size_t)G * ((size_t)hd + 2);
+    l.qs = sc;
+    l.qeo = l.qs + (size_t)G * (size_t)hd;
+    l.qfold = l.qeo + (size_t)G * (size_t)hd;
+    l.kconst = l.qfold + (size_t)G * (size_t)hd;
+    l.scores = l.kconst + G;
+    l.block = l.scores + (size_t)G * (size_t)L0->page_size;
+    l.vweights = l.block + 16 * (size_t)hd;
+    l.vzsum = l.vweights + 16 * (size_t)hd;
+    const float *q = a->q + ((size_t)t->query * (size_t)a->n_q_heads + (size_t)t->kv_head * (size_t)G) * (size_t)hd;
+    for (size_t i = 0; i < (size_t)G * (size_t)hd; i++) l.qs[i] = q[i] * a->scale;
+    memcpy(l.qeo, l.qs, (size_t)G * (size_t)hd * sizeof(float));
+    pikv_cpu_attn_reorder(l.qeo, G * hd, true);
+    for (int32_t h = 0; h < G; h++) {
+        float *ph = l.part + (size_t)h * ((size_t)hd + 2);
+        ph[0] = -INFINITY;
+        ph[1] = 0.0f;
+        memset(ph + 2, 0, (size_t)hd * sizeof(float));
+    }
+    pikv_cpu_attn_list_avx512(&l);
+}
+
 static void attn_run_task(void *arg, int64_t ti, int32_t thread)
 {
     attn_job *job = arg;
+    if (job->fast) {
+        attn_run_task_fast(job, ti, thread);
+        return;
+    }
     const pikv_attention_args *a = job->a;
     const pikv_page_layout *L0 = a->pool->layout;
     const attn_task *t = &job->tasks[ti];
@@ -191,6 +228,10 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     }
     attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev)};
     job.scratch_floats = (size_t)G * (size_t)L->page_size + 4 * (size_t)L->head_dim;
+    job.fast = job.cb->attn_avx512 && pikv_cpu_attn_fast_layout(L) &&
+               pikv_cpu_attn_fast_layout(a->pool->quant ? a->pool->quant->layout : NULL);
+    if (job.fast) job.scratch_floats = pikv_cpu_attn_scratch_floats(G, L->head_dim, L->page_size);
+    job.scratch_floats = (job.scratch_floats + 15) & ~(size_t)15; /* 64-byte aligned per thread */
     job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));
     job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));

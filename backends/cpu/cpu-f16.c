@@ -1,7 +1,7 @@
 /* Row conversions between f16 pages and f32, chosen once at run time: F16C on
    x86-64 CPUs that have it (8 values per instruction), portable C otherwise.
    Both round to nearest even, so pages are bit-identical either way. */
-#include "cpu-impl.h"
+#include "cpu-attention.h"
 #include "../../runtime/f16.h"
 
 static void f16_to_f32_generic(const uint16_t *src, float *dst, int32_t n)
@@ -56,6 +56,7 @@ void pikv_cpu_f16_init(pikv_cpu_backend *cb)
 {
     cb->f16_to_f32 = f16_to_f32_generic;
     cb->f32_to_f16 = f32_to_f16_generic;
+    cb->attn_avx512 = pikv_cpu_has_avx512();
 #ifdef PIKV_HAVE_F16C_PATH
     if (cpu_has_avx_f16c()) {
         cb->f16_to_f32 = f16_to_f32_f16c;

@@ -22,6 +22,7 @@ typedef struct pikv_cpu_backend {
     /* f16 row conversions picked for this CPU (cpu-f16.c) */
     void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
     void (*f32_to_f16)(const float *src, uint16_t *dst, int32_t n);
+    bool attn_avx512; /* the AVX-512 kernels run here (cpu-attention-avx512.c) */
 } pikv_cpu_backend;
 
 void pikv_cpu_f16_init(pikv_cpu_backend *cb); /* cpu-f16.c */

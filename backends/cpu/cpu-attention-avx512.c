@@ -1,0 +1,457 @@
+/* Decode attention page kernels for x86-64 CPUs with AVX-512 (F, BW, VL), F16C
+ * and FMA, chosen at run time (pikv_cpu_attn_avx512_usable). One call handles
+ * one page of one KV head for the G query heads sharing it:
+ *   1. scores: 16 rows at a time, one accumulator per row, then a transposed
+ *      reduction gives the 16 row sums in one vector (no horizontal sum per row);
+ *   2. the page's online-softmax step, exp vectorized;
+ *   3. the value sum, with the accumulators in registers for the whole page.
+ * f16 rows are converted in registers (MHA: straight from the page; GQA: once
+ * into a 16-row f32 block in L1 that every head of the group reuses). Quantized
+ * pages are never dequantized into rows: the key scale is folded into q per
+ * key group (q'_d = q_d * scale_d, constant sum_d q_d * zero_d), value rows add
+ * (p * s_g) * v_int and the zero points once per page as p-weighted group
+ * sums. INT4 works on nibbles in place: per 32 channels the low nibbles are the
+ * even channels and the high nibbles the odd ones, so q and the accumulators
+ * are kept in that "even/odd" order while int4 pages are read.
+ * The kernels use explicit FMA: results match the portable path within float
+ * tolerance, not bit for bit. */
+#include "cpu-attention.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define T512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+
+bool pikv_cpu_has_avx512(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned osxsave = 1u << 27, fma = 1u << 12, f16c = 1u << 29;
+    if ((c & (osxsave | fma | f16c)) != (osxsave | fma | f16c)) return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    if ((lo & 0xe6u) != 0xe6u) return false; /* XMM, YMM, opmask, ZMM state saved by the OS */
+    if (__get_cpuid_max(0, NULL) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const unsigned f = 1u << 16, dq = 1u << 17, bw = 1u << 30, vl = 1u << 31;
+    return (b & (f | dq | bw | vl)) == (f | dq | bw | vl);
+}
+
+/* ---- helpers --------------------------------------------------------------- */
+
+/* exp(x) for x <= 0 (scores minus their maximum): Cephes' polynomial on
+   x - n ln2, then 2^n by scalef, which flushes very negative x to 0. */
+T512_INLINE __m512 exp512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The 16 horizontal sums of a[0..15] as one vector (lane r = sum of a[r]). */
+T512_INLINE __m512 hsum16(__m512 a[16])
+{
+    __m512 c[8], d[4], e[2];
+    for (int i = 0; i < 8; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xee));
+    for (int i = 0; i < 4; i++)
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[i], c[i + 4], 0x88), _mm512_shuffle_f32x4(c[i], c[i + 4], 0xdd));
+    for (int i = 0; i < 2; i++)
+        e[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[i], d[i + 2]), _mm512_unpackhi_ps(d[i], d[i + 2]));
+    const __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x44), _mm512_shuffle_ps(e[0], e[1], 0xee));
+    const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(idx, g);
+}
+
+/* 16 channels of a row, as f32: f16 (kind 0), f32 (1), int8 codes (2). */
+T512_INLINE __m512 load16(const unsigned char *row, int32_t c, int kind)
+{
+    if (kind == 0) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)c)));
+    if (kind == 1) return _mm512_loadu_ps(row + 4 * (size_t)c);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c))));
+}
+
+/* INT4: 32 channels from 16 bytes, as (even, odd) vectors of the nibble codes. */
+T512_INLINE void load32_int4(const unsigned char *row, int32_t c, __m512 *even, __m512 *odd)
+{
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c / 2)));
+    *even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+
+/* natural <-> even/odd order of 32 channels */
+T512_INLINE void to_eo(__m512 lo, __m512 hi, __m512 *even, __m512 *odd)
+{
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    *even = _mm512_permutex2var_ps(lo, ie, hi);
+    *odd = _mm512_permutex2var_ps(lo, io, hi);
+}
+
+T512_INLINE void from_eo(__m512 even, __m512 odd, __m512 *lo, __m512 *hi)
+{
+    const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    *lo = _mm512_permutex2var_ps(even, il, odd);
+    *hi = _mm512_permutex2var_ps(even, ih, odd);
+}
+
+/* Reorder n floats (a multiple of 32) in place between natural and even/odd order. */
+T512 void pikv_cpu_attn_reorder(float *x, int32_t n, bool to_even_odd)
+{
+    for (int32_t c = 0; c < n; c += 32) {
+        const __m512 a = _mm512_loadu_ps(x + c), b = _mm512_loadu_ps(x + c + 16);
+        __m512 u, v;
+        if (to_even_odd) to_eo(a, b, &u, &v);
+        else from_eo(a, b, &u, &v);
+        _mm512_storeu_ps(x + c, u);
+        _mm512_storeu_ps(x + c + 16, v);
+    }
+}
+
+/* Scores of rows [r0, r0+nb) (nb <= 16) for one head: lane r = q . row(r0 + r). Rows
+   are `kind` codes at row_bytes apart, or f32 (kind 1) in a block. hd % 16 == 0;
+   int4 (kind 3) reads q in even/odd order. */
+T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd,
+                            int kind)
+{
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    if (nb == 16) {
+        for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
+            if (kind == 3) {
+                const __m512 qe = _mm512_loadu_ps(q + c), qo = _mm512_loadu_ps(q + c + 16);
+                for (int r = 0; r < 16; r++) {
+                    __m512 e, o;
+                    load32_int4(rows + (size_t)r * row_bytes, c, &e, &o);
+                    acc[r] = _mm512_fmadd_ps(qe, e, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(qo, o, acc[r]);
+                }
+            } else {
+                const __m512 qv = _mm512_loadu_ps(q + c);
+                for (int r = 0; r < 16; r++)
+                    acc[r] = _mm512_fmadd_ps(qv, load16(rows + (size_t)r * row_bytes, c, kind), acc[r]);
+            }
+        }
+    } else {
+        for (int32_t r = 0; r < nb; r++) {
+            const unsigned char *row = rows + (size_t)r * row_bytes;
+            __m512 s = _mm512_setzero_ps();
+            for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
+                if (kind == 3) {
+                    __m512 e, o;
+                    load32_int4(row, c, &e, &o);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), e, s);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), o, s);
+                } else {
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16(row, c, kind), s);
+                }
+            }
+            acc[r] = s;
+        }
+    }
+    return hsum16(acc);
+}
+
+/* Rows [r0, r0+nb) of `kind` codes as f32 into blk[nb][hd] (int4: even/odd order). */
+T512_INLINE void rows_to_f32(const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd, int kind,
+                             float *blk)
+{
+    for (int32_t r = 0; r < nb; r++) {
+        const unsigned char *row = rows + (size_t)r * row_bytes;
+        float *o = blk + (size_t)r * (size_t)hd;
+        if (kind == 3) {
+            for (int32_t c = 0; c < hd; c += 32) {
+                __m512 e, od;
+                load32_int4(row, c, &e, &od);
+                _mm512_storeu_ps(o + c, e);
+                _mm512_storeu_ps(o + c + 16, od);
+            }
+        } else {
+            for (int32_t c = 0; c < hd; c += 16) _mm512_storeu_ps(o + c, load16(row, c, kind));
+        }
+    }
+}
+
+/* ---- the per-page online softmax -------------------------------------------- */
+
+/* Head h's scores s[0..n) of a page become its weights against the running
+   maximum; the running state (m, l, acc) is rescaled. page_lse: the page's
+   log mass. */
+T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float *page_lse)
+{
+    float page_max = -INFINITY;
+    for (int32_t r = 0; r < n; r++) page_max = s[r] > page_max ? s[r] : page_max;
+    const float mx = page_max > ph[0] ? page_max : ph[0];
+    const float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
+    const float to_running = expf(page_max - mx);
+    const __m512 pm = _mm512_set1_ps(page_max);
+    __m512 sum = _mm512_setzero_ps();
+    int32_t r = 0;
+    for (; r + 16 <= n; r += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + r), pm));
+        _mm512_storeu_ps(s + r, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (r < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - r)) - 1u);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + r), pm));
+        _mm512_mask_storeu_ps(s + r, k, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    }
+    const float page_sum = _mm512_reduce_add_ps(sum);
+    if (page_lse) *page_lse = page_max + logf(page_sum);
+    if (to_running != 1.0f) {
+        const __m512 t = _mm512_set1_ps(to_running);
+        for (r = 0; r + 16 <= n; r += 16) _mm512_storeu_ps(s + r, _mm512_mul_ps(_mm512_loadu_ps(s + r), t));
+        for (; r < n; r++) s[r] *= to_running;
+    }
+    ph[0] = mx;
+    ph[1] = ph[1] * rescale + page_sum * to_running;
+    if (rescale != 1.0f) {
+        const __m512 f = _mm512_set1_ps(rescale);
+        float *acc = ph + 2;
+        for (int32_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), f));
+    }
+}
+
+/* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
+   with per-row-group weights for quantized values: w[r * wstride + j] for the
+   channel group j of `gsize` channels (gsize = hd, wstride = 1 for plain rows).
+   Accumulators stay in registers for up to 128 channels at a time. */
+T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
+                                 const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
+{
+    for (int32_t d0 = 0; d0 < hd; d0 += 128) {
+        const int32_t nc = (hd - d0 < 128 ? hd - d0 : 128) / 16;
+        __m512 a[8];
+        for (int j = 0; j < 8; j++) a[j] = j < nc ? _mm512_loadu_ps(acc + d0 + 16 * j) : _mm512_setzero_ps();
+        if (nc == 8 && gsize % 128 == 0 && kind != 3) {
+            for (int32_t r = 0; r < n; r++) {
+                const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)(d0 / gsize)]);
+                const unsigned char *row = rows + (size_t)r * row_bytes;
+                for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j, kind), a[j]);
+            }
+        } else if (nc == 8 && gsize % 32 == 0) {
+            for (int32_t r = 0; r < n; r++) {
+                const float *wr = w + (size_t)r * (size_t)wstride;
+                const unsigned char *row = rows + (size_t)r * row_bytes;
+                for (int j = 0; j < 8; j += 2) {
+                    const __m512 p = _mm512_set1_ps(wr[(d0 + 16 * j) / gsize]);
+                    if (kind == 3) {
+                        __m512 e, o;
+                        load32_int4(row, d0 + 16 * j, &e, &o);
+                        a[j] = _mm512_fmadd_ps(p, e, a[j]);
+                        a[j + 1] = _mm512_fmadd_ps(p, o, a[j + 1]);
+                    } else {
+                        a[j] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j, kind), a[j]);
+                        a[j + 1] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j + 16, kind), a[j + 1]);
+                    }
+                }
+            }
+        } else {
+            for (int32_t r = 0; r < n; r++) {
+                const float *wr = w + (size_t)r * (size_t)wstride;
+                const unsigned char *row = rows + (size_t)r * row_bytes;
+                for (int j = 0; j < nc; j++) {
+                    const int32_t c = d0 + 16 * j;
+                    if (kind == 3) {
+                        if (j & 1) continue; /* pairs of 16 (hd % 32 == 0 for int4) */
+                        const __m512 p = _mm512_set1_ps(wr[c / gsize]);
+                        __m512 e, o;
+                        load32_int4(row, c, &e, &o);
+                        a[j] = _mm512_fmadd_ps(p, e, a[j]);
+                        a[j + 1] = _mm512_fmadd_ps(p, o, a[j + 1]);
+                    } else {
+                        a[j] = _mm512_fmadd_ps(_mm512_set1_ps(wr[c / gsize]), load16(row, c, kind), a[j]);
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < nc; j++) _mm512_storeu_ps(acc + d0 + 16 * j, a[j]);
+    }
+}
+
+/* ---- one page of one KV head --------------------------------------------------- */
+
+T512_INLINE void page_plain(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
+                            float *page_lse, int kind)
+{
+    const int32_t hd = L->head_dim, G = t->G;
+    const size_t ps_stride = (size_t)hd + 2;
+    const unsigned char *K = page + L->k_offset + (uint64_t)t->kv_head * L->head_stride;
+    const unsigned char *V = page + L->v_offset + (uint64_t)t->kv_head * L->head_stride;
+    const size_t rb = (size_t)L->row_bytes;
+    float *s = t->scores; /* [G][page_size] */
+    const size_t ss = (size_t)L->page_size;
+    for (int32_t r0 = 0; r0 < n; r0 += 16) {
+        const int32_t nb = n - r0 < 16 ? n - r0 : 16;
+        if (G == 1) {
+            const __m512 v = dot_rows(t->qs, K + (size_t)r0 * rb, rb, nb, hd, kind);
+            _mm512_mask_storeu_ps(s + r0, (__mmask16)((1u << nb) - 1u), v);
+        } else {
+            rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+            for (int32_t h = 0; h < G; h++) {
+                const __m512 v = dot_rows(t->qs + (size_t)h * (size_t)hd, (const unsigned char *)t->block,
+                                          (size_t)hd * 4, nb, hd, 1);
+                _mm512_mask_storeu_ps(s + (size_t)h * ss + r0, (__mmask16)((1u << nb) - 1u), v);
+            }
+        }
+    }
+    for (int32_t h = 0; h < G; h++)
+        softmax_step(s + (size_t)h * ss, n, t->part + (size_t)h * ps_stride, hd, page_lse ? page_lse + h : NULL);
+    if (G == 1) {
+        accumulate_rows(t->part + 2, s, 1, hd, V, rb, n, hd, kind);
+        return;
+    }
+    for (int32_t r0 = 0; r0 < n; r0 += 16) {
+        const int32_t nb = n - r0 < 16 ? n - r0 : 16;
+        rows_to_f32(V + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+        for (int32_t h = 0; h < G; h++)
+            accumulate_rows(t->part + (size_t)h * ps_stride + 2, s + (size_t)h * ss + r0, 1, hd,
+                            (const unsigned char *)t->block, (size_t)hd * 4, nb, hd, 1);
+    }
+}
+
+/* Quantized page (kind 2: int8, 3: int4). */
+T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
+                            float *page_lse, int kind)
+{
+    const int32_t hd = L->head_dim, G = t->G, gsz = L->group, vg = L->v_groups;
+    const size_t ps_stride = (size_t)hd + 2;
+    const int32_t g = t->kv_head;
+    const unsigned char *K = page + L->k_offset + (uint64_t)g * L->head_stride;
+    const unsigned char *V = page + L->v_offset + (uint64_t)g * L->head_stride;
+    const size_t rb = (size_t)L->row_bytes;
+    float *s = t->scores;
+    const size_t ss = (size_t)L->page_size;
+    const float *q = kind == 3 ? t->qeo : t->qs;
+    float *qf = t->qfold; /* [G][hd]: q * key scale of the current key group */
+    /* keys, by key group (tokens [tg * gsz, ..)) */
+    for (int32_t t0 = 0, tg = 0; t0 < n; t0 += gsz, tg++) {
+        const int32_t nt = n - t0 < gsz ? n - t0 : gsz;
+        const size_t at = ((size_t)g * (size_t)L->k_groups + (size_t)tg) * (size_t)hd;
+        const uint16_t *ksc = (const uint16_t *)(page + L->kscale_offset) + at;
+        const uint16_t *kzr = (const uint16_t *)(page + L->kzero_offset) + at;
+        for (int32_t h = 0; h < G; h++) {
+            const float *qh = t->qs + (size_t)h * (size_t)hd, *qo = q + (size_t)h * (size_t)hd;
+            float *qfh = qf + (size_t)h * (size_t)hd;
+            __m512 cz = _mm512_setzero_ps();
+            for (int32_t c = 0; c < hd; c += 32) {
+                const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ksc + c)));
+                const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ksc + c + 16)));
+                const __m512 z0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kzr + c)));
+                const __m512 z1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kzr + c + 16)));
+                cz = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c), z0, cz);
+                cz = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c + 16), z1, cz);
+                __m512 a = s0, b = s1;
+                if (kind == 3) to_eo(s0, s1, &a, &b);
+                _mm512_storeu_ps(qfh + c, _mm512_mul_ps(_mm512_loadu_ps(qo + c), a));
+                _mm512_storeu_ps(qfh + c + 16, _mm512_mul_ps(_mm512_loadu_ps(qo + c + 16), b));
+            }
+            t->kconst[h] = _mm512_reduce_add_ps(cz);
+        }
+        for (int32_t r0 = t0; r0 < t0 + nt; r0 += 16) {
+            const int32_t nb = t0 + nt - r0 < 16 ? t0 + nt - r0 : 16;
+            const __mmask16 m = (__mmask16)((1u << nb) - 1u);
+            if (G == 1) {
+                const __m512 v = dot_rows(qf, K + (size_t)r0 * rb, rb, nb, hd, kind);
+                _mm512_mask_storeu_ps(s + r0, m, _mm512_add_ps(v, _mm512_set1_ps(t->kconst[0])));
+            } else {
+                rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+                for (int32_t h = 0; h < G; h++) {
+                    const __m512 v = dot_rows(qf + (size_t)h * (size_t)hd, (const unsigned char *)t->block,
+                                              (size_t)hd * 4, nb, hd, 1);
+                    _mm512_mask_storeu_ps(s + (size_t)h * ss + r0, m, _mm512_add_ps(v, _mm512_set1_ps(t->kconst[h])));
+                }
+            }
+        }
+    }
+    for (int32_t h = 0; h < G; h++)
+        softmax_step(s + (size_t)h * ss, n, t->part + (size_t)h * ps_stride, hd, page_lse ? page_lse + h : NULL);
+    /* values: weights p_r * scale_{r,j}; zero points as sum_r p_r * zero_{r,j} per group */
+    const uint16_t *vsc = (const uint16_t *)(page + L->vscale_offset) + (size_t)g * ss * (size_t)vg;
+    const uint16_t *vzr = (const uint16_t *)(page + L->vzero_offset) + (size_t)g * ss * (size_t)vg;
+    float *w = t->vweights; /* [16][vg] */
+    float *zs = t->vzsum;   /* [vg] */
+    for (int32_t h = 0; h < G; h++) {
+        const float *p = s + (size_t)h * ss;
+        float *acc = t->part + (size_t)h * ps_stride + 2;
+        for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
+        for (int32_t r0 = 0; r0 < n; r0 += 16) {
+            const int32_t nb = n - r0 < 16 ? n - r0 : 16;
+            for (int32_t r = 0; r < nb; r++) {
+                const size_t at = (size_t)(r0 + r) * (size_t)vg;
+                for (int32_t j = 0; j < vg; j++) {
+                    w[(size_t)r * (size_t)vg + (size_t)j] = p[r0 + r] * _cvtsh_ss(vsc[at + (size_t)j]);
+                    zs[j] += p[r0 + r] * _cvtsh_ss(vzr[at + (size_t)j]);
+                }
+            }
+            accumulate_rows(acc, w, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
+        }
+        for (int32_t j = 0; j < vg; j++) {
+            const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
+            const __m512 z = _mm512_set1_ps(zs[j]);
+            for (int32_t d = j * gsz; d < end; d += 16) _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), z));
+        }
+    }
+}
+
+/* The page list of one task: each page by its own layout (open f16/f32 pages and
+   quantized pages may be mixed). */
+T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
+{
+    const pikv_attention_args *a = t->args;
+    const int32_t G = t->G;
+    const int32_t hd = a->pool->layout->head_dim;
+    bool eo = false; /* accumulators in even/odd order (int4 pages) */
+    for (int32_t p = t->page_begin; p < t->page_end; p++) {
+        const int32_t n = a->page_len[p];
+        if (n <= 0) continue;
+        const uint32_t slot = a->slots[p];
+        const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
+        const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
+        if (p + 1 < t->page_end) { /* the next page's first lines of this head */
+            const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[p + 1]);
+            const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[p + 1]);
+            _mm_prefetch((const char *)(nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride), _MM_HINT_T0);
+            _mm_prefetch((const char *)(nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride), _MM_HINT_T0);
+        }
+        float *pl = a->page_lse ? a->page_lse + (size_t)p * (size_t)G : NULL;
+        const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
+        if (want_eo != eo) {
+            for (int32_t h = 0; h < G; h++) pikv_cpu_attn_reorder(t->part + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
+            eo = want_eo;
+        }
+        switch (L->dtype) {
+        case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
+        case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
+        case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
+        case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
+        }
+    }
+    if (eo)
+        for (int32_t h = 0; h < G; h++) pikv_cpu_attn_reorder(t->part + (size_t)h * ((size_t)hd + 2) + 2, hd, false);
+}
+
+#else
+bool pikv_cpu_has_avx512(void) { return false; }
+void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t) { (void)t; }
+void pikv_cpu_attn_reorder(float *x, int32_t n, bool to_even_odd) { (void)x, (void)n, (void)to_even_odd; }
+#endif
