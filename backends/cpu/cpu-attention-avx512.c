@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define T512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
@@ -427,11 +428,21 @@ T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
         const uint32_t slot = a->slots[p];
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
         const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
-        if (p + 1 < t->page_end) { /* the next page's first lines of this head */
+        static int pfmode = -1;
+        if (pfmode < 0) pfmode = getenv("PF") ? atoi(getenv("PF")) : 2;
+        if (p + 1 < t->page_end && pfmode) {
+            /* this head's K and V rows of the next page are two blocks far from
+               each other and from this page's: prefetch them whole, so the
+               streams do not wait for the hardware prefetcher to ramp up */
             const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[p + 1]);
             const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[p + 1]);
-            _mm_prefetch((const char *)(nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride), _MM_HINT_T0);
-            _mm_prefetch((const char *)(nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride), _MM_HINT_T0);
+            const uint64_t bytes = (uint64_t)a->page_len[p + 1] * NL->row_bytes;
+            const unsigned char *nk = nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride;
+            const unsigned char *nv = nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride;
+            for (uint64_t o = 0; o < (pfmode == 1 ? 64 : bytes); o += 64) {
+                _mm_prefetch((const char *)(nk + o), _MM_HINT_T0);
+                _mm_prefetch((const char *)(nv + o), _MM_HINT_T0);
+            }
         }
         float *pl = a->page_lse ? a->page_lse + (size_t)p * (size_t)G : NULL;
         const bool want_eo = L->dtype == PIKV_DTYPE_INT4;

@@ -4,6 +4,9 @@
 #include "cpu-attention.h"
 #include "../../runtime/f16.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 static void f16_to_f32_generic(const uint16_t *src, float *dst, int32_t n)
 {
     for (int32_t i = 0; i < n; i++) dst[i] = pikv_f16_to_f32(src[i]);
@@ -56,7 +59,10 @@ void pikv_cpu_f16_init(pikv_cpu_backend *cb)
 {
     cb->f16_to_f32 = f16_to_f32_generic;
     cb->f32_to_f16 = f32_to_f16_generic;
-    cb->attn_avx512 = pikv_cpu_has_avx512();
+    /* PIKV_CPU_ISA=generic keeps the portable kernels (tests run both paths) */
+    const char *isa = getenv("PIKV_CPU_ISA");
+    const bool generic = isa && strcmp(isa, "generic") == 0;
+    cb->attn_avx512 = !generic && pikv_cpu_has_avx512();
 #ifdef PIKV_HAVE_F16C_PATH
     if (cpu_has_avx_f16c()) {
         cb->f16_to_f32 = f16_to_f32_f16c;
