@@ -389,22 +389,57 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     /* values: weights p_r * scale_{r,j}; zero points as sum_r p_r * zero_{r,j} per group */
     const uint16_t *vsc = (const uint16_t *)(page + L->vscale_offset) + (size_t)g * ss * (size_t)vg;
     const uint16_t *vzr = (const uint16_t *)(page + L->vzero_offset) + (size_t)g * ss * (size_t)vg;
-    float *w = t->vweights; /* [16][vg] */
-    float *zs = t->vzsum;   /* [vg] */
+    float *w = t->vweights;      /* [n][vg] */
+    float *zs = t->vzsum;        /* [vg] */
+    float *vsf = t->vscales;     /* [n][vg] value scales, then zero points, as f32 */
+    float *vzf = t->vscales + (size_t)n * (size_t)vg;
+    const int32_t nv = n * vg;
+    {
+        int32_t i = 0;
+        for (; i + 16 <= nv; i += 16) {
+            _mm512_storeu_ps(vsf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vsc + i))));
+            _mm512_storeu_ps(vzf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vzr + i))));
+        }
+        for (; i < nv; i++) {
+            vsf[i] = _cvtsh_ss(vsc[i]);
+            vzf[i] = _cvtsh_ss(vzr[i]);
+        }
+    }
+    /* vg divides 16 (hd 128, groups of 32: 4): a vector covers 16 / vg rows */
+    const bool vec_w = 16 % vg == 0 && nv % 16 == 0;
     for (int32_t h = 0; h < G; h++) {
         const float *p = s + (size_t)h * ss;
         float *acc = t->part + (size_t)h * ps_stride + 2;
         for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
-        for (int32_t r0 = 0; r0 < n; r0 += 16) {
-            const int32_t nb = n - r0 < 16 ? n - r0 : 16;
-            for (int32_t r = 0; r < nb; r++) {
-                const size_t at = (size_t)(r0 + r) * (size_t)vg;
+        if (vec_w) {
+            /* w[r][j] = p[r] * scale[r][j]; zero points summed per lane, lane i being group i % vg */
+            __m512 zacc = _mm512_setzero_ps();
+            const int sh = vg == 1 ? 0 : vg == 2 ? 1 : vg == 4 ? 2 : vg == 8 ? 3 : 4;
+            const __m512i lane_row = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (unsigned)sh);
+            const __mmask16 pmask = (__mmask16)((1u << (16 >> sh)) - 1u);
+            for (int32_t i = 0; i < nv; i += 16) {
+                const __m512 pr = _mm512_permutexvar_ps(lane_row, _mm512_maskz_loadu_ps(pmask, p + (i >> sh)));
+                _mm512_storeu_ps(w + i, _mm512_mul_ps(pr, _mm512_loadu_ps(vsf + i)));
+                zacc = _mm512_fmadd_ps(pr, _mm512_loadu_ps(vzf + i), zacc);
+            }
+            float zl[16];
+            _mm512_storeu_ps(zl, zacc);
+            for (int i = 0; i < 16; i++) zs[i % vg] += zl[i];
+            for (int32_t r0 = 0; r0 < n; r0 += 16) {
+                const int32_t nb = n - r0 < 16 ? n - r0 : 16;
+                accumulate_rows(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
+            }
+        } else {
+            for (int32_t r = 0; r < n; r++) {
+                const float pr = p[r];
+                const float *sr = vsf + (size_t)r * (size_t)vg, *zr = vzf + (size_t)r * (size_t)vg;
+                float *wr = w + (size_t)r * (size_t)vg;
                 for (int32_t j = 0; j < vg; j++) {
-                    w[(size_t)r * (size_t)vg + (size_t)j] = p[r0 + r] * _cvtsh_ss(vsc[at + (size_t)j]);
-                    zs[j] += p[r0 + r] * _cvtsh_ss(vzr[at + (size_t)j]);
+                    wr[j] = pr * sr[j];
+                    zs[j] += pr * zr[j];
                 }
             }
-            accumulate_rows(acc, w, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
+            accumulate_rows(acc, w, vg, gsz, V, rb, n, hd, kind);
         }
         for (int32_t j = 0; j < vg; j++) {
             const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
@@ -442,6 +477,22 @@ T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
             for (uint64_t o = 0; o < (pfmode == 1 ? 64 : bytes); o += 64) {
                 _mm_prefetch((const char *)(nk + o), _MM_HINT_T0);
                 _mm_prefetch((const char *)(nv + o), _MM_HINT_T0);
+            }
+            if (pikv_dtype_quantized(NL->dtype)) { /* and its scales and zero points */
+                const uint64_t kb = (uint64_t)NL->k_groups * (uint64_t)NL->head_dim * 2;
+                const uint64_t vb = (uint64_t)NL->page_size * (uint64_t)NL->v_groups * 2;
+                const unsigned char *ks = nx + NL->kscale_offset + (uint64_t)t->kv_head * kb;
+                const unsigned char *kz = nx + NL->kzero_offset + (uint64_t)t->kv_head * kb;
+                const unsigned char *vs = nx + NL->vscale_offset + (uint64_t)t->kv_head * vb;
+                const unsigned char *vz = nx + NL->vzero_offset + (uint64_t)t->kv_head * vb;
+                for (uint64_t o = 0; o < kb; o += 64) {
+                    _mm_prefetch((const char *)(ks + o), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(kz + o), _MM_HINT_T0);
+                }
+                for (uint64_t o = 0; o < vb; o += 64) {
+                    _mm_prefetch((const char *)(vs + o), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vz + o), _MM_HINT_T0);
+                }
             }
         }
         float *pl = a->page_lse ? a->page_lse + (size_t)p * (size_t)G : NULL;
