@@ -3,9 +3,9 @@
  * each KV head's rows of a page as a few KiB far from the previous page's:
  * with 4 KiB pages nearly every such block is a TLB miss (measured: dense f16
  * decode at 32K tokens went from ~19 to ~30 GB/s with huge pages).
- * Buffers of other sizes, and every buffer under AddressSanitizer (so it keeps
- * seeing each chunk as its own allocation), come straight from the context's
- * allocator. */
+ * Only with the default allocator: a caller's allocator sees every chunk as its
+ * own allocation (its accounting stays exact), as does AddressSanitizer. Other
+ * sizes come straight from the context's allocator. */
 #define _DEFAULT_SOURCE 1
 #include "cpu-impl.h"
 
@@ -43,7 +43,7 @@ static pthread_mutex_t arena_mutex = PTHREAD_MUTEX_INITIALIZER;
 void *pikv_cpu_arena_alloc(pikv_context *ctx, pikv_cpu_backend *cb, size_t size)
 {
 #ifndef PIKV_ARENA_OFF
-    if (size >= MIN_BUF && size <= MAX_BUF) {
+    if (ctx->default_allocator && size >= MIN_BUF && size <= MAX_BUF) {
         pthread_mutex_lock(&arena_mutex);
         pikv_cpu_slab *s = cb->slabs;
         while (s && (s->buf_size != size || s->used == s->n_slots)) s = s->next;
@@ -81,7 +81,7 @@ void pikv_cpu_arena_free(pikv_context *ctx, pikv_cpu_backend *cb, void *ptr, siz
 {
     if (!ptr) return;
 #ifndef PIKV_ARENA_OFF
-    if (size >= MIN_BUF && size <= MAX_BUF) {
+    if (ctx->default_allocator && size >= MIN_BUF && size <= MAX_BUF) {
         pthread_mutex_lock(&arena_mutex);
         for (pikv_cpu_slab **at = &cb->slabs; *at; at = &(*at)->next) {
             pikv_cpu_slab *s = *at;
