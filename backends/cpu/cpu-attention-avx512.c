@@ -22,7 +22,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
-#include <stdlib.h>
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define T512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
@@ -91,9 +90,12 @@ T512_INLINE __m512 load16(const unsigned char *row, int32_t c, int kind)
 /* INT4: 32 channels from 16 bytes, as (even, odd) vectors of the nibble codes. */
 T512_INLINE void load32_int4(const unsigned char *row, int32_t c, __m512 *even, __m512 *odd)
 {
+    /* a table lookup (vpermps reads the low 4 bits of each index) is the mask and
+       the conversion in one instruction */
+    const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c / 2)));
-    *even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    *odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    *even = _mm512_permutexvar_ps(b, tab);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
 }
 
 /* natural <-> even/odd order of 32 channels */
@@ -200,8 +202,11 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
     float page_max = -INFINITY;
     for (int32_t r = 0; r < n; r++) page_max = s[r] > page_max ? s[r] : page_max;
     const float mx = page_max > ph[0] ? page_max : ph[0];
-    const float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
-    const float to_running = expf(page_max - mx);
+    /* one of the two factors is exp(0) = 1; the other in the same vector call as the page's */
+    float rescale = 1.0f, to_running = 1.0f;
+    if (ph[0] == -INFINITY) rescale = 0.0f;
+    else if (ph[0] < mx) rescale = expf(ph[0] - mx);
+    if (page_max < mx) to_running = expf(page_max - mx);
     const __m512 pm = _mm512_set1_ps(page_max);
     __m512 sum = _mm512_setzero_ps();
     int32_t r = 0;
@@ -232,60 +237,102 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
     }
 }
 
+/* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
+   w[r * wstride + gi] being the weight of row r for the channels' group gi
+   (one group for all 128 when gsize % 128 == 0, else groups of 32). */
+T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int32_t gsize, int32_t d0,
+                               const unsigned char *rows, size_t row_bytes, int32_t n, int kind)
+{
+    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16), a2 = _mm512_loadu_ps(acc + 32),
+           a3 = _mm512_loadu_ps(acc + 48), a4 = _mm512_loadu_ps(acc + 64), a5 = _mm512_loadu_ps(acc + 80),
+           a6 = _mm512_loadu_ps(acc + 96), a7 = _mm512_loadu_ps(acc + 112);
+    if (gsize % 128 == 0) {
+        const int32_t g0 = d0 / gsize;
+        for (int32_t r = 0; r < n; r++) {
+            const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
+            const unsigned char *row = rows + (size_t)r * row_bytes;
+            if (kind == 3) {
+                __m512 e, o;
+                load32_int4(row, d0, &e, &o);
+                a0 = _mm512_fmadd_ps(p, e, a0), a1 = _mm512_fmadd_ps(p, o, a1);
+                load32_int4(row, d0 + 32, &e, &o);
+                a2 = _mm512_fmadd_ps(p, e, a2), a3 = _mm512_fmadd_ps(p, o, a3);
+                load32_int4(row, d0 + 64, &e, &o);
+                a4 = _mm512_fmadd_ps(p, e, a4), a5 = _mm512_fmadd_ps(p, o, a5);
+                load32_int4(row, d0 + 96, &e, &o);
+                a6 = _mm512_fmadd_ps(p, e, a6), a7 = _mm512_fmadd_ps(p, o, a7);
+            } else {
+                a0 = _mm512_fmadd_ps(p, load16(row, d0, kind), a0);
+                a1 = _mm512_fmadd_ps(p, load16(row, d0 + 16, kind), a1);
+                a2 = _mm512_fmadd_ps(p, load16(row, d0 + 32, kind), a2);
+                a3 = _mm512_fmadd_ps(p, load16(row, d0 + 48, kind), a3);
+                a4 = _mm512_fmadd_ps(p, load16(row, d0 + 64, kind), a4);
+                a5 = _mm512_fmadd_ps(p, load16(row, d0 + 80, kind), a5);
+                a6 = _mm512_fmadd_ps(p, load16(row, d0 + 96, kind), a6);
+                a7 = _mm512_fmadd_ps(p, load16(row, d0 + 112, kind), a7);
+            }
+        }
+    } else {
+        const int32_t g0 = d0 / gsize, g1 = (d0 + 32) / gsize, g2 = (d0 + 64) / gsize, g3 = (d0 + 96) / gsize;
+        for (int32_t r = 0; r < n; r++) {
+            const float *wr = w + (size_t)r * (size_t)wstride;
+            const __m512 p0 = _mm512_set1_ps(wr[g0]), p1 = _mm512_set1_ps(wr[g1]);
+            const __m512 p2 = _mm512_set1_ps(wr[g2]), p3 = _mm512_set1_ps(wr[g3]);
+            const unsigned char *row = rows + (size_t)r * row_bytes;
+            if (kind == 3) {
+                __m512 e, o;
+                load32_int4(row, d0, &e, &o);
+                a0 = _mm512_fmadd_ps(p0, e, a0), a1 = _mm512_fmadd_ps(p0, o, a1);
+                load32_int4(row, d0 + 32, &e, &o);
+                a2 = _mm512_fmadd_ps(p1, e, a2), a3 = _mm512_fmadd_ps(p1, o, a3);
+                load32_int4(row, d0 + 64, &e, &o);
+                a4 = _mm512_fmadd_ps(p2, e, a4), a5 = _mm512_fmadd_ps(p2, o, a5);
+                load32_int4(row, d0 + 96, &e, &o);
+                a6 = _mm512_fmadd_ps(p3, e, a6), a7 = _mm512_fmadd_ps(p3, o, a7);
+            } else {
+                a0 = _mm512_fmadd_ps(p0, load16(row, d0, kind), a0);
+                a1 = _mm512_fmadd_ps(p0, load16(row, d0 + 16, kind), a1);
+                a2 = _mm512_fmadd_ps(p1, load16(row, d0 + 32, kind), a2);
+                a3 = _mm512_fmadd_ps(p1, load16(row, d0 + 48, kind), a3);
+                a4 = _mm512_fmadd_ps(p2, load16(row, d0 + 64, kind), a4);
+                a5 = _mm512_fmadd_ps(p2, load16(row, d0 + 80, kind), a5);
+                a6 = _mm512_fmadd_ps(p3, load16(row, d0 + 96, kind), a6);
+                a7 = _mm512_fmadd_ps(p3, load16(row, d0 + 112, kind), a7);
+            }
+        }
+    }
+    _mm512_storeu_ps(acc, a0), _mm512_storeu_ps(acc + 16, a1), _mm512_storeu_ps(acc + 32, a2);
+    _mm512_storeu_ps(acc + 48, a3), _mm512_storeu_ps(acc + 64, a4), _mm512_storeu_ps(acc + 80, a5);
+    _mm512_storeu_ps(acc + 96, a6), _mm512_storeu_ps(acc + 112, a7);
+}
+
 /* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
    with per-row-group weights for quantized values: w[r * wstride + j] for the
    channel group j of `gsize` channels (gsize = hd, wstride = 1 for plain rows).
-   Accumulators stay in registers for up to 128 channels at a time. */
+   Blocks of 128 channels keep their accumulators in registers; the rest (head_dim
+   not a multiple of 128, or groups of other sizes) goes 16 channels at a time. */
 T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
                                  const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
 {
-    for (int32_t d0 = 0; d0 < hd; d0 += 128) {
-        const int32_t nc = (hd - d0 < 128 ? hd - d0 : 128) / 16;
-        __m512 a[8];
-        for (int j = 0; j < 8; j++) a[j] = j < nc ? _mm512_loadu_ps(acc + d0 + 16 * j) : _mm512_setzero_ps();
-        if (nc == 8 && gsize % 128 == 0 && kind != 3) {
-            for (int32_t r = 0; r < n; r++) {
-                const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)(d0 / gsize)]);
-                const unsigned char *row = rows + (size_t)r * row_bytes;
-                for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j, kind), a[j]);
-            }
-        } else if (nc == 8 && gsize % 32 == 0) {
-            for (int32_t r = 0; r < n; r++) {
-                const float *wr = w + (size_t)r * (size_t)wstride;
-                const unsigned char *row = rows + (size_t)r * row_bytes;
-                for (int j = 0; j < 8; j += 2) {
-                    const __m512 p = _mm512_set1_ps(wr[(d0 + 16 * j) / gsize]);
-                    if (kind == 3) {
-                        __m512 e, o;
-                        load32_int4(row, d0 + 16 * j, &e, &o);
-                        a[j] = _mm512_fmadd_ps(p, e, a[j]);
-                        a[j + 1] = _mm512_fmadd_ps(p, o, a[j + 1]);
-                    } else {
-                        a[j] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j, kind), a[j]);
-                        a[j + 1] = _mm512_fmadd_ps(p, load16(row, d0 + 16 * j + 16, kind), a[j + 1]);
-                    }
-                }
-            }
-        } else {
-            for (int32_t r = 0; r < n; r++) {
-                const float *wr = w + (size_t)r * (size_t)wstride;
-                const unsigned char *row = rows + (size_t)r * row_bytes;
-                for (int j = 0; j < nc; j++) {
-                    const int32_t c = d0 + 16 * j;
-                    if (kind == 3) {
-                        if (j & 1) continue; /* pairs of 16 (hd % 32 == 0 for int4) */
-                        const __m512 p = _mm512_set1_ps(wr[c / gsize]);
-                        __m512 e, o;
-                        load32_int4(row, c, &e, &o);
-                        a[j] = _mm512_fmadd_ps(p, e, a[j]);
-                        a[j + 1] = _mm512_fmadd_ps(p, o, a[j + 1]);
-                    } else {
-                        a[j] = _mm512_fmadd_ps(_mm512_set1_ps(wr[c / gsize]), load16(row, c, kind), a[j]);
-                    }
-                }
+    int32_t d0 = 0;
+    if (gsize % 32 == 0)
+        for (; d0 + 128 <= hd; d0 += 128) accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind);
+    for (; d0 < hd; d0 += (kind == 3 ? 32 : 16)) {
+        const int32_t g0 = d0 / gsize;
+        __m512 a0 = _mm512_loadu_ps(acc + d0), a1 = kind == 3 ? _mm512_loadu_ps(acc + d0 + 16) : a0;
+        for (int32_t r = 0; r < n; r++) {
+            const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
+            const unsigned char *row = rows + (size_t)r * row_bytes;
+            if (kind == 3) {
+                __m512 e, o;
+                load32_int4(row, d0, &e, &o);
+                a0 = _mm512_fmadd_ps(p, e, a0), a1 = _mm512_fmadd_ps(p, o, a1);
+            } else {
+                a0 = _mm512_fmadd_ps(p, load16(row, d0, kind), a0);
             }
         }
-        for (int j = 0; j < nc; j++) _mm512_storeu_ps(acc + d0 + 16 * j, a[j]);
+        _mm512_storeu_ps(acc + d0, a0);
+        if (kind == 3) _mm512_storeu_ps(acc + d0 + 16, a1);
     }
 }
 
@@ -424,7 +471,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             }
             float zl[16];
             _mm512_storeu_ps(zl, zacc);
-            for (int i = 0; i < 16; i++) zs[i % vg] += zl[i];
+            for (int i = 0; i < 16; i++) zs[i & (vg - 1)] += zl[i]; /* vg is a power of 2 */
             for (int32_t r0 = 0; r0 < n; r0 += 16) {
                 const int32_t nb = n - r0 < 16 ? n - r0 : 16;
                 accumulate_rows(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
@@ -449,6 +496,41 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     }
 }
 
+/* This head's K and V rows (and scales) of page j of the list. They lie far from
+   each other and from the previous page's, so the hardware prefetcher would
+   restart on each; prefetched whole instead. */
+T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j)
+{
+    const pikv_attention_args *a = t->args;
+    const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[j]);
+    const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[j]);
+    const uint64_t bytes = (uint64_t)(a->page_len[j] > 0 ? a->page_len[j] : 0) * NL->row_bytes;
+    const unsigned char *nk = nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride;
+    const unsigned char *nv = nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride;
+    for (uint64_t o = 0; o < bytes; o += 64) {
+        _mm_prefetch((const char *)(nk + o), _MM_HINT_T0);
+        _mm_prefetch((const char *)(nv + o), _MM_HINT_T0);
+    }
+    if (pikv_dtype_quantized(NL->dtype)) {
+        const uint64_t kb = (uint64_t)NL->k_groups * (uint64_t)NL->head_dim * 2;
+        const uint64_t vb = (uint64_t)NL->page_size * (uint64_t)NL->v_groups * 2;
+        const unsigned char *ks = nx + NL->kscale_offset + (uint64_t)t->kv_head * kb;
+        const unsigned char *kz = nx + NL->kzero_offset + (uint64_t)t->kv_head * kb;
+        const unsigned char *vs = nx + NL->vscale_offset + (uint64_t)t->kv_head * vb;
+        const unsigned char *vz = nx + NL->vzero_offset + (uint64_t)t->kv_head * vb;
+        for (uint64_t o = 0; o < kb; o += 64) {
+            _mm_prefetch((const char *)(ks + o), _MM_HINT_T0);
+            _mm_prefetch((const char *)(kz + o), _MM_HINT_T0);
+        }
+        for (uint64_t o = 0; o < vb; o += 64) {
+            _mm_prefetch((const char *)(vs + o), _MM_HINT_T0);
+            _mm_prefetch((const char *)(vz + o), _MM_HINT_T0);
+        }
+    }
+}
+
+enum { PREFETCH_BYTES = 16 << 10 };
+
 /* The page list of one task: each page by its own layout (open f16/f32 pages and
    quantized pages may be mixed). */
 T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
@@ -457,44 +539,21 @@ T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
     const int32_t G = t->G;
     const int32_t hd = a->pool->layout->head_dim;
     bool eo = false; /* accumulators in even/odd order (int4 pages) */
+    /* prefetch distance in pages, from the bytes one page of this head holds */
+    const pikv_page_layout *LD = a->pool->quant ? a->pool->quant->layout : a->pool->layout;
+    const uint64_t head_bytes = 2 * (uint64_t)LD->page_size * LD->row_bytes + 1;
+    int32_t dist = (int32_t)(PREFETCH_BYTES / head_bytes);
+    dist = dist < 1 ? 1 : dist > 8 ? 8 : dist;
     for (int32_t p = t->page_begin; p < t->page_end; p++) {
         const int32_t n = a->page_len[p];
         if (n <= 0) continue;
         const uint32_t slot = a->slots[p];
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
         const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
-        static int pfmode = -1;
-        if (pfmode < 0) pfmode = getenv("PF") ? atoi(getenv("PF")) : 2;
-        if (p + 1 < t->page_end && pfmode) {
-            /* this head's K and V rows of the next page are two blocks far from
-               each other and from this page's: prefetch them whole, so the
-               streams do not wait for the hardware prefetcher to ramp up */
-            const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[p + 1]);
-            const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[p + 1]);
-            const uint64_t bytes = (uint64_t)a->page_len[p + 1] * NL->row_bytes;
-            const unsigned char *nk = nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride;
-            const unsigned char *nv = nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride;
-            for (uint64_t o = 0; o < (pfmode == 1 ? 64 : bytes); o += 64) {
-                _mm_prefetch((const char *)(nk + o), _MM_HINT_T0);
-                _mm_prefetch((const char *)(nv + o), _MM_HINT_T0);
-            }
-            if (pikv_dtype_quantized(NL->dtype)) { /* and its scales and zero points */
-                const uint64_t kb = (uint64_t)NL->k_groups * (uint64_t)NL->head_dim * 2;
-                const uint64_t vb = (uint64_t)NL->page_size * (uint64_t)NL->v_groups * 2;
-                const unsigned char *ks = nx + NL->kscale_offset + (uint64_t)t->kv_head * kb;
-                const unsigned char *kz = nx + NL->kzero_offset + (uint64_t)t->kv_head * kb;
-                const unsigned char *vs = nx + NL->vscale_offset + (uint64_t)t->kv_head * vb;
-                const unsigned char *vz = nx + NL->vzero_offset + (uint64_t)t->kv_head * vb;
-                for (uint64_t o = 0; o < kb; o += 64) {
-                    _mm_prefetch((const char *)(ks + o), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(kz + o), _MM_HINT_T0);
-                }
-                for (uint64_t o = 0; o < vb; o += 64) {
-                    _mm_prefetch((const char *)(vs + o), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(vz + o), _MM_HINT_T0);
-                }
-            }
-        }
+        /* keep PREFETCH_BYTES of this head's rows in flight ahead of the page being read */
+        if (p == t->page_begin)
+            for (int32_t j = p + 1; j < p + dist && j < t->page_end; j++) prefetch_page(t, j);
+        if (p + dist < t->page_end) prefetch_page(t, p + dist);
         float *pl = a->page_lse ? a->page_lse + (size_t)p * (size_t)G : NULL;
         const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
         if (want_eo != eo) {
