@@ -38,7 +38,9 @@ struct pikv_cpu_slab {
     unsigned char busy[MAX_SLOTS];
 };
 
+#ifndef PIKV_ARENA_OFF
 static pthread_mutex_t arena_mutex = PTHREAD_MUTEX_INITIALIZER;
+#endif
 
 void *pikv_cpu_arena_alloc(pikv_context *ctx, pikv_cpu_backend *cb, size_t size)
 {

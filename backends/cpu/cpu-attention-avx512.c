@@ -336,6 +336,99 @@ T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, in
     }
 }
 
+/* ---- GQA: G query heads on the same rows, no f32 copy of the rows ----------------
+   Scores: 16 / G rows x G heads = 16 accumulators, reduced together by hsum16, so
+   each row is converted once for all heads. Values: 16 / G vectors of channels per
+   pass, G heads x that many accumulators, each row converted once per pass.
+   G is a compile-time constant (2, 4, 8 or 16) so the accumulators stay in registers.
+   head_dim % 128 == 0. */
+
+/* 128 channels of a row from d0 as 8 vectors (int4: even/odd pairs) */
+T512_INLINE void row128(const unsigned char *row, int32_t d0, int kind, __m512 k[8])
+{
+    if (kind == 3) {
+        for (int c = 0; c < 8; c += 2) load32_int4(row, d0 + 16 * c, &k[c], &k[c + 1]);
+    } else {
+        for (int c = 0; c < 8; c++) k[c] = load16(row, d0 + 16 * c, kind);
+    }
+}
+
+/* s[h * ss + r] = q_h . row_r (+ add[h]) for rows [0, n) */
+T512_INLINE void scores_gqa(const float *q, const unsigned char *rows, size_t rb, int32_t n, int32_t hd, int kind,
+                            const int G, float *s, size_t ss, const float *add)
+{
+    const int R = 16 / G;
+    for (int32_t r0 = 0; r0 < n; r0 += R) {
+        const int32_t nr = n - r0 < R ? n - r0 : R;
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            if (r >= nr) break;
+            const unsigned char *row = rows + (size_t)(r0 + r) * rb;
+            for (int32_t d0 = 0; d0 < hd; d0 += 128) {
+                __m512 k[8];
+                row128(row, d0, kind, k);
+                for (int h = 0; h < G; h++) {
+                    const float *qh = q + (size_t)h * (size_t)hd + d0;
+                    for (int c = 0; c < 8; c++) acc[h * R + r] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), k[c], acc[h * R + r]);
+                }
+            }
+        }
+        float v[16];
+        _mm512_storeu_ps(v, hsum16(acc));
+        for (int h = 0; h < G; h++)
+            for (int32_t r = 0; r < nr; r++) s[(size_t)h * ss + (size_t)(r0 + r)] = v[h * R + r] + (add ? add[h] : 0.0f);
+    }
+}
+
+/* acc_h[0..hd) += sum_r w_h[r * wstride + group] * row_r, w_h = w + h * hstride,
+   acc_h = part + h * (hd + 2) + 2; groups of gsize channels (a multiple of 32, or
+   gsize % 128 == 0 for one weight per row). */
+T512_INLINE void values_gqa(float *part, const float *w, size_t hstride, int32_t wstride, int32_t gsize,
+                            const unsigned char *rows, size_t rb, int32_t n, int32_t hd, int kind, const int G)
+{
+    const int CW = 16 / G; /* vectors of 16 channels per pass */
+    const size_t pst = (size_t)hd + 2;
+    for (int32_t d0 = 0; d0 < hd; d0 += 16 * CW) {
+        __m512 acc[16];
+        int32_t gi[16];
+        for (int h = 0; h < G; h++)
+            for (int c = 0; c < CW; c++) acc[h * CW + c] = _mm512_loadu_ps(part + (size_t)h * pst + 2 + d0 + 16 * c);
+        for (int c = 0; c < CW; c++) gi[c] = (d0 + 16 * c) / gsize;
+        for (int32_t r = 0; r < n; r++) {
+            const unsigned char *row = rows + (size_t)r * rb;
+            __m512 v[16];
+            if (kind == 3) {
+                for (int c = 0; c < CW; c += 2) load32_int4(row, d0 + 16 * c, &v[c], &v[c + 1]);
+            } else {
+                for (int c = 0; c < CW; c++) v[c] = load16(row, d0 + 16 * c, kind);
+            }
+            for (int h = 0; h < G; h++) {
+                const float *wr = w + (size_t)h * hstride + (size_t)r * (size_t)wstride;
+                for (int c = 0; c < CW; c++)
+                    acc[h * CW + c] = _mm512_fmadd_ps(_mm512_set1_ps(wr[gi[c]]), v[c], acc[h * CW + c]);
+            }
+        }
+        for (int h = 0; h < G; h++)
+            for (int c = 0; c < CW; c++) _mm512_storeu_ps(part + (size_t)h * pst + 2 + d0 + 16 * c, acc[h * CW + c]);
+    }
+}
+
+/* the GQA kernels for this G and kind, or false */
+T512_INLINE bool gqa_ok(int32_t G, int32_t hd, int kind)
+{
+    if (hd % 128 != 0) return false;
+    return G == 2 || G == 4 || G == 8 || (G == 16 && kind != 3);
+}
+
+#define GQA_DISPATCH(G, call) \
+    switch (G) {               \
+    case 2: call(2); break;    \
+    case 4: call(4); break;    \
+    case 8: call(8); break;    \
+    default: call(16); break;  \
+    }
+
 /* ---- one page of one KV head --------------------------------------------------- */
 
 T512_INLINE void page_plain(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
@@ -348,7 +441,13 @@ T512_INLINE void page_plain(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     const size_t rb = (size_t)L->row_bytes;
     float *s = t->scores; /* [G][page_size] */
     const size_t ss = (size_t)L->page_size;
-    for (int32_t r0 = 0; r0 < n; r0 += 16) {
+    const bool gqa = G > 1 && gqa_ok(G, hd, kind);
+    if (gqa) {
+#define SC(g) scores_gqa(t->qs, K, rb, n, hd, kind, g, s, ss, NULL)
+        GQA_DISPATCH(G, SC)
+#undef SC
+    }
+    for (int32_t r0 = 0; r0 < n && !gqa; r0 += 16) {
         const int32_t nb = n - r0 < 16 ? n - r0 : 16;
         if (G == 1) {
             const __m512 v = dot_rows(t->qs, K + (size_t)r0 * rb, rb, nb, hd, kind);
@@ -366,6 +465,12 @@ T512_INLINE void page_plain(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
         softmax_step(s + (size_t)h * ss, n, t->part + (size_t)h * ps_stride, hd, page_lse ? page_lse + h : NULL);
     if (G == 1) {
         accumulate_rows(t->part + 2, s, 1, hd, V, rb, n, hd, kind);
+        return;
+    }
+    if (gqa) {
+#define VA(g) values_gqa(t->part, s, ss, 1, hd, V, rb, n, hd, kind, g)
+        GQA_DISPATCH(G, VA)
+#undef VA
         return;
     }
     for (int32_t r0 = 0; r0 < n; r0 += 16) {
@@ -391,6 +496,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     const size_t ss = (size_t)L->page_size;
     const float *q = kind == 3 ? t->qeo : t->qs;
     float *qf = t->qfold; /* [G][hd]: q * key scale of the current key group */
+    const bool gqa = G > 1 && gqa_ok(G, hd, kind);
     /* keys, by key group (tokens [tg * gsz, ..)) */
     for (int32_t t0 = 0, tg = 0; t0 < n; t0 += gsz, tg++) {
         const int32_t nt = n - t0 < gsz ? n - t0 : gsz;
@@ -414,6 +520,12 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                 _mm512_storeu_ps(qfh + c + 16, _mm512_mul_ps(_mm512_loadu_ps(qo + c + 16), b));
             }
             t->kconst[h] = _mm512_reduce_add_ps(cz);
+        }
+        if (gqa) {
+#define SC(gg) scores_gqa(qf, K + (size_t)t0 * rb, rb, nt, hd, kind, gg, s + t0, ss, t->kconst)
+            GQA_DISPATCH(G, SC)
+#undef SC
+            continue;
         }
         for (int32_t r0 = t0; r0 < t0 + nt; r0 += 16) {
             const int32_t nb = t0 + nt - r0 < 16 ? t0 + nt - r0 : 16;
@@ -457,6 +569,10 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     for (int32_t h = 0; h < G; h++) {
         const float *p = s + (size_t)h * ss;
         float *acc = t->part + (size_t)h * ps_stride + 2;
+        if (gqa) { /* every head's weights first, then one pass over the rows */
+            w = t->vweights + (size_t)h * (size_t)nv;
+            zs = t->vzsum + (size_t)h * (size_t)vg;
+        }
         for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
         if (vec_w) {
             /* w[r][j] = p[r] * scale[r][j]; zero points summed per lane, lane i being group i % vg */
@@ -472,7 +588,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             float zl[16];
             _mm512_storeu_ps(zl, zacc);
             for (int i = 0; i < 16; i++) zs[i & (vg - 1)] += zl[i]; /* vg is a power of 2 */
-            for (int32_t r0 = 0; r0 < n; r0 += 16) {
+            for (int32_t r0 = 0; r0 < n && !gqa; r0 += 16) {
                 const int32_t nb = n - r0 < 16 ? n - r0 : 16;
                 accumulate_rows(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
             }
@@ -486,11 +602,24 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                     zs[j] += pr * zr[j];
                 }
             }
-            accumulate_rows(acc, w, vg, gsz, V, rb, n, hd, kind);
+            if (!gqa) accumulate_rows(acc, w, vg, gsz, V, rb, n, hd, kind);
         }
+        if (gqa) continue;
         for (int32_t j = 0; j < vg; j++) {
             const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
             const __m512 z = _mm512_set1_ps(zs[j]);
+            for (int32_t d = j * gsz; d < end; d += 16) _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), z));
+        }
+    }
+    if (!gqa) return;
+#define VA(gg) values_gqa(t->part, t->vweights, (size_t)nv, vg, gsz, V, rb, n, hd, kind, gg)
+    GQA_DISPATCH(G, VA)
+#undef VA
+    for (int32_t h = 0; h < G; h++) {
+        float *acc = t->part + (size_t)h * ps_stride + 2;
+        for (int32_t j = 0; j < vg; j++) {
+            const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
+            const __m512 z = _mm512_set1_ps(t->vzsum[(size_t)h * (size_t)vg + (size_t)j]);
             for (int32_t d = j * gsz; d < end; d += 16) _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), z));
         }
     }

@@ -63,9 +63,10 @@ static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
     l.kconst = l.qfold + (size_t)G * (size_t)hd;
     l.scores = l.kconst + G;
     l.block = l.scores + (size_t)G * (size_t)L0->page_size;
+    const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
     l.vweights = l.block + 16 * (size_t)hd;
-    l.vscales = l.vweights + (size_t)L0->page_size * (((size_t)hd + 31) / 32);
-    l.vzsum = l.vscales + 2 * (size_t)L0->page_size * (((size_t)hd + 31) / 32);
+    l.vscales = l.vweights + (size_t)G * (size_t)L0->page_size * vgm;
+    l.vzsum = l.vscales + 2 * (size_t)L0->page_size * vgm;
     const float *q = a->q + ((size_t)t->query * (size_t)a->n_q_heads + (size_t)t->kv_head * (size_t)G) * (size_t)hd;
     for (size_t i = 0; i < (size_t)G * (size_t)hd; i++) l.qs[i] = q[i] * a->scale;
     memcpy(l.qeo, l.qs, (size_t)G * (size_t)hd * sizeof(float));

@@ -19,16 +19,19 @@ typedef struct pikv_cpu_attn_list {
     float *kconst;              /* [G] */
     float *scores;              /* [G][page_size] */
     float *block;               /* [16][head_dim] */
-    float *vweights;            /* [page_size][v_groups] */
-    float *vzsum;               /* [v_groups] */
+    float *vweights;            /* [G][page_size][v_groups] */
+    float *vzsum;               /* [G][v_groups] */
     float *vscales;             /* [2][page_size][v_groups] */
 } pikv_cpu_attn_list;
 
 /* scratch floats per thread for the fast kernels */
+static inline size_t pikv_cpu_attn_vgroups_max(int32_t hd) { return ((size_t)hd + 31) / 32; }
+
 static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t hd, int32_t ps)
 {
-    return 3 * (size_t)G * (size_t)hd + (size_t)G + (size_t)G * (size_t)ps + 33 * (size_t)hd + 64 +
-           3 * (size_t)ps * (((size_t)hd + 31) / 32) + 16;
+    const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
+    return 3 * (size_t)G * (size_t)hd + (size_t)G + (size_t)G * (size_t)ps + 16 * (size_t)hd +
+           (size_t)G * (size_t)ps * vgm + 2 * (size_t)ps * vgm + (size_t)G * vgm + 64;
 }
 
 bool pikv_cpu_has_avx512(void);
