@@ -4,7 +4,6 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* Tasks of SCORE_PAGES candidate pages of one query's list (lists are split at
    query boundaries): each reads its pages' bounds, all KV heads. */
@@ -202,22 +201,16 @@ static void topk_task(void *arg, int64_t list, int32_t thread)
         int32_t x = idx[lo], y = idx[mid], z = idx[hi - 1], pv; /* median of three */
         if (ranks_before(key, x, y)) pv = ranks_before(key, y, z) ? y : ranks_before(key, x, z) ? z : x;
         else pv = ranks_before(key, x, z) ? x : ranks_before(key, y, z) ? z : y;
-        /* branch-free partition into tmp (the ranks are a coin toss for the branch
-           predictor): entries ranking before the pivot to the front, the rest to the back */
-        int32_t p = lo, q = hi - 1;
+        int32_t p = lo;
         int64_t tb = 0;
-        const float kp = key[pv];
-        for (int32_t i = lo; i < hi; i++) {
-            const int32_t e = idx[i];
-            const int before = (key[e] > kp) | ((key[e] == kp) & (e < pv));
-            tmp[p] = e;
-            tmp[q] = e;
-            p += before;
-            q -= 1 - before;
-            tb += before ? tok[e] : 0;
-        }
-        memcpy(idx + lo, tmp + lo, (size_t)(hi - lo) * sizeof(int32_t));
-        for (int32_t i = p; i < hi; i++) /* the pivot first among the rest */
+        for (int32_t i = lo; i < hi; i++) /* the entries ranking before the pivot first */
+            if (ranks_before(key, idx[i], pv)) {
+                const int32_t e = idx[i];
+                idx[i] = idx[p];
+                idx[p++] = e;
+                tb += tok[e];
+            }
+        for (int32_t i = p; i < hi; i++) /* then the pivot */
             if (idx[i] == pv) {
                 idx[i] = idx[p];
                 idx[p] = pv;
