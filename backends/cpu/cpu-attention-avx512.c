@@ -251,14 +251,14 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
 /* This head's K and V rows (and scales) of page j of the list. They lie far from
    each other and from the previous page's, so the hardware prefetcher would
    restart on each; prefetched whole instead. */
-T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j)
+T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j, int32_t head)
 {
     const pikv_attention_args *a = t->args;
     const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[j]);
     const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[j]);
     const uint64_t bytes = (uint64_t)(a->page_len[j] > 0 ? a->page_len[j] : 0) * NL->row_bytes;
-    const unsigned char *nk = nx + NL->k_offset + (uint64_t)t->kv_head * NL->head_stride;
-    const unsigned char *nv = nx + NL->v_offset + (uint64_t)t->kv_head * NL->head_stride;
+    const unsigned char *nk = nx + NL->k_offset + (uint64_t)head * NL->head_stride;
+    const unsigned char *nv = nx + NL->v_offset + (uint64_t)head * NL->head_stride;
     for (uint64_t o = 0; o < bytes; o += 64) {
         _mm_prefetch((const char *)(nk + o), _MM_HINT_T0);
         _mm_prefetch((const char *)(nv + o), _MM_HINT_T0);
@@ -266,10 +266,10 @@ T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j)
     if (pikv_dtype_quantized(NL->dtype)) {
         const uint64_t kb = (uint64_t)NL->k_groups * (uint64_t)NL->head_dim * 2;
         const uint64_t vb = (uint64_t)NL->page_size * (uint64_t)NL->v_groups * 2;
-        const unsigned char *ks = nx + NL->kscale_offset + (uint64_t)t->kv_head * kb;
-        const unsigned char *kz = nx + NL->kzero_offset + (uint64_t)t->kv_head * kb;
-        const unsigned char *vs = nx + NL->vscale_offset + (uint64_t)t->kv_head * vb;
-        const unsigned char *vz = nx + NL->vzero_offset + (uint64_t)t->kv_head * vb;
+        const unsigned char *ks = nx + NL->kscale_offset + (uint64_t)head * kb;
+        const unsigned char *kz = nx + NL->kzero_offset + (uint64_t)head * kb;
+        const unsigned char *vs = nx + NL->vscale_offset + (uint64_t)head * vb;
+        const unsigned char *vz = nx + NL->vzero_offset + (uint64_t)head * vb;
         for (uint64_t o = 0; o < kb; o += 64) {
             _mm_prefetch((const char *)(ks + o), _MM_HINT_T0);
             _mm_prefetch((const char *)(kz + o), _MM_HINT_T0);
@@ -284,43 +284,58 @@ T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j)
 enum { PREFETCH_BYTES = 16 << 10 };
 
 /* The page list of one task: each page by its own layout (open f16/f32 pages and
-   quantized pages may be mixed). */
+   quantized pages may be mixed). With n_kv > 1 (every KV head reads the same
+   pages, dense reads) each page is read for all heads in turn, so the reads
+   walk through the page's K and V blocks in address order. */
 T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
 {
     const pikv_attention_args *a = t->args;
-    const int32_t G = t->G;
+    const int32_t G = t->G, nkv = t->n_kv;
     const int32_t hd = a->pool->layout->head_dim;
+    const size_t head_floats = (size_t)G * ((size_t)hd + 2);
+    const int32_t head0 = t->kv_head;
     bool eo = false; /* accumulators in even/odd order (int4 pages) */
-    /* prefetch distance in pages, from the bytes one page of this head holds */
+    /* prefetch distance in (page, head) units, from the bytes one unit holds */
     const pikv_page_layout *LD = a->pool->quant ? a->pool->quant->layout : a->pool->layout;
-    const uint64_t head_bytes = 2 * (uint64_t)LD->page_size * LD->row_bytes + 1;
-    int32_t dist = (int32_t)(PREFETCH_BYTES / head_bytes);
+    const uint64_t unit_bytes = 2 * (uint64_t)LD->page_size * LD->row_bytes + 1;
+    int64_t dist = (int64_t)(PREFETCH_BYTES / unit_bytes);
     dist = dist < 1 ? 1 : dist > 8 ? 8 : dist;
+    const int64_t units = (int64_t)(t->page_end - t->page_begin) * nkv;
+    for (int64_t u = 1; u < dist && u < units; u++)
+        prefetch_page(t, t->page_begin + (int32_t)(u / nkv), nkv > 1 ? (int32_t)(u % nkv) : head0);
     for (int32_t p = t->page_begin; p < t->page_end; p++) {
         const int32_t n = a->page_len[p];
-        if (n <= 0) continue;
         const uint32_t slot = a->slots[p];
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
         const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
-        /* keep PREFETCH_BYTES of this head's rows in flight ahead of the page being read */
-        if (p == t->page_begin)
-            for (int32_t j = p + 1; j < p + dist && j < t->page_end; j++) prefetch_page(t, j);
-        if (p + dist < t->page_end) prefetch_page(t, p + dist);
-        float *pl = a->page_lse ? a->page_lse + (size_t)p * (size_t)G : NULL;
         const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
-        if (want_eo != eo) {
-            for (int32_t h = 0; h < G; h++) pikv_cpu_attn_reorder(t->part + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
+        if (n > 0 && want_eo != eo) {
+            for (int32_t h = 0; h < nkv * G; h++)
+                pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
             eo = want_eo;
         }
-        switch (L->dtype) {
-        case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
-        case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
-        case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
-        case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
+        for (int32_t k = 0; k < nkv; k++) {
+            /* keep PREFETCH_BYTES of rows in flight ahead of the unit being read */
+            const int64_t next = (int64_t)(p - t->page_begin) * nkv + k + dist;
+            if (next < units) prefetch_page(t, t->page_begin + (int32_t)(next / nkv), nkv > 1 ? (int32_t)(next % nkv) : head0);
+            if (n <= 0) continue;
+            const int32_t g = nkv > 1 ? k : head0;
+            t->kv_head = g;
+            t->part = t->part0 + (size_t)k * head_floats;
+            t->qs = t->qs0 + (size_t)k * (size_t)G * (size_t)hd;
+            t->qeo = t->qeo0 + (size_t)k * (size_t)G * (size_t)hd;
+            const int64_t entry = nkv > 1 ? (int64_t)p + (t->list_begin[k] - t->list_begin[0]) : p;
+            float *pl = a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL;
+            switch (L->dtype) {
+            case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
+            case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
+            case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
+            case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
+            }
         }
     }
     if (eo)
-        for (int32_t h = 0; h < G; h++) pikv_cpu_attn_reorder(t->part + (size_t)h * ((size_t)hd + 2) + 2, hd, false);
+        for (int32_t h = 0; h < nkv * G; h++) pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, false);
 }
 
 #else

@@ -8,13 +8,17 @@
 
 typedef struct pikv_cpu_attn_list {
     const pikv_attention_args *args;
-    int32_t kv_head;
+    int32_t kv_head;            /* the KV head being read (set per page when n_kv > 1) */
+    int32_t n_kv;               /* 1, or every KV head when they share one page list */
+    const int32_t *list_begin;  /* n_kv > 1: indptr of the query's lists (page_lse entries) */
     int32_t G;                  /* query heads of the KV head */
     int32_t page_begin, page_end;
-    float *part;                /* [G][head_dim + 2]: running max, sum, acc */
+    float *part;                /* [G][head_dim + 2]: running max, sum, acc (of kv_head) */
+    float *part0;               /* [n_kv][G][head_dim + 2] */
     /* per-thread scratch, set up by the caller */
-    float *qs;                  /* [G][head_dim] q * scale */
+    float *qs;                  /* [G][head_dim] q * scale (of kv_head) */
     float *qeo;                 /* [G][head_dim] the same, even/odd order per 32 channels */
+    float *qs0, *qeo0;          /* [n_kv][G][head_dim] */
     float *qfold;               /* [G][head_dim] */
     float *kconst;              /* [G] */
     float *scores;              /* [G][page_size] */
@@ -27,10 +31,10 @@ typedef struct pikv_cpu_attn_list {
 /* scratch floats per thread for the fast kernels */
 static inline size_t pikv_cpu_attn_vgroups_max(int32_t hd) { return ((size_t)hd + 31) / 32; }
 
-static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t hd, int32_t ps)
+static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t n_kv, int32_t hd, int32_t ps)
 {
     const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
-    return 3 * (size_t)G * (size_t)hd + (size_t)G + (size_t)G * (size_t)ps + 16 * (size_t)hd +
+    return (2 * (size_t)n_kv + 1) * (size_t)G * (size_t)hd + (size_t)G + (size_t)G * (size_t)ps + 16 * (size_t)hd +
            (size_t)G * (size_t)ps * vgm + 2 * (size_t)ps * vgm + (size_t)G * vgm + 64;
 }
 
