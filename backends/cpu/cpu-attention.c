@@ -248,11 +248,12 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
                pikv_cpu_attn_fast_layout(a->pool->quant ? a->pool->quant->layout : NULL);
     if (job.fast && lists_shared(a, kvh)) job.n_kv = kvh;
     /* Split each (query, KV head) -- or each query, when its heads share their
-       pages -- along its pages so there are a few tasks per thread, but never
+       pages -- along its pages so there are many tasks per thread (a thread that the OS holds back
+       leaves little undone for the others to wait for), but never
        fewer than 4 pages per split. */
     const int32_t per_unit = job.n_kv > 1 ? kvh : 1; /* lists per unit */
     const int64_t units = (int64_t)a->n_queries * kvh / per_unit;
-    const int64_t want = ((int64_t)threads * 4 + units - 1) / units;
+    const int64_t want = ((int64_t)threads * 16 + units - 1) / units;
     int64_t n_tasks = 0;
     for (int64_t u = 0; u < units; u++) {
         int64_t pages = a->indptr[u * per_unit + 1] - a->indptr[u * per_unit];
