@@ -7,7 +7,7 @@
 
 /* Tasks of SCORE_PAGES candidate pages of one query's list (lists are split at
    query boundaries): each reads its pages' bounds, all KV heads. */
-enum { SCORE_PAGES = 8 };
+enum { SCORE_PAGES = 32 };
 
 typedef struct score_job {
     const pikv_score_args *a;
@@ -45,6 +45,14 @@ static void score_page_generic(const pikv_score_args *a, const float *q, int64_t
 /* The same bound, 16 channels at a time (sums in another order: equal within
    float rounding), with the next page's bounds prefetched: the op streams
    2 x n_kv_heads x head_dim floats per page and should run at read bandwidth. */
+__attribute__((target("avx512f,avx512dq"))) static void prefetch_bounds(const pikv_score_args *a, int64_t cand)
+{
+    const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[cand]);
+    const unsigned char *np = pikv_cpu_page_ptr(a->pool, a->slots[cand]) + NL->kmin_offset;
+    const uint64_t bytes = 2 * (uint64_t)NL->n_kv_heads * (uint64_t)NL->head_dim * sizeof(float);
+    for (uint64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(np + o), _MM_HINT_T0);
+}
+
 __attribute__((target("avx512f,avx512dq"))) static void score_page_avx512(const pikv_score_args *a, const float *q,
                                                                          int64_t cand, int64_t next)
 {
@@ -55,12 +63,7 @@ __attribute__((target("avx512f,avx512dq"))) static void score_page_avx512(const 
         return;
     }
     const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[cand]);
-    if (next >= 0) {
-        const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[next]);
-        const unsigned char *np = pikv_cpu_page_ptr(a->pool, a->slots[next]) + NL->kmin_offset;
-        const uint64_t bytes = 2 * (uint64_t)NL->n_kv_heads * (uint64_t)NL->head_dim * sizeof(float);
-        for (uint64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(np + o), _MM_HINT_T0);
-    }
+    if (next >= 0) prefetch_bounds(a, next);
     const float *kmin = (const float *)(const void *)(page + L->kmin_offset);
     const float *kmax = (const float *)(const void *)(page + L->kmax_offset);
     for (int32_t g = 0; g < kvh; g++) {
@@ -100,10 +103,13 @@ static void score_task(void *arg, int64_t task, int32_t thread)
     int64_t c1 = c0 + SCORE_PAGES;
     if (c1 > a->indptr[i + 1]) c1 = a->indptr[i + 1];
     const float *q = a->q + (size_t)i * (size_t)a->n_q_heads * (size_t)a->pool->layout->head_dim;
+#ifdef PIKV_SCORE_AVX512
+    if (job->avx512 && c0 + 1 < c1) prefetch_bounds(a, c0 + 1);
+#endif
     for (int64_t c = c0; c < c1; c++) {
 #ifdef PIKV_SCORE_AVX512
-        if (job->avx512) {
-            score_page_avx512(a, q, c, c + 1 < c1 ? c + 1 : -1);
+        if (job->avx512) { /* two pages ahead */
+            score_page_avx512(a, q, c, c + 2 < c1 ? c + 2 : -1);
             continue;
         }
 #endif
@@ -194,8 +200,35 @@ static void topk_task(void *arg, int64_t list, int32_t thread)
         for (int32_t i = 0; i < n; i++) keep[i] = 1;
         return;
     }
-    /* idx[0..lo) fit, in no particular order, and rank before everything in idx[lo..n) */
-    int32_t lo = 0, hi = n;
+    /* A small budget (Quest keeps ~1/16): the prefix that fits lies among the entries
+       whose key reaches a threshold taken from a sample of the keys; the quickselect
+       then runs on those only (one pass over the list instead of several). The
+       entries at or above a key value are a prefix of the rank order, so this is
+       exact whenever their tokens exceed the budget; else all entries are used. */
+    int32_t m = n;
+    enum { SAMPLE = 256 };
+    if (n >= 4 * SAMPLE && left < total / 4) {
+        for (int32_t j = 0; j < SAMPLE; j++) rem[j] = (int32_t)((int64_t)j * n / SAMPLE);
+        sort_rank(rem, tmp, SAMPLE, key);
+        int64_t at = (int64_t)((double)left / (double)total * SAMPLE * 1.5) + 8;
+        if (at > SAMPLE - 1) at = SAMPLE - 1;
+        const float th = key[rem[at]];
+        int32_t nc = 0;
+        int64_t tc = 0;
+        for (int32_t i = 0; i < n; i++)
+            if (key[i] >= th) {
+                idx[nc++] = i;
+                tc += tok[i];
+            }
+        if (tc > left) {
+            m = nc;
+        } else {
+            for (int32_t i = 0; i < n; i++) idx[i] = i;
+        }
+    }
+    /* idx[0..lo) fit, in no particular order, and rank before everything in idx[lo..m)
+       (and everything not in idx[0..m)) */
+    int32_t lo = 0, hi = m;
     while (lo < hi) {
         const int32_t mid = lo + (hi - lo) / 2;
         int32_t x = idx[lo], y = idx[mid], z = idx[hi - 1], pv; /* median of three */
@@ -230,8 +263,8 @@ static void topk_task(void *arg, int64_t list, int32_t thread)
     for (int32_t i = 0; i < lo; i++) keep[idx[i]] = 1;
     /* the rest of the greedy: only entries that fit what is left can be taken */
     int32_t nr = 0;
-    for (int32_t i = lo; i < n; i++)
-        if (tok[idx[i]] <= left) rem[nr++] = idx[i];
+    for (int32_t i = 0; i < n; i++)
+        if (!keep[i] && tok[i] <= left) rem[nr++] = i;
     sort_rank(rem, tmp, nr, key);
     for (int32_t i = 0; i < nr; i++)
         if (tok[rem[i]] <= left) {
