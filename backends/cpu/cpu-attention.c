@@ -3,10 +3,16 @@
  * Every (query, KV head) has its own page list (selection can differ per head).
  * Work is split into tasks of (query, KV head, page range): a task computes
  * the attention of all query heads sharing that KV head (GQA), so each K and V
- * row is read once for the whole group. Long page lists are split along the
+ * row is read once for the whole group. When every KV head of a query reads the
+ * same pages (dense reads) a task covers all KV heads of its page range, so
+ * each page is read in address order. Long page lists are split along the
  * context so a single sequence still uses every thread; the splits are merged
  * exactly with their log-sum-exp. Within a task the softmax is online, one
- * page at a time: scores of the page, one rescale, then the value sum. */
+ * page at a time: scores of the page, one rescale, then the value sum.
+ *
+ * Kernels, chosen once per backend (cpu-f16.c): AVX-512 page kernels
+ * (cpu-attention-avx512.c) where the CPU has them and the layout fits, else the
+ * portable kernel below, built for AVX2 + FMA too on x86-64. */
 #include "cpu-attention.h"
 
 #include <math.h>
@@ -85,13 +91,11 @@ static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
     pikv_cpu_attn_list_avx512(&l);
 }
 
-static void attn_run_task(void *arg, int64_t ti, int32_t thread)
+/* The portable kernel: compiled for the baseline ISA and, on x86-64, once more
+   for AVX2 + FMA, where the compiler vectorizes its dot products and row sums 8
+   floats wide (no contraction: the same operations as the baseline build). */
+static inline __attribute__((always_inline)) void attn_task_portable(attn_job *job, int64_t ti, int32_t thread)
 {
-    attn_job *job = arg;
-    if (job->fast) {
-        attn_run_task_fast(job, ti, thread);
-        return;
-    }
     const pikv_attention_args *a = job->a;
     const pikv_page_layout *L0 = a->pool->layout;
     const attn_task *t = &job->tasks[ti];
@@ -174,6 +178,30 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
             }
         }
     }
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define PIKV_ATTN_AVX2 1
+__attribute__((target("avx2,fma"))) static void attn_task_avx2(attn_job *job, int64_t ti, int32_t thread)
+{
+    attn_task_portable(job, ti, thread);
+}
+#endif
+
+static void attn_run_task(void *arg, int64_t ti, int32_t thread)
+{
+    attn_job *job = arg;
+    if (job->fast) {
+        attn_run_task_fast(job, ti, thread);
+        return;
+    }
+#ifdef PIKV_ATTN_AVX2
+    if (job->cb->attn_avx2) {
+        attn_task_avx2(job, ti, thread);
+        return;
+    }
+#endif
+    attn_task_portable(job, ti, thread);
 }
 
 /* Merge the splits (tasks first .. first + n_splits) of one (query, KV head g),

@@ -25,6 +25,7 @@ typedef struct pikv_cpu_backend {
     void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
     void (*f32_to_f16)(const float *src, uint16_t *dst, int32_t n);
     bool attn_avx512; /* the AVX-512 kernels run here (cpu-attention-avx512.c) */
+    bool attn_avx2;   /* else the portable attention kernel built for AVX2 + FMA runs here */
     pikv_cpu_slab *slabs; /* huge-page slabs of page-pool chunks (cpu-arena.c) */
 } pikv_cpu_backend;
 
