@@ -206,12 +206,12 @@ static void topk_task(void *arg, int64_t list, int32_t thread)
        entries at or above a key value are a prefix of the rank order, so this is
        exact whenever their tokens exceed the budget; else all entries are used. */
     int32_t m = n;
-    enum { SAMPLE = 256 };
-    if (n >= 4 * SAMPLE && left < total / 4) {
-        for (int32_t j = 0; j < SAMPLE; j++) rem[j] = (int32_t)((int64_t)j * n / SAMPLE);
-        sort_rank(rem, tmp, SAMPLE, key);
-        int64_t at = (int64_t)((double)left / (double)total * SAMPLE * 1.5) + 8;
-        if (at > SAMPLE - 1) at = SAMPLE - 1;
+    const int32_t ns = n / 16 < 256 ? n / 16 : 256; /* sample size: sorting it costs little next to n */
+    if (ns >= 32 && left < total / 4) {
+        for (int32_t j = 0; j < ns; j++) rem[j] = (int32_t)((int64_t)j * n / ns);
+        sort_rank(rem, tmp, ns, key);
+        int64_t at = (int64_t)((double)left / (double)total * ns * 1.5) + 4;
+        if (at > ns - 1) at = ns - 1;
         const float th = key[rem[at]];
         int32_t nc = 0;
         int64_t tc = 0;
