@@ -108,12 +108,14 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     int32_t *dev_indptr = pikv_host_calloc(ctx, ((size_t)nd + 1) * ((size_t)nq + 1), sizeof(int32_t));
     uint32_t *dev_slots = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(uint32_t));
     int32_t *dev_pos = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(int32_t)); /* -> cand */
-    float *scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
-    float *list_scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
-    int32_t *list_tokens = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(int32_t));
+    /* written before they are read (scores: for the non-forced candidates, the only
+       ones read): not zeroed, which would cost a pass over every candidate and head */
+    float *scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
+    float *list_scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
+    int32_t *list_tokens = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(int32_t), 64);
     int32_t *list_indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
     int64_t *budget = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh, sizeof(int64_t));
-    uint8_t *list_keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
+    uint8_t *list_keep = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 64); /* topk writes all */
     int64_t dev_begin[PIKV_MAX_DEVICES + 2] = {0};
     if (!dev_indptr || !dev_slots || !dev_pos || !scores || !list_scores || !list_tokens || !list_indptr ||
         !budget || !list_keep) {
