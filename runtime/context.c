@@ -179,6 +179,7 @@ pikv_status pikv_context_create(const pikv_context_params *params, pikv_context 
     if (!ctx) return PIKV_ERR_OUT_OF_MEMORY;
     memset(ctx, 0, sizeof *ctx);
     ctx->allocator = p.allocator;
+    ctx->default_allocator = p.allocator.alloc == default_alloc;
     ctx->log_fn = p.log_fn;
     ctx->log_user = p.log_user;
     ctx->log_level = p.log_level;

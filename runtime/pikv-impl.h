@@ -19,6 +19,7 @@ struct pikv_device;
 
 struct pikv_context {
     pikv_allocator allocator;
+    bool default_allocator; /* the C library's (none given): backends may pool large blocks */
     pikv_log_fn log_fn;
     void *log_user;
     pikv_log_level log_level;

@@ -94,7 +94,8 @@ static pikv_status gather_candidates(pikv_cache *c, int32_t layer, const pikv_at
 /* QUEST: score the non-forced candidates where they live, then keep the best of
    each (query, KV head) under its budget. keep[(cand) * kvh + g]. */
 static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const pikv_select_params *sel,
-                                const candidates *cand, uint8_t *keep, pikv_read_plan *plan)
+                                const candidates *cand, const int32_t *cand_tokens, uint8_t *keep,
+                                pikv_read_plan *plan)
 {
     pikv_context *ctx = c->ctx;
     const int32_t nq = b->n_queries, kvh = c->params.n_kv_heads, nd = c->n_devs;
@@ -108,12 +109,14 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     int32_t *dev_indptr = pikv_host_calloc(ctx, ((size_t)nd + 1) * ((size_t)nq + 1), sizeof(int32_t));
     uint32_t *dev_slots = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(uint32_t));
     int32_t *dev_pos = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(int32_t)); /* -> cand */
-    float *scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
-    float *list_scores = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(float));
-    int32_t *list_tokens = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, sizeof(int32_t));
+    /* written before they are read (scores: for the non-forced candidates, the only
+       ones read): not zeroed, which would cost a pass over every candidate and head */
+    float *scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
+    float *list_scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
+    int32_t *list_tokens = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(int32_t), 64);
     int32_t *list_indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
     int64_t *budget = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh, sizeof(int64_t));
-    uint8_t *list_keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
+    uint8_t *list_keep = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 64); /* topk writes all */
     int64_t dev_begin[PIKV_MAX_DEVICES + 2] = {0};
     if (!dev_indptr || !dev_slots || !dev_pos || !scores || !list_scores || !list_tokens || !list_indptr ||
         !budget || !list_keep) {
@@ -164,7 +167,7 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     for (int32_t i = 0; i < nq; i++) {
         int64_t forced_tokens = 0;
         for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++)
-            if (cand->forced[k]) forced_tokens += c->pages[cand->ids[k]].n_tokens;
+            if (cand->forced[k]) forced_tokens += cand_tokens[k];
         for (int32_t g = 0; g < kvh; g++) {
             const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
             list_indptr[list] = (int32_t)e;
@@ -173,7 +176,7 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
             for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
                 if (cand->forced[k]) continue;
                 list_scores[e] = scores[(size_t)k * (size_t)kvh + (size_t)g];
-                list_tokens[e++] = c->pages[cand->ids[k]].n_tokens;
+                list_tokens[e++] = cand_tokens[k];
             }
         }
     }
@@ -213,20 +216,40 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     plan->n_lists = n_lists;
     candidates cand = {0};
     uint8_t *keep = NULL;
+    int32_t *cinfo = NULL; /* per candidate: device, tokens, op slot, demoted (read once from the page table) */
     pikv_status st = gather_candidates(c, layer, b, sel, &cand);
     const int64_t n_cand = st == PIKV_OK ? cand.indptr[nq] : 0;
+    if (st == PIKV_OK) {
+        cinfo = pikv_host_alloc(ctx, 4 * (size_t)(n_cand ? n_cand : 1) * sizeof(int32_t), 64);
+        if (!cinfo) st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
+    }
+    int32_t *cdev = cinfo, *ctok = cinfo + n_cand;
+    uint32_t *cslot = (uint32_t *)(void *)(cinfo + 2 * n_cand);
+    int32_t *cdem = cinfo + 3 * n_cand;
+    for (int64_t k = 0; st == PIKV_OK && k < n_cand; k++) {
+        const pikv_page_meta *m = &c->pages[cand.ids[k]];
+        cdev[k] = m->dev;
+        ctok[k] = m->n_tokens;
+        cslot[k] = pikv_op_slot(m);
+        cdem[k] = m->tier != PIKV_TIER_DEVICE;
+    }
     if (st == PIKV_OK && (sel->mode & PIKV_SELECT_QUEST)) {
         keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
-        st = keep ? quest_select(c, b, sel, &cand, keep, plan)
+        st = keep ? quest_select(c, b, sel, &cand, ctok, keep, plan)
                   : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
     }
     /* count, then fill, the per-device lists of every (query, KV head) */
     int64_t per_dev[PIKV_MAX_DEVICES] = {0};
     for (int32_t i = 0; st == PIKV_OK && i < nq; i++)
-        for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++)
-            for (int32_t g = 0; g < kvh; g++)
-                if (cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])
-                    per_dev[c->pages[cand.ids[k]].dev]++;
+        for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++) {
+            if (!keep || cand.forced[k]) {
+                per_dev[cdev[k]] += kvh;
+                continue;
+            }
+            int64_t n = 0;
+            for (int32_t g = 0; g < kvh; g++) n += keep[(size_t)k * (size_t)kvh + (size_t)g];
+            per_dev[cdev[k]] += n;
+        }
     if (st == PIKV_OK) {
         for (int32_t d = 0; d < nd; d++) plan->dev_begin[d + 1] = plan->dev_begin[d] + per_dev[d];
         const int64_t total = plan->dev_begin[nd];
@@ -237,9 +260,9 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     if (st == PIKV_OK) {
         const int64_t total = plan->dev_begin[nd];
         plan->indptr = pikv_host_calloc(ctx, (size_t)nd * ((size_t)n_lists + 1), sizeof(int32_t));
-        plan->slots = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(uint32_t));
-        plan->lens = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(int32_t));
-        plan->ids = pikv_host_calloc(ctx, (size_t)(total ? total : 1), sizeof(uint32_t));
+        plan->slots = pikv_host_alloc(ctx, (size_t)(total ? total : 1) * sizeof(uint32_t), 64);
+        plan->lens = pikv_host_alloc(ctx, (size_t)(total ? total : 1) * sizeof(int32_t), 64);
+        plan->ids = pikv_host_alloc(ctx, (size_t)(total ? total : 1) * sizeof(uint32_t), 64);
         if (!plan->indptr || !plan->slots || !plan->lens || !plan->ids)
             st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: page lists of %lld reads: allocation failed",
                            (long long)total);
@@ -254,17 +277,17 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
                     plan->indptr[(size_t)d * ((size_t)n_lists + 1) + list] = (int32_t)(fill[d] - plan->dev_begin[d]);
                 for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++) {
                     if (!(cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])) continue;
-                    const uint32_t id = cand.ids[k];
-                    const pikv_page_meta *m = &c->pages[id];
-                    plan->slots[fill[m->dev]] = pikv_op_slot(m);
-                    plan->n_demoted += m->tier != PIKV_TIER_DEVICE;
-                    plan->lens[fill[m->dev]] = m->n_tokens;
-                    plan->ids[fill[m->dev]++] = id;
+                    const int64_t at = fill[cdev[k]]++;
+                    plan->slots[at] = cslot[k];
+                    plan->n_demoted += cdem[k];
+                    plan->lens[at] = ctok[k];
+                    plan->ids[at] = cand.ids[k];
                 }
             }
         for (int32_t d = 0; d < nd; d++)
             plan->indptr[(size_t)d * ((size_t)n_lists + 1) + (size_t)n_lists] = (int32_t)(fill[d] - plan->dev_begin[d]);
     }
+    pikv_host_free(ctx, cinfo);
     pikv_host_free(ctx, cand.indptr);
     pikv_host_free(ctx, cand.ids);
     pikv_host_free(ctx, cand.forced);

@@ -3,18 +3,24 @@
  * Every (query, KV head) has its own page list (selection can differ per head).
  * Work is split into tasks of (query, KV head, page range): a task computes
  * the attention of all query heads sharing that KV head (GQA), so each K and V
- * row is read once for the whole group. Long page lists are split along the
+ * row is read once for the whole group. When every KV head of a query reads the
+ * same pages (dense reads) a task covers all KV heads of its page range, so
+ * each page is read in address order. Long page lists are split along the
  * context so a single sequence still uses every thread; the splits are merged
  * exactly with their log-sum-exp. Within a task the softmax is online, one
- * page at a time: scores of the page, one rescale, then the value sum. */
-#include "cpu-impl.h"
+ * page at a time: scores of the page, one rescale, then the value sum.
+ *
+ * Kernels, chosen once per backend (cpu-f16.c): AVX-512 page kernels
+ * (cpu-attention-avx512.c) where the CPU has them and the layout fits, else the
+ * portable kernel below, built for AVX2 + FMA too on x86-64. */
+#include "cpu-attention.h"
 
 #include <math.h>
 #include <string.h>
 
 typedef struct attn_task {
     int32_t query;
-    int32_t kv_head;
+    int32_t kv_head;    /* -1: every KV head (their lists are the same pages) */
     int32_t page_begin; /* index into slots[] */
     int32_t page_end;
 } attn_task;
@@ -24,9 +30,12 @@ typedef struct attn_job {
     int32_t group;        /* query heads per KV head */
     attn_task *tasks;
     float *parts;         /* per task, per head: m, l, acc[head_dim] */
+    size_t task_floats;   /* parts of one task: (1 or n_kv_heads) x group x (head_dim + 2) */
+    int32_t n_kv;         /* KV heads per task */
     float *scratch;       /* per thread */
     size_t scratch_floats;
     const pikv_cpu_backend *cb;
+    bool fast;            /* the AVX-512 page kernels (cpu-attention-avx512.c) */
 } attn_job;
 
 /* Row t of KV head g of a page, as f32 (dequantized inside the kernel for
@@ -45,15 +54,54 @@ static inline const float *row_f32(const attn_job *job, const pikv_page_layout *
     return tmp;
 }
 
-static void attn_run_task(void *arg, int64_t ti, int32_t thread)
+/* The fast kernels: q scaled once per task (and in even/odd order for int4 pages). */
+static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
 {
-    attn_job *job = arg;
+    const pikv_attention_args *a = job->a;
+    const pikv_page_layout *L0 = a->pool->layout;
+    const attn_task *t = &job->tasks[ti];
+    const int32_t hd = L0->head_dim, G = job->group, nkv = job->n_kv;
+    const int32_t kvh = L0->n_kv_heads;
+    const size_t qf = (size_t)nkv * (size_t)G * (size_t)hd; /* q floats of the task */
+    float *sc = job->scratch + (size_t)thread * job->scratch_floats;
+    pikv_cpu_attn_list l = {.args = a, .kv_head = t->kv_head < 0 ? 0 : t->kv_head, .n_kv = nkv, .G = G,
+                            .page_begin = t->page_begin, .page_end = t->page_end};
+    l.list_begin = a->indptr + (size_t)t->query * (size_t)kvh;
+    l.part0 = l.part = job->parts + (size_t)ti * job->task_floats;
+    l.qs0 = l.qs = sc;
+    l.qeo0 = l.qeo = l.qs + qf;
+    l.qfold = l.qeo + qf;
+    l.kconst = l.qfold + (size_t)G * (size_t)hd;
+    l.scores = l.kconst + G;
+    l.block = l.scores + (size_t)G * (size_t)L0->page_size;
+    const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
+    l.vweights = l.block + 16 * (size_t)hd;
+    l.vscales = l.vweights + (size_t)G * (size_t)L0->page_size * vgm;
+    l.vzsum = l.vscales + 2 * (size_t)L0->page_size * vgm;
+    const float *q = a->q + ((size_t)t->query * (size_t)a->n_q_heads + (size_t)l.kv_head * (size_t)G) * (size_t)hd;
+    for (size_t i = 0; i < qf; i++) l.qs[i] = q[i] * a->scale;
+    memcpy(l.qeo, l.qs, qf * sizeof(float));
+    pikv_cpu_attn_reorder(l.qeo, (int32_t)qf, true);
+    for (int32_t h = 0; h < nkv * G; h++) {
+        float *ph = l.part0 + (size_t)h * ((size_t)hd + 2);
+        ph[0] = -INFINITY;
+        ph[1] = 0.0f;
+        memset(ph + 2, 0, (size_t)hd * sizeof(float));
+    }
+    pikv_cpu_attn_list_avx512(&l);
+}
+
+/* The portable kernel: compiled for the baseline ISA and, on x86-64, once more
+   for AVX2 + FMA, where the compiler vectorizes its dot products and row sums 8
+   floats wide (no contraction: the same operations as the baseline build). */
+static inline __attribute__((always_inline)) void attn_task_portable(attn_job *job, int64_t ti, int32_t thread)
+{
     const pikv_attention_args *a = job->a;
     const pikv_page_layout *L0 = a->pool->layout;
     const attn_task *t = &job->tasks[ti];
     const int32_t hd = L0->head_dim, G = job->group, ps = L0->page_size;
     const size_t part_stride = (size_t)hd + 2;
-    float *part = job->parts + (size_t)ti * (size_t)G * part_stride;
+    float *part = job->parts + (size_t)ti * job->task_floats;
     float *scores = job->scratch + (size_t)thread * job->scratch_floats; /* [G][page_size] */
     float *krow = scores + (size_t)G * (size_t)ps;
     float *vrow = krow + hd;
@@ -132,20 +180,46 @@ static void attn_run_task(void *arg, int64_t ti, int32_t thread)
     }
 }
 
-/* Merge the splits of one (query, KV head) into normalized outputs. Returns false
-   when a score overflowed (finite but huge inputs): no output can be trusted. */
-static bool attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define PIKV_ATTN_AVX2 1
+__attribute__((target("avx2,fma"))) static void attn_task_avx2(attn_job *job, int64_t ti, int32_t thread)
+{
+    attn_task_portable(job, ti, thread);
+}
+#endif
+
+static void attn_run_task(void *arg, int64_t ti, int32_t thread)
+{
+    attn_job *job = arg;
+    if (job->fast) {
+        attn_run_task_fast(job, ti, thread);
+        return;
+    }
+#ifdef PIKV_ATTN_AVX2
+    if (job->cb->attn_avx2) {
+        attn_task_avx2(job, ti, thread);
+        return;
+    }
+#endif
+    attn_task_portable(job, ti, thread);
+}
+
+/* Merge the splits (tasks first .. first + n_splits) of one (query, KV head g),
+   whose parts are at head slot k of each task, into normalized outputs. Returns
+   false when a score overflowed (finite but huge inputs): no output can be trusted. */
+static bool attn_finish(attn_job *job, int64_t first_task, int32_t n_splits, int32_t k, int32_t g)
 {
     const pikv_attention_args *a = job->a;
     const attn_task *t0 = &job->tasks[first_task];
     const int32_t hd = a->pool->layout->head_dim, G = job->group;
     const size_t part_stride = (size_t)hd + 2;
     for (int32_t h = 0; h < G; h++) {
-        const size_t head = (size_t)t0->query * (size_t)a->n_q_heads + (size_t)t0->kv_head * (size_t)G + (size_t)h;
+        const size_t head = (size_t)t0->query * (size_t)a->n_q_heads + (size_t)g * (size_t)G + (size_t)h;
         float *out = a->out + head * (size_t)hd;
         float m = -INFINITY;
         for (int32_t s = 0; s < n_splits; s++) {
-            const float *ph = job->parts + ((size_t)(first_task + s) * (size_t)G + (size_t)h) * part_stride;
+            const float *ph = job->parts + (size_t)(first_task + s) * job->task_floats +
+                              ((size_t)k * (size_t)G + (size_t)h) * part_stride;
             if (!(ph[0] < INFINITY) && ph[0] != -INFINITY) return false; /* +inf or NaN */
             if (!(ph[1] < INFINITY)) return false;
             if (ph[1] > 0.0f && ph[0] > m) m = ph[0];
@@ -157,7 +231,8 @@ static bool attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
         }
         float sum = 0.0f;
         for (int32_t s = 0; s < n_splits; s++) {
-            const float *ph = job->parts + ((size_t)(first_task + s) * (size_t)G + (size_t)h) * part_stride;
+            const float *ph = job->parts + (size_t)(first_task + s) * job->task_floats +
+                              ((size_t)k * (size_t)G + (size_t)h) * part_stride;
             if (ph[1] <= 0.0f) continue;
             float w = expf(ph[0] - m);
             sum += w * ph[1];
@@ -170,6 +245,24 @@ static bool attn_finish(attn_job *job, int64_t first_task, int32_t n_splits)
     return true;
 }
 
+/* Whether every KV head of every query reads the same pages (dense reads): then
+   a task reads all heads of its pages, walking each page's K and V in order. */
+static bool lists_shared(const pikv_attention_args *a, int32_t kvh)
+{
+    if (kvh < 2) return false;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        const int32_t *ip = a->indptr + (size_t)i * (size_t)kvh;
+        const int32_t b0 = ip[0], n0 = ip[1] - ip[0];
+        for (int32_t g = 1; g < kvh; g++) {
+            if (ip[g + 1] - ip[g] != n0) return false;
+            if (memcmp(a->slots + ip[g], a->slots + b0, (size_t)n0 * sizeof(uint32_t)) != 0 ||
+                memcmp(a->page_len + ip[g], a->page_len + b0, (size_t)n0 * sizeof(int32_t)) != 0)
+                return false;
+        }
+    }
+    return true;
+}
+
 pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
 {
     pikv_context *ctx = dev->ctx;
@@ -178,21 +271,29 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     const int32_t threads = pikv_cpu_pool_threads(pool);
     const int32_t kvh = L->n_kv_heads, G = a->n_q_heads / kvh;
     if (a->n_queries <= 0) return PIKV_OK;
-
-    /* Split each (query, KV head) along its pages so there are a few tasks per
-       thread, but never fewer than 4 pages per split. */
-    const int64_t units = (int64_t)a->n_queries * kvh;
-    const int64_t want = ((int64_t)threads * 4 + units - 1) / units;
+    attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev), .n_kv = 1};
+    job.fast = job.cb->attn_avx512 && pikv_cpu_attn_fast_layout(L) &&
+               pikv_cpu_attn_fast_layout(a->pool->quant ? a->pool->quant->layout : NULL);
+    if (job.fast && lists_shared(a, kvh)) job.n_kv = kvh;
+    /* Split each (query, KV head) -- or each query, when its heads share their
+       pages -- along its pages so there are many tasks per thread (a thread that the OS holds back
+       leaves little undone for the others to wait for), but never
+       fewer than 4 pages per split. */
+    const int32_t per_unit = job.n_kv > 1 ? kvh : 1; /* lists per unit */
+    const int64_t units = (int64_t)a->n_queries * kvh / per_unit;
+    const int64_t want = ((int64_t)threads * 16 + units - 1) / units;
     int64_t n_tasks = 0;
     for (int64_t u = 0; u < units; u++) {
-        int64_t pages = a->indptr[u + 1] - a->indptr[u];
+        int64_t pages = a->indptr[u * per_unit + 1] - a->indptr[u * per_unit];
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
         n_tasks += s < 1 ? 1 : s;
     }
-    attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev)};
     job.scratch_floats = (size_t)G * (size_t)L->page_size + 4 * (size_t)L->head_dim;
+    if (job.fast) job.scratch_floats = pikv_cpu_attn_scratch_floats(G, job.n_kv, L->head_dim, L->page_size);
+    job.scratch_floats = (job.scratch_floats + 15) & ~(size_t)15; /* 64-byte aligned per thread */
+    job.task_floats = (size_t)job.n_kv * (size_t)G * ((size_t)L->head_dim + 2);
     job.tasks = pikv_host_calloc(ctx, (size_t)n_tasks, sizeof *job.tasks);
-    job.parts = pikv_host_calloc(ctx, (size_t)n_tasks * (size_t)G, ((size_t)L->head_dim + 2) * sizeof(float));
+    job.parts = pikv_host_calloc(ctx, (size_t)n_tasks, job.task_floats * sizeof(float));
     job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));
     if (!job.tasks || !job.parts || !job.scratch) {
         pikv_host_free(ctx, job.tasks);
@@ -203,13 +304,13 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     }
     int64_t k = 0;
     for (int64_t u = 0; u < units; u++) {
-        const int32_t p0 = a->indptr[u], pages = a->indptr[u + 1] - p0;
+        const int32_t p0 = a->indptr[u * per_unit], pages = a->indptr[u * per_unit + 1] - p0;
         int32_t s = (int32_t)(want < (pages + 3) / 4 ? want : (pages + 3) / 4);
         if (s < 1) s = 1;
         for (int32_t j = 0; j < s; j++) {
             attn_task *t = &job.tasks[k++];
-            t->query = (int32_t)(u / kvh);
-            t->kv_head = (int32_t)(u % kvh);
+            t->query = (int32_t)(u * per_unit / kvh);
+            t->kv_head = per_unit > 1 ? -1 : (int32_t)(u % kvh);
             t->page_begin = p0 + (int32_t)((int64_t)pages * j / s);
             t->page_end = p0 + (int32_t)((int64_t)pages * (j + 1) / s);
         }
@@ -221,11 +322,13 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         while (last < n_tasks && job.tasks[last].query == job.tasks[first].query &&
                job.tasks[last].kv_head == job.tasks[first].kv_head)
             last++;
-        if (!attn_finish(&job, first, (int32_t)(last - first)))
-            st = PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT,
-                           "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not "
-                           "finite); the inputs are too large", job.tasks[first].query,
-                           job.tasks[first].kv_head);
+        for (int32_t kk = 0; kk < job.n_kv && st == PIKV_OK; kk++) {
+            const int32_t g = job.tasks[first].kv_head < 0 ? kk : job.tasks[first].kv_head;
+            if (!attn_finish(&job, first, (int32_t)(last - first), kk, g))
+                st = PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT,
+                               "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not "
+                               "finite); the inputs are too large", job.tasks[first].query, g);
+        }
         first = last;
     }
     pikv_host_free(ctx, job.tasks);

@@ -23,7 +23,7 @@ static pikv_status cpu_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer
                          "buffer size %llu is not allocatable", (unsigned long long)size);
     PIKV_FORWARD_IF_ERROR(pikv_device_reserve_bytes(dev, size));
     pikv_buffer *buf = pikv_host_calloc(ctx, 1, sizeof *buf);
-    void *mem = buf ? pikv_host_alloc(ctx, (size_t)size, 64) : NULL;
+    void *mem = buf ? pikv_cpu_arena_alloc(ctx, pikv_cpu_device_backend(dev), (size_t)size) : NULL;
     if (!mem) {
         pikv_host_free(ctx, buf);
         pikv_device_release_bytes(dev, size);
@@ -42,7 +42,7 @@ static void cpu_buffer_free(pikv_device *dev, pikv_buffer *buf)
 {
     if (!buf) return;
     pikv_device_release_bytes(dev, buf->size);
-    pikv_host_free(dev->ctx, buf->host);
+    pikv_cpu_arena_free(dev->ctx, pikv_cpu_device_backend(dev), buf->host, (size_t)buf->size);
     pikv_host_free(dev->ctx, buf);
 }
 
@@ -130,6 +130,7 @@ static void cpu_backend_free(pikv_backend *b)
     pikv_context *ctx = b->ctx;
     pikv_cpu_backend *cb = b->context;
     if (cb) pikv_cpu_pool_free(ctx, cb->pool);
+    if (cb) pikv_cpu_arena_release(ctx, cb);
     pikv_host_free(ctx, cb);
     for (int32_t i = 0; b->devices && i < b->n_devices; i++) pikv_host_free(ctx, b->devices[i]);
     pikv_host_free(ctx, b->devices);

@@ -16,13 +16,23 @@ void pikv_cpu_pool_free(pikv_context *ctx, pikv_cpu_pool *pool);
 int32_t pikv_cpu_pool_threads(const pikv_cpu_pool *pool);
 void pikv_cpu_pool_run(pikv_cpu_pool *pool, int64_t n_tasks, pikv_cpu_task_fn fn, void *arg);
 
+typedef struct pikv_cpu_slab pikv_cpu_slab;
+
 /* The backend's shared state: all CPU devices share one pool of workers. */
 typedef struct pikv_cpu_backend {
     pikv_cpu_pool *pool;
     /* f16 row conversions picked for this CPU (cpu-f16.c) */
     void (*f16_to_f32)(const uint16_t *src, float *dst, int32_t n);
     void (*f32_to_f16)(const float *src, uint16_t *dst, int32_t n);
+    bool attn_avx512; /* the AVX-512 kernels run here (cpu-attention-avx512.c) */
+    bool attn_avx2;   /* else the portable attention kernel built for AVX2 + FMA runs here */
+    pikv_cpu_slab *slabs; /* huge-page slabs of page-pool chunks (cpu-arena.c) */
 } pikv_cpu_backend;
+
+/* Device memory of the CPU devices (cpu-arena.c). */
+void *pikv_cpu_arena_alloc(pikv_context *ctx, pikv_cpu_backend *cb, size_t size);
+void pikv_cpu_arena_free(pikv_context *ctx, pikv_cpu_backend *cb, void *ptr, size_t size);
+void pikv_cpu_arena_release(pikv_context *ctx, pikv_cpu_backend *cb);
 
 void pikv_cpu_f16_init(pikv_cpu_backend *cb); /* cpu-f16.c */
 
