@@ -161,48 +161,85 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     int gj[CPU_NVMAX];
     _Pragma("unroll") for (int j = 0; j < NV; j++) gj[j] = j / per;
     float zb[CPU_HPMAX * CPU_NVMAX];
-    for (int k = 0; k < vg; k++)
-        _Pragma("unroll") for (int p = 0; p < HP; p++) zb[p * CPU_NVMAX + k] = 0.0f;
-    /* the block's scales and zero points ([row][group], contiguous), converted with
-       vector loads (a scalar vload_half is a slow software conversion on PoCL) */
-    float sc[16 * CPU_NVMAX], zc[16 * CPU_NVMAX];
+    /* ws[p][i * vg + k]: row i's weight times its group k's scale */
+    float ws[CPU_HPMAX * 16 * CPU_NVMAX];
     const size_t at0 = ((size_t)g * L.ps + (size_t)r0) * (size_t)vg;
     __global const half *vs0 = (__global const half *)(page + L.vsc) + at0;
     __global const half *vz0 = (__global const half *)(page + L.vze) + at0;
-    if (nb == 16) {
-        for (int k = 0; k < vg; k++) {
-            vstore16(vload_half16(k, vs0), 0, sc + 16 * k);
-            vstore16(vload_half16(k, vz0), 0, zc + 16 * k);
+    if ((vg & (vg - 1)) == 0) {
+        /* vg divides 16 (the common case): the block's scales and zero points
+           ([row][group], contiguous: vg float16s for 16 rows) are weighted as
+           vectors, the weights spread to [row][group] lanes by one permutation
+           per vector, instead of vg scalar products per row. Lane l of every
+           vector is group l % vg, so the zero points' shares fold by lane. */
+        const uint lvg = 31 - clz((uint)vg);
+        const uint16 lane = (uint16)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        float16 wv[CPU_HPMAX], zv[CPU_HPMAX];
+        _Pragma("unroll") for (int p = 0; p < HP; p++) {
+            wv[p] = vload16(0, w + p * 16); /* 0 past nb */
+            zv[p] = (float16)(0.0f);
+        }
+        for (int t = 0; t < vg; t++) {
+            float16 s16, z16;
+            if (nb == 16) {
+                s16 = vload_half16(t, vs0);
+                z16 = vload_half16(t, vz0);
+            } else { /* the page's last rows: lanes past nb * vg must not be read (their weight is 0) */
+                float sa[16], za[16];
+                for (int l = 0; l < 16; l++) {
+                    const int k = 16 * t + l;
+                    sa[l] = k < nb * vg ? vload_half(k, vs0) : 0.0f;
+                    za[l] = k < nb * vg ? vload_half(k, vz0) : 0.0f;
+                }
+                s16 = vload16(0, sa);
+                z16 = vload16(0, za);
+            }
+            const uint16 mask = (lane + (uint)(16 * t)) >> lvg;
+            _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                const float16 wt = shuffle(wv[p], mask);
+                vstore16(wt * s16, t, ws + p * 16 * CPU_NVMAX);
+                zv[p] = fma(wt, z16, zv[p]);
+            }
+        }
+        _Pragma("unroll") for (int p = 0; p < HP; p++) {
+            float za[16];
+            vstore16(zv[p], 0, za);
+            for (int k = 0; k < vg; k++) {
+                float z = 0.0f;
+                for (int l = k; l < 16; l += vg) z += za[l];
+                zb[p * CPU_NVMAX + k] = z;
+            }
         }
     } else {
-        for (int k = 0; k < nb * vg; k++) {
-            sc[k] = vload_half(k, vs0);
-            zc[k] = vload_half(k, vz0);
-        }
+        /* any other group count: scalar products per row */
+        for (int k = 0; k < vg; k++)
+            _Pragma("unroll") for (int p = 0; p < HP; p++) zb[p * CPU_NVMAX + k] = 0.0f;
+        for (int i = 0; i < nb; i++)
+            for (int k = 0; k < vg; k++) {
+                const float sc = vload_half(i * vg + k, vs0), zc = vload_half(i * vg + k, vz0);
+                _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                    const float wi = w[p * 16 + i];
+                    ws[p * 16 * CPU_NVMAX + i * vg + k] = wi * sc;
+                    zb[p * CPU_NVMAX + k] = fma(wi, zc, zb[p * CPU_NVMAX + k]);
+                }
+            }
     }
     for (int i = 0; i < nb; i++) {
         const int r = r0 + i;
         page_ptr row = vp + (size_t)r * row_bytes;
-        float ws[CPU_HPMAX * CPU_NVMAX];
-        for (int k = 0; k < vg; k++) {
-            _Pragma("unroll") for (int p = 0; p < HP; p++) {
-                const float wi = w[p * 16 + i];
-                ws[p * CPU_NVMAX + k] = wi * sc[i * vg + k];
-                zb[p * CPU_NVMAX + k] = fma(wi, zc[i * vg + k], zb[p * CPU_NVMAX + k]);
-            }
-        }
+        const float *wsi = ws + i * vg;
         if (DT == DT_INT8) {
             _Pragma("unroll") for (int j = 0; j < NV; j++) {
                 const float16 x = convert_float16(vload16(j, row));
                 _Pragma("unroll") for (int p = 0; p < HP; p++)
-                    acc[p * CPU_NVMAX + j] = fma((float16)(ws[p * CPU_NVMAX + gj[j]]), x, acc[p * CPU_NVMAX + j]);
+                    acc[p * CPU_NVMAX + j] = fma((float16)(wsi[p * 16 * CPU_NVMAX + gj[j]]), x, acc[p * CPU_NVMAX + j]);
             }
         } else {
             _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
                 const int16 x = convert_int16(vload16(j, row));
                 const float16 lo = convert_float16(x & 15), hi = convert_float16(x >> 4);
                 _Pragma("unroll") for (int p = 0; p < HP; p++) {
-                    const float16 sj = (float16)(ws[p * CPU_NVMAX + gj[j]]);
+                    const float16 sj = (float16)(wsi[p * 16 * CPU_NVMAX + gj[j]]);
                     acc[p * CPU_NVMAX + 2 * j] = fma(sj, lo, acc[p * CPU_NVMAX + 2 * j]);
                     acc[p * CPU_NVMAX + 2 * j + 1] = fma(sj, hi, acc[p * CPU_NVMAX + 2 * j + 1]);
                 }
