@@ -57,6 +57,19 @@ static inline void cpu_prefetch_head(page_ptr page, const layout_t L, int g, int
     }
 }
 
+/* Prefetch of the scales and zero points of KV head g of a quantized page (the
+   rows are prefetched row by row while the current head is computed). */
+static inline void cpu_prefetch_scales(page_ptr page, const layout_t L, int g)
+{
+    if (L.dtype >= DT_INT8) {
+        const uint kb = (uint)L.kg * (uint)L.hd * 2u, vb = (uint)L.ps * (uint)L.vg * 2u;
+        CPU_PREFETCH(page + L.ksc + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.kze + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.vsc + (size_t)g * vb, vb);
+        CPU_PREFETCH(page + L.vze + (size_t)g * vb, vb);
+    }
+}
+
 static inline float cpu_hsum16(float16 v)
 {
     float8 a = v.lo + v.hi;
@@ -113,10 +126,11 @@ static inline float8 cpu_fold4(float16 v)
    of the key group for quantized pages). */
 static inline __attribute__((always_inline)) void cpu_scores(const int NV, const int DT, const int HP, page_ptr kp,
                                                              uint row_bytes, int r0, int nb, const float16 *qk,
-                                                             const float *kc, float16 *s)
+                                                             const float *kc, page_ptr pfk, float16 *s)
 {
     float16 v[CPU_HPMAX * 8];
     _Pragma("unroll") for (int k = 0; k < 8; k++) {
+        if (pfk) CPU_PREFETCH(pfk + (size_t)(r0 + 2 * k) * row_bytes, 2 * row_bytes);
         float16 a[CPU_HPMAX], b[CPU_HPMAX];
         cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k, nb - 1)) * row_bytes, qk, a);
         cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k + 1, nb - 1)) * row_bytes, qk, b);
@@ -141,11 +155,13 @@ static inline __attribute__((always_inline)) void cpu_scores(const int NV, const
    is added once per group and block. */
 static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, const int HP, page_ptr vp,
                                                              uint row_bytes, page_ptr page, const layout_t L, int g,
-                                                             int r0, int nb, const float *w, float16 *acc)
+                                                             int r0, int nb, const float *w, page_ptr pfv,
+                                                             float16 *acc)
 {
     if (DT == DT_F32 || DT == DT_F16) {
         for (int i = 0; i < nb; i++) {
             page_ptr row = vp + (size_t)(r0 + i) * row_bytes;
+            if (pfv) CPU_PREFETCH(pfv + (size_t)(r0 + i) * row_bytes, row_bytes);
             float16 wi[CPU_HPMAX];
             _Pragma("unroll") for (int p = 0; p < HP; p++) wi[p] = (float16)(w[p * 16 + i]);
             _Pragma("unroll") for (int j = 0; j < NV; j++) {
@@ -227,6 +243,7 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     for (int i = 0; i < nb; i++) {
         const int r = r0 + i;
         page_ptr row = vp + (size_t)r * row_bytes;
+        if (pfv) CPU_PREFETCH(pfv + (size_t)r * row_bytes, row_bytes);
         const float *wsi = ws + i * vg;
         if (DT == DT_INT8) {
             _Pragma("unroll") for (int j = 0; j < NV; j++) {
@@ -264,8 +281,8 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
    want_lse (-inf without rows). */
 static inline __attribute__((always_inline)) void cpu_page(const int HD, const int DT, const int HP, page_ptr page,
                                                            const layout_t L, int g, int n, __global const float *qh,
-                                                           float scale, int want_lse, float *m_io, float *l_io,
-                                                           float16 *acc, float *plse)
+                                                           float scale, int want_lse, page_ptr pfk, page_ptr pfv,
+                                                           float *m_io, float *l_io, float16 *acc, float *plse)
 {
     const int NV = HD / 16;
     const bool quant = DT == DT_INT8 || DT == DT_INT4;
@@ -330,7 +347,7 @@ static inline __attribute__((always_inline)) void cpu_page(const int HD, const i
         for (; r0 < gend; r0 += 16) {
             const int nb = min(16, gend - r0);
             float16 s[CPU_HPMAX];
-            cpu_scores(NV, DT, HP, kp, L.row, r0, nb, qk, kc, s);
+            cpu_scores(NV, DT, HP, kp, L.row, r0, nb, qk, kc, pfk, s);
             float w[CPU_HPMAX * 16];
             _Pragma("unroll") for (int p = 0; p < HP; p++) {
                 const float8 m8 = fmax(s[p].lo, s[p].hi);
@@ -361,7 +378,7 @@ static inline __attribute__((always_inline)) void cpu_page(const int HD, const i
                 vstore16(ex * beta, 0, w + p * 16);
                 l[p] = fma(bs, beta, l[p]);
             }
-            cpu_values(NV, DT, HP, vp, L.row, page, L, g, r0, nb, w, acc);
+            cpu_values(NV, DT, HP, vp, L.row, page, L, g, r0, nb, w, pfv, acc);
         }
         r0 = gend;
     }
@@ -419,7 +436,11 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
         }
         for (int c = 0; c < pairs; c++) {
             const int gi = c / G, h = c - gi * G, g = g0 + gi;
-            if (ng > 1 && h == 0) { /* the rows of the head CPU_PF_HEADS further on (maybe next page's) */
+            /* the rows of the head CPU_PF_HEADS further on (maybe next page's), row by
+               row as this head's rows are computed (a burst of a whole head block's
+               prefetches at once stalled on the miss buffers); its scales now */
+            page_ptr pfk = 0, pfv = 0;
+            if (ng > 1 && h == 0) {
                 int gp = gi + CPU_PF_HEADS, kp_ = k;
                 if (gp >= ng) {
                     gp -= ng;
@@ -427,8 +448,11 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
                 }
                 if (kp_ < n && gp < ng) {
                     const int ep = e_begin + kp_;
-                    cpu_prefetch_head(arena + ent_off[ep], ((ent_len[ep] >> 30) & 1) ? L1 : L0, g0 + gp,
-                                      ent_len[ep] & 0xffff);
+                    const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
+                    page_ptr pp = arena + ent_off[ep];
+                    cpu_prefetch_scales(pp, Lp, g0 + gp);
+                    pfk = pp + Lp.k + (size_t)(g0 + gp) * Lp.hs;
+                    pfv = pp + Lp.v + (size_t)(g0 + gp) * Lp.hs;
                 }
             }
             const int HPn = (G % 2 == 0) ? 2 : 1; /* query heads per pass (c is even when HPn is 2) */
@@ -443,9 +467,9 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
             __global const float *qh = qq + (size_t)c * HD;
 #define CPU_PAGE_CASE(DT_)                                                                                 \
     if (HPn == 2)                                                                                          \
-        cpu_page(HD, DT_, 2, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);                  \
+        cpu_page(HD, DT_, 2, page, L, g, len, qh, scale, want_page_lse, pfk, pfv, m, l, acc, plse);                  \
     else                                                                                                   \
-        cpu_page(HD, DT_, 1, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);
+        cpu_page(HD, DT_, 1, page, L, g, len, qh, scale, want_page_lse, pfk, pfv, m, l, acc, plse);
             switch (L.dtype) {
             case DT_F32: CPU_PAGE_CASE(DT_F32) break;
             case DT_F16: CPU_PAGE_CASE(DT_F16) break;
