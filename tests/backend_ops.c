@@ -8,7 +8,7 @@
  * must match cpu0 bit for bit, without any other backend) and every non-CPU device.
  *
  * For every shape of the grid (dtype f32/f16/int8/int4 x head dim 64/80/128/256 x page
- * size 1/16/64 x GQA ratio 1/4/8; KV heads 1..3, quant groups 7/32/64/128, two sequences
+ * size 1/16/64 x GQA ratio 1/4/8; KV heads 1..3, quant groups 7/32/48/64/128, two sequences
  * of odd and even lengths from 1 to 301 tokens) both devices get identical page pools
  * (chunks from iface->buffer_alloc with 256 bytes of slack each, every byte set to a fill
  * pattern, pages on permuted slots spread over three chunks, unused slots between them)
@@ -433,7 +433,9 @@ static const int k_ps[] = {1, 16, 64};
 static const int k_gqa[] = {1, 4, 8};
 static const pikv_dtype k_dt[] = {PIKV_DTYPE_F32, PIKV_DTYPE_F16, PIKV_DTYPE_INT8, PIKV_DTYPE_INT4};
 static const int k_len[][2] = {{1, 37}, {17, 129}, {64, 301}, {255, 3}, {33, 2}, {128, 63}};
-static const int k_group[] = {32, 7, 64, 128};
+/* 48: on int8 pages of head_dim 128 a value group count (3) that is no power of
+   two, the OpenCL CPU attention's scalar fallback for value scales */
+static const int k_group[] = {32, 7, 64, 128, 48};
 static const int k_kvh[] = {2, 1, 3};
 
 static void scen_make(scen *s, int idx, pikv_dtype dt, int hd, int ps, int gqa)
@@ -447,7 +449,7 @@ static void scen_make(scen *s, int idx, pikv_dtype dt, int hd, int ps, int gqa)
     s->gqa = gqa;
     s->kvh = k_kvh[idx % 3];
     s->nqh = s->kvh * gqa;
-    s->group = k_group[(idx / 3) % 4];
+    s->group = k_group[(idx / 3) % (int)(sizeof k_group / sizeof *k_group)];
     s->n_seq = 2;
     s->len[0] = k_len[(idx / 2) % 6][0];
     s->len[1] = k_len[(idx / 2) % 6][1];

@@ -57,6 +57,19 @@ static inline void cpu_prefetch_head(page_ptr page, const layout_t L, int g, int
     }
 }
 
+/* Prefetch of the scales and zero points of KV head g of a quantized page (the
+   rows are prefetched row by row while the current head is computed). */
+static inline void cpu_prefetch_scales(page_ptr page, const layout_t L, int g)
+{
+    if (L.dtype >= DT_INT8) {
+        const uint kb = (uint)L.kg * (uint)L.hd * 2u, vb = (uint)L.ps * (uint)L.vg * 2u;
+        CPU_PREFETCH(page + L.ksc + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.kze + (size_t)g * kb, kb);
+        CPU_PREFETCH(page + L.vsc + (size_t)g * vb, vb);
+        CPU_PREFETCH(page + L.vze + (size_t)g * vb, vb);
+    }
+}
+
 static inline float cpu_hsum16(float16 v)
 {
     float8 a = v.lo + v.hi;
@@ -113,10 +126,11 @@ static inline float8 cpu_fold4(float16 v)
    of the key group for quantized pages). */
 static inline __attribute__((always_inline)) void cpu_scores(const int NV, const int DT, const int HP, page_ptr kp,
                                                              uint row_bytes, int r0, int nb, const float16 *qk,
-                                                             const float *kc, float16 *s)
+                                                             const float *kc, page_ptr pfk, float16 *s)
 {
     float16 v[CPU_HPMAX * 8];
     _Pragma("unroll") for (int k = 0; k < 8; k++) {
+        if (pfk) CPU_PREFETCH(pfk + (size_t)(r0 + 2 * k) * row_bytes, 2 * row_bytes);
         float16 a[CPU_HPMAX], b[CPU_HPMAX];
         cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k, nb - 1)) * row_bytes, qk, a);
         cpu_row_dot(NV, DT, HP, kp + (size_t)(r0 + min(2 * k + 1, nb - 1)) * row_bytes, qk, b);
@@ -141,11 +155,13 @@ static inline __attribute__((always_inline)) void cpu_scores(const int NV, const
    is added once per group and block. */
 static inline __attribute__((always_inline)) void cpu_values(const int NV, const int DT, const int HP, page_ptr vp,
                                                              uint row_bytes, page_ptr page, const layout_t L, int g,
-                                                             int r0, int nb, const float *w, float16 *acc)
+                                                             int r0, int nb, const float *w, page_ptr pfv,
+                                                             float16 *acc)
 {
     if (DT == DT_F32 || DT == DT_F16) {
         for (int i = 0; i < nb; i++) {
             page_ptr row = vp + (size_t)(r0 + i) * row_bytes;
+            if (pfv) CPU_PREFETCH(pfv + (size_t)(r0 + i) * row_bytes, row_bytes);
             float16 wi[CPU_HPMAX];
             _Pragma("unroll") for (int p = 0; p < HP; p++) wi[p] = (float16)(w[p * 16 + i]);
             _Pragma("unroll") for (int j = 0; j < NV; j++) {
@@ -161,48 +177,86 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
     int gj[CPU_NVMAX];
     _Pragma("unroll") for (int j = 0; j < NV; j++) gj[j] = j / per;
     float zb[CPU_HPMAX * CPU_NVMAX];
-    for (int k = 0; k < vg; k++)
-        _Pragma("unroll") for (int p = 0; p < HP; p++) zb[p * CPU_NVMAX + k] = 0.0f;
-    /* the block's scales and zero points ([row][group], contiguous), converted with
-       vector loads (a scalar vload_half is a slow software conversion on PoCL) */
-    float sc[16 * CPU_NVMAX], zc[16 * CPU_NVMAX];
+    /* ws[p][i * vg + k]: row i's weight times its group k's scale */
+    float ws[CPU_HPMAX * 16 * CPU_NVMAX];
     const size_t at0 = ((size_t)g * L.ps + (size_t)r0) * (size_t)vg;
     __global const half *vs0 = (__global const half *)(page + L.vsc) + at0;
     __global const half *vz0 = (__global const half *)(page + L.vze) + at0;
-    if (nb == 16) {
-        for (int k = 0; k < vg; k++) {
-            vstore16(vload_half16(k, vs0), 0, sc + 16 * k);
-            vstore16(vload_half16(k, vz0), 0, zc + 16 * k);
+    if ((vg & (vg - 1)) == 0) {
+        /* vg divides 16 (the common case): the block's scales and zero points
+           ([row][group], contiguous: vg float16s for 16 rows) are weighted as
+           vectors, the weights spread to [row][group] lanes by one permutation
+           per vector, instead of vg scalar products per row. Lane l of every
+           vector is group l % vg, so the zero points' shares fold by lane. */
+        const uint lvg = 31 - clz((uint)vg);
+        const uint16 lane = (uint16)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        float16 wv[CPU_HPMAX], zv[CPU_HPMAX];
+        _Pragma("unroll") for (int p = 0; p < HP; p++) {
+            wv[p] = vload16(0, w + p * 16); /* 0 past nb */
+            zv[p] = (float16)(0.0f);
+        }
+        for (int t = 0; t < vg; t++) {
+            float16 s16, z16;
+            if (nb == 16) {
+                s16 = vload_half16(t, vs0);
+                z16 = vload_half16(t, vz0);
+            } else { /* the page's last rows: lanes past nb * vg must not be read (their weight is 0) */
+                float sa[16], za[16];
+                for (int l = 0; l < 16; l++) {
+                    const int k = 16 * t + l;
+                    sa[l] = k < nb * vg ? vload_half(k, vs0) : 0.0f;
+                    za[l] = k < nb * vg ? vload_half(k, vz0) : 0.0f;
+                }
+                s16 = vload16(0, sa);
+                z16 = vload16(0, za);
+            }
+            const uint16 mask = (lane + (uint)(16 * t)) >> lvg;
+            _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                const float16 wt = shuffle(wv[p], mask);
+                vstore16(wt * s16, t, ws + p * 16 * CPU_NVMAX);
+                zv[p] = fma(wt, z16, zv[p]);
+            }
+        }
+        _Pragma("unroll") for (int p = 0; p < HP; p++) {
+            float za[16];
+            vstore16(zv[p], 0, za);
+            for (int k = 0; k < vg; k++) {
+                float z = 0.0f;
+                for (int l = k; l < 16; l += vg) z += za[l];
+                zb[p * CPU_NVMAX + k] = z;
+            }
         }
     } else {
-        for (int k = 0; k < nb * vg; k++) {
-            sc[k] = vload_half(k, vs0);
-            zc[k] = vload_half(k, vz0);
-        }
+        /* any other group count: scalar products per row */
+        for (int k = 0; k < vg; k++)
+            _Pragma("unroll") for (int p = 0; p < HP; p++) zb[p * CPU_NVMAX + k] = 0.0f;
+        for (int i = 0; i < nb; i++)
+            for (int k = 0; k < vg; k++) {
+                const float sc = vload_half(i * vg + k, vs0), zc = vload_half(i * vg + k, vz0);
+                _Pragma("unroll") for (int p = 0; p < HP; p++) {
+                    const float wi = w[p * 16 + i];
+                    ws[p * 16 * CPU_NVMAX + i * vg + k] = wi * sc;
+                    zb[p * CPU_NVMAX + k] = fma(wi, zc, zb[p * CPU_NVMAX + k]);
+                }
+            }
     }
     for (int i = 0; i < nb; i++) {
         const int r = r0 + i;
         page_ptr row = vp + (size_t)r * row_bytes;
-        float ws[CPU_HPMAX * CPU_NVMAX];
-        for (int k = 0; k < vg; k++) {
-            _Pragma("unroll") for (int p = 0; p < HP; p++) {
-                const float wi = w[p * 16 + i];
-                ws[p * CPU_NVMAX + k] = wi * sc[i * vg + k];
-                zb[p * CPU_NVMAX + k] = fma(wi, zc[i * vg + k], zb[p * CPU_NVMAX + k]);
-            }
-        }
+        if (pfv) CPU_PREFETCH(pfv + (size_t)r * row_bytes, row_bytes);
+        const float *wsi = ws + i * vg;
         if (DT == DT_INT8) {
             _Pragma("unroll") for (int j = 0; j < NV; j++) {
                 const float16 x = convert_float16(vload16(j, row));
                 _Pragma("unroll") for (int p = 0; p < HP; p++)
-                    acc[p * CPU_NVMAX + j] = fma((float16)(ws[p * CPU_NVMAX + gj[j]]), x, acc[p * CPU_NVMAX + j]);
+                    acc[p * CPU_NVMAX + j] = fma((float16)(wsi[p * 16 * CPU_NVMAX + gj[j]]), x, acc[p * CPU_NVMAX + j]);
             }
         } else {
             _Pragma("unroll") for (int j = 0; j < NV / 2; j++) {
                 const int16 x = convert_int16(vload16(j, row));
                 const float16 lo = convert_float16(x & 15), hi = convert_float16(x >> 4);
                 _Pragma("unroll") for (int p = 0; p < HP; p++) {
-                    const float16 sj = (float16)(ws[p * CPU_NVMAX + gj[j]]);
+                    const float16 sj = (float16)(wsi[p * 16 * CPU_NVMAX + gj[j]]);
                     acc[p * CPU_NVMAX + 2 * j] = fma(sj, lo, acc[p * CPU_NVMAX + 2 * j]);
                     acc[p * CPU_NVMAX + 2 * j + 1] = fma(sj, hi, acc[p * CPU_NVMAX + 2 * j + 1]);
                 }
@@ -227,8 +281,8 @@ static inline __attribute__((always_inline)) void cpu_values(const int NV, const
    want_lse (-inf without rows). */
 static inline __attribute__((always_inline)) void cpu_page(const int HD, const int DT, const int HP, page_ptr page,
                                                            const layout_t L, int g, int n, __global const float *qh,
-                                                           float scale, int want_lse, float *m_io, float *l_io,
-                                                           float16 *acc, float *plse)
+                                                           float scale, int want_lse, page_ptr pfk, page_ptr pfv,
+                                                           float *m_io, float *l_io, float16 *acc, float *plse)
 {
     const int NV = HD / 16;
     const bool quant = DT == DT_INT8 || DT == DT_INT4;
@@ -293,7 +347,7 @@ static inline __attribute__((always_inline)) void cpu_page(const int HD, const i
         for (; r0 < gend; r0 += 16) {
             const int nb = min(16, gend - r0);
             float16 s[CPU_HPMAX];
-            cpu_scores(NV, DT, HP, kp, L.row, r0, nb, qk, kc, s);
+            cpu_scores(NV, DT, HP, kp, L.row, r0, nb, qk, kc, pfk, s);
             float w[CPU_HPMAX * 16];
             _Pragma("unroll") for (int p = 0; p < HP; p++) {
                 const float8 m8 = fmax(s[p].lo, s[p].hi);
@@ -324,7 +378,7 @@ static inline __attribute__((always_inline)) void cpu_page(const int HD, const i
                 vstore16(ex * beta, 0, w + p * 16);
                 l[p] = fma(bs, beta, l[p]);
             }
-            cpu_values(NV, DT, HP, vp, L.row, page, L, g, r0, nb, w, acc);
+            cpu_values(NV, DT, HP, vp, L.row, page, L, g, r0, nb, w, pfv, acc);
         }
         r0 = gend;
     }
@@ -382,7 +436,11 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
         }
         for (int c = 0; c < pairs; c++) {
             const int gi = c / G, h = c - gi * G, g = g0 + gi;
-            if (ng > 1 && h == 0) { /* the rows of the head CPU_PF_HEADS further on (maybe next page's) */
+            /* the rows of the head CPU_PF_HEADS further on (maybe next page's), row by
+               row as this head's rows are computed (a burst of a whole head block's
+               prefetches at once stalled on the miss buffers); its scales now */
+            page_ptr pfk = 0, pfv = 0;
+            if (ng > 1 && h == 0) {
                 int gp = gi + CPU_PF_HEADS, kp_ = k;
                 if (gp >= ng) {
                     gp -= ng;
@@ -390,8 +448,11 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
                 }
                 if (kp_ < n && gp < ng) {
                     const int ep = e_begin + kp_;
-                    cpu_prefetch_head(arena + ent_off[ep], ((ent_len[ep] >> 30) & 1) ? L1 : L0, g0 + gp,
-                                      ent_len[ep] & 0xffff);
+                    const layout_t Lp = ((ent_len[ep] >> 30) & 1) ? L1 : L0;
+                    page_ptr pp = arena + ent_off[ep];
+                    cpu_prefetch_scales(pp, Lp, g0 + gp);
+                    pfk = pp + Lp.k + (size_t)(g0 + gp) * Lp.hs;
+                    pfv = pp + Lp.v + (size_t)(g0 + gp) * Lp.hs;
                 }
             }
             const int HPn = (G % 2 == 0) ? 2 : 1; /* query heads per pass (c is even when HPn is 2) */
@@ -406,9 +467,9 @@ static inline __attribute__((always_inline)) void cpu_attn_item(
             __global const float *qh = qq + (size_t)c * HD;
 #define CPU_PAGE_CASE(DT_)                                                                                 \
     if (HPn == 2)                                                                                          \
-        cpu_page(HD, DT_, 2, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);                  \
+        cpu_page(HD, DT_, 2, page, L, g, len, qh, scale, want_page_lse, pfk, pfv, m, l, acc, plse);                  \
     else                                                                                                   \
-        cpu_page(HD, DT_, 1, page, L, g, len, qh, scale, want_page_lse, m, l, acc, plse);
+        cpu_page(HD, DT_, 1, page, L, g, len, qh, scale, want_page_lse, pfk, pfv, m, l, acc, plse);
             switch (L.dtype) {
             case DT_F32: CPU_PAGE_CASE(DT_F32) break;
             case DT_F16: CPU_PAGE_CASE(DT_F16) break;
