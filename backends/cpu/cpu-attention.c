@@ -36,6 +36,8 @@ typedef struct attn_job {
     size_t scratch_floats;
     const pikv_cpu_backend *cb;
     bool fast;            /* the AVX-512 page kernels (cpu-attention-avx512.c) */
+    int32_t *ord_entry;   /* per-head lists walked in address order: every query's */
+    int32_t *ord_head;    /* entries (all heads) sorted by slot, at the query's indptr */
 } attn_job;
 
 /* Row t of KV head g of a page, as f32 (dequantized inside the kernel for
@@ -67,6 +69,8 @@ static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
     pikv_cpu_attn_list l = {.args = a, .kv_head = t->kv_head < 0 ? 0 : t->kv_head, .n_kv = nkv, .G = G,
                             .page_begin = t->page_begin, .page_end = t->page_end};
     l.list_begin = a->indptr + (size_t)t->query * (size_t)kvh;
+    l.ord_entry = job->ord_entry;
+    l.ord_head = job->ord_head;
     l.part0 = l.part = job->parts + (size_t)ti * job->task_floats;
     l.qs0 = l.qs = sc;
     l.qeo0 = l.qeo = l.qs + qf;
@@ -263,6 +267,62 @@ static bool lists_shared(const pikv_attention_args *a, int32_t kvh)
     return true;
 }
 
+/* Per-head lists (Quest keeps different pages per head) visit their pages in
+   candidate order, which is not address order, each head on its own: the reads
+   are 4 KB K and V blocks scattered over the arena. Instead every query's
+   entries of all heads are read sorted by slot (address order within a slab),
+   heads of one page in head order, so the K blocks of heads that kept the same
+   page are read back to back and the walk is monotone, as dense reads are.
+   ord_entry/ord_head get, at the query's range of entries, the entries in that
+   order: a stable LSD radix sort on the slot (11 bits a pass). The order of the
+   online-softmax steps changes nothing but rounding. */
+static bool attn_order_by_slot(pikv_context *ctx, const pikv_attention_args *a, int32_t kvh, int32_t *ord_entry,
+                               int32_t *ord_head)
+{
+    const int32_t total = a->indptr[(size_t)a->n_queries * (size_t)kvh];
+    uint64_t *x = pikv_host_alloc(ctx, 2 * (size_t)(total ? total : 1) * sizeof(uint64_t), 64);
+    if (!x) return false;
+    uint64_t *y = x + total;
+    uint32_t max_slot = 0;
+    for (int32_t e = 0; e < total; e++) max_slot = a->slots[e] > max_slot ? a->slots[e] : max_slot;
+    int passes = 0;
+    while (passes < 3 && (max_slot >> (11 * passes)) != 0) passes++;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        const int32_t *ip = a->indptr + (size_t)i * (size_t)kvh;
+        const int32_t b = ip[0], n = ip[kvh] - ip[0];
+        uint64_t *src = x + b, *dst = y + b;
+        for (int32_t e = 0; e < n; e++) src[e] = (uint64_t)a->slots[b + e] << 32 | (uint32_t)(b + e);
+        for (int ps = 0; ps < passes; ps++) {
+            int32_t count[2048 + 1];
+            memset(count, 0, sizeof count);
+            const int sh = 32 + 11 * ps;
+            for (int32_t e = 0; e < n; e++) count[((src[e] >> sh) & 2047) + 1]++;
+            for (int c = 0; c < 2048; c++) count[c + 1] += count[c];
+            for (int32_t e = 0; e < n; e++) dst[count[(src[e] >> sh) & 2047]++] = src[e];
+            uint64_t *tmp = src;
+            src = dst;
+            dst = tmp;
+        }
+        int32_t h = 0;
+        for (int32_t e = 0; e < n; e++) {
+            const int32_t entry = (int32_t)(uint32_t)src[e];
+            /* entries of one slot come in head order (the sort is stable): the head
+               is found by a short search of the query's indptr */
+            int32_t lo = 0, hi = kvh - 1;
+            while (lo < hi) {
+                const int32_t mid = (lo + hi + 1) / 2;
+                if (ip[mid] <= entry) lo = mid;
+                else hi = mid - 1;
+            }
+            h = lo;
+            ord_entry[b + e] = entry;
+            ord_head[b + e] = h;
+        }
+    }
+    pikv_host_free(ctx, x);
+    return true;
+}
+
 pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
 {
     pikv_context *ctx = dev->ctx;
@@ -274,7 +334,17 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev), .n_kv = 1};
     job.fast = job.cb->attn_avx512 && pikv_cpu_attn_fast_layout(L) &&
                pikv_cpu_attn_fast_layout(a->pool->quant ? a->pool->quant->layout : NULL);
-    if (job.fast && lists_shared(a, kvh)) job.n_kv = kvh;
+    if (job.fast && lists_shared(a, kvh)) {
+        job.n_kv = kvh;
+    } else if (job.fast && kvh > 1) {
+        const int32_t total = a->indptr[(size_t)a->n_queries * (size_t)kvh];
+        job.ord_entry = pikv_host_alloc(ctx, 2 * (size_t)(total ? total : 1) * sizeof(int32_t), 64);
+        if (job.ord_entry) {
+            job.ord_head = job.ord_entry + total;
+            if (attn_order_by_slot(ctx, a, kvh, job.ord_entry, job.ord_head)) job.n_kv = kvh;
+            else pikv_host_free(ctx, job.ord_entry), job.ord_entry = job.ord_head = NULL;
+        }
+    }
     /* Split each (query, KV head) -- or each query, when its heads share their
        pages -- along its pages so there are many tasks per thread (a thread that the OS holds back
        leaves little undone for the others to wait for), but never
@@ -284,7 +354,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     const int64_t want = ((int64_t)threads * 16 + units - 1) / units;
     int64_t n_tasks = 0;
     for (int64_t u = 0; u < units; u++) {
-        int64_t pages = a->indptr[u * per_unit + 1] - a->indptr[u * per_unit];
+        int64_t pages = a->indptr[u * per_unit + (job.ord_entry ? per_unit : 1)] - a->indptr[u * per_unit];
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
         n_tasks += s < 1 ? 1 : s;
     }
@@ -296,6 +366,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks, job.task_floats * sizeof(float));
     job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));
     if (!job.tasks || !job.parts || !job.scratch) {
+        pikv_host_free(ctx, job.ord_entry);
         pikv_host_free(ctx, job.tasks);
         pikv_host_free(ctx, job.parts);
         pikv_host_free(ctx, job.scratch);
@@ -304,7 +375,8 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     }
     int64_t k = 0;
     for (int64_t u = 0; u < units; u++) {
-        const int32_t p0 = a->indptr[u * per_unit], pages = a->indptr[u * per_unit + 1] - p0;
+        const int32_t p0 = a->indptr[u * per_unit],
+                      pages = a->indptr[u * per_unit + (job.ord_entry ? per_unit : 1)] - p0;
         int32_t s = (int32_t)(want < (pages + 3) / 4 ? want : (pages + 3) / 4);
         if (s < 1) s = 1;
         for (int32_t j = 0; j < s; j++) {
@@ -331,6 +403,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         }
         first = last;
     }
+    pikv_host_free(ctx, job.ord_entry);
     pikv_host_free(ctx, job.tasks);
     pikv_host_free(ctx, job.parts);
     pikv_host_free(ctx, job.scratch);

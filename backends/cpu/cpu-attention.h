@@ -11,6 +11,10 @@ typedef struct pikv_cpu_attn_list {
     int32_t kv_head;            /* the KV head being read (set per page when n_kv > 1) */
     int32_t n_kv;               /* 1, or every KV head when they share one page list */
     const int32_t *list_begin;  /* n_kv > 1: indptr of the query's lists (page_lse entries) */
+    /* n_kv > 1 with per-head lists: units [page_begin, page_end) of the query's
+       entries in address order, unit u being entry ord_entry[u] of head ord_head[u];
+       NULL when the heads share their pages */
+    const int32_t *ord_entry, *ord_head;
     int32_t G;                  /* query heads of the KV head */
     int32_t page_begin, page_end;
     float *part;                /* [G][head_dim + 2]: running max, sum, acc (of kv_head) */
