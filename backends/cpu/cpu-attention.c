@@ -273,26 +273,22 @@ static bool lists_shared(const pikv_attention_args *a, int32_t kvh)
    entries of all heads are read sorted by slot (address order within a slab),
    heads of one page in head order, so the K blocks of heads that kept the same
    page are read back to back and the walk is monotone, as dense reads are.
-   ord_entry/ord_head get, at the query's range of entries, the entries in that
-   order: a stable LSD radix sort on the slot (11 bits a pass). The order of the
-   online-softmax steps changes nothing but rounding. */
-static bool attn_order_by_slot(pikv_context *ctx, const pikv_attention_args *a, int32_t kvh, int32_t *ord_entry,
-                               int32_t *ord_head)
+   The order of the online-softmax steps changes nothing but rounding. */
+bool pikv_cpu_order_by_slot(pikv_context *ctx, const uint32_t *slots, const int32_t *indptr, int32_t n_ranges,
+                            int32_t *order)
 {
-    const int32_t total = a->indptr[(size_t)a->n_queries * (size_t)kvh];
+    const int32_t total = indptr[n_ranges] - indptr[0];
     uint64_t *x = pikv_host_alloc(ctx, 2 * (size_t)(total ? total : 1) * sizeof(uint64_t), 64);
     if (!x) return false;
-    uint64_t *y = x + total;
     uint32_t max_slot = 0;
-    for (int32_t e = 0; e < total; e++) max_slot = a->slots[e] > max_slot ? a->slots[e] : max_slot;
+    for (int32_t e = indptr[0]; e < indptr[n_ranges]; e++) max_slot = slots[e] > max_slot ? slots[e] : max_slot;
     int passes = 0;
     while (passes < 3 && (max_slot >> (11 * passes)) != 0) passes++;
-    for (int32_t i = 0; i < a->n_queries; i++) {
-        const int32_t *ip = a->indptr + (size_t)i * (size_t)kvh;
-        const int32_t b = ip[0], n = ip[kvh] - ip[0];
-        uint64_t *src = x + b, *dst = y + b;
-        for (int32_t e = 0; e < n; e++) src[e] = (uint64_t)a->slots[b + e] << 32 | (uint32_t)(b + e);
-        for (int ps = 0; ps < passes; ps++) {
+    for (int32_t i = 0; i < n_ranges; i++) {
+        const int32_t b = indptr[i], n = indptr[i + 1] - b;
+        uint64_t *src = x + (b - indptr[0]), *dst = src + total;
+        for (int32_t e = 0; e < n; e++) src[e] = (uint64_t)slots[b + e] << 32 | (uint32_t)(b + e);
+        for (int ps = 0; ps < passes; ps++) { /* stable LSD radix sort, 11 bits a pass */
             int32_t count[2048 + 1];
             memset(count, 0, sizeof count);
             const int sh = 32 + 11 * ps;
@@ -303,23 +299,36 @@ static bool attn_order_by_slot(pikv_context *ctx, const pikv_attention_args *a, 
             src = dst;
             dst = tmp;
         }
-        int32_t h = 0;
-        for (int32_t e = 0; e < n; e++) {
-            const int32_t entry = (int32_t)(uint32_t)src[e];
-            /* entries of one slot come in head order (the sort is stable): the head
-               is found by a short search of the query's indptr */
-            int32_t lo = 0, hi = kvh - 1;
+        for (int32_t e = 0; e < n; e++) order[b + e] = (int32_t)(uint32_t)src[e];
+    }
+    pikv_host_free(ctx, x);
+    return true;
+}
+
+/* ord_entry at each query's range of entries: its entries of all heads by slot
+   (stable: a page's heads in head order); ord_head: their heads. */
+static bool attn_order_by_slot(pikv_context *ctx, const pikv_attention_args *a, int32_t kvh, int32_t *ord_entry,
+                               int32_t *ord_head)
+{
+    int32_t *qptr = pikv_host_alloc(ctx, ((size_t)a->n_queries + 1) * sizeof(int32_t), 16);
+    if (!qptr) return false;
+    for (int32_t i = 0; i <= a->n_queries; i++) qptr[i] = a->indptr[(size_t)i * (size_t)kvh];
+    const bool ok = pikv_cpu_order_by_slot(ctx, a->slots, qptr, a->n_queries, ord_entry);
+    pikv_host_free(ctx, qptr);
+    if (!ok) return false;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        const int32_t *ip = a->indptr + (size_t)i * (size_t)kvh;
+        for (int32_t e = ip[0]; e < ip[kvh]; e++) {
+            const int32_t entry = ord_entry[e];
+            int32_t lo = 0, hi = kvh - 1; /* the head: a short search of the query's indptr */
             while (lo < hi) {
                 const int32_t mid = (lo + hi + 1) / 2;
                 if (ip[mid] <= entry) lo = mid;
                 else hi = mid - 1;
             }
-            h = lo;
-            ord_entry[b + e] = entry;
-            ord_head[b + e] = h;
+            ord_head[e] = lo;
         }
     }
-    pikv_host_free(ctx, x);
     return true;
 }
 

@@ -43,6 +43,10 @@ static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t n_kv, int32
 }
 
 bool pikv_cpu_has_avx512(void);
+/* order[indptr[i] .. indptr[i + 1]): that range's indices (absolute) sorted by
+   slots[] (stable), for every range i < n_ranges; false when out of memory */
+bool pikv_cpu_order_by_slot(pikv_context *ctx, const uint32_t *slots, const int32_t *indptr, int32_t n_ranges,
+                            int32_t *order);
 /* runs the task with AVX-512; only for layouts pikv_cpu_attn_fast_layout accepts */
 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t);
 void pikv_cpu_attn_reorder(float *x, int32_t n, bool to_even_odd);
