@@ -290,50 +290,54 @@ T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
     const uint64_t unit_bytes = 2 * (uint64_t)LD->page_size * LD->row_bytes + 1;
     int64_t dist = (int64_t)(PREFETCH_BYTES / unit_bytes);
     dist = dist < 1 ? 1 : dist > 8 ? 8 : dist;
-    const int64_t units = (int64_t)(t->page_end - t->page_begin) * nkv;
-    /* Shared lists walk each page in address order: there the keys of the unit
-       dist ahead and the values of the one before it are prefetched together
-       (half-unit bursts measured faster); scattered per-head lists prefetch
-       whole units (measured faster there). */
+    const int32_t *oe = t->ord_entry, *oh = t->ord_head;
+    /* unit u of the task: (list entry, head) */
+#define UNIT_ENTRY(u) (oe ? oe[t->page_begin + (u)] : t->page_begin + (int32_t)((u) / nkv))
+#define UNIT_HEAD(u) (oe ? oh[t->page_begin + (u)] : nkv > 1 ? (int32_t)((u) % nkv) : head0)
+    const int64_t units = oe ? (int64_t)(t->page_end - t->page_begin) : (int64_t)(t->page_end - t->page_begin) * nkv;
+    /* Lists walked in address order (shared lists, or every head's entries of a
+       query sorted by page) prefetch the keys of the unit dist ahead and the
+       values of the one before it together (half-unit bursts measured faster);
+       a single head's scattered list prefetches whole units (measured faster there). */
     const bool split = nkv > 1;
     for (int64_t u = 0; u <= dist && u < units; u++) {
-        const int32_t j = t->page_begin + (int32_t)(u / nkv), h = nkv > 1 ? (int32_t)(u % nkv) : head0;
+        const int32_t j = UNIT_ENTRY(u), h = UNIT_HEAD(u);
         if (u > 0 && u < dist) prefetch_page(t, j, h, true);
         if (split ? u < dist - 1 : u > 0 && u < dist) prefetch_page(t, j, h, false);
     }
-    for (int32_t p = t->page_begin; p < t->page_end; p++) {
+    for (int64_t u = 0; u < units; u++) {
+        const int32_t p = UNIT_ENTRY(u), k = UNIT_HEAD(u);
+        /* keep about PREFETCH_BYTES of rows in flight ahead of the unit being read */
+        const int64_t next = u + dist, vnext = split ? next - 1 : next;
+        if (next < units) prefetch_page(t, UNIT_ENTRY(next), UNIT_HEAD(next), true);
+        if (vnext < units) prefetch_page(t, UNIT_ENTRY(vnext), UNIT_HEAD(vnext), false);
         const int32_t n = a->page_len[p];
+        if (n <= 0) continue;
         const uint32_t slot = a->slots[p];
         const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
         const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
         const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
-        if (n > 0 && want_eo != eo) {
+        if (want_eo != eo) {
             for (int32_t h = 0; h < nkv * G; h++)
                 pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
             eo = want_eo;
         }
-        for (int32_t k = 0; k < nkv; k++) {
-            /* keep about PREFETCH_BYTES of rows in flight ahead of the unit being read */
-            const int64_t next = (int64_t)(p - t->page_begin) * nkv + k + dist, vnext = split ? next - 1 : next;
-            if (next < units) prefetch_page(t, t->page_begin + (int32_t)(next / nkv), nkv > 1 ? (int32_t)(next % nkv) : head0, true);
-            if (vnext < units)
-                prefetch_page(t, t->page_begin + (int32_t)(vnext / nkv), nkv > 1 ? (int32_t)(vnext % nkv) : head0, false);
-            if (n <= 0) continue;
-            const int32_t g = nkv > 1 ? k : head0;
-            t->kv_head = g;
-            t->part = t->part0 + (size_t)k * head_floats;
-            t->qs = t->qs0 + (size_t)k * (size_t)G * (size_t)hd;
-            t->qeo = t->qeo0 + (size_t)k * (size_t)G * (size_t)hd;
-            const int64_t entry = nkv > 1 ? (int64_t)p + (t->list_begin[k] - t->list_begin[0]) : p;
-            float *pl = a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL;
-            switch (L->dtype) {
-            case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
-            case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
-            case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
-            case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
-            }
+        const int32_t g = nkv > 1 ? k : head0, kk = nkv > 1 ? k : 0;
+        t->kv_head = g;
+        t->part = t->part0 + (size_t)kk * head_floats;
+        t->qs = t->qs0 + (size_t)kk * (size_t)G * (size_t)hd;
+        t->qeo = t->qeo0 + (size_t)kk * (size_t)G * (size_t)hd;
+        const int64_t entry = oe || nkv == 1 ? (int64_t)p : (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
+        float *pl = a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL;
+        switch (L->dtype) {
+        case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
+        case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
+        case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
+        case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
         }
     }
+#undef UNIT_ENTRY
+#undef UNIT_HEAD
     if (eo)
         for (int32_t h = 0; h < nkv * G; h++) pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, false);
 }

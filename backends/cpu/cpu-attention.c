@@ -36,6 +36,8 @@ typedef struct attn_job {
     size_t scratch_floats;
     const pikv_cpu_backend *cb;
     bool fast;            /* the AVX-512 page kernels (cpu-attention-avx512.c) */
+    int32_t *ord_entry;   /* per-head lists walked in address order: every query's */
+    int32_t *ord_head;    /* entries (all heads) sorted by slot, at the query's indptr */
 } attn_job;
 
 /* Row t of KV head g of a page, as f32 (dequantized inside the kernel for
@@ -67,6 +69,8 @@ static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
     pikv_cpu_attn_list l = {.args = a, .kv_head = t->kv_head < 0 ? 0 : t->kv_head, .n_kv = nkv, .G = G,
                             .page_begin = t->page_begin, .page_end = t->page_end};
     l.list_begin = a->indptr + (size_t)t->query * (size_t)kvh;
+    l.ord_entry = job->ord_entry;
+    l.ord_head = job->ord_head;
     l.part0 = l.part = job->parts + (size_t)ti * job->task_floats;
     l.qs0 = l.qs = sc;
     l.qeo0 = l.qeo = l.qs + qf;
@@ -263,6 +267,71 @@ static bool lists_shared(const pikv_attention_args *a, int32_t kvh)
     return true;
 }
 
+/* Per-head lists (Quest keeps different pages per head) visit their pages in
+   candidate order, which is not address order, each head on its own: the reads
+   are 4 KB K and V blocks scattered over the arena. Instead every query's
+   entries of all heads are read sorted by slot (address order within a slab),
+   heads of one page in head order, so the K blocks of heads that kept the same
+   page are read back to back and the walk is monotone, as dense reads are.
+   The order of the online-softmax steps changes nothing but rounding. */
+bool pikv_cpu_order_by_slot(pikv_context *ctx, const uint32_t *slots, const int32_t *indptr, int32_t n_ranges,
+                            int32_t *order)
+{
+    const int32_t total = indptr[n_ranges] - indptr[0];
+    uint64_t *x = pikv_host_alloc(ctx, 2 * (size_t)(total ? total : 1) * sizeof(uint64_t), 64);
+    if (!x) return false;
+    uint32_t max_slot = 0;
+    for (int32_t e = indptr[0]; e < indptr[n_ranges]; e++) max_slot = slots[e] > max_slot ? slots[e] : max_slot;
+    int passes = 0;
+    while (passes < 3 && (max_slot >> (11 * passes)) != 0) passes++;
+    for (int32_t i = 0; i < n_ranges; i++) {
+        const int32_t b = indptr[i], n = indptr[i + 1] - b;
+        uint64_t *src = x + (b - indptr[0]), *dst = src + total;
+        for (int32_t e = 0; e < n; e++) src[e] = (uint64_t)slots[b + e] << 32 | (uint32_t)(b + e);
+        for (int ps = 0; ps < passes; ps++) { /* stable LSD radix sort, 11 bits a pass */
+            int32_t count[2048 + 1];
+            memset(count, 0, sizeof count);
+            const int sh = 32 + 11 * ps;
+            for (int32_t e = 0; e < n; e++) count[((src[e] >> sh) & 2047) + 1]++;
+            for (int c = 0; c < 2048; c++) count[c + 1] += count[c];
+            for (int32_t e = 0; e < n; e++) dst[count[(src[e] >> sh) & 2047]++] = src[e];
+            uint64_t *tmp = src;
+            src = dst;
+            dst = tmp;
+        }
+        for (int32_t e = 0; e < n; e++) order[b + e] = (int32_t)(uint32_t)src[e];
+    }
+    pikv_host_free(ctx, x);
+    return true;
+}
+
+/* ord_entry at each query's range of entries: its entries of all heads by slot
+   (stable: a page's heads in head order); ord_head: their heads. */
+static bool attn_order_by_slot(pikv_context *ctx, const pikv_attention_args *a, int32_t kvh, int32_t *ord_entry,
+                               int32_t *ord_head)
+{
+    int32_t *qptr = pikv_host_alloc(ctx, ((size_t)a->n_queries + 1) * sizeof(int32_t), 16);
+    if (!qptr) return false;
+    for (int32_t i = 0; i <= a->n_queries; i++) qptr[i] = a->indptr[(size_t)i * (size_t)kvh];
+    const bool ok = pikv_cpu_order_by_slot(ctx, a->slots, qptr, a->n_queries, ord_entry);
+    pikv_host_free(ctx, qptr);
+    if (!ok) return false;
+    for (int32_t i = 0; i < a->n_queries; i++) {
+        const int32_t *ip = a->indptr + (size_t)i * (size_t)kvh;
+        for (int32_t e = ip[0]; e < ip[kvh]; e++) {
+            const int32_t entry = ord_entry[e];
+            int32_t lo = 0, hi = kvh - 1; /* the head: a short search of the query's indptr */
+            while (lo < hi) {
+                const int32_t mid = (lo + hi + 1) / 2;
+                if (ip[mid] <= entry) lo = mid;
+                else hi = mid - 1;
+            }
+            ord_head[e] = lo;
+        }
+    }
+    return true;
+}
+
 pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
 {
     pikv_context *ctx = dev->ctx;
@@ -274,7 +343,17 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     attn_job job = {.a = a, .group = G, .cb = pikv_cpu_device_backend(dev), .n_kv = 1};
     job.fast = job.cb->attn_avx512 && pikv_cpu_attn_fast_layout(L) &&
                pikv_cpu_attn_fast_layout(a->pool->quant ? a->pool->quant->layout : NULL);
-    if (job.fast && lists_shared(a, kvh)) job.n_kv = kvh;
+    if (job.fast && lists_shared(a, kvh)) {
+        job.n_kv = kvh;
+    } else if (job.fast && kvh > 1) {
+        const int32_t total = a->indptr[(size_t)a->n_queries * (size_t)kvh];
+        job.ord_entry = pikv_host_alloc(ctx, 2 * (size_t)(total ? total : 1) * sizeof(int32_t), 64);
+        if (job.ord_entry) {
+            job.ord_head = job.ord_entry + total;
+            if (attn_order_by_slot(ctx, a, kvh, job.ord_entry, job.ord_head)) job.n_kv = kvh;
+            else pikv_host_free(ctx, job.ord_entry), job.ord_entry = job.ord_head = NULL;
+        }
+    }
     /* Split each (query, KV head) -- or each query, when its heads share their
        pages -- along its pages so there are many tasks per thread (a thread that the OS holds back
        leaves little undone for the others to wait for), but never
@@ -284,7 +363,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     const int64_t want = ((int64_t)threads * 16 + units - 1) / units;
     int64_t n_tasks = 0;
     for (int64_t u = 0; u < units; u++) {
-        int64_t pages = a->indptr[u * per_unit + 1] - a->indptr[u * per_unit];
+        int64_t pages = a->indptr[u * per_unit + (job.ord_entry ? per_unit : 1)] - a->indptr[u * per_unit];
         int64_t s = want < (pages + 3) / 4 ? want : (pages + 3) / 4;
         n_tasks += s < 1 ? 1 : s;
     }
@@ -296,6 +375,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     job.parts = pikv_host_calloc(ctx, (size_t)n_tasks, job.task_floats * sizeof(float));
     job.scratch = pikv_host_calloc(ctx, (size_t)threads, job.scratch_floats * sizeof(float));
     if (!job.tasks || !job.parts || !job.scratch) {
+        pikv_host_free(ctx, job.ord_entry);
         pikv_host_free(ctx, job.tasks);
         pikv_host_free(ctx, job.parts);
         pikv_host_free(ctx, job.scratch);
@@ -304,7 +384,8 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
     }
     int64_t k = 0;
     for (int64_t u = 0; u < units; u++) {
-        const int32_t p0 = a->indptr[u * per_unit], pages = a->indptr[u * per_unit + 1] - p0;
+        const int32_t p0 = a->indptr[u * per_unit],
+                      pages = a->indptr[u * per_unit + (job.ord_entry ? per_unit : 1)] - p0;
         int32_t s = (int32_t)(want < (pages + 3) / 4 ? want : (pages + 3) / 4);
         if (s < 1) s = 1;
         for (int32_t j = 0; j < s; j++) {
@@ -331,6 +412,7 @@ pikv_status pikv_cpu_attention(pikv_device *dev, const pikv_attention_args *a)
         }
         first = last;
     }
+    pikv_host_free(ctx, job.ord_entry);
     pikv_host_free(ctx, job.tasks);
     pikv_host_free(ctx, job.parts);
     pikv_host_free(ctx, job.scratch);

@@ -11,6 +11,10 @@ typedef struct pikv_cpu_attn_list {
     int32_t kv_head;            /* the KV head being read (set per page when n_kv > 1) */
     int32_t n_kv;               /* 1, or every KV head when they share one page list */
     const int32_t *list_begin;  /* n_kv > 1: indptr of the query's lists (page_lse entries) */
+    /* n_kv > 1 with per-head lists: units [page_begin, page_end) of the query's
+       entries in address order, unit u being entry ord_entry[u] of head ord_head[u];
+       NULL when the heads share their pages */
+    const int32_t *ord_entry, *ord_head;
     int32_t G;                  /* query heads of the KV head */
     int32_t page_begin, page_end;
     float *part;                /* [G][head_dim + 2]: running max, sum, acc (of kv_head) */
@@ -39,6 +43,10 @@ static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t n_kv, int32
 }
 
 bool pikv_cpu_has_avx512(void);
+/* order[indptr[i] .. indptr[i + 1]): that range's indices (absolute) sorted by
+   slots[] (stable), for every range i < n_ranges; false when out of memory */
+bool pikv_cpu_order_by_slot(pikv_context *ctx, const uint32_t *slots, const int32_t *indptr, int32_t n_ranges,
+                            int32_t *order);
 /* runs the task with AVX-512; only for layouts pikv_cpu_attn_fast_layout accepts */
 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t);
 void pikv_cpu_attn_reorder(float *x, int32_t n, bool to_even_odd);

@@ -1,6 +1,6 @@
 /* CPU ops of query-aware selection: Quest page scores (an upper bound of q.k
    over a page from its per-channel key min/max) and the budgeted top-k. */
-#include "cpu-impl.h"
+#include "cpu-attention.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -13,6 +13,7 @@ typedef struct score_job {
     const pikv_score_args *a;
     const int32_t *task_query;  /* task -> query */
     const int32_t *task_begin;  /* task -> first candidate */
+    const int32_t *order;       /* candidates of each query sorted by slot (address order), or NULL */
     bool avx512;
 } score_job;
 
@@ -103,18 +104,21 @@ static void score_task(void *arg, int64_t task, int32_t thread)
     int64_t c1 = c0 + SCORE_PAGES;
     if (c1 > a->indptr[i + 1]) c1 = a->indptr[i + 1];
     const float *q = a->q + (size_t)i * (size_t)a->n_q_heads * (size_t)a->pool->layout->head_dim;
+    const int32_t *ord = job->order;
+#define CAND(c) (ord ? (int64_t)ord[c] : (c))
 #ifdef PIKV_SCORE_AVX512
-    if (job->avx512 && c0 + 1 < c1) prefetch_bounds(a, c0 + 1);
+    if (job->avx512 && c0 + 1 < c1) prefetch_bounds(a, CAND(c0 + 1));
 #endif
     for (int64_t c = c0; c < c1; c++) {
 #ifdef PIKV_SCORE_AVX512
         if (job->avx512) { /* two pages ahead */
-            score_page_avx512(a, q, c, c + 2 < c1 ? c + 2 : -1);
+            score_page_avx512(a, q, CAND(c), c + 2 < c1 ? CAND(c + 2) : -1);
             continue;
         }
 #endif
-        score_page_generic(a, q, c);
+        score_page_generic(a, q, CAND(c));
     }
+#undef CAND
 }
 
 pikv_status pikv_cpu_score(pikv_device *dev, const pikv_score_args *a)
@@ -134,8 +138,15 @@ pikv_status pikv_cpu_score(pikv_device *dev, const pikv_score_args *a)
             map[t] = i;
             map[n_tasks + t++] = c;
         }
-    score_job job = {a, map, map + n_tasks, pikv_cpu_device_backend(dev)->attn_avx512};
+    score_job job = {a, map, map + n_tasks, NULL, pikv_cpu_device_backend(dev)->attn_avx512};
+    /* Candidates come in page-table order, scattered over the arena; scored in
+       slot (address) order instead, the bounds (16 KB a page here) are read as a
+       monotone walk. Each score is still written at its candidate's index, so the
+       results are the same. */
+    int32_t *order = job.avx512 ? pikv_host_alloc(ctx, (size_t)n_cand * sizeof(int32_t), 64) : NULL;
+    if (order && pikv_cpu_order_by_slot(ctx, a->slots, a->indptr, a->n_queries, order)) job.order = order;
     pikv_cpu_pool_run(pikv_cpu_device_pool(dev), n_tasks, score_task, &job);
+    pikv_host_free(ctx, order);
     pikv_host_free(ctx, map);
     return PIKV_OK;
 }
