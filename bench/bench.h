@@ -139,6 +139,8 @@ typedef struct bench_env {
 } bench_env;
 
 int bench_env_init(bench_env *env, const bench_opts *o, pikv_context *ctx, bench_results *r);
+/* Reads the flush buffer: whatever was cached is evicted before a timed call. */
+void bench_flush_llc(bench_env *env);
 void bench_env_free(bench_env *env);
 /* The dense, quantized and sparse sweeps of one device; 0, or CLI_EXIT_FAIL after a
    library error (printed). */

@@ -107,14 +107,6 @@ static void base_run(base_job *j)
         if (started[i]) pthread_join(tid[i], NULL);
 }
 
-static void flush_cache(const bench_env *env)
-{
-    float acc[8] = {0};
-    for (size_t i = 0; i + 8 <= env->flush_floats; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += env->flush[i + (size_t)j];
-    ((bench_env *)env)->flush_sink = acc[0] + acc[5];
-}
-
 int bench_baseline_c(bench_env *env, int32_t dev, int32_t batch, int64_t context)
 {
     const bench_opts *o = env->o;
@@ -153,7 +145,7 @@ int bench_baseline_c(bench_env *env, int32_t dev, int32_t batch, int64_t context
     base_run(&j); /* warm-up */
     double best = INFINITY, total = 0;
     for (int rep = 0; rep < o->max_reps && (rep < o->min_reps || total < o->min_time); rep++) {
-        flush_cache(env);
+        bench_flush_llc(env);
         const double t0 = cli_now();
         base_run(&j);
         const double t = cli_now() - t0;

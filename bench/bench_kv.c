@@ -110,7 +110,7 @@ void bench_env_free(bench_env *env)
 const float *bench_pool_k(int32_t s, int64_t t) { return g_pool.k + pool_row(s, t) * g_pool.row; }
 const float *bench_pool_v(int32_t s, int64_t t) { return g_pool.v + pool_row(s, t) * g_pool.row; }
 
-static void flush_llc(bench_env *env)
+void bench_flush_llc(bench_env *env)
 {
     float acc[8] = {0};
     for (size_t i = 0; i + 8 <= env->flush_floats; i += 8)
@@ -270,7 +270,7 @@ static int timed_attend(bench_env *env, bench_cache *bc, const int32_t *seqs, co
     int reps = 0;
     double total = 0, best = INFINITY;
     while (reps < o->max_reps && reps < 1024 && (reps < o->min_reps || total < o->min_time)) {
-        flush_llc(env);
+        bench_flush_llc(env);
         const double t0 = cli_now();
         st = pikv_cache_attend(bc->cache, 0, &b);
         const double t = cli_now() - t0;
@@ -583,7 +583,7 @@ int bench_memory_section(bench_env *env, const run_mpi *mpi)
         pikv_attend_batch b = {BATCH, seqs, q, qexp, out, NULL, NULL};
         double best = INFINITY;
         for (int rep = 0; rc == 0 && rep < 5; rep++) {
-            flush_llc(env);
+            bench_flush_llc(env);
             const double t0 = cli_now();
             st = pikv_cache_attend(c, 0, &b);
             const double t = cli_now() - t0;

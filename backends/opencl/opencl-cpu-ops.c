@@ -29,20 +29,6 @@ enum {
     MAX_RUN = 64
 };
 
-#define CHECK_CL(expr, what)                                     \
-    do {                                                         \
-        cl_int ck_err_ = (expr);                                 \
-        if (ck_err_ != CL_SUCCESS) {                             \
-            st = pikv_ocl_fail(dev, ck_err_, what);              \
-            goto done;                                           \
-        }                                                        \
-    } while (0)
-#define CHECK_ST(expr)                                           \
-    do {                                                         \
-        st = (expr);                                             \
-        if (st != PIKV_OK) goto done;                            \
-    } while (0)
-#define ARG(k, i, v) CHECK_CL(clSetKernelArg((k), (i), sizeof(v), &(v)), "clSetKernelArg")
 
 static bool groups_ok(const pikv_page_layout *L)
 {

@@ -118,6 +118,23 @@ const char *pikv_ocl_error_name(cl_int err);
    for allocation failures) and returns it. */
 pikv_status pikv_ocl_fail(pikv_device *dev, cl_int err, const char *what);
 
+/* Op bodies: a failing OpenCL call or status jumps to the function's `done:` label with
+   st set (`dev` and `st` in scope); ARG sets a kernel argument the same way. */
+#define CHECK_CL(expr, what)                                     \
+    do {                                                         \
+        cl_int ck_err_ = (expr);                                 \
+        if (ck_err_ != CL_SUCCESS) {                             \
+            st = pikv_ocl_fail(dev, ck_err_, what);              \
+            goto done;                                           \
+        }                                                        \
+    } while (0)
+#define CHECK_ST(expr)                                           \
+    do {                                                         \
+        st = (expr);                                             \
+        if (st != PIKV_OK) goto done;                            \
+    } while (0)
+#define ARG(k, i, v) CHECK_CL(clSetKernelArg((k), (i), sizeof(v), &(v)), "clSetKernelArg")
+
 /* opencl-buffers.c */
 pikv_status pikv_ocl_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **out);
 void pikv_ocl_buffer_free(pikv_device *dev, pikv_buffer *buf);

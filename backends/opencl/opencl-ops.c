@@ -14,21 +14,6 @@ enum { TASK_PAGES = 8 }; /* pages per attention task at most (more tasks = more 
 /* scratch buffer indices */
 enum { S_LAY = 0, S_A, S_B, S_C, S_D, S_E, S_F, S_G, S_OUT, S_LSE, S_PLSE, S_ERR, S_PARTS };
 
-#define CHECK_CL(expr, what)                                     \
-    do {                                                         \
-        cl_int ck_err_ = (expr);                                 \
-        if (ck_err_ != CL_SUCCESS) {                             \
-            st = pikv_ocl_fail(dev, ck_err_, what);              \
-            goto done;                                           \
-        }                                                        \
-    } while (0)
-
-#define CHECK_ST(expr)                                           \
-    do {                                                         \
-        st = (expr);                                             \
-        if (st != PIKV_OK) goto done;                            \
-    } while (0)
-
 /* Uploads the layouts of the pool (row 0) and of its quantized pool (row 1). */
 static pikv_status upload_layouts(pikv_device *dev, const pikv_pool_view *pool, cl_mem *out)
 {
@@ -40,7 +25,6 @@ static pikv_status upload_layouts(pikv_device *dev, const pikv_pool_view *pool, 
     return err == CL_SUCCESS ? PIKV_OK : pikv_ocl_fail(dev, err, "clEnqueueWriteBuffer (layouts)");
 }
 
-#define ARG(k, i, v) CHECK_CL(clSetKernelArg((k), (i), sizeof(v), &(v)), "clSetKernelArg")
 #define LOCAL_ARG(k, i, bytes) CHECK_CL(clSetKernelArg((k), (i), (bytes), NULL), "clSetKernelArg")
 
 static pikv_status launch(pikv_device *dev, cl_kernel k, size_t global, size_t local)
