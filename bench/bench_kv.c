@@ -560,6 +560,11 @@ int bench_memory_section(bench_env *env, const run_mpi *mpi)
         pikv_cache_stats cs;
         if (rc == 0) pikv_cache_get_stats(c, &cs);
         bm->n_devices = rc == 0 ? cs.n_devices : 0;
+        if (bm->n_devices > BENCH_MAX_DEVICES) {
+            fprintf(stderr, "pikv bench: the memory section reports at most %d devices (%d here: devices x ranks)\n",
+                    BENCH_MAX_DEVICES, bm->n_devices);
+            rc = CLI_EXIT_USAGE;
+        }
         double sum = 0, max = 0;
         for (int32_t d = 0; rc == 0 && d < bm->n_devices && d < BENCH_MAX_DEVICES; d++) {
             pikv_cache_device_stats ds;

@@ -341,6 +341,12 @@ static void jnum(FILE *f, const char *k, double x, int comma)
     if (comma) fputs(", ", f);
 }
 
+/* byte counts exactly (a double's %.9g would round them) */
+static void jint(FILE *f, const char *k, uint64_t x, int comma)
+{
+    fprintf(f, "\"%s\": %llu%s", k, (unsigned long long)x, comma ? ", " : "");
+}
+
 static void jstr(FILE *f, const char *k, const char *s, int comma)
 {
     jkey(f, k);
@@ -365,7 +371,7 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
     fputs("\n  \"host\": {", f);
     jstr(f, "cpu", cpu, 1);
     jnum(f, "cores", (double)sysconf(_SC_NPROCESSORS_ONLN), 1);
-    jnum(f, "memory_bytes", (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE), 0);
+    jint(f, "memory_bytes", (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE), 0);
     fputs("},\n  \"geometry\": {", f);
     jnum(f, "q_heads", o->q_heads, 1);
     jnum(f, "kv_heads", o->kv_heads, 1);
@@ -380,7 +386,7 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         jstr(f, "name", d->info.name, 1);
         jstr(f, "backend", pikv_backend_name(d->info.backend), 1);
         jstr(f, "description", d->info.description, 1);
-        jnum(f, "read_bytes", (double)d->read_bytes, 1);
+        jint(f, "read_bytes", d->read_bytes, 1);
         jnum(f, "read_bytes_per_s", d->read_bps > 0 ? d->read_bps : NAN, 1);
         jnum(f, "read_median_s", d->read_bps > 0 ? d->read_median_s : NAN, 1);
         jstr(f, "read_error", d->read_error, 0);
@@ -402,14 +408,14 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         jstr(f, "kind", p->kind, 1);
         jstr(f, "dtype", bench_dtype_name(p->dtype), 1);
         jnum(f, "batch", p->batch, 1);
-        jnum(f, "context", (double)p->context, 1);
+        jint(f, "context", (uint64_t)p->context, 1);
         jnum(f, "param", p->param, 1);
         jnum(f, "n_experts", p->n_experts, 1);
         jnum(f, "seconds", p->seconds, 1);
         jnum(f, "median_s", p->median_s, 1);
         jnum(f, "reps", p->reps, 1);
-        jnum(f, "bytes", (double)p->bytes, 1);
-        jnum(f, "stored_bytes", (double)p->stored_bytes, 1);
+        jint(f, "bytes", p->bytes, 1);
+        jint(f, "stored_bytes", p->stored_bytes, 1);
         jnum(f, "bytes_per_s", p->seconds > 0 ? (double)p->bytes / p->seconds : NAN, 1);
         jnum(f, "share_of_read", d->read_bps > 0 && p->seconds > 0 ? (double)p->bytes / p->seconds / d->read_bps : NAN, 1);
         jnum(f, "speedup", sp, 1);
@@ -431,9 +437,9 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         jstr(f, "name", b->name, 1);
         jstr(f, "device", d->info.name, 1);
         jnum(f, "batch", b->batch, 1);
-        jnum(f, "context", (double)b->context, 1);
+        jint(f, "context", (uint64_t)b->context, 1);
         jnum(f, "seconds", b->seconds > 0 ? b->seconds : NAN, 1);
-        jnum(f, "bytes", (double)b->bytes, 1);
+        jint(f, "bytes", b->bytes, 1);
         jnum(f, "share_of_read", d->read_bps > 0 && b->seconds > 0 ? (double)b->bytes / b->seconds / d->read_bps : NAN, 1);
         jstr(f, "error", b->error, 0);
         fputs("}", f);

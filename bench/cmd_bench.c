@@ -68,7 +68,8 @@ static void bench_usage(FILE *f)
           "\n"
           "options:\n"
           "  --quick               a short run (small contexts; for tests)\n"
-          "  --json FILE           also write the results as JSON ('-' = stdout)\n"
+          "  --json FILE           also write the results as JSON ('-': stdout, and the\n"
+          "                        tables go to stderr)\n"
           "  --backend LIST        backends to load (cpu, opencl, vulkan, cuda; default all)\n"
           "  --device NAME         measure this device only (repeatable; default: every one)\n"
           "  --threads N           CPU backend threads, 0 = online cores (default 0)\n"
@@ -246,10 +247,17 @@ int cli_cmd_bench(int argc, char **argv)
             o.n_dtypes = 0;
             for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok && !bad; tok = strtok_r(NULL, ",", &save)) {
                 int choice;
-                bad = cli_parse_choice(&p, tok, names, &choice) != 0 || o.n_dtypes == 4;
+                bad = cli_parse_choice(&p, tok, names, &choice) != 0;
+                if (!bad && o.n_dtypes == 4) {
+                    cli_usage_error(p.cmd, "--dtypes '%s': at most 4 entries", v);
+                    bad = 1;
+                }
                 if (!bad) o.dtypes[o.n_dtypes++] = (pikv_dtype)choice;
             }
-            bad = bad || o.n_dtypes == 0;
+            if (!bad && (o.n_dtypes == 0 || strlen(v) >= sizeof buf)) {
+                cli_usage_error(p.cmd, "--dtypes '%s': expected a list of f32, f16, int8, int4", v);
+                bad = 1;
+            }
             break;
         }
         case OPT_QUEST:
@@ -394,14 +402,16 @@ int cli_cmd_bench(int argc, char **argv)
     }
     if (over_ranks) rc = run_mpi_max(&mpi, rc); /* every rank agrees on the outcome */
     if (rc == 0 && o.rank == 0) {
-        bench_print_tables(stdout, &o, &r);
+        /* --json -: the JSON alone on stdout, the tables on stderr */
+        FILE *tables = o.json_path && strcmp(o.json_path, "-") == 0 ? stderr : stdout;
+        bench_print_tables(tables, &o, &r);
         bench_compute_targets(&o, &r);
         if (o.json_path) rc = bench_write_json(o.json_path, &o, &r);
-        fprintf(stdout, "\n(%.0f s in all)\n", cli_now() - r.started_at);
+        fprintf(tables, "\n(%.0f s in all)\n", cli_now() - r.started_at);
         if (over_ranks)
-            fprintf(stdout, "\nTargets: measured by a one-process run (over ranks only the memory section runs)\n");
+            fprintf(tables, "\nTargets: measured by a one-process run (over ranks only the memory section runs)\n");
         else
-            bench_print_targets(stdout, &r);
+            bench_print_targets(tables, &r);
         if (rc == 0 && o.check)
             for (int i = 0; i < r.n_targets; i++)
                 if (r.targets[i].have && !r.targets[i].pass) rc = CLI_EXIT_FAIL;

@@ -303,6 +303,7 @@ struct pikv_attend_request {
     uint64_t sent, received, partial_bytes;
     double merge_wait_s, merge_posted_s;
     double plan_s;               /* pikv_plan_reads of the batch */
+    double attention_s, merge_s; /* this request's kernels and device merge (begin's share) */
 };
 
 /* Over ranks every rank must pass the same batch, or the merge mixes different
@@ -463,6 +464,9 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
     r->lse = lse;
     st = run_plan_ranks_begin(c, fn, nq, q, plan, out, lse, page_lse, direct, &r->merge, &r->partial_bytes);
     if (st != PIKV_OK) goto fail;
+    /* kept in the request: another attend may run between this begin and its end */
+    r->attention_s = c->run_attention_s;
+    r->merge_s = c->run_merge_s;
     if (!measure) return PIKV_OK;
 
     /* Measurement: the same batch read exactly, for recall and output error (which
@@ -505,6 +509,8 @@ static pikv_status attend_begin(pikv_attend_request *r, const pikv_attend_batch 
     }
     r->recall = recall;
     r->error = error;
+    r->attention_s = c->run_attention_s; /* the exact pass included, as documented */
+    r->merge_s = c->run_merge_s;
     if (st == PIKV_OK) return PIKV_OK;
 
 fail:
@@ -586,8 +592,8 @@ static pikv_status attend_end(pikv_attend_request *r)
         c->last_plan_s = r->plan_s;
         c->last_score_s = plan->score_s;
         c->last_topk_s = plan->topk_s;
-        c->last_attention_s = c->run_attention_s;
-        c->last_merge_s = c->run_merge_s + r->merge_wait_s;
+        c->last_attention_s = r->attention_s;
+        c->last_merge_s = r->merge_s + r->merge_wait_s;
         if (c->comm) {
             uint64_t dev_bytes[PIKV_MAX_DEVICES];
             for (int32_t d = 0; d < c->n_devs; d++) dev_bytes[d] = c->devs[d].last_bytes_read;

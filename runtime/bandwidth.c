@@ -59,7 +59,7 @@ pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64
         const double t0 = pikv_monotonic_s();
         st = dev->iface->read_reduce(dev, &args);
         times[p] = pikv_monotonic_s() - t0;
-        /* float lanes hold exact integers up to 2^24 each; allow their rounding beyond */
+        /* a sum of ones is exact when kernels keep their float partial sums under 2^24 */
         if (st == PIKV_OK && !(sum >= (double)n * (1 - 1e-5) && sum <= (double)n * (1 + 1e-5)))
             st = PIKV_FAIL(ctx, PIKV_ERR_BACKEND, "pikv_device_read_bandwidth: device %s summed %.17g over %llu "
                            "ones", dev->info.name, sum, (unsigned long long)n);

@@ -336,7 +336,9 @@ static void test_read_bandwidth(void)
         CHECK_EQ(after.memory_used, info.memory_used);
     }
     tu_set_case("read bandwidth: bad arguments");
-    pikv_read_bandwidth bw;
+    pikv_read_bandwidth bw, sentinel;
+    memset(&bw, 0x5a, sizeof bw);
+    sentinel = bw;
     CHECK_STATUS(PIKV_ERR_OUT_OF_RANGE, pikv_device_read_bandwidth(ctx, pikv_device_count(ctx), 1u << 20, 1, &bw));
     CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 4098, 1, &bw));
     CHECK(strstr(pikv_context_last_error(ctx), "4098") != NULL);
@@ -345,6 +347,7 @@ static void test_read_bandwidth(void)
     CHECK(strstr(pikv_context_last_error(ctx), "passes 0") != NULL);
     CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(ctx, 0, 1u << 20, 1, NULL));
     CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_device_read_bandwidth(NULL, 0, 1u << 20, 1, &bw));
+    CHECK(memcmp(&bw, &sentinel, sizeof bw) == 0); /* a refused call writes nothing */
     tu_err_ctx = NULL;
     pikv_context_free(ctx);
 }

@@ -13,7 +13,7 @@ mkdir -p "$work"
 json=$work/bench-quick-$(echo "$backends" | tr ',' '-').json
 out=$work/bench-quick.txt
 rm -f "$json" "$out"
-"$pikv" bench --quick --backend "$backends" --json "$json" > "$out"
+"$pikv" bench --quick --backend "$backends" --json "$json" > "$out" || { cat "$out"; echo "bench_quick: pikv bench failed"; exit 1; }
 cat "$out"
 # the targets block comes last
 last=$(grep -n '^Targets' "$out" | cut -d: -f1)
@@ -24,6 +24,8 @@ python3 - "$json" <<'PY'
 import json, math, sys
 d = json.load(open(sys.argv[1]))
 bad = []
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
 def need(c, what):
     if not c: bad.append(what)
 devs = [x["name"] for x in d["devices"]]
@@ -45,14 +47,16 @@ for dev in devs:
             i8 = find(dev, "dense", "int8", p["batch"], p["context"])
             i4 = find(dev, "dense", "int4", p["batch"], p["context"])
             need(i8 and i4 and i4["bytes"] < i8["bytes"] < p["bytes"], "%s: bytes f16 > int8 > int4 at %d" % (dev, p["context"]))
-            need(i4 and abs(i4["ideal_speedup"] - p["bytes"] / i4["bytes"]) < 1e-6 * i4["ideal_speedup"], "%s: int4 ideal" % dev)
+            need(i4 and finite(i4["ideal_speedup"]) and abs(i4["ideal_speedup"] - p["bytes"] / i4["bytes"]) < 1e-6 * i4["ideal_speedup"],
+                 "%s: int4 ideal" % dev)
     for kind, ref in (("quest", "dense"), ("experts", "experts-dense")):
         sp = [p for p in pts if p["device"] == dev and p["kind"] == kind]
         need(sp, "%s: %s points" % (dev, kind))
         for p in sp:
             r = find(dev, ref, p["dtype"], p["batch"], p["context"])
             need(r and p["bytes"] < r["bytes"], "%s: %s reads fewer bytes than dense" % (dev, kind))
-            need(math.isfinite(p["speedup"]) and p["ideal_speedup"] > 1, "%s: %s speedup and ideal" % (dev, kind))
+            need(finite(p["speedup"]) and finite(p["ideal_speedup"]) and p["ideal_speedup"] > 1,
+                 "%s: %s speedup and ideal" % (dev, kind))
 need(any(b["name"] == "c-contiguous-f32" and b["seconds"] > 0 for b in d["baselines"]), "the C baseline")
 need(sorted(m["placement"] for m in d["memory"]) == ["balanced", "expert", "hash"], "three placements")
 for m in d["memory"]:

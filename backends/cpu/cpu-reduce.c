@@ -28,8 +28,12 @@ typedef struct reduce_job {
     double *partial; /* [n_tasks] */
 } reduce_job;
 
+/* Float lanes count exactly up to 2^24: a block of 2^18 x 64 floats leaves each lane
+   at most 2^18 additions, then the lanes go into a double and start again. */
+enum { BLOCK_FLOATS = 64u << 18 };
+
 CPU_REDUCE_CLONES
-static double sum_range(const float *x, uint64_t n)
+static double sum_block(const float *x, uint64_t n)
 {
     float acc[4][16] = {{0}};
     uint64_t i = 0;
@@ -40,6 +44,13 @@ static double sum_range(const float *x, uint64_t n)
     for (int a = 0; a < 4; a++)
         for (int j = 0; j < 16; j++) s += acc[a][j];
     for (; i < n; i++) s += x[i];
+    return s;
+}
+
+static double sum_range(const float *x, uint64_t n)
+{
+    double s = 0;
+    for (uint64_t i = 0; i < n; i += BLOCK_FLOATS) s += sum_block(x + i, n - i < BLOCK_FLOATS ? n - i : BLOCK_FLOATS);
     return s;
 }
 
