@@ -24,27 +24,6 @@ static const char *ctx_label(int64_t n, char *buf, size_t size)
     return buf;
 }
 
-static void host_cpu(char *buf, size_t size)
-{
-    snprintf(buf, size, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10) == 0) {
-            const char *c = strchr(line, ':');
-            if (c) {
-                c++;
-                while (*c == ' ') c++;
-                snprintf(buf, size, "%s", c);
-                buf[strcspn(buf, "\n")] = 0;
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
-
 /* ---- ratios ---------------------------------------------------------------------- */
 
 /* speedup of p over its dense reference (same device, dtype, batch, context, cache kind) */
@@ -362,7 +341,7 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         return CLI_EXIT_FAIL;
     }
     char cpu[128];
-    host_cpu(cpu, sizeof cpu);
+    cli_cpu_model(cpu, sizeof cpu);
     fputs("{\n  ", f);
     jnum(f, "format", 1, 1);
     jstr(f, "date", r->date, 1);

@@ -401,3 +401,24 @@ int cli_file_exists(const char *path)
     struct stat st;
     return path && stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
+
+void cli_cpu_model(char *buf, size_t cap)
+{
+    snprintf(buf, cap, "unknown");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) == 0) {
+            char *p = strchr(line, ':');
+            if (p) {
+                p++;
+                while (*p == ' ' || *p == '\t') p++;
+                p[strcspn(p, "\n")] = 0;
+                snprintf(buf, cap, "%s", p);
+            }
+            break;
+        }
+    }
+    fclose(f);
+}

@@ -128,6 +128,9 @@ const char *cli_cache_dir(char *buf, size_t cap);
 /* 1 when path names a regular file. */
 int cli_file_exists(const char *path);
 
+/* The CPU's model name from /proc/cpuinfo ("unknown" elsewhere), for reports. */
+void cli_cpu_model(char *buf, size_t cap);
+
 /* Case-insensitive ASCII string equality. */
 int cli_streq_nocase(const char *a, const char *b);
 

@@ -100,27 +100,6 @@ void eval_print_table(const eval_opts *o, const eval_config_list *L)
     }
 }
 
-static void cpu_model(char *buf, size_t cap)
-{
-    snprintf(buf, cap, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10) == 0) {
-            char *p = strchr(line, ':');
-            if (p) {
-                p++;
-                while (*p == ' ' || *p == '\t') p++;
-                p[strcspn(p, "\n")] = 0;
-                snprintf(buf, cap, "%s", p);
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
-
 
 int eval_write_json(const char *path, const eval_opts *o, const eval_config_list *L,
                       const char *cmdline, double wall, const eval_check *checks, int n_checks,
@@ -132,7 +111,7 @@ int eval_write_json(const char *path, const eval_opts *o, const eval_config_list
         return -1;
     }
     char cpu[256], date[64];
-    cpu_model(cpu, sizeof cpu);
+    cli_cpu_model(cpu, sizeof cpu);
     time_t t = time(NULL);
     struct tm tm;
     gmtime_r(&t, &tm);
