@@ -292,31 +292,8 @@ pikv_status pikv_ocl_attention_cpu(pikv_device *dev, const pikv_attention_args *
         }
     }
     {
-        cl_kernel k = od->kernels[PIKV_OCL_K_ATTN_FINISH];
-        const cl_int n_items = units * G, g_ = G, hd_ = hd, nqh = a->n_q_heads, kvh_ = kvh;
-        ARG(k, 0, n_items);
-        ARG(k, 1, g_);
-        ARG(k, 2, hd_);
-        ARG(k, 3, nqh);
-        ARG(k, 4, kvh_);
-        ARG(k, 5, mut);
-        ARG(k, 6, mparts);
-        ARG(k, 7, mout);
-        ARG(k, 8, mlse);
-        ARG(k, 9, merr);
-        const size_t global = (size_t)n_items;
-        if (global > 0)
-            CHECK_CL(clEnqueueNDRangeKernel(od->queue, k, 1, NULL, &global, NULL, 0, NULL, NULL),
-                     "clEnqueueNDRangeKernel");
-    }
-    cl_int bad = INT_MAX;
-    CHECK_CL(clEnqueueReadBuffer(od->queue, merr, CL_TRUE, 0, sizeof bad, &bad, 0, NULL, NULL),
-             "clEnqueueReadBuffer (op output)");
-    if (bad != INT_MAX) {
-        st = PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT,
-                       "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not finite); "
-                       "the inputs are too large", (int)(bad / kvh), (int)(bad % kvh));
-        goto done;
+        const pikv_ocl_finish_args f = {units, G, hd, a->n_q_heads, kvh, mut, mparts, mout, mlse, merr};
+        CHECK_ST(pikv_ocl_attention_finish(dev, &f));
     }
     if (out_floats > 0)
         CHECK_CL(clEnqueueReadBuffer(od->queue, mout, CL_TRUE, 0, out_floats * sizeof(float), a->out, 0, NULL, NULL),

@@ -135,6 +135,14 @@ pikv_status pikv_ocl_fail(pikv_device *dev, cl_int err, const char *what);
     } while (0)
 #define ARG(k, i, v) CHECK_CL(clSetKernelArg((k), (i), sizeof(v), &(v)), "clSetKernelArg")
 
+/* The attention's finish step, shared by the work-group and the CPU-device paths
+   (opencl-ops.c): merges `units` x group partials, then checks the overflow flag. */
+typedef struct pikv_ocl_finish_args {
+    cl_int units, group, head_dim, n_q_heads, n_kv_heads;
+    cl_mem units_buf, parts, out, lse, err;
+} pikv_ocl_finish_args;
+pikv_status pikv_ocl_attention_finish(pikv_device *dev, const pikv_ocl_finish_args *f);
+
 /* opencl-buffers.c */
 pikv_status pikv_ocl_buffer_alloc(pikv_device *dev, uint64_t size, pikv_buffer **out);
 void pikv_ocl_buffer_free(pikv_device *dev, pikv_buffer *buf);

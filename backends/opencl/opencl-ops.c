@@ -48,6 +48,37 @@ static pikv_status read_back(pikv_device *dev, cl_mem mem, void *dst, size_t siz
     return err == CL_SUCCESS ? PIKV_OK : pikv_ocl_fail(dev, err, "clEnqueueReadBuffer (op output)");
 }
 
+/* The last step of both attention paths (this file's and opencl-cpu-ops.c's): the finish
+   kernel merges each (query, head)'s partials into out and lse, then the overflow flag
+   the kernels raise is read back. */
+pikv_status pikv_ocl_attention_finish(pikv_device *dev, const pikv_ocl_finish_args *f)
+{
+    pikv_ocl_device *od = pikv_ocl_dev(dev);
+    pikv_status st = PIKV_OK;
+    cl_kernel k = od->kernels[PIKV_OCL_K_ATTN_FINISH];
+    const cl_int n_items = f->units * f->group;
+    ARG(k, 0, n_items);
+    ARG(k, 1, f->group);
+    ARG(k, 2, f->head_dim);
+    ARG(k, 3, f->n_q_heads);
+    ARG(k, 4, f->n_kv_heads);
+    ARG(k, 5, f->units_buf);
+    ARG(k, 6, f->parts);
+    ARG(k, 7, f->out);
+    ARG(k, 8, f->lse);
+    ARG(k, 9, f->err);
+    CHECK_ST(launch(dev, k, (size_t)n_items, 0));
+    cl_int bad = INT_MAX;
+    CHECK_ST(read_back(dev, f->err, &bad, sizeof bad));
+    if (bad != INT_MAX)
+        st = PIKV_FAIL(dev->ctx, PIKV_ERR_INVALID_ARGUMENT,
+                       "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not finite); "
+                       "the inputs are too large", (int)(bad / f->n_kv_heads), (int)(bad % f->n_kv_heads));
+done:
+    return st;
+}
+
+
 /* ---- append --------------------------------------------------------------- */
 
 pikv_status pikv_ocl_append(pikv_device *dev, const pikv_append_args *a)
@@ -216,27 +247,8 @@ pikv_status pikv_ocl_attention(pikv_device *dev, const pikv_attention_args *a)
         }
     }
     {
-        cl_kernel k = od->kernels[PIKV_OCL_K_ATTN_FINISH];
-        const cl_int n_items = units * G, g_ = G, hd_ = hd, nqh = a->n_q_heads, kvh_ = kvh;
-        ARG(k, 0, n_items);
-        ARG(k, 1, g_);
-        ARG(k, 2, hd_);
-        ARG(k, 3, nqh);
-        ARG(k, 4, kvh_);
-        ARG(k, 5, mut);
-        ARG(k, 6, mparts);
-        ARG(k, 7, mout);
-        ARG(k, 8, mlse);
-        ARG(k, 9, merr);
-        CHECK_ST(launch(dev, k, (size_t)n_items, 0));
-    }
-    cl_int bad = INT_MAX;
-    CHECK_ST(read_back(dev, merr, &bad, sizeof bad));
-    if (bad != INT_MAX) {
-        st = PIKV_FAIL(ctx, PIKV_ERR_INVALID_ARGUMENT,
-                       "attention: query %d, KV head %d: a score overflowed float (q.k*scale is not finite); "
-                       "the inputs are too large", (int)(bad / kvh), (int)(bad % kvh));
-        goto done;
+        const pikv_ocl_finish_args f = {units, G, hd, a->n_q_heads, kvh, mut, mparts, mout, mlse, merr};
+        CHECK_ST(pikv_ocl_attention_finish(dev, &f));
     }
     CHECK_ST(read_back(dev, mout, a->out, out_floats * sizeof(float)));
     CHECK_ST(read_back(dev, mlse, a->lse, lse_floats * sizeof(float)));
