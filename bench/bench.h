@@ -59,6 +59,8 @@ typedef struct bench_device {
     double read_median_s;
     uint64_t read_bytes;
     char read_error[160];         /* why there is no roofline */
+    pikv_read_probe *probe;       /* the cold pass before each timed call (NULL: the host flush) */
+    uint64_t probe_bytes;
 } bench_device;
 
 /* One timed attend configuration. */
@@ -77,6 +79,8 @@ typedef struct bench_point {
     uint64_t stored_bytes;        /* the cache's bytes_used on its one device (and rank) */
     double plan_s, score_s, topk_s, attention_s, merge_s; /* of the best attend */
     double append_s_per_token;    /* filling the cache this point read (0: shared fill) */
+    double probe_s;               /* the fastest of this point's cold passes (bench_cold_pass) */
+    uint64_t probe_bytes;         /* read by that pass; 0: no probe (the device roofline) */
 } bench_point;
 
 /* A baseline measurement. */
@@ -87,6 +91,8 @@ typedef struct bench_baseline {
     int64_t context;
     double seconds;
     uint64_t bytes;
+    double probe_s;               /* as bench_point's */
+    uint64_t probe_bytes;
     char error[160];
 } bench_baseline;
 
@@ -141,6 +147,18 @@ typedef struct bench_env {
 int bench_env_init(bench_env *env, const bench_opts *o, pikv_context *ctx, bench_results *r);
 /* Reads the flush buffer: whatever was cached is evicted before a timed call. */
 void bench_flush_llc(bench_env *env);
+/* The cold pass before a timed call on device dev that reads about `bytes`: the
+   device's read probe over at least as many bytes (whole passes over its buffer,
+   which is much larger than the caches and so evicts the host's LLC too when the
+   device reads host memory; the host flush runs as well when it does not). The
+   probe thus reads as much, as long and as close in time as the call it is
+   compared with. *probe_bytes and *probe_s get what it read and its time (0
+   without a probe). 0, or CLI_EXIT_FAIL after a library error (printed). */
+int bench_cold_pass(bench_env *env, int32_t dev, uint64_t bytes, uint64_t *probe_bytes, double *probe_s);
+/* The read bandwidth a point or baseline is a share of: its own probe passes, else
+   the device's roofline; 0 when neither was measured. */
+double bench_point_read_bps(const bench_results *r, const bench_point *p);
+double bench_baseline_read_bps(const bench_results *r, const bench_baseline *b);
 void bench_env_free(bench_env *env);
 /* The dense, quantized and sparse sweeps of one device; 0, or CLI_EXIT_FAIL after a
    library error (printed). */

@@ -118,6 +118,35 @@ void bench_flush_llc(bench_env *env)
     env->flush_sink = acc[0] + acc[7];
 }
 
+int bench_cold_pass(bench_env *env, int32_t dev, uint64_t bytes, uint64_t *probe_bytes, double *probe_s)
+{
+    const bench_device *bd = &env->r->devices[dev];
+    *probe_s = 0;
+    *probe_bytes = 0;
+    if (!bd->probe || !bd->info.caps.host_visible) bench_flush_llc(env);
+    if (!bd->probe) return 0;
+    uint64_t passes = (bytes + bd->probe_bytes - 1) / bd->probe_bytes;
+    passes = passes < 1 ? 1 : passes > 64 ? 64 : passes;
+    pikv_read_bandwidth bw;
+    const pikv_status st = pikv_read_probe_run(bd->probe, (int32_t)passes, &bw);
+    if (st != PIKV_OK) return cli_lib_error(env->ctx, "pikv_read_probe_run", st);
+    *probe_s = bw.total_s;
+    *probe_bytes = passes * bd->probe_bytes;
+    return 0;
+}
+
+double bench_point_read_bps(const bench_results *r, const bench_point *p)
+{
+    if (p->probe_bytes && p->probe_s > 0) return (double)p->probe_bytes / p->probe_s;
+    return r->devices[p->device].read_bps;
+}
+
+double bench_baseline_read_bps(const bench_results *r, const bench_baseline *b)
+{
+    if (b->probe_bytes && b->probe_s > 0) return (double)b->probe_bytes / b->probe_s;
+    return b->device >= 0 ? r->devices[b->device].read_bps : 0;
+}
+
 bench_point *bench_add_point(bench_results *r)
 {
     if (r->n_points == r->cap_points) {
@@ -258,49 +287,100 @@ static int cache_fill(bench_env *env, bench_cache *bc, int64_t from, int64_t to,
     return rc;
 }
 
-/* Best-of-N timed attends (each after an LLC flush). Fills pt's timing fields. */
-static int timed_attend(bench_env *env, bench_cache *bc, const int32_t *seqs, const float *q,
-                        const int32_t *experts, float *out, const pikv_select_params *sel, bench_point *pt)
+/* One configuration of a measurement group: a cache and a selection. */
+typedef struct timed_cfg {
+    bench_cache *bc;
+    pikv_select_params sel;
+    bench_point *pt;
+    double *times;                /* [max_reps] */
+    double total;
+} timed_cfg;
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Times the configurations of a group interleaved: each round runs one attend of
+   every configuration not yet done (min reps and min time reached, or max reps),
+   each after a cold pass (bench_cold_pass). So what the ratios compare -- dense
+   against its sparse reads, f16 against int8/int4, every point against the read
+   bandwidth -- is measured over the same seconds: on a shared machine the memory
+   bandwidth moves by 1.5x and more within seconds (docs/performance.md). Each
+   point keeps its best attend (with that attend's stats), the median, and its
+   best probe pass. */
+static int timed_group(bench_env *env, int32_t dev, timed_cfg *c, int n, const int32_t *seqs, const float *q,
+                       const int32_t *experts, float *out)
 {
     const bench_opts *o = env->o;
-    pikv_attend_batch b = {bc->batch, seqs, q, experts, out, NULL, sel};
-    pikv_status st = pikv_cache_attend(bc->cache, 0, &b); /* warm-up: first-use costs */
-    if (st != PIKV_OK) return lib_fail(env, "pikv_cache_attend", st);
-    double times[1024];
-    int reps = 0;
-    double total = 0, best = INFINITY;
-    while (reps < o->max_reps && reps < 1024 && (reps < o->min_reps || total < o->min_time)) {
-        bench_flush_llc(env);
-        const double t0 = cli_now();
-        st = pikv_cache_attend(bc->cache, 0, &b);
-        const double t = cli_now() - t0;
-        if (st != PIKV_OK) return lib_fail(env, "pikv_cache_attend", st);
-        times[reps++] = t;
-        total += t;
-        if (t < best) {
-            best = t;
-            pikv_cache_stats cs;
-            pikv_cache_get_stats(bc->cache, &cs);
-            pt->bytes = cs.last_bytes_read;
-            pt->stored_bytes = cs.bytes_used;
-            pt->plan_s = cs.last_plan_s;
-            pt->score_s = cs.last_score_s;
-            pt->topk_s = cs.last_topk_s;
-            pt->attention_s = cs.last_attention_s;
-            pt->merge_s = cs.last_merge_s;
+    const int32_t max_reps = o->max_reps < 1000 ? o->max_reps : 1000;
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) { /* warm-up: first-use costs */
+        pikv_attend_batch b = {c[i].bc->batch, seqs, q, experts, out, NULL, &c[i].sel};
+        pikv_status st = pikv_cache_attend(c[i].bc->cache, 0, &b);
+        if (st != PIKV_OK) rc = lib_fail(env, "pikv_cache_attend", st);
+        pikv_cache_stats cs;
+        pikv_cache_get_stats(c[i].bc->cache, &cs);
+        c[i].pt->bytes = cs.last_bytes_read; /* sizes the cold passes */
+        c[i].times = rc ? NULL : malloc((size_t)max_reps * sizeof(double));
+        if (rc == 0 && !c[i].times) {
+            fprintf(stderr, "pikv bench: out of host memory\n");
+            rc = CLI_EXIT_FAIL;
+        }
+        c[i].total = 0;
+        c[i].pt->seconds = INFINITY;
+        c[i].pt->reps = 0;
+        c[i].pt->probe_s = 0;
+        c[i].pt->probe_bytes = 0;
+    }
+    for (int busy = 1; busy && rc == 0;) {
+        busy = 0;
+        for (int i = 0; i < n && rc == 0; i++) {
+            bench_point *pt = c[i].pt;
+            if (pt->reps >= max_reps || (pt->reps >= o->min_reps && c[i].total >= o->min_time)) continue;
+            busy = 1;
+            double probe_s = 0;
+            uint64_t probe_bytes = 0;
+            rc = bench_cold_pass(env, dev, pt->bytes, &probe_bytes, &probe_s);
+            if (rc) break;
+            if (probe_s > 0 && (pt->probe_bytes == 0 || (double)probe_bytes / probe_s > (double)pt->probe_bytes / pt->probe_s))
+                pt->probe_s = probe_s, pt->probe_bytes = probe_bytes;
+            pikv_attend_batch b = {c[i].bc->batch, seqs, q, experts, out, NULL, &c[i].sel};
+            const double t0 = cli_now();
+            pikv_status st = pikv_cache_attend(c[i].bc->cache, 0, &b);
+            const double t = cli_now() - t0;
+            if (st != PIKV_OK) {
+                rc = lib_fail(env, "pikv_cache_attend", st);
+                break;
+            }
+            c[i].times[pt->reps++] = t;
+            c[i].total += t;
+            if (t < pt->seconds) {
+                pt->seconds = t;
+                pikv_cache_stats cs;
+                pikv_cache_get_stats(c[i].bc->cache, &cs);
+                pt->bytes = cs.last_bytes_read;
+                pt->stored_bytes = cs.bytes_used;
+                pt->plan_s = cs.last_plan_s;
+                pt->score_s = cs.last_score_s;
+                pt->topk_s = cs.last_topk_s;
+                pt->attention_s = cs.last_attention_s;
+                pt->merge_s = cs.last_merge_s;
+            }
         }
     }
-    /* median by insertion sort (reps is small) */
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && times[j - 1] > times[j]; j--) {
-            const double x = times[j];
-            times[j] = times[j - 1];
-            times[j - 1] = x;
+    for (int i = 0; i < n; i++) {
+        bench_point *pt = c[i].pt;
+        if (rc == 0 && pt->reps > 0) {
+            qsort(c[i].times, (size_t)pt->reps, sizeof(double), cmp_double);
+            const int32_t m = pt->reps;
+            pt->median_s = m % 2 ? c[i].times[m / 2] : 0.5 * (c[i].times[m / 2 - 1] + c[i].times[m / 2]);
         }
-    pt->seconds = best;
-    pt->median_s = reps % 2 ? times[reps / 2] : 0.5 * (times[reps / 2 - 1] + times[reps / 2]);
-    pt->reps = reps;
-    return 0;
+        free(c[i].times);
+        c[i].times = NULL;
+    }
+    return rc;
 }
 
 static void make_queries(bench_env *env, int32_t batch, int32_t n_experts, int32_t ept, float *q, int32_t *experts)
@@ -332,105 +412,143 @@ static int contexts_of(const bench_opts *o, int32_t batch, pikv_dtype dtype, int
     return m;
 }
 
-/* Dense, quantized and sparse points of one (device, dtype, batch): the sequences
-   grow through the contexts in ascending order, each measured when reached. A
-   device too slow for the next context (its last dense attend took longer than
-   --max-attend-s, or filling to it would take longer than 20 times that) stops
-   there, and says so. */
-static int sweep_dtype_batch(bench_env *env, int32_t dev, pikv_dtype dtype, int32_t batch, int32_t n_experts)
+/* One cache of a batch sweep and where its sweep stands. */
+typedef struct sweep_cache {
+    pikv_dtype dtype;
+    int64_t ctxs[BENCH_MAX_LIST];
+    int n_ctx;
+    bench_cache bc;
+    int created, stopped;
+    int64_t filled;
+    double fill_s;
+    bench_point *dense;           /* this context's dense point */
+} sweep_cache;
+
+/* Dense, quantized and sparse points of one (device, batch) for each dtype: one
+   cache per dtype, their sequences growing together through the contexts in
+   ascending order, and at each context every dtype's dense and sparse points timed
+   as one interleaved group. A dtype too slow for its next context (its last dense
+   attend took longer than --max-attend-s, or filling to it would take longer than
+   20 times that) stops there, and says so. */
+static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, int n_dtypes, int32_t batch,
+                       int32_t n_experts)
 {
     const bench_opts *o = env->o;
     bench_device *bd = &env->r->devices[dev];
-    int64_t ctxs[BENCH_MAX_LIST];
-    const int n_ctx = contexts_of(o, batch, dtype, ctxs);
-    if (n_ctx == 0) return 0;
-    bench_cache bc;
-    int rc = cache_create(env, dev, dtype, batch, ctxs[n_ctx - 1], n_experts, &bc);
-    if (rc) return rc;
+    sweep_cache sc[4];
+    int64_t all[4 * BENCH_MAX_LIST];
+    int n_all = 0, rc = 0;
+    for (int d = 0; d < n_dtypes; d++) {
+        memset(&sc[d], 0, sizeof sc[d]);
+        sc[d].dtype = dtypes[d];
+        sc[d].n_ctx = contexts_of(o, batch, dtypes[d], sc[d].ctxs);
+        for (int c = 0; c < sc[d].n_ctx; c++) {
+            int seen = 0;
+            for (int j = 0; j < n_all; j++) seen |= all[j] == sc[d].ctxs[c];
+            if (!seen) all[n_all++] = sc[d].ctxs[c];
+        }
+    }
+    for (int i = 1; i < n_all; i++)
+        for (int j = i; j > 0 && all[j - 1] > all[j]; j--) {
+            const int64_t x = all[j];
+            all[j] = all[j - 1];
+            all[j - 1] = x;
+        }
+    for (int d = 0; d < n_dtypes && rc == 0; d++) {
+        if (sc[d].n_ctx == 0) continue;
+        rc = cache_create(env, dev, sc[d].dtype, batch, sc[d].ctxs[sc[d].n_ctx - 1], n_experts, &sc[d].bc);
+        sc[d].created = rc == 0;
+    }
+    const int32_t ept = n_dtypes > 0 && sc[0].created ? sc[0].bc.ept : 1;
     const size_t qn = (size_t)batch * (size_t)o->q_heads * (size_t)o->head_dim;
     float *q = malloc(qn * sizeof(float)), *out = malloc(qn * sizeof(float));
-    int32_t *experts = calloc((size_t)batch * (size_t)bc.ept, sizeof(int32_t));
+    int32_t *experts = calloc((size_t)batch * (size_t)ept, sizeof(int32_t));
     int32_t *seqs = calloc((size_t)batch, sizeof(int32_t));
-    if (!q || !out || !experts || !seqs) {
+    timed_cfg *cfg = calloc((size_t)n_dtypes * (size_t)(1 + BENCH_MAX_LIST), sizeof *cfg);
+    if (rc == 0 && (!q || !out || !experts || !seqs || !cfg)) {
         fprintf(stderr, "pikv bench: out of host memory\n");
         rc = CLI_EXIT_FAIL;
     }
     for (int32_t i = 0; i < batch && seqs; i++) seqs[i] = i;
-    if (rc == 0) make_queries(env, batch, n_experts, bc.ept, q, experts);
-    pikv_cache_params cp;
-    pikv_cache_get_params(bc.cache, &cp);
-    double fill_s = 0;
-    int64_t filled = 0;
-    for (int c = 0; c < n_ctx && rc == 0; c++) {
-        const int64_t n = ctxs[c];
-        const double per_token = filled ? fill_s / ((double)batch * (double)filled) : 0;
-        if (per_token * (double)batch * (double)(n - filled) > 20 * o->max_attend_s) {
+    if (rc == 0) make_queries(env, batch, n_experts, ept, q, experts);
+    for (int c = 0; c < n_all && rc == 0; c++) {
+        const int64_t n = all[c];
+        int n_cfg = 0;
+        for (int d = 0; d < n_dtypes && rc == 0; d++) {
+            sweep_cache *w = &sc[d];
+            w->dense = NULL;
+            int has = 0;
+            for (int j = 0; j < w->n_ctx; j++) has |= w->ctxs[j] == n;
+            if (!has || w->stopped) continue;
+            const double per_token = w->filled ? w->fill_s / ((double)batch * (double)w->filled) : 0;
+            if (per_token * (double)batch * (double)(n - w->filled) > 20 * o->max_attend_s) {
+                if (!o->quiet)
+                    fprintf(stderr, "  %s: %s batch %d: stopping before %lld tokens (filling would take %.0f s)\n",
+                            bd->info.name, bench_dtype_name(w->dtype), batch, (long long)n,
+                            per_token * (double)batch * (double)(n - w->filled));
+                w->stopped = 1;
+                continue;
+            }
             if (!o->quiet)
-                fprintf(stderr, "  %s: %s batch %d: stopping before %lld tokens (filling would take %.0f s)\n",
-                        bd->info.name, bench_dtype_name(dtype), batch, (long long)n,
-                        per_token * (double)batch * (double)(n - filled));
-            break;
-        }
-        if (!o->quiet)
-            fprintf(stderr, "  %s: %s%s, batch %d, %lld tokens\n", bd->info.name, bench_dtype_name(dtype),
-                    n_experts > 1 ? " (experts)" : "", batch, (long long)n);
-        double t = 0;
-        rc = cache_fill(env, &bc, filled, n, &t);
-        if (rc) break;
-        fill_s += t;
-        filled = n;
-        pikv_select_params sel = cp.select;
-        /* dense: every page (the reference of the sparse points) */
-        sel.mode = PIKV_SELECT_ALL;
-        bench_point *pt = bench_add_point(env->r);
-        if (!pt) {
-            rc = CLI_EXIT_FAIL;
-            break;
-        }
-        *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts-dense" : "dense", .dtype = dtype,
-                            .batch = batch, .context = n, .n_experts = n_experts};
-        pt->append_s_per_token = fill_s / ((double)batch * (double)filled);
-        rc = timed_attend(env, &bc, seqs, q, experts, out, &sel, pt);
-        if (rc) break;
-        const double dense_s = pt->seconds;
-        if (n_experts > 1) {
-            for (int k = 0; k < o->n_expert_ks && rc == 0; k++) {
-                if (o->expert_ks[k] >= n_experts) continue;
-                sel.mode = PIKV_SELECT_EXPERTS;
-                sel.experts_top_k = o->expert_ks[k];
+                fprintf(stderr, "  %s: %s%s, batch %d, %lld tokens\n", bd->info.name, bench_dtype_name(w->dtype),
+                        n_experts > 1 ? " (experts)" : "", batch, (long long)n);
+            double t = 0;
+            rc = cache_fill(env, &w->bc, w->filled, n, &t);
+            if (rc) break;
+            w->fill_s += t;
+            w->filled = n;
+            pikv_cache_params cp;
+            pikv_cache_get_params(w->bc.cache, &cp);
+            /* dense: every page (the reference of the sparse points) */
+            bench_point *pt = bench_add_point(env->r);
+            if (!pt) {
+                rc = CLI_EXIT_FAIL;
+                break;
+            }
+            *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts-dense" : "dense", .dtype = w->dtype,
+                                .batch = batch, .context = n, .n_experts = n_experts};
+            pt->append_s_per_token = w->fill_s / ((double)batch * (double)w->filled);
+            w->dense = pt;
+            cfg[n_cfg] = (timed_cfg){.bc = &w->bc, .sel = cp.select, .pt = pt};
+            cfg[n_cfg++].sel.mode = PIKV_SELECT_ALL;
+            const int n_sparse = n_experts > 1 ? o->n_expert_ks : o->n_quest;
+            for (int k = 0; k < n_sparse; k++) {
+                pikv_select_params sel = cp.select;
+                int32_t param;
+                if (n_experts > 1) {
+                    if (o->expert_ks[k] >= n_experts) continue;
+                    sel.mode = PIKV_SELECT_EXPERTS;
+                    sel.experts_top_k = param = o->expert_ks[k];
+                } else {
+                    const int64_t budget = n / o->quest_ratios[k];
+                    if (budget < sel.sink_tokens + sel.recent_tokens + o->page_size) continue;
+                    sel.mode = PIKV_SELECT_QUEST;
+                    sel.token_budget = (int32_t)budget;
+                    param = o->quest_ratios[k];
+                }
                 pt = bench_add_point(env->r);
                 if (!pt) {
                     rc = CLI_EXIT_FAIL;
                     break;
                 }
-                *pt = (bench_point){.device = dev, .kind = "experts", .dtype = dtype, .batch = batch, .context = n,
-                                    .param = o->expert_ks[k], .n_experts = n_experts};
-                rc = timed_attend(env, &bc, seqs, q, experts, out, &sel, pt);
-            }
-        } else {
-            for (int k = 0; k < o->n_quest && rc == 0; k++) {
-                const int64_t budget = n / o->quest_ratios[k];
-                if (budget < sel.sink_tokens + sel.recent_tokens + o->page_size) continue;
-                sel.mode = PIKV_SELECT_QUEST;
-                sel.token_budget = (int32_t)budget;
-                pt = bench_add_point(env->r);
-                if (!pt) {
-                    rc = CLI_EXIT_FAIL;
-                    break;
-                }
-                *pt = (bench_point){.device = dev, .kind = "quest", .dtype = dtype, .batch = batch, .context = n,
-                                    .param = o->quest_ratios[k], .n_experts = 1};
-                rc = timed_attend(env, &bc, seqs, q, experts, out, &sel, pt);
+                *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts" : "quest", .dtype = w->dtype,
+                                    .batch = batch, .context = n, .param = param, .n_experts = n_experts};
+                cfg[n_cfg++] = (timed_cfg){.bc = &w->bc, .sel = sel, .pt = pt};
             }
         }
-        if (rc == 0 && dense_s > o->max_attend_s && c + 1 < n_ctx) {
+        if (rc == 0 && n_cfg > 0) rc = timed_group(env, dev, cfg, n_cfg, seqs, q, experts, out);
+        for (int d = 0; d < n_dtypes && rc == 0; d++) {
+            sweep_cache *w = &sc[d];
+            if (!w->dense || w->dense->seconds <= o->max_attend_s || n >= w->ctxs[w->n_ctx - 1]) continue;
             if (!o->quiet)
                 fprintf(stderr, "  %s: %s batch %d: stopping after %lld tokens (an attend took %.2f s)\n",
-                        bd->info.name, bench_dtype_name(dtype), batch, (long long)n, dense_s);
-            break;
+                        bd->info.name, bench_dtype_name(w->dtype), batch, (long long)n, w->dense->seconds);
+            w->stopped = 1;
         }
     }
-    pikv_cache_free(bc.cache);
+    for (int d = 0; d < n_dtypes; d++)
+        if (sc[d].created) pikv_cache_free(sc[d].bc.cache);
+    free(cfg);
     free(q);
     free(out);
     free(experts);
@@ -438,17 +556,54 @@ static int sweep_dtype_batch(bench_env *env, int32_t dev, pikv_dtype dtype, int3
     return rc;
 }
 
+/* Table order: a device's points by sweep (dtype sweeps, then the experts'), dtype,
+   batch, context, then dense before its sparse points (the sweeps interleave them). */
+static int point_rank(const bench_opts *o, const bench_point *p, int64_t *key)
+{
+    int di = 0, bi = 0;
+    for (int i = 0; i < o->n_dtypes; i++)
+        if (o->dtypes[i] == p->dtype) di = i;
+    for (int i = 0; i < o->n_batches; i++)
+        if (o->batches[i] == p->batch) bi = i;
+    key[0] = p->n_experts > 1;
+    key[1] = di;
+    key[2] = bi;
+    key[3] = p->context;
+    key[4] = strcmp(p->kind, "dense") && strcmp(p->kind, "experts-dense") ? 1 : 0;
+    key[5] = p->param;
+    return 6;
+}
+
+static int point_before(const bench_opts *o, const bench_point *a, const bench_point *b)
+{
+    int64_t ka[6], kb[6];
+    const int n = point_rank(o, a, ka);
+    point_rank(o, b, kb);
+    for (int i = 0; i < n; i++)
+        if (ka[i] != kb[i]) return ka[i] < kb[i];
+    return 0;
+}
+
 int bench_device_sweeps(bench_env *env, int32_t dev)
 {
     const bench_opts *o = env->o;
+    const int first = env->r->n_points;
     int rc = 0;
-    for (int d = 0; d < o->n_dtypes && rc == 0; d++)
-        for (int b = 0; b < o->n_batches && rc == 0; b++)
-            rc = sweep_dtype_batch(env, dev, o->dtypes[d], o->batches[b], 1);
+    for (int b = 0; b < o->n_batches && rc == 0; b++)
+        rc = sweep_batch(env, dev, o->dtypes, o->n_dtypes, o->batches[b], 1);
     /* experts selection: an MoE cache (E experts, top-2 routing, expert placement), f16 */
+    const pikv_dtype f16 = PIKV_DTYPE_F16;
     if (rc == 0 && o->n_experts > 1 && o->n_expert_ks > 0)
-        for (int b = 0; b < o->n_batches && rc == 0; b++)
-            rc = sweep_dtype_batch(env, dev, PIKV_DTYPE_F16, o->batches[b], o->n_experts);
+        for (int b = 0; b < o->n_batches && rc == 0; b++) rc = sweep_batch(env, dev, &f16, 1, o->batches[b], o->n_experts);
+    /* stable insertion sort of this device's points into table order */
+    bench_point *p = env->r->points + first;
+    const int n = env->r->n_points - first;
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && point_before(o, &p[j], &p[j - 1]); j--) {
+            const bench_point x = p[j];
+            p[j] = p[j - 1];
+            p[j - 1] = x;
+        }
     return rc;
 }
 

@@ -375,7 +375,16 @@ int cli_cmd_bench(int argc, char **argv)
             bd->read_bytes = bw.bytes;
         } else {
             snprintf(bd->read_error, sizeof bd->read_error, "%s", pikv_context_last_error(ctx));
+            continue;
         }
+        /* the probe of the cold passes: 8x a 32 MiB LLC (and at least the host flush) on
+           host memory, 1 GiB (20x an H100's L2) on device memory */
+        uint64_t pb = bd->info.caps.host_visible ? (256ull << 20) : (1ull << 30);
+        if (pb < env.flush_floats * sizeof(float)) pb = env.flush_floats * sizeof(float);
+        if (o.roofline_bytes && pb > o.roofline_bytes) pb = o.roofline_bytes;
+        if (bd->info.caps.memory_total && pb > bd->info.caps.memory_total / 8)
+            pb = bd->info.caps.memory_total / 8 / 4096 * 4096;
+        if (pikv_read_probe_create(ctx, bd->index, pb, &bd->probe) == PIKV_OK) bd->probe_bytes = pb;
     }
     /* 2. sweeps */
     for (int i = 0; i < r.n_devices && rc == 0; i++) {
@@ -416,6 +425,7 @@ int cli_cmd_bench(int argc, char **argv)
             for (int i = 0; i < r.n_targets; i++)
                 if (r.targets[i].have && !r.targets[i].pass) rc = CLI_EXIT_FAIL;
     }
+    for (int i = 0; i < r.n_devices; i++) pikv_read_probe_free(r.devices[i].probe);
     bench_env_free(&env);
     free(r.points);
     pikv_context_free(ctx);

@@ -1,4 +1,4 @@
-/* pikv_device_read_bandwidth: the measured read roofline of a device, the
+/* pikv_device_read_bandwidth and the read probe: the measured read roofline of a device, the
  * denominator of every "share of bandwidth" the benchmarks report. The timed
  * region is the backend's read_reduce op alone; the fill is not timed. */
 #include "backend-impl.h"
@@ -30,50 +30,99 @@ static pikv_status fill_ones(pikv_device *dev, pikv_buffer *buf, uint64_t bytes)
     return st;
 }
 
-pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64_t bytes, int32_t passes,
-                                       pikv_read_bandwidth *out)
+struct pikv_read_probe {
+    pikv_context *ctx;
+    pikv_device *dev;
+    pikv_buffer *buf;
+    uint64_t bytes;
+};
+
+pikv_status pikv_read_probe_create(pikv_context *ctx, int32_t device, uint64_t bytes, pikv_read_probe **out)
 {
     if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
-    PIKV_RETURN_ERROR_IF(!out, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_device_read_bandwidth: out is NULL");
+    PIKV_RETURN_ERROR_IF(!out, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_read_probe_create: out is NULL");
+    *out = NULL;
     PIKV_RETURN_ERROR_IF(device < 0 || device >= ctx->n_devices, ctx, PIKV_ERR_OUT_OF_RANGE,
-                         "pikv_device_read_bandwidth: device %d is outside 0..%d", device, ctx->n_devices - 1);
+                         "pikv_read_probe_create: device %d is outside 0..%d", device, ctx->n_devices - 1);
     PIKV_RETURN_ERROR_IF(bytes < 4096 || bytes > (1ull << 40) || bytes % 4, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_device_read_bandwidth: bytes %llu is not a multiple of 4 in 4096..2^40",
+                         "pikv_read_probe_create: bytes %llu is not a multiple of 4 in 4096..2^40",
                          (unsigned long long)bytes);
-    PIKV_RETURN_ERROR_IF(passes < 1 || passes > 1000, ctx, PIKV_ERR_INVALID_ARGUMENT,
-                         "pikv_device_read_bandwidth: passes %d is outside 1..1000", passes);
     pikv_device *dev = ctx->devices[device];
     PIKV_RETURN_ERROR_IF(!dev->iface->read_reduce || !dev->iface->supports_op(dev, PIKV_OP_READ_REDUCE, PIKV_DTYPE_F32),
-                         ctx, PIKV_ERR_UNSUPPORTED, "pikv_device_read_bandwidth: device %s (%s) has no read-reduce "
+                         ctx, PIKV_ERR_UNSUPPORTED, "pikv_read_probe_create: device %s (%s) has no read-reduce "
                          "kernel", dev->info.name, pikv_backend_name(dev->info.backend));
-    double *times = pikv_host_calloc(ctx, (size_t)passes, sizeof(double));
-    PIKV_RETURN_ERROR_IF(!times, ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_device_read_bandwidth: allocation failed");
-    pikv_buffer *buf = NULL;
-    pikv_status st = dev->iface->buffer_alloc(dev, bytes, &buf);
-    if (st == PIKV_OK) st = fill_ones(dev, buf, bytes);
+    pikv_read_probe *p = pikv_host_calloc(ctx, 1, sizeof *p);
+    PIKV_RETURN_ERROR_IF(!p, ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_read_probe_create: allocation failed");
+    p->ctx = ctx;
+    p->dev = dev;
+    p->bytes = bytes;
+    pikv_status st = dev->iface->buffer_alloc(dev, bytes, &p->buf);
+    if (st == PIKV_OK) st = fill_ones(dev, p->buf, bytes);
     if (st == PIKV_OK) st = dev->iface->synchronize(dev);
-    const uint64_t n = bytes / sizeof(float);
+    if (st != PIKV_OK) {
+        pikv_read_probe_free(p);
+        return st;
+    }
+    *out = p;
+    return PIKV_OK;
+}
+
+void pikv_read_probe_free(pikv_read_probe *probe)
+{
+    if (!probe) return;
+    if (probe->buf) probe->dev->iface->buffer_free(probe->dev, probe->buf);
+    pikv_host_free(probe->ctx, probe);
+}
+
+pikv_status pikv_read_probe_run(pikv_read_probe *probe, int32_t passes, pikv_read_bandwidth *out)
+{
+    if (!probe) return PIKV_ERR_INVALID_ARGUMENT;
+    pikv_context *ctx = probe->ctx;
+    pikv_device *dev = probe->dev;
+    PIKV_RETURN_ERROR_IF(!out, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_read_probe_run: out is NULL");
+    PIKV_RETURN_ERROR_IF(passes < 1 || passes > 1000, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_read_probe_run: passes %d is outside 1..1000", passes);
+    double *times = pikv_host_calloc(ctx, (size_t)passes, sizeof(double));
+    PIKV_RETURN_ERROR_IF(!times, ctx, PIKV_ERR_OUT_OF_MEMORY, "pikv_read_probe_run: allocation failed");
+    const uint64_t n = probe->bytes / sizeof(float);
+    pikv_status st = PIKV_OK;
     for (int32_t p = 0; p < passes && st == PIKV_OK; p++) {
         double sum = 0;
-        pikv_read_reduce_args args = {buf, n, &sum};
+        pikv_read_reduce_args args = {probe->buf, n, &sum};
         const double t0 = pikv_monotonic_s();
         st = dev->iface->read_reduce(dev, &args);
         times[p] = pikv_monotonic_s() - t0;
         /* a sum of ones is exact when kernels keep their float partial sums under 2^24 */
         if (st == PIKV_OK && !(sum >= (double)n * (1 - 1e-5) && sum <= (double)n * (1 + 1e-5)))
-            st = PIKV_FAIL(ctx, PIKV_ERR_BACKEND, "pikv_device_read_bandwidth: device %s summed %.17g over %llu "
-                           "ones", dev->info.name, sum, (unsigned long long)n);
+            st = PIKV_FAIL(ctx, PIKV_ERR_BACKEND, "read bandwidth: device %s summed %.17g over %llu ones",
+                           dev->info.name, sum, (unsigned long long)n);
     }
-    if (buf) dev->iface->buffer_free(dev, buf);
     if (st == PIKV_OK) {
+        double total = 0;
+        for (int32_t p = 0; p < passes; p++) total += times[p];
         qsort(times, (size_t)passes, sizeof(double), cmp_double);
         memset(out, 0, sizeof *out);
-        out->bytes = bytes;
+        out->bytes = probe->bytes;
         out->passes = passes;
         out->best_s = times[0];
         out->median_s = passes % 2 ? times[passes / 2] : 0.5 * (times[passes / 2 - 1] + times[passes / 2]);
-        out->bytes_per_s = times[0] > 0 ? (double)bytes / times[0] : 0;
+        out->total_s = total;
+        out->bytes_per_s = times[0] > 0 ? (double)probe->bytes / times[0] : 0;
     }
     pikv_host_free(ctx, times);
+    return st;
+}
+
+pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64_t bytes, int32_t passes,
+                                       pikv_read_bandwidth *out)
+{
+    if (!ctx) return PIKV_ERR_INVALID_ARGUMENT;
+    PIKV_RETURN_ERROR_IF(!out, ctx, PIKV_ERR_INVALID_ARGUMENT, "pikv_device_read_bandwidth: out is NULL");
+    PIKV_RETURN_ERROR_IF(passes < 1 || passes > 1000, ctx, PIKV_ERR_INVALID_ARGUMENT,
+                         "pikv_device_read_bandwidth: passes %d is outside 1..1000", passes);
+    pikv_read_probe *probe = NULL;
+    pikv_status st = pikv_read_probe_create(ctx, device, bytes, &probe);
+    if (st == PIKV_OK) st = pikv_read_probe_run(probe, passes, out);
+    pikv_read_probe_free(probe);
     return st;
 }

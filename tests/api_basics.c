@@ -334,7 +334,36 @@ static void test_read_bandwidth(void)
         pikv_device_info after;
         CHECK_OK(pikv_device_get_info(ctx, d, &after));
         CHECK_EQ(after.memory_used, info.memory_used);
+        /* a probe keeps its buffer (counted while it lives) across runs */
+        pikv_read_probe *probe = NULL;
+        if (!CHECK_OK(pikv_read_probe_create(ctx, d, 1u << 20, &probe)))
+            continue;
+        CHECK_OK(pikv_device_get_info(ctx, d, &after));
+        CHECK(after.memory_used >= info.memory_used + (1u << 20));
+        for (int run = 0; run < 2; run++) {
+            memset(&bw, 0, sizeof bw);
+            CHECK_OK(pikv_read_probe_run(probe, 2, &bw));
+            CHECK_EQ(bw.bytes, 1u << 20);
+            CHECK_EQ(bw.passes, 2);
+            CHECK(bw.best_s > 0 && bw.best_s <= bw.median_s);
+        }
+        CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_run(probe, 1001, &bw));
+        CHECK(strstr(pikv_context_last_error(ctx), "1001") != NULL);
+        CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_run(probe, 1, NULL));
+        pikv_read_probe_free(probe);
+        CHECK_OK(pikv_device_get_info(ctx, d, &after));
+        CHECK_EQ(after.memory_used, info.memory_used);
     }
+    tu_set_case("read probe: bad arguments");
+    pikv_read_probe *probe = (pikv_read_probe *)&cp; /* a refused create sets *out to NULL */
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_create(ctx, 0, 4098, &probe));
+    CHECK(probe == NULL);
+    CHECK(strstr(pikv_context_last_error(ctx), "4098") != NULL);
+    CHECK_STATUS(PIKV_ERR_OUT_OF_RANGE, pikv_read_probe_create(ctx, -1, 1u << 20, &probe));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_create(ctx, 0, 1u << 20, NULL));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_create(NULL, 0, 1u << 20, &probe));
+    CHECK_STATUS(PIKV_ERR_INVALID_ARGUMENT, pikv_read_probe_run(NULL, 1, NULL));
+    pikv_read_probe_free(NULL);
     tu_set_case("read bandwidth: bad arguments");
     pikv_read_bandwidth bw, sentinel;
     memset(&bw, 0x5a, sizeof bw);

@@ -1,7 +1,8 @@
 #!/bin/sh
 # ctest bench_quick: `pikv bench --quick` (docs/performance.md) runs every section on the given
 # backends, prints the acceptance ratios last, and writes a JSON document whose figures hang
-# together: every device has its roofline, the dense points read fewer bytes for int8 than f16
+# together: every device has its roofline, every dense point's share of the read bandwidth is
+# of the probe passes timed next to it, the dense points read fewer bytes for int8 than f16
 # and fewer for int4 than int8, quest and expert selection read fewer bytes than dense, the
 # memory section covers three placements with an imbalance >= 1; then the plots are drawn
 # when matplotlib is there. Timings are not checked (benchmarks are not timed tests).
@@ -41,8 +42,14 @@ def find(dev, kind, dtype, batch, ctx, param=0):
 for dev in devs:
     dense = [p for p in pts if p["device"] == dev and p["kind"] == "dense"]
     need(dense, "%s: dense points" % dev)
+    has_probe = any(x["name"] == dev and x["read_bytes_per_s"] is not None for x in d["devices"])
     for p in dense:
         need(p["seconds"] > 0 and p["bytes"] > 0, "%s: dense %s time and bytes" % (dev, p["dtype"]))
+        # the share is of the probe passes timed next to the point (bench_cold_pass)
+        if has_probe:
+            need(finite(p["probe_bytes_per_s"]) and p["probe_bytes_per_s"] > 1e8 and
+                 abs(p["share_of_read"] - p["bytes_per_s"] / p["probe_bytes_per_s"]) < 1e-6 * p["share_of_read"],
+                 "%s: dense %s share of its probe" % (dev, p["dtype"]))
         if p["dtype"] == "f16":
             i8 = find(dev, "dense", "int8", p["batch"], p["context"])
             i4 = find(dev, "dense", "int4", p["batch"], p["context"])

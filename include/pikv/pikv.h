@@ -724,10 +724,21 @@ typedef struct pikv_read_bandwidth {
     int32_t passes;
     double best_s;                /* fastest pass */
     double median_s;
+    double total_s;               /* all passes */
     double bytes_per_s;           /* bytes / best_s */
 } pikv_read_bandwidth;
 PIKV_API pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64_t bytes,
                                                 int32_t passes, pikv_read_bandwidth *out);
+/* The same measurement with the buffer kept between calls, so a benchmark can
+ * time passes next to the work it compares with them (on a shared machine the
+ * read bandwidth moves over seconds). create allocates and fills the buffer (same
+ * bounds on bytes); run times `passes` passes (1..1000) and checks each sum; free
+ * accepts NULL. A probe belongs to its context and must be freed before it. */
+typedef struct pikv_read_probe pikv_read_probe;
+PIKV_API pikv_status pikv_read_probe_create(pikv_context *ctx, int32_t device, uint64_t bytes,
+                                            pikv_read_probe **out);
+PIKV_API pikv_status pikv_read_probe_run(pikv_read_probe *probe, int32_t passes, pikv_read_bandwidth *out);
+PIKV_API void pikv_read_probe_free(pikv_read_probe *probe);
 
 /* ---- Zero copy (docs/api.md, "Zero copy (experimental)") ----------------
  * An engine that keeps K, V, Q and the attention output in device memory hands
