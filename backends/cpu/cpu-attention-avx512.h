@@ -158,6 +158,27 @@ T512_INLINE void rows_to_f32(const unsigned char *rows, size_t row_bytes, int32_
    log mass. */
 T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float *page_lse)
 {
+    if (!page_lse && n <= 16) {
+        /* one page of up to 16 rows and no page mass wanted: the weights are taken
+           against the new running maximum directly (one vector exp, no scalar exp
+           unless the maximum grows) */
+        const __mmask16 k = (__mmask16)((1u << n) - 1u);
+        const __m512 x = _mm512_maskz_loadu_ps(k, s);
+        const float page_max = _mm512_mask_reduce_max_ps(k, x);
+        const float mx = page_max > ph[0] ? page_max : ph[0];
+        if (ph[0] < mx) {
+            const float rescale = ph[0] == -INFINITY ? 0.0f : expf(ph[0] - mx);
+            const __m512 f = _mm512_set1_ps(rescale);
+            float *acc = ph + 2;
+            ph[1] *= rescale;
+            for (int32_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), f));
+            ph[0] = mx;
+        }
+        const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
+        _mm512_mask_storeu_ps(s, k, e);
+        ph[1] += _mm512_reduce_add_ps(e);
+        return;
+    }
     float page_max = -INFINITY;
     for (int32_t r = 0; r < n; r++) page_max = s[r] > page_max ? s[r] : page_max;
     const float mx = page_max > ph[0] ? page_max : ph[0];

@@ -76,8 +76,8 @@ static void attn_run_task_fast(attn_job *job, int64_t ti, int32_t thread)
     l.qeo0 = l.qeo = l.qs + qf;
     l.qfold = l.qeo + qf;
     l.kconst = l.qfold + (size_t)G * (size_t)hd;
-    l.scores = l.kconst + G;
-    l.block = l.scores + (size_t)G * (size_t)L0->page_size;
+    l.scores0 = l.scores = l.kconst + G;
+    l.block = l.scores + (size_t)nkv * (size_t)G * (size_t)L0->page_size;
     const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
     l.vweights = l.block + 16 * (size_t)hd;
     l.vscales = l.vweights + (size_t)G * (size_t)L0->page_size * vgm;

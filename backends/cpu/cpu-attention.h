@@ -25,7 +25,8 @@ typedef struct pikv_cpu_attn_list {
     float *qs0, *qeo0;          /* [n_kv][G][head_dim] */
     float *qfold;               /* [G][head_dim] */
     float *kconst;              /* [G] */
-    float *scores;              /* [G][page_size] */
+    float *scores;              /* [G][page_size] (of kv_head) */
+    float *scores0;             /* [n_kv][G][page_size] */
     float *block;               /* [16][head_dim] */
     float *vweights;            /* [G][page_size][v_groups] */
     float *vzsum;               /* [G][v_groups] */
@@ -38,7 +39,8 @@ static inline size_t pikv_cpu_attn_vgroups_max(int32_t hd) { return ((size_t)hd 
 static inline size_t pikv_cpu_attn_scratch_floats(int32_t G, int32_t n_kv, int32_t hd, int32_t ps)
 {
     const size_t vgm = pikv_cpu_attn_vgroups_max(hd);
-    return (2 * (size_t)n_kv + 1) * (size_t)G * (size_t)hd + (size_t)G + (size_t)G * (size_t)ps + 16 * (size_t)hd +
+    return (2 * (size_t)n_kv + 1) * (size_t)G * (size_t)hd + (size_t)G + (size_t)n_kv * (size_t)G * (size_t)ps +
+           16 * (size_t)hd +
            (size_t)G * (size_t)ps * vgm + 2 * (size_t)ps * vgm + (size_t)G * vgm + 64;
 }
 
