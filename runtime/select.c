@@ -91,10 +91,19 @@ static pikv_status gather_candidates(pikv_cache *c, int32_t layer, const pikv_at
     return PIKV_OK;
 }
 
+/* QUEST's verdict, in list order: list (query i, KV head g) holds the non-forced
+   candidates of query i in candidate order; keep[list_indptr[list] + j] says whether
+   its j-th is read. All passes walk these arrays in order (a per-candidate x head
+   matrix walked head by head would stride through memory once per head). */
+typedef struct quest_lists {
+    int32_t *indptr; /* [nq * kvh + 1] */
+    uint8_t *keep;
+} quest_lists;
+
 /* QUEST: score the non-forced candidates where they live, then keep the best of
-   each (query, KV head) under its budget. keep[(cand) * kvh + g]. */
+   each (query, KV head) under its budget. */
 static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const pikv_select_params *sel,
-                                const candidates *cand, const int32_t *cand_tokens, uint8_t *keep,
+                                const candidates *cand, const int32_t *cand_tokens, quest_lists *out,
                                 pikv_read_plan *plan)
 {
     pikv_context *ctx = c->ctx;
@@ -109,17 +118,17 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     int32_t *dev_indptr = pikv_host_calloc(ctx, ((size_t)nd + 1) * ((size_t)nq + 1), sizeof(int32_t));
     uint32_t *dev_slots = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(uint32_t));
     int32_t *dev_pos = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1), sizeof(int32_t)); /* -> cand */
-    /* written before they are read (scores: for the non-forced candidates, the only
-       ones read): not zeroed, which would cost a pass over every candidate and head */
+    int32_t *local = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * sizeof(int32_t), 64); /* j of cand */
+    /* a device's scores [its candidate][kvh], written before they are read */
     float *scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
     float *list_scores = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(float), 64);
     int32_t *list_tokens = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh * sizeof(int32_t), 64);
-    int32_t *list_indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
     int64_t *budget = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh, sizeof(int64_t));
-    uint8_t *list_keep = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 64); /* topk writes all */
+    out->indptr = pikv_host_calloc(ctx, (size_t)nq * (size_t)kvh + 1, sizeof(int32_t));
+    out->keep = pikv_host_alloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 64); /* topk writes all */
     int64_t dev_begin[PIKV_MAX_DEVICES + 2] = {0};
-    if (!dev_indptr || !dev_slots || !dev_pos || !scores || !list_scores || !list_tokens || !list_indptr ||
-        !budget || !list_keep) {
+    if (!dev_indptr || !dev_slots || !dev_pos || !local || !scores || !list_scores || !list_tokens || !budget ||
+        !out->indptr || !out->keep) {
         st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: quest scratch for %lld candidates: allocation failed",
                        (long long)n_cand);
         goto done;
@@ -134,75 +143,78 @@ static pikv_status quest_select(pikv_cache *c, const pikv_attend_batch *b, const
     for (int32_t d = 0; d <= nd; d++) dev_begin[d + 1] = dev_begin[d] + per_dev[d];
     int64_t fill[PIKV_MAX_DEVICES + 1];
     for (int32_t d = 0; d <= nd; d++) fill[d] = dev_begin[d];
+    /* lists (query, KV head) of non-forced candidates, budget = what forced pages leave;
+       each query's kvh lists are the same length */
+    int32_t *lp = out->indptr;
+    int64_t e = 0;
     for (int32_t i = 0; i < nq; i++) {
         for (int32_t d = 0; d <= nd; d++)
             dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)i] = (int32_t)(fill[d] - dev_begin[d]);
+        int64_t forced_tokens = 0;
+        int32_t n_free = 0;
         for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
-            if (cand->forced[k]) continue;
+            if (cand->forced[k]) {
+                forced_tokens += cand_tokens[k];
+                continue;
+            }
             const pikv_page_meta *m = &c->pages[cand->ids[k]];
             const int32_t d = m->tier != PIKV_TIER_DEVICE ? nd : m->dev;
             dev_slots[fill[d]] = m->tier != PIKV_TIER_DEVICE ? m->bounds_slot : pikv_op_slot(m);
             dev_pos[fill[d]++] = k;
+            local[k] = n_free++;
         }
+        const int64_t left = (int64_t)sel->token_budget - forced_tokens;
+        for (int32_t g = 0; g < kvh; g++) {
+            const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
+            lp[list] = (int32_t)(e + (int64_t)g * n_free);
+            budget[list] = left > 0 ? left : 0;
+        }
+        for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
+            if (cand->forced[k]) continue;
+            for (int32_t g = 0; g < kvh; g++) list_tokens[lp[(size_t)i * (size_t)kvh + (size_t)g] + local[k]] = cand_tokens[k];
+        }
+        e += (int64_t)kvh * n_free;
     }
+    lp[(size_t)nq * (size_t)kvh] = (int32_t)e;
     for (int32_t d = 0; d <= nd; d++)
         dev_indptr[(size_t)d * ((size_t)nq + 1) + (size_t)nq] = (int32_t)(fill[d] - dev_begin[d]);
-    /* scores[k * kvh + g] for candidate k, computed by its device */
+    /* each device scores its candidates; the scores go to their lists */
     for (int32_t d = 0; d <= nd && st == PIKV_OK; d++) {
         if (dev_begin[d + 1] == dev_begin[d]) continue;
         pikv_device *dev = d < nd ? c->devs[d].dev : ctx->host_device;
-        float *dev_scores = list_scores; /* borrowed: filled below anyway */
+        const int32_t *dip = dev_indptr + (size_t)d * ((size_t)nq + 1);
         pikv_score_args args = {d < nd ? &c->devs[d].view : pikv_tier_bounds_view(c), nq, c->params.n_q_heads, b->q,
-                                dev_indptr + (size_t)d * ((size_t)nq + 1), dev_slots + dev_begin[d], dev_scores};
+                                dip, dev_slots + dev_begin[d], scores};
         const double t0 = pikv_monotonic_s();
         st = dev->iface->score(dev, &args);
         plan->score_s += pikv_monotonic_s() - t0;
-        for (int64_t j = dev_begin[d]; j < dev_begin[d + 1] && st == PIKV_OK; j++)
-            memcpy(scores + (size_t)dev_pos[j] * (size_t)kvh, dev_scores + (size_t)(j - dev_begin[d]) * (size_t)kvh,
-                   (size_t)kvh * sizeof(float));
+        for (int32_t i = 0; i < nq && st == PIKV_OK; i++)
+            for (int32_t j = dip[i]; j < dip[i + 1]; j++) {
+                const int32_t k = dev_pos[dev_begin[d] + j];
+                const float *sk = scores + (size_t)j * (size_t)kvh;
+                for (int32_t g = 0; g < kvh; g++) list_scores[lp[(size_t)i * (size_t)kvh + (size_t)g] + local[k]] = sk[g];
+            }
     }
     if (st != PIKV_OK) goto done;
-    /* lists (query, KV head) of non-forced candidates, budget = what forced pages leave */
-    int64_t e = 0;
-    for (int32_t i = 0; i < nq; i++) {
-        int64_t forced_tokens = 0;
-        for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++)
-            if (cand->forced[k]) forced_tokens += cand_tokens[k];
-        for (int32_t g = 0; g < kvh; g++) {
-            const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
-            list_indptr[list] = (int32_t)e;
-            const int64_t left = (int64_t)sel->token_budget - forced_tokens;
-            budget[list] = left > 0 ? left : 0;
-            for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
-                if (cand->forced[k]) continue;
-                list_scores[e] = scores[(size_t)k * (size_t)kvh + (size_t)g];
-                list_tokens[e++] = cand_tokens[k];
-            }
-        }
-    }
-    list_indptr[(size_t)nq * (size_t)kvh] = (int32_t)e;
-    pikv_topk_args targs = {nq * kvh, list_indptr, list_scores, list_tokens, budget, list_keep};
+    pikv_topk_args targs = {nq * kvh, lp, list_scores, list_tokens, budget, out->keep};
     const double t0 = pikv_monotonic_s();
     st = ctx->host_device->iface->topk(ctx->host_device, &targs);
     plan->topk_s = pikv_monotonic_s() - t0;
-    if (st != PIKV_OK) goto done;
-    e = 0;
-    for (int32_t i = 0; i < nq; i++)
-        for (int32_t g = 0; g < kvh; g++)
-            for (int32_t k = cand->indptr[i]; k < cand->indptr[i + 1]; k++) {
-                if (cand->forced[k]) continue;
-                keep[(size_t)k * (size_t)kvh + (size_t)g] = list_keep[e++];
-            }
 done:
     pikv_host_free(ctx, dev_indptr);
     pikv_host_free(ctx, dev_slots);
     pikv_host_free(ctx, dev_pos);
+    pikv_host_free(ctx, local);
     pikv_host_free(ctx, scores);
     pikv_host_free(ctx, list_scores);
     pikv_host_free(ctx, list_tokens);
-    pikv_host_free(ctx, list_indptr);
     pikv_host_free(ctx, budget);
-    pikv_host_free(ctx, list_keep);
+    if (st != PIKV_OK) {
+        pikv_host_free(ctx, out->indptr);
+        pikv_host_free(ctx, out->keep);
+        out->indptr = NULL;
+        out->keep = NULL;
+    }
     return st;
 }
 
@@ -215,7 +227,8 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     memset(plan, 0, sizeof *plan);
     plan->n_lists = n_lists;
     candidates cand = {0};
-    uint8_t *keep = NULL;
+    quest_lists ql = {0};
+    const uint8_t *keep = NULL; /* ql.keep with quest */
     int32_t *cinfo = NULL; /* per candidate: device, tokens, op slot, demoted (read once from the page table) */
     pikv_status st = gather_candidates(c, layer, b, sel, &cand);
     const int64_t n_cand = st == PIKV_OK ? cand.indptr[nq] : 0;
@@ -234,22 +247,22 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
         cdem[k] = m->tier != PIKV_TIER_DEVICE;
     }
     if (st == PIKV_OK && (sel->mode & PIKV_SELECT_QUEST)) {
-        keep = pikv_host_calloc(ctx, (size_t)(n_cand ? n_cand : 1) * (size_t)kvh, 1);
-        st = keep ? quest_select(c, b, sel, &cand, ctok, keep, plan)
-                  : PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "attend: allocation failed");
+        st = quest_select(c, b, sel, &cand, ctok, &ql, plan);
+        keep = ql.keep;
     }
-    /* count, then fill, the per-device lists of every (query, KV head) */
+    /* count, then fill, the per-device lists of every (query, KV head); a quest list's
+       j-th entry is its query's j-th non-forced candidate */
     int64_t per_dev[PIKV_MAX_DEVICES] = {0};
-    for (int32_t i = 0; st == PIKV_OK && i < nq; i++)
-        for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++) {
-            if (!keep || cand.forced[k]) {
-                per_dev[cdev[k]] += kvh;
-                continue;
-            }
-            int64_t n = 0;
-            for (int32_t g = 0; g < kvh; g++) n += keep[(size_t)k * (size_t)kvh + (size_t)g];
-            per_dev[cdev[k]] += n;
+    for (int32_t i = 0; st == PIKV_OK && i < nq; i++) {
+        for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++)
+            if (!keep || cand.forced[k]) per_dev[cdev[k]] += kvh;
+        for (int32_t g = 0; keep && g < kvh; g++) {
+            const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
+            int32_t j = ql.indptr[list];
+            for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++)
+                if (!cand.forced[k]) per_dev[cdev[k]] += keep[j++];
         }
+    }
     if (st == PIKV_OK) {
         for (int32_t d = 0; d < nd; d++) plan->dev_begin[d + 1] = plan->dev_begin[d] + per_dev[d];
         const int64_t total = plan->dev_begin[nd];
@@ -275,8 +288,9 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
                 const size_t list = (size_t)i * (size_t)kvh + (size_t)g;
                 for (int32_t d = 0; d < nd; d++)
                     plan->indptr[(size_t)d * ((size_t)n_lists + 1) + list] = (int32_t)(fill[d] - plan->dev_begin[d]);
+                int32_t j = keep ? ql.indptr[list] : 0;
                 for (int32_t k = cand.indptr[i]; k < cand.indptr[i + 1]; k++) {
-                    if (!(cand.forced[k] || !keep || keep[(size_t)k * (size_t)kvh + (size_t)g])) continue;
+                    if (keep && !cand.forced[k] && !keep[j++]) continue;
                     const int64_t at = fill[cdev[k]]++;
                     plan->slots[at] = cslot[k];
                     plan->n_demoted += cdem[k];
@@ -291,7 +305,8 @@ pikv_status pikv_plan_reads(pikv_cache *c, int32_t layer, const pikv_attend_batc
     pikv_host_free(ctx, cand.indptr);
     pikv_host_free(ctx, cand.ids);
     pikv_host_free(ctx, cand.forced);
-    pikv_host_free(ctx, keep);
+    pikv_host_free(ctx, ql.keep);
+    pikv_host_free(ctx, ql.indptr);
     if (st != PIKV_OK) pikv_read_plan_free(ctx, plan);
     return st;
 }
