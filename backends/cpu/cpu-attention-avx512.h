@@ -87,14 +87,15 @@ T512_INLINE void from_eo(__m512 even, __m512 odd, __m512 *lo, __m512 *hi)
     *hi = _mm512_permutex2var_ps(even, ih, odd);
 }
 
-/* Scores of rows [r0, r0+nb) (nb <= 16) for one head: lane r = q . row(r0 + r). Rows
+/* Scores of rows [r0, r0+nb) (nb <= 16) for one head: lane r = q . row(r0 + r) plus
+   the sum of init's lanes (a constant term that needs no reduction of its own). Rows
    are `kind` codes at row_bytes apart, or f32 (kind 1) in a block. hd % 16 == 0;
    int4 (kind 3) reads q in even/odd order. */
-T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd,
-                            int kind)
+T512_INLINE __m512 dot_rows_init(__m512 init, const float *q, const unsigned char *rows, size_t row_bytes,
+                                 int32_t nb, int32_t hd, int kind)
 {
     __m512 acc[16];
-    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < 16; r++) acc[r] = init;
     if (nb == 16) {
         for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
             if (kind == 3) {
@@ -114,7 +115,7 @@ T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t ro
     } else {
         for (int32_t r = 0; r < nb; r++) {
             const unsigned char *row = rows + (size_t)r * row_bytes;
-            __m512 s = _mm512_setzero_ps();
+            __m512 s = init;
             for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
                 if (kind == 3) {
                     __m512 e, o;
@@ -129,6 +130,12 @@ T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t ro
         }
     }
     return hsum16(acc);
+}
+
+T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd,
+                            int kind)
+{
+    return dot_rows_init(_mm512_setzero_ps(), q, rows, row_bytes, nb, hd, kind);
 }
 
 /* Rows [r0, r0+nb) of `kind` codes as f32 into blk[nb][hd] (int4: even/odd order). */
@@ -194,6 +201,33 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
         float *acc = ph + 2;
         for (int32_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), f));
     }
+}
+
+/* softmax_step for one head's scores held in a vector (lanes [0, n), n <= 16):
+   returns the weights. Nothing goes through memory and both rescaling factors
+   come from one vector exp, which keeps the page's dependency chain short. */
+T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, int32_t hd, float *page_lse)
+{
+    const __mmask16 k = (__mmask16)((1u << n) - 1u);
+    const float page_max = _mm512_mask_reduce_max_ps(k, sv);
+    const float mx = page_max > ph[0] ? page_max : ph[0];
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(page_max))));
+    /* lane 0: rescale of the running state, lane 1: the page to the running maximum;
+       one of them is exp(0) = 1 exactly */
+    const __m512 f = exp512(_mm512_setr_ps(ph[0] == -INFINITY ? 0.0f : ph[0] - mx, page_max - mx, 0, 0, 0, 0, 0, 0,
+                                           0, 0, 0, 0, 0, 0, 0, 0));
+    const float rescale = ph[0] == -INFINITY ? 0.0f : _mm512_cvtss_f32(f);
+    const float to_running = _mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(1), f));
+    const float page_sum = _mm512_reduce_add_ps(e);
+    if (page_lse) *page_lse = page_max + logf(page_sum);
+    ph[0] = mx;
+    ph[1] = ph[1] * rescale + page_sum * to_running;
+    if (rescale != 1.0f) {
+        const __m512 r = _mm512_set1_ps(rescale);
+        float *acc = ph + 2;
+        for (int32_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), r));
+    }
+    return _mm512_mul_ps(e, _mm512_set1_ps(to_running));
 }
 
 /* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
