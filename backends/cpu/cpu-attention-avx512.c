@@ -172,7 +172,8 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             }
         }
     }
-    if (one) sv = softmax_step16(sv, n, t->part, hd, page_lse);
+    float rescale = 1.0f; /* of the accumulators, where softmax_step16 leaves it to the value pass */
+    if (one) sv = softmax_step16(sv, n, t->part, page_lse, &rescale);
     for (int32_t h = 0; h < G && !one; h++)
         softmax_step(s + (size_t)h * ss, n, t->part + (size_t)h * ps_stride, hd, page_lse ? page_lse + h : NULL);
     /* values: weights p_r * scale_{r,j}; zero points as sum_r p_r * zero_{r,j} per group */
@@ -199,8 +200,8 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             w = t->vweights + (size_t)h * (size_t)nv;
             zs = t->vzsum + (size_t)h * (size_t)vg;
         }
-        __m512 zacc = _mm512_setzero_ps(); /* vec_w: lane j (and j + vg, ...) = zero point sum of group j */
         if (vec_w) {
+            __m512 zacc = _mm512_setzero_ps();
             /* w[r][j] = p[r] * scale[r][j]; zero points summed per lane, lane i being group i % vg */
             const int sh = vg == 1 ? 0 : vg == 2 ? 1 : vg == 4 ? 2 : vg == 8 ? 3 : 4;
             const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -219,10 +220,17 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                 const __m512i rot = _mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(width)), _mm512_set1_epi32(15));
                 zacc = _mm512_add_ps(zacc, _mm512_permutexvar_ps(rot, zacc));
             }
-            if (gqa) _mm512_mask_storeu_ps(zs, (__mmask16)((1u << vg) - 1u), zacc);
-            for (int32_t r0 = 0; r0 < n && !gqa; r0 += 16) {
+            if (gqa) {
+                _mm512_mask_storeu_ps(zs, (__mmask16)((1u << vg) - 1u), zacc);
+                continue;
+            }
+            float zl[16]; /* whole: a masked store would not forward to the loads of zl */
+            _mm512_storeu_ps(zl, zacc);
+            /* the first block of rows also rescales and adds the zero points */
+            for (int32_t r0 = 0; r0 < n; r0 += 16) {
                 const int32_t nb = n - r0 < 16 ? n - r0 : 16;
-                accumulate_rows(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
+                accumulate_rows_z(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind,
+                                  _mm512_set1_ps(rescale), r0 ? NULL : zl);
             }
         } else {
             for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
@@ -235,13 +243,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                     zs[j] += pr * zr[j];
                 }
             }
-            if (!gqa) accumulate_rows(acc, w, vg, gsz, V, rb, n, hd, kind);
-        }
-        if (gqa) continue;
-        for (int32_t j = 0; j < vg; j++) {
-            const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
-            const __m512 z = vec_w ? _mm512_permutexvar_ps(_mm512_set1_epi32(j), zacc) : _mm512_set1_ps(zs[j]);
-            for (int32_t d = j * gsz; d < end; d += 16) _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), z));
+            if (!gqa) accumulate_rows_z(acc, w, vg, gsz, V, rb, n, hd, kind, _mm512_set1_ps(rescale), zs);
         }
     }
     if (!gqa) return;

@@ -204,9 +204,10 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
 }
 
 /* softmax_step for one head's scores held in a vector (lanes [0, n), n <= 16):
-   returns the weights. Nothing goes through memory and both rescaling factors
+   returns the weights; the accumulators' rescale is left to the caller
+   (acc_rescale). Nothing goes through memory and both rescaling factors
    come from one vector exp, which keeps the page's dependency chain short. */
-T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, int32_t hd, float *page_lse)
+T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, float *page_lse, float *acc_rescale)
 {
     const __mmask16 k = (__mmask16)((1u << n) - 1u);
     const float page_max = _mm512_mask_reduce_max_ps(k, sv);
@@ -222,23 +223,29 @@ T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, int32_t hd, f
     if (page_lse) *page_lse = page_max + logf(page_sum);
     ph[0] = mx;
     ph[1] = ph[1] * rescale + page_sum * to_running;
-    if (rescale != 1.0f) {
-        const __m512 r = _mm512_set1_ps(rescale);
-        float *acc = ph + 2;
-        for (int32_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), r));
-    }
+    *acc_rescale = rescale;
     return _mm512_mul_ps(e, _mm512_set1_ps(to_running));
+}
+
+/* acc[0..16) * f + z: the start of a vector of accumulators (zs: none, when NULL) */
+T512_INLINE __m512 acc_start(const float *acc, __m512 f, const float *zs, int32_t g)
+{
+    return zs ? _mm512_fmadd_ps(_mm512_loadu_ps(acc), f, _mm512_set1_ps(zs[g])) : _mm512_loadu_ps(acc);
 }
 
 /* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
    w[r * wstride + gi] being the weight of row r for the channels' group gi
-   (one group for all 128 when gsize % 128 == 0, else groups of 32). */
+   (one group for all 128 when gsize % 128 == 0, else groups of 32). With zs, acc
+   is first scaled by f and gets zs[gi] added (the running state's rescale and the
+   page's zero-point term, in the same pass). */
 T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int32_t gsize, int32_t d0,
-                               const unsigned char *rows, size_t row_bytes, int32_t n, int kind)
+                               const unsigned char *rows, size_t row_bytes, int32_t n, int kind, __m512 f,
+                               const float *zs)
 {
-    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16), a2 = _mm512_loadu_ps(acc + 32),
-           a3 = _mm512_loadu_ps(acc + 48), a4 = _mm512_loadu_ps(acc + 64), a5 = _mm512_loadu_ps(acc + 80),
-           a6 = _mm512_loadu_ps(acc + 96), a7 = _mm512_loadu_ps(acc + 112);
+    const int32_t h0 = d0 / gsize, h1 = (d0 + 32) / gsize, h2 = (d0 + 64) / gsize, h3 = (d0 + 96) / gsize;
+    __m512 a0 = acc_start(acc, f, zs, h0), a1 = acc_start(acc + 16, f, zs, h0), a2 = acc_start(acc + 32, f, zs, h1),
+           a3 = acc_start(acc + 48, f, zs, h1), a4 = acc_start(acc + 64, f, zs, h2), a5 = acc_start(acc + 80, f, zs, h2),
+           a6 = acc_start(acc + 96, f, zs, h3), a7 = acc_start(acc + 112, f, zs, h3);
     if (gsize % 128 == 0) {
         const int32_t g0 = d0 / gsize;
         for (int32_t r = 0; r < n; r++) {
@@ -304,15 +311,17 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
    channel group j of `gsize` channels (gsize = hd, wstride = 1 for plain rows).
    Blocks of 128 channels keep their accumulators in registers; the rest (head_dim
    not a multiple of 128, or groups of other sizes) goes 16 channels at a time. */
-T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
-                                 const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
+T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, int32_t gsize,
+                                   const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind,
+                                   __m512 f, const float *zs)
 {
     int32_t d0 = 0;
     if (gsize % 32 == 0)
-        for (; d0 + 128 <= hd; d0 += 128) accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind);
+        for (; d0 + 128 <= hd; d0 += 128)
+            accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind, f, zs);
     for (; d0 < hd; d0 += (kind == 3 ? 32 : 16)) {
         const int32_t g0 = d0 / gsize;
-        __m512 a0 = _mm512_loadu_ps(acc + d0), a1 = kind == 3 ? _mm512_loadu_ps(acc + d0 + 16) : a0;
+        __m512 a0 = acc_start(acc + d0, f, zs, g0), a1 = kind == 3 ? acc_start(acc + d0 + 16, f, zs, g0) : a0;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -327,6 +336,12 @@ T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, in
         _mm512_storeu_ps(acc + d0, a0);
         if (kind == 3) _mm512_storeu_ps(acc + d0 + 16, a1);
     }
+}
+
+T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
+                                 const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
+{
+    accumulate_rows_z(acc, w, wstride, gsize, rows, row_bytes, n, hd, kind, _mm512_setzero_ps(), NULL);
 }
 
 /* ---- GQA: G query heads on the same rows, no f32 copy of the rows ----------------
