@@ -227,25 +227,31 @@ T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, float *page_l
     return _mm512_mul_ps(e, _mm512_set1_ps(to_running));
 }
 
-/* acc[0..16) * f + z: the start of a vector of accumulators (zs: none, when NULL) */
-T512_INLINE __m512 acc_start(const float *acc, __m512 f, const float *zs, int32_t g)
+/* A vector of accumulators: acc[0..16) * f at the start, + zs[g] at the end (none
+   of it when zs is NULL). The zero points come last, off the chain of the FMAs. */
+T512_INLINE __m512 acc_start(const float *acc, __m512 f, const float *zs)
 {
-    return zs ? _mm512_fmadd_ps(_mm512_loadu_ps(acc), f, _mm512_set1_ps(zs[g])) : _mm512_loadu_ps(acc);
+    return zs ? _mm512_mul_ps(_mm512_loadu_ps(acc), f) : _mm512_loadu_ps(acc);
+}
+
+T512_INLINE void acc_end(float *acc, __m512 a, const float *zs, int32_t g)
+{
+    _mm512_storeu_ps(acc, zs ? _mm512_add_ps(a, _mm512_set1_ps(zs[g])) : a);
 }
 
 /* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
    w[r * wstride + gi] being the weight of row r for the channels' group gi
    (one group for all 128 when gsize % 128 == 0, else groups of 32). With zs, acc
-   is first scaled by f and gets zs[gi] added (the running state's rescale and the
-   page's zero-point term, in the same pass). */
+   is first scaled by f and then gets zs[gi] added (the running state's rescale and
+   the page's zero-point term, in the same pass). */
 T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int32_t gsize, int32_t d0,
                                const unsigned char *rows, size_t row_bytes, int32_t n, int kind, __m512 f,
                                const float *zs)
 {
     const int32_t h0 = d0 / gsize, h1 = (d0 + 32) / gsize, h2 = (d0 + 64) / gsize, h3 = (d0 + 96) / gsize;
-    __m512 a0 = acc_start(acc, f, zs, h0), a1 = acc_start(acc + 16, f, zs, h0), a2 = acc_start(acc + 32, f, zs, h1),
-           a3 = acc_start(acc + 48, f, zs, h1), a4 = acc_start(acc + 64, f, zs, h2), a5 = acc_start(acc + 80, f, zs, h2),
-           a6 = acc_start(acc + 96, f, zs, h3), a7 = acc_start(acc + 112, f, zs, h3);
+    __m512 a0 = acc_start(acc, f, zs), a1 = acc_start(acc + 16, f, zs), a2 = acc_start(acc + 32, f, zs),
+           a3 = acc_start(acc + 48, f, zs), a4 = acc_start(acc + 64, f, zs), a5 = acc_start(acc + 80, f, zs),
+           a6 = acc_start(acc + 96, f, zs), a7 = acc_start(acc + 112, f, zs);
     if (gsize % 128 == 0) {
         const int32_t g0 = d0 / gsize;
         for (int32_t r = 0; r < n; r++) {
@@ -301,9 +307,9 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     }
-    _mm512_storeu_ps(acc, a0), _mm512_storeu_ps(acc + 16, a1), _mm512_storeu_ps(acc + 32, a2);
-    _mm512_storeu_ps(acc + 48, a3), _mm512_storeu_ps(acc + 64, a4), _mm512_storeu_ps(acc + 80, a5);
-    _mm512_storeu_ps(acc + 96, a6), _mm512_storeu_ps(acc + 112, a7);
+    acc_end(acc, a0, zs, h0), acc_end(acc + 16, a1, zs, h0), acc_end(acc + 32, a2, zs, h1);
+    acc_end(acc + 48, a3, zs, h1), acc_end(acc + 64, a4, zs, h2), acc_end(acc + 80, a5, zs, h2);
+    acc_end(acc + 96, a6, zs, h3), acc_end(acc + 112, a7, zs, h3);
 }
 
 /* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
@@ -321,7 +327,7 @@ T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, 
             accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind, f, zs);
     for (; d0 < hd; d0 += (kind == 3 ? 32 : 16)) {
         const int32_t g0 = d0 / gsize;
-        __m512 a0 = acc_start(acc + d0, f, zs, g0), a1 = kind == 3 ? acc_start(acc + d0 + 16, f, zs, g0) : a0;
+        __m512 a0 = acc_start(acc + d0, f, zs), a1 = kind == 3 ? acc_start(acc + d0 + 16, f, zs) : a0;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -333,8 +339,8 @@ T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, 
                 a0 = _mm512_fmadd_ps(p, load16(row, d0, kind), a0);
             }
         }
-        _mm512_storeu_ps(acc + d0, a0);
-        if (kind == 3) _mm512_storeu_ps(acc + d0 + 16, a1);
+        acc_end(acc + d0, a0, zs, g0);
+        if (kind == 3) acc_end(acc + d0 + 16, a1, zs, g0);
     }
 }
 
