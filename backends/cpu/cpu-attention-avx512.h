@@ -204,54 +204,63 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
 }
 
 /* softmax_step for one head's scores held in a vector (lanes [0, n), n <= 16):
-   returns the weights; the accumulators' rescale is left to the caller
-   (acc_rescale). Nothing goes through memory and both rescaling factors
-   come from one vector exp, which keeps the page's dependency chain short. */
+   returns the weights exp(s - m) against the new reference m of the running state
+   (ph[0]); the accumulators' rescale is left to the caller (acc_rescale). The
+   reference only has to keep the weights in range, so a page whose scores stay
+   under the running one + REF_SLACK keeps it: no horizontal max and no rescale on
+   the page's dependency chain from the scores to the value pass (weights up to
+   e^REF_SLACK are harmless in f32). Otherwise m = the maximum, as softmax_step. */
+enum { REF_SLACK = 16 };
+
 T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, float *page_lse, float *acc_rescale)
 {
     const __mmask16 k = (__mmask16)((1u << n) - 1u);
-    const float page_max = _mm512_mask_reduce_max_ps(k, sv);
-    const float mx = page_max > ph[0] ? page_max : ph[0];
-    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(page_max))));
-    /* lane 0: rescale of the running state, lane 1: the page to the running maximum;
-       one of them is exp(0) = 1 exactly */
-    const __m512 f = exp512(_mm512_setr_ps(ph[0] == -INFINITY ? 0.0f : ph[0] - mx, page_max - mx, 0, 0, 0, 0, 0, 0,
-                                           0, 0, 0, 0, 0, 0, 0, 0));
-    const float rescale = ph[0] == -INFINITY ? 0.0f : _mm512_cvtss_f32(f);
-    const float to_running = _mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(1), f));
-    const float page_sum = _mm512_reduce_add_ps(e);
-    if (page_lse) *page_lse = page_max + logf(page_sum);
-    ph[0] = mx;
-    ph[1] = ph[1] * rescale + page_sum * to_running;
+    if (page_lse) {
+        const float page_max = _mm512_mask_reduce_max_ps(k, sv);
+        const __m512 ep = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(page_max)));
+        *page_lse = page_max + logf(_mm512_reduce_add_ps(_mm512_maskz_mov_ps(k, ep)));
+    }
+    float m = ph[0], rescale = 1.0f;
+    if (m == -INFINITY || _mm512_mask_cmp_ps_mask(k, sv, _mm512_set1_ps(m + (float)REF_SLACK), _CMP_GT_OQ)) {
+        const float page_max = _mm512_mask_reduce_max_ps(k, sv);
+        if (page_max > m) {
+            rescale = m == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp512(_mm512_set1_ps(m - page_max)));
+            m = page_max;
+        }
+    }
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m))));
+    ph[0] = m;
+    ph[1] = ph[1] * rescale + _mm512_reduce_add_ps(e);
     *acc_rescale = rescale;
-    return _mm512_mul_ps(e, _mm512_set1_ps(to_running));
+    return e;
 }
 
-/* A vector of accumulators: acc[0..16) * f at the start, + zs[g] at the end (none
-   of it when zs is NULL). The zero points come last, off the chain of the FMAs. */
-T512_INLINE __m512 acc_start(const float *acc, __m512 f, const float *zs)
+/* A vector of accumulators, which with zs starts from 0 and ends as acc * f + the
+   sums + zs[g] (the rescale and the zero points wait off the chain of the FMAs);
+   without, plain acc += the sums. */
+T512_INLINE __m512 acc_start(const float *acc, const float *zs)
 {
-    return zs ? _mm512_mul_ps(_mm512_loadu_ps(acc), f) : _mm512_loadu_ps(acc);
+    return zs ? _mm512_setzero_ps() : _mm512_loadu_ps(acc);
 }
 
-T512_INLINE void acc_end(float *acc, __m512 a, const float *zs, int32_t g)
+T512_INLINE void acc_end(float *acc, __m512 a, __m512 f, const float *zs, int32_t g)
 {
-    _mm512_storeu_ps(acc, zs ? _mm512_add_ps(a, _mm512_set1_ps(zs[g])) : a);
+    _mm512_storeu_ps(acc, zs ? _mm512_fmadd_ps(_mm512_loadu_ps(acc), f, _mm512_add_ps(a, _mm512_set1_ps(zs[g]))) : a);
 }
 
 /* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
    w[r * wstride + gi] being the weight of row r for the channels' group gi
    (one group for all 128 when gsize % 128 == 0, else groups of 32). With zs, acc
-   is first scaled by f and then gets zs[gi] added (the running state's rescale and
-   the page's zero-point term, in the same pass). */
+   becomes acc * f + the sums + zs[gi] (the running state's rescale and the page's
+   zero-point term, in the same pass). */
 T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int32_t gsize, int32_t d0,
                                const unsigned char *rows, size_t row_bytes, int32_t n, int kind, __m512 f,
                                const float *zs)
 {
     const int32_t h0 = d0 / gsize, h1 = (d0 + 32) / gsize, h2 = (d0 + 64) / gsize, h3 = (d0 + 96) / gsize;
-    __m512 a0 = acc_start(acc, f, zs), a1 = acc_start(acc + 16, f, zs), a2 = acc_start(acc + 32, f, zs),
-           a3 = acc_start(acc + 48, f, zs), a4 = acc_start(acc + 64, f, zs), a5 = acc_start(acc + 80, f, zs),
-           a6 = acc_start(acc + 96, f, zs), a7 = acc_start(acc + 112, f, zs);
+    __m512 a0 = acc_start(acc, zs), a1 = acc_start(acc + 16, zs), a2 = acc_start(acc + 32, zs),
+           a3 = acc_start(acc + 48, zs), a4 = acc_start(acc + 64, zs), a5 = acc_start(acc + 80, zs),
+           a6 = acc_start(acc + 96, zs), a7 = acc_start(acc + 112, zs);
     if (gsize % 128 == 0) {
         const int32_t g0 = d0 / gsize;
         for (int32_t r = 0; r < n; r++) {
@@ -307,9 +316,9 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     }
-    acc_end(acc, a0, zs, h0), acc_end(acc + 16, a1, zs, h0), acc_end(acc + 32, a2, zs, h1);
-    acc_end(acc + 48, a3, zs, h1), acc_end(acc + 64, a4, zs, h2), acc_end(acc + 80, a5, zs, h2);
-    acc_end(acc + 96, a6, zs, h3), acc_end(acc + 112, a7, zs, h3);
+    acc_end(acc, a0, f, zs, h0), acc_end(acc + 16, a1, f, zs, h0), acc_end(acc + 32, a2, f, zs, h1);
+    acc_end(acc + 48, a3, f, zs, h1), acc_end(acc + 64, a4, f, zs, h2), acc_end(acc + 80, a5, f, zs, h2);
+    acc_end(acc + 96, a6, f, zs, h3), acc_end(acc + 112, a7, f, zs, h3);
 }
 
 /* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
@@ -327,7 +336,7 @@ T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, 
             accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind, f, zs);
     for (; d0 < hd; d0 += (kind == 3 ? 32 : 16)) {
         const int32_t g0 = d0 / gsize;
-        __m512 a0 = acc_start(acc + d0, f, zs), a1 = kind == 3 ? acc_start(acc + d0 + 16, f, zs) : a0;
+        __m512 a0 = acc_start(acc + d0, zs), a1 = kind == 3 ? acc_start(acc + d0 + 16, zs) : a0;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -339,8 +348,8 @@ T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, 
                 a0 = _mm512_fmadd_ps(p, load16(row, d0, kind), a0);
             }
         }
-        acc_end(acc + d0, a0, zs, g0);
-        if (kind == 3) acc_end(acc + d0 + 16, a1, zs, g0);
+        acc_end(acc + d0, a0, f, zs, g0);
+        if (kind == 3) acc_end(acc + d0 + 16, a1, f, zs, g0);
     }
 }
 
