@@ -16,8 +16,10 @@
 #define T512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 /* ---- helpers --------------------------------------------------------------- */
 
-/* exp(x) for x <= 0 (scores minus their maximum): Cephes' polynomial on
-   x - n ln2, then 2^n by scalef, which flushes very negative x to 0. */
+/* exp(x) for x up to 88 (scores minus their maximum, or minus a reference at most
+   REF_SLACK under it): Cephes' polynomial on r = x - n ln2, evaluated in Estrin's
+   form (half the dependency chain of Horner's: it sits on a page's critical path),
+   then 2^n by scalef, which flushes very negative x to 0. */
 T512_INLINE __m512 exp512(__m512 x)
 {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
@@ -25,13 +27,12 @@ T512_INLINE __m512 exp512(__m512 x)
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    const __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073e-3f), r, _mm512_set1_ps(4.1665795894e-2f));
+    const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459e-1f), r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_fmadd_ps(a, _mm512_mul_ps(r2, r2), _mm512_fmadd_ps(b, r2, c));
+    p = _mm512_fmadd_ps(p, r2, r);
     p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
