@@ -188,11 +188,17 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
        the scales and zero points are converted as they are used */
     const bool vec_w = 16 % vg == 0 && nv % 16 == 0;
     if (one && !vec_w) _mm512_mask_storeu_ps(s, (__mmask16)((1u << n) - 1u), sv);
-    if (!vec_w)
-        for (int32_t i = 0; i < nv; i++) {
+    if (!vec_w) {
+        int32_t i = 0;
+        for (; i + 16 <= nv; i += 16) {
+            _mm512_storeu_ps(vsf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vsc + i))));
+            _mm512_storeu_ps(vzf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vzr + i))));
+        }
+        for (; i < nv; i++) {
             vsf[i] = _cvtsh_ss(vsc[i]);
             vzf[i] = _cvtsh_ss(vzr[i]);
         }
+    }
     for (int32_t h = 0; h < G; h++) {
         const float *p = s + (size_t)h * ss;
         float *acc = t->part + (size_t)h * ps_stride + 2;

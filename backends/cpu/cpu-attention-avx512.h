@@ -258,12 +258,11 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
                                const unsigned char *rows, size_t row_bytes, int32_t n, int kind, __m512 f,
                                const float *zs)
 {
-    const int32_t h0 = d0 / gsize, h1 = (d0 + 32) / gsize, h2 = (d0 + 64) / gsize, h3 = (d0 + 96) / gsize;
+    const int32_t g0 = d0 / gsize, g1 = (d0 + 32) / gsize, g2 = (d0 + 64) / gsize, g3 = (d0 + 96) / gsize;
     __m512 a0 = acc_start(acc, zs), a1 = acc_start(acc + 16, zs), a2 = acc_start(acc + 32, zs),
            a3 = acc_start(acc + 48, zs), a4 = acc_start(acc + 64, zs), a5 = acc_start(acc + 80, zs),
            a6 = acc_start(acc + 96, zs), a7 = acc_start(acc + 112, zs);
     if (gsize % 128 == 0) {
-        const int32_t g0 = d0 / gsize;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -289,7 +288,6 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     } else {
-        const int32_t g0 = d0 / gsize, g1 = (d0 + 32) / gsize, g2 = (d0 + 64) / gsize, g3 = (d0 + 96) / gsize;
         for (int32_t r = 0; r < n; r++) {
             const float *wr = w + (size_t)r * (size_t)wstride;
             const __m512 p0 = _mm512_set1_ps(wr[g0]), p1 = _mm512_set1_ps(wr[g1]);
@@ -317,16 +315,17 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     }
-    acc_end(acc, a0, f, zs, h0), acc_end(acc + 16, a1, f, zs, h0), acc_end(acc + 32, a2, f, zs, h1);
-    acc_end(acc + 48, a3, f, zs, h1), acc_end(acc + 64, a4, f, zs, h2), acc_end(acc + 80, a5, f, zs, h2);
-    acc_end(acc + 96, a6, f, zs, h3), acc_end(acc + 112, a7, f, zs, h3);
+    acc_end(acc, a0, f, zs, g0), acc_end(acc + 16, a1, f, zs, g0), acc_end(acc + 32, a2, f, zs, g1);
+    acc_end(acc + 48, a3, f, zs, g1), acc_end(acc + 64, a4, f, zs, g2), acc_end(acc + 80, a5, f, zs, g2);
+    acc_end(acc + 96, a6, f, zs, g3), acc_end(acc + 112, a7, f, zs, g3);
 }
 
 /* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
    with per-row-group weights for quantized values: w[r * wstride + j] for the
    channel group j of `gsize` channels (gsize = hd, wstride = 1 for plain rows).
    Blocks of 128 channels keep their accumulators in registers; the rest (head_dim
-   not a multiple of 128, or groups of other sizes) goes 16 channels at a time. */
+   not a multiple of 128, or groups of other sizes) goes 16 channels at a time.
+   With zs, acc becomes acc * f + the sums + zs[j] (see acc_start). */
 T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, int32_t gsize,
                                    const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind,
                                    __m512 f, const float *zs)
