@@ -140,6 +140,10 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     const float *q = kind == 3 ? t->qeo : t->qs;
     float *qf = t->qfold; /* [G][hd]: q * key scale of the current key group */
     const bool gqa = G > 1 && gqa_ok(G, hd, kind);
+    /* one head, one block of rows and one key group: the scores stay in a register */
+    const bool one = G == 1 && n <= 16 && n <= gsz;
+    __m512 sv = _mm512_setzero_ps();
+    __m512 cz = _mm512_setzero_ps(); /* the last head's sum_d q_d * zero_d, by lanes */
     /* keys, by key group (tokens [tg * gsz, ..)) */
     for (int32_t t0 = 0, tg = 0; t0 < n; t0 += gsz, tg++) {
         const int32_t nt = n - t0 < gsz ? n - t0 : gsz;
@@ -149,20 +153,22 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
         for (int32_t h = 0; h < G; h++) {
             const float *qh = t->qs + (size_t)h * (size_t)hd, *qo = q + (size_t)h * (size_t)hd;
             float *qfh = qf + (size_t)h * (size_t)hd;
-            __m512 cz = _mm512_setzero_ps();
+            __m512 cz1 = _mm512_setzero_ps(); /* two chains: this sits on the page's critical path */
+            cz = _mm512_setzero_ps();
             for (int32_t c = 0; c < hd; c += 32) {
                 const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ksc + c)));
                 const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ksc + c + 16)));
                 const __m512 z0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kzr + c)));
                 const __m512 z1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kzr + c + 16)));
                 cz = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c), z0, cz);
-                cz = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c + 16), z1, cz);
+                cz1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c + 16), z1, cz1);
                 __m512 a = s0, b = s1;
                 if (kind == 3) to_eo(s0, s1, &a, &b);
                 _mm512_storeu_ps(qfh + c, _mm512_mul_ps(_mm512_loadu_ps(qo + c), a));
                 _mm512_storeu_ps(qfh + c + 16, _mm512_mul_ps(_mm512_loadu_ps(qo + c + 16), b));
             }
-            t->kconst[h] = _mm512_reduce_add_ps(cz);
+            cz = _mm512_add_ps(cz, cz1);
+            if (G > 1) t->kconst[h] = _mm512_reduce_add_ps(cz); /* G == 1: cz goes into the row sums */
         }
         if (gqa) {
 #define SC(gg) scores_gqa(qf, K + (size_t)t0 * rb, rb, nt, hd, kind, gg, s + t0, ss, t->kconst)
@@ -174,8 +180,8 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             const int32_t nb = t0 + nt - r0 < 16 ? t0 + nt - r0 : 16;
             const __mmask16 m = (__mmask16)((1u << nb) - 1u);
             if (G == 1) {
-                const __m512 v = dot_rows(qf, K + (size_t)r0 * rb, rb, nb, hd, kind);
-                _mm512_mask_storeu_ps(s + r0, m, _mm512_add_ps(v, _mm512_set1_ps(t->kconst[0])));
+                sv = dot_rows_init(cz, qf, K + (size_t)r0 * rb, rb, nb, hd, kind);
+                if (!one) _mm512_mask_storeu_ps(s + r0, m, sv);
             } else {
                 rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
                 for (int32_t h = 0; h < G; h++) {
@@ -186,7 +192,9 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             }
         }
     }
-    for (int32_t h = 0; h < G; h++)
+    float rescale = 1.0f; /* of the accumulators, where softmax_step16 leaves it to the value pass */
+    if (one) sv = softmax_step16(sv, n, t->part, page_lse, &rescale);
+    for (int32_t h = 0; h < G && !one; h++)
         softmax_step(s + (size_t)h * ss, n, t->part + (size_t)h * ps_stride, hd, page_lse ? page_lse + h : NULL);
     /* values: weights p_r * scale_{r,j}; zero points as sum_r p_r * zero_{r,j} per group */
     const uint16_t *vsc = (const uint16_t *)(page + L->vscale_offset) + (size_t)g * ss * (size_t)vg;
@@ -196,7 +204,11 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     float *vsf = t->vscales;     /* [n][vg] value scales, then zero points, as f32 */
     float *vzf = t->vscales + (size_t)n * (size_t)vg;
     const int32_t nv = n * vg;
-    {
+    /* vg divides 16 (hd 128, groups of 32: 4): a vector covers 16 / vg rows, and
+       the scales and zero points are converted as they are used */
+    const bool vec_w = 16 % vg == 0 && nv % 16 == 0;
+    if (one && !vec_w) _mm512_mask_storeu_ps(s, (__mmask16)((1u << n) - 1u), sv);
+    if (!vec_w) {
         int32_t i = 0;
         for (; i + 16 <= nv; i += 16) {
             _mm512_storeu_ps(vsf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vsc + i))));
@@ -207,8 +219,6 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             vzf[i] = _cvtsh_ss(vzr[i]);
         }
     }
-    /* vg divides 16 (hd 128, groups of 32: 4): a vector covers 16 / vg rows */
-    const bool vec_w = 16 % vg == 0 && nv % 16 == 0;
     for (int32_t h = 0; h < G; h++) {
         const float *p = s + (size_t)h * ss;
         float *acc = t->part + (size_t)h * ps_stride + 2;
@@ -216,26 +226,40 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             w = t->vweights + (size_t)h * (size_t)nv;
             zs = t->vzsum + (size_t)h * (size_t)vg;
         }
-        for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
         if (vec_w) {
-            /* w[r][j] = p[r] * scale[r][j]; zero points summed per lane, lane i being group i % vg */
             __m512 zacc = _mm512_setzero_ps();
+            /* w[r][j] = p[r] * scale[r][j]; zero points summed per lane, lane i being group i % vg */
             const int sh = vg == 1 ? 0 : vg == 2 ? 1 : vg == 4 ? 2 : vg == 8 ? 3 : 4;
-            const __m512i lane_row = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (unsigned)sh);
+            const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            const __m512i lane_row = _mm512_srli_epi32(iota, (unsigned)sh);
             const __mmask16 pmask = (__mmask16)((1u << (16 >> sh)) - 1u);
             for (int32_t i = 0; i < nv; i += 16) {
-                const __m512 pr = _mm512_permutexvar_ps(lane_row, _mm512_maskz_loadu_ps(pmask, p + (i >> sh)));
-                _mm512_storeu_ps(w + i, _mm512_mul_ps(pr, _mm512_loadu_ps(vsf + i)));
-                zacc = _mm512_fmadd_ps(pr, _mm512_loadu_ps(vzf + i), zacc);
+                const __m512 pr = one ? _mm512_permutexvar_ps(_mm512_add_epi32(lane_row, _mm512_set1_epi32(i >> sh)), sv)
+                                      : _mm512_permutexvar_ps(lane_row, _mm512_maskz_loadu_ps(pmask, p + (i >> sh)));
+                const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vsc + i)));
+                const __m512 zr = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vzr + i)));
+                _mm512_storeu_ps(w + i, _mm512_mul_ps(pr, sc));
+                zacc = _mm512_fmadd_ps(pr, zr, zacc);
             }
-            float zl[16];
+            /* fold lanes i and i + width until the lanes repeat with period vg (a power of 2) */
+            for (int width = 8; width >= vg; width >>= 1) {
+                const __m512i rot = _mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(width)), _mm512_set1_epi32(15));
+                zacc = _mm512_add_ps(zacc, _mm512_permutexvar_ps(rot, zacc));
+            }
+            if (gqa) {
+                _mm512_mask_storeu_ps(zs, (__mmask16)((1u << vg) - 1u), zacc);
+                continue;
+            }
+            float zl[16]; /* whole: a masked store would not forward to the loads of zl */
             _mm512_storeu_ps(zl, zacc);
-            for (int i = 0; i < 16; i++) zs[i & (vg - 1)] += zl[i]; /* vg is a power of 2 */
-            for (int32_t r0 = 0; r0 < n && !gqa; r0 += 16) {
+            /* the first block of rows also rescales and adds the zero points */
+            for (int32_t r0 = 0; r0 < n; r0 += 16) {
                 const int32_t nb = n - r0 < 16 ? n - r0 : 16;
-                accumulate_rows(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind);
+                accumulate_rows_z(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind,
+                                  _mm512_set1_ps(rescale), r0 ? NULL : zl);
             }
         } else {
+            for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
             for (int32_t r = 0; r < n; r++) {
                 const float pr = p[r];
                 const float *sr = vsf + (size_t)r * (size_t)vg, *zr = vzf + (size_t)r * (size_t)vg;
@@ -245,13 +269,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                     zs[j] += pr * zr[j];
                 }
             }
-            if (!gqa) accumulate_rows(acc, w, vg, gsz, V, rb, n, hd, kind);
-        }
-        if (gqa) continue;
-        for (int32_t j = 0; j < vg; j++) {
-            const int32_t end = (j + 1) * gsz < hd ? (j + 1) * gsz : hd;
-            const __m512 z = _mm512_set1_ps(zs[j]);
-            for (int32_t d = j * gsz; d < end; d += 16) _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), z));
+            if (!gqa) accumulate_rows_z(acc, w, vg, gsz, V, rb, n, hd, kind, _mm512_set1_ps(rescale), zs);
         }
     }
     if (!gqa) return;

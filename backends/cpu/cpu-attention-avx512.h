@@ -16,8 +16,10 @@
 #define T512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 /* ---- helpers --------------------------------------------------------------- */
 
-/* exp(x) for x <= 0 (scores minus their maximum): Cephes' polynomial on
-   x - n ln2, then 2^n by scalef, which flushes very negative x to 0. */
+/* exp(x) for x up to 88 (scores minus their maximum, or minus a reference at most
+   REF_SLACK under it): Cephes' polynomial on r = x - n ln2, evaluated in Estrin's
+   form (half the dependency chain of Horner's: it sits on a page's critical path),
+   then 2^n by scalef, which flushes very negative x to 0. */
 T512_INLINE __m512 exp512(__m512 x)
 {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
@@ -25,13 +27,12 @@ T512_INLINE __m512 exp512(__m512 x)
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    const __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073e-3f), r, _mm512_set1_ps(4.1665795894e-2f));
+    const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459e-1f), r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_fmadd_ps(a, _mm512_mul_ps(r2, r2), _mm512_fmadd_ps(b, r2, c));
+    p = _mm512_fmadd_ps(p, r2, r);
     p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
@@ -87,14 +88,15 @@ T512_INLINE void from_eo(__m512 even, __m512 odd, __m512 *lo, __m512 *hi)
     *hi = _mm512_permutex2var_ps(even, ih, odd);
 }
 
-/* Scores of rows [r0, r0+nb) (nb <= 16) for one head: lane r = q . row(r0 + r). Rows
+/* Scores of rows [r0, r0+nb) (nb <= 16) for one head: lane r = q . row(r0 + r) plus
+   the sum of init's lanes (a constant term that needs no reduction of its own). Rows
    are `kind` codes at row_bytes apart, or f32 (kind 1) in a block. hd % 16 == 0;
    int4 (kind 3) reads q in even/odd order. */
-T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd,
-                            int kind)
+T512_INLINE __m512 dot_rows_init(__m512 init, const float *q, const unsigned char *rows, size_t row_bytes,
+                                 int32_t nb, int32_t hd, int kind)
 {
     __m512 acc[16];
-    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < 16; r++) acc[r] = init;
     if (nb == 16) {
         for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
             if (kind == 3) {
@@ -114,7 +116,7 @@ T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t ro
     } else {
         for (int32_t r = 0; r < nb; r++) {
             const unsigned char *row = rows + (size_t)r * row_bytes;
-            __m512 s = _mm512_setzero_ps();
+            __m512 s = init;
             for (int32_t c = 0; c < hd; c += (kind == 3 ? 32 : 16)) {
                 if (kind == 3) {
                     __m512 e, o;
@@ -129,6 +131,12 @@ T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t ro
         }
     }
     return hsum16(acc);
+}
+
+T512_INLINE __m512 dot_rows(const float *q, const unsigned char *rows, size_t row_bytes, int32_t nb, int32_t hd,
+                            int kind)
+{
+    return dot_rows_init(_mm512_setzero_ps(), q, rows, row_bytes, nb, hd, kind);
 }
 
 /* Rows [r0, r0+nb) of `kind` codes as f32 into blk[nb][hd] (int4: even/odd order). */
@@ -217,17 +225,65 @@ T512_INLINE void softmax_step(float *s, int32_t n, float *ph, int32_t hd, float 
     }
 }
 
+/* softmax_step for one head's scores held in a vector (lanes [0, n), n <= 16):
+   returns the weights exp(s - m) against the new reference m of the running state
+   (ph[0]); the accumulators' rescale is left to the caller (acc_rescale). The
+   reference only has to keep the weights in range, so a page whose scores stay
+   under the running one + REF_SLACK keeps it: no horizontal max and no rescale on
+   the page's dependency chain from the scores to the value pass (weights up to
+   e^REF_SLACK are harmless in f32). Otherwise m = the maximum, as softmax_step. */
+enum { REF_SLACK = 16 };
+
+T512_INLINE __m512 softmax_step16(__m512 sv, int32_t n, float *ph, float *page_lse, float *acc_rescale)
+{
+    const __mmask16 k = (__mmask16)((1u << n) - 1u);
+    if (page_lse) {
+        const float page_max = _mm512_mask_reduce_max_ps(k, sv);
+        const __m512 ep = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(page_max)));
+        *page_lse = page_max + logf(_mm512_reduce_add_ps(_mm512_maskz_mov_ps(k, ep)));
+    }
+    float m = ph[0], rescale = 1.0f;
+    if (m == -INFINITY || _mm512_mask_cmp_ps_mask(k, sv, _mm512_set1_ps(m + (float)REF_SLACK), _CMP_GT_OQ)) {
+        const float page_max = _mm512_mask_reduce_max_ps(k, sv);
+        if (page_max > m) {
+            rescale = m == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp512(_mm512_set1_ps(m - page_max)));
+            m = page_max;
+        }
+    }
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m))));
+    ph[0] = m;
+    ph[1] = ph[1] * rescale + _mm512_reduce_add_ps(e);
+    *acc_rescale = rescale;
+    return e;
+}
+
+/* A vector of accumulators, which with zs starts from 0 and ends as acc * f + the
+   sums + zs[g] (the rescale and the zero points wait off the chain of the FMAs);
+   without, plain acc += the sums. */
+T512_INLINE __m512 acc_start(const float *acc, const float *zs)
+{
+    return zs ? _mm512_setzero_ps() : _mm512_loadu_ps(acc);
+}
+
+T512_INLINE void acc_end(float *acc, __m512 a, __m512 f, const float *zs, int32_t g)
+{
+    _mm512_storeu_ps(acc, zs ? _mm512_fmadd_ps(_mm512_loadu_ps(acc), f, _mm512_add_ps(a, _mm512_set1_ps(zs[g]))) : a);
+}
+
 /* 128 channels at acc (8 accumulators in registers) += sum_r w[r] * row_r[d0 ..],
    w[r * wstride + gi] being the weight of row r for the channels' group gi
-   (one group for all 128 when gsize % 128 == 0, else groups of 32). */
+   (one group for all 128 when gsize % 128 == 0, else groups of 32). With zs, acc
+   becomes acc * f + the sums + zs[gi] (the running state's rescale and the page's
+   zero-point term, in the same pass). */
 T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int32_t gsize, int32_t d0,
-                               const unsigned char *rows, size_t row_bytes, int32_t n, int kind)
+                               const unsigned char *rows, size_t row_bytes, int32_t n, int kind, __m512 f,
+                               const float *zs)
 {
-    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16), a2 = _mm512_loadu_ps(acc + 32),
-           a3 = _mm512_loadu_ps(acc + 48), a4 = _mm512_loadu_ps(acc + 64), a5 = _mm512_loadu_ps(acc + 80),
-           a6 = _mm512_loadu_ps(acc + 96), a7 = _mm512_loadu_ps(acc + 112);
+    const int32_t g0 = d0 / gsize, g1 = (d0 + 32) / gsize, g2 = (d0 + 64) / gsize, g3 = (d0 + 96) / gsize;
+    __m512 a0 = acc_start(acc, zs), a1 = acc_start(acc + 16, zs), a2 = acc_start(acc + 32, zs),
+           a3 = acc_start(acc + 48, zs), a4 = acc_start(acc + 64, zs), a5 = acc_start(acc + 80, zs),
+           a6 = acc_start(acc + 96, zs), a7 = acc_start(acc + 112, zs);
     if (gsize % 128 == 0) {
-        const int32_t g0 = d0 / gsize;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -253,7 +309,6 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     } else {
-        const int32_t g0 = d0 / gsize, g1 = (d0 + 32) / gsize, g2 = (d0 + 64) / gsize, g3 = (d0 + 96) / gsize;
         for (int32_t r = 0; r < n; r++) {
             const float *wr = w + (size_t)r * (size_t)wstride;
             const __m512 p0 = _mm512_set1_ps(wr[g0]), p1 = _mm512_set1_ps(wr[g1]);
@@ -281,25 +336,28 @@ T512_INLINE void accumulate128(float *acc, const float *w, int32_t wstride, int3
             }
         }
     }
-    _mm512_storeu_ps(acc, a0), _mm512_storeu_ps(acc + 16, a1), _mm512_storeu_ps(acc + 32, a2);
-    _mm512_storeu_ps(acc + 48, a3), _mm512_storeu_ps(acc + 64, a4), _mm512_storeu_ps(acc + 80, a5);
-    _mm512_storeu_ps(acc + 96, a6), _mm512_storeu_ps(acc + 112, a7);
+    acc_end(acc, a0, f, zs, g0), acc_end(acc + 16, a1, f, zs, g0), acc_end(acc + 32, a2, f, zs, g1);
+    acc_end(acc + 48, a3, f, zs, g1), acc_end(acc + 64, a4, f, zs, g2), acc_end(acc + 80, a5, f, zs, g2);
+    acc_end(acc + 96, a6, f, zs, g3), acc_end(acc + 112, a7, f, zs, g3);
 }
 
 /* acc[0..hd) += sum_r w[r] * row_r for n rows of `kind` codes (or an f32 block),
    with per-row-group weights for quantized values: w[r * wstride + j] for the
    channel group j of `gsize` channels (gsize = hd, wstride = 1 for plain rows).
    Blocks of 128 channels keep their accumulators in registers; the rest (head_dim
-   not a multiple of 128, or groups of other sizes) goes 16 channels at a time. */
-T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
-                                 const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
+   not a multiple of 128, or groups of other sizes) goes 16 channels at a time.
+   With zs, acc becomes acc * f + the sums + zs[j] (see acc_start). */
+T512_INLINE void accumulate_rows_z(float *acc, const float *w, int32_t wstride, int32_t gsize,
+                                   const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind,
+                                   __m512 f, const float *zs)
 {
     int32_t d0 = 0;
     if (gsize % 32 == 0)
-        for (; d0 + 128 <= hd; d0 += 128) accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind);
+        for (; d0 + 128 <= hd; d0 += 128)
+            accumulate128(acc + d0, w, wstride, gsize, d0, rows, row_bytes, n, kind, f, zs);
     for (; d0 < hd; d0 += (kind == 3 ? 32 : 16)) {
         const int32_t g0 = d0 / gsize;
-        __m512 a0 = _mm512_loadu_ps(acc + d0), a1 = kind == 3 ? _mm512_loadu_ps(acc + d0 + 16) : a0;
+        __m512 a0 = acc_start(acc + d0, zs), a1 = kind == 3 ? acc_start(acc + d0 + 16, zs) : a0;
         for (int32_t r = 0; r < n; r++) {
             const __m512 p = _mm512_set1_ps(w[(size_t)r * (size_t)wstride + (size_t)g0]);
             const unsigned char *row = rows + (size_t)r * row_bytes;
@@ -311,9 +369,15 @@ T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, in
                 a0 = _mm512_fmadd_ps(p, load16(row, d0, kind), a0);
             }
         }
-        _mm512_storeu_ps(acc + d0, a0);
-        if (kind == 3) _mm512_storeu_ps(acc + d0 + 16, a1);
+        acc_end(acc + d0, a0, f, zs, g0);
+        if (kind == 3) acc_end(acc + d0 + 16, a1, f, zs, g0);
     }
+}
+
+T512_INLINE void accumulate_rows(float *acc, const float *w, int32_t wstride, int32_t gsize,
+                                 const unsigned char *rows, size_t row_bytes, int32_t n, int32_t hd, int kind)
+{
+    accumulate_rows_z(acc, w, wstride, gsize, rows, row_bytes, n, hd, kind, _mm512_setzero_ps(), NULL);
 }
 
 /* ---- GQA: G query heads on the same rows, no f32 copy of the rows ----------------
