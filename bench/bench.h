@@ -81,6 +81,12 @@ typedef struct bench_point {
     double append_s_per_token;    /* filling the cache this point read (0: shared fill) */
     double probe_s;               /* the fastest of this point's cold passes (bench_cold_pass) */
     uint64_t probe_bytes;         /* read by that pass; 0: no probe (the device roofline) */
+    /* Paired figures (0: not measured): medians over the rounds of an interleaved
+       group (timed_group) of what one round measured back to back, so a change of
+       the machine's bandwidth between rounds cancels out. */
+    double paired_share;          /* (bytes / attend time) / (the cold pass's bytes / time) */
+    double paired_speedup;        /* reference attend time / this one's: dense for sparse
+                                     points, f16 for int8/int4 dense points */
 } bench_point;
 
 /* A baseline measurement. */
@@ -158,6 +164,9 @@ int bench_cold_pass(bench_env *env, int32_t dev, uint64_t bytes, uint64_t *probe
 /* The read bandwidth a point or baseline is a share of: its own probe passes, else
    the device's roofline; 0 when neither was measured. */
 double bench_point_read_bps(const bench_results *r, const bench_point *p);
+/* The point's share of the read bandwidth: paired_share, else bytes / best time over
+   bench_point_read_bps; 0 when there is no bandwidth to divide by. */
+double bench_point_share(const bench_results *r, const bench_point *p);
 double bench_baseline_read_bps(const bench_results *r, const bench_baseline *b);
 void bench_env_free(bench_env *env);
 /* The dense, quantized and sparse sweeps of one device; 0, or CLI_EXIT_FAIL after a

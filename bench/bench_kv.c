@@ -141,6 +141,13 @@ double bench_point_read_bps(const bench_results *r, const bench_point *p)
     return r->devices[p->device].read_bps;
 }
 
+double bench_point_share(const bench_results *r, const bench_point *p)
+{
+    if (p->paired_share > 0) return p->paired_share;
+    const double bw = bench_point_read_bps(r, p);
+    return bw > 0 && p->seconds > 0 ? (double)p->bytes / p->seconds / bw : 0;
+}
+
 double bench_baseline_read_bps(const bench_results *r, const bench_baseline *b)
 {
     if (b->probe_bytes && b->probe_s > 0) return (double)b->probe_bytes / b->probe_s;
@@ -292,7 +299,10 @@ typedef struct timed_cfg {
     bench_cache *bc;
     pikv_select_params sel;
     bench_point *pt;
-    double *times;                /* [max_reps] */
+    int ref;                      /* the group's configuration this one's speedup is over, or -1 */
+    double *times;                /* [max_reps] attend time of each round */
+    double *probe_bps;            /* [max_reps] the rate of the cold pass before it (0: none) */
+    double *scratch;              /* [max_reps] */
     double total;
 } timed_cfg;
 
@@ -300,6 +310,12 @@ static int cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
+}
+
+static double median_of(double *x, int n)
+{
+    qsort(x, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
 /* Times the configurations of a group interleaved: each round runs one attend of
@@ -323,7 +339,9 @@ static int timed_group(bench_env *env, int32_t dev, timed_cfg *c, int n, const i
         pikv_cache_stats cs;
         pikv_cache_get_stats(c[i].bc->cache, &cs);
         c[i].pt->bytes = cs.last_bytes_read; /* sizes the cold passes */
-        c[i].times = rc ? NULL : malloc((size_t)max_reps * sizeof(double));
+        c[i].times = rc ? NULL : malloc(3 * (size_t)max_reps * sizeof(double));
+        c[i].probe_bps = c[i].times ? c[i].times + max_reps : NULL;
+        c[i].scratch = c[i].times ? c[i].times + 2 * (size_t)max_reps : NULL;
         if (rc == 0 && !c[i].times) {
             fprintf(stderr, "pikv bench: out of host memory\n");
             rc = CLI_EXIT_FAIL;
@@ -354,6 +372,7 @@ static int timed_group(bench_env *env, int32_t dev, timed_cfg *c, int n, const i
                 rc = lib_fail(env, "pikv_cache_attend", st);
                 break;
             }
+            c[i].probe_bps[pt->reps] = probe_s > 0 ? (double)probe_bytes / probe_s : 0;
             c[i].times[pt->reps++] = t;
             c[i].total += t;
             if (t < pt->seconds) {
@@ -370,13 +389,23 @@ static int timed_group(bench_env *env, int32_t dev, timed_cfg *c, int n, const i
             }
         }
     }
+    /* paired figures first (they need the rounds in order), then the medians */
+    for (int i = 0; i < n && rc == 0; i++) {
+        bench_point *pt = c[i].pt;
+        int m = 0;
+        for (int32_t k = 0; k < pt->reps; k++)
+            if (c[i].probe_bps[k] > 0 && c[i].times[k] > 0)
+                c[i].scratch[m++] = (double)pt->bytes / c[i].times[k] / c[i].probe_bps[k];
+        pt->paired_share = m > 0 ? median_of(c[i].scratch, m) : 0;
+        const int r = c[i].ref;
+        m = 0;
+        for (int32_t k = 0; r >= 0 && k < pt->reps && k < c[r].pt->reps; k++)
+            if (c[i].times[k] > 0) c[i].scratch[m++] = c[r].times[k] / c[i].times[k];
+        pt->paired_speedup = m > 0 ? median_of(c[i].scratch, m) : 0;
+    }
     for (int i = 0; i < n; i++) {
         bench_point *pt = c[i].pt;
-        if (rc == 0 && pt->reps > 0) {
-            qsort(c[i].times, (size_t)pt->reps, sizeof(double), cmp_double);
-            const int32_t m = pt->reps;
-            pt->median_s = m % 2 ? c[i].times[m / 2] : 0.5 * (c[i].times[m / 2 - 1] + c[i].times[m / 2]);
-        }
+        if (rc == 0 && pt->reps > 0) pt->median_s = median_of(c[i].times, pt->reps);
         free(c[i].times);
         c[i].times = NULL;
     }
@@ -509,7 +538,8 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
                                 .batch = batch, .context = n, .n_experts = n_experts};
             pt->append_s_per_token = w->fill_s / ((double)batch * (double)w->filled);
             w->dense = pt;
-            cfg[n_cfg] = (timed_cfg){.bc = &w->bc, .sel = cp.select, .pt = pt};
+            const int dense_cfg = n_cfg;
+            cfg[n_cfg] = (timed_cfg){.bc = &w->bc, .sel = cp.select, .pt = pt, .ref = -1};
             cfg[n_cfg++].sel.mode = PIKV_SELECT_ALL;
             const int n_sparse = n_experts > 1 ? o->n_expert_ks : o->n_quest;
             for (int k = 0; k < n_sparse; k++) {
@@ -533,9 +563,15 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
                 }
                 *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts" : "quest", .dtype = w->dtype,
                                     .batch = batch, .context = n, .param = param, .n_experts = n_experts};
-                cfg[n_cfg++] = (timed_cfg){.bc = &w->bc, .sel = sel, .pt = pt};
+                cfg[n_cfg++] = (timed_cfg){.bc = &w->bc, .sel = sel, .pt = pt, .ref = dense_cfg};
             }
         }
+        /* quantized dense points are paired with the f16 dense point of the group */
+        int f16_cfg = -1;
+        for (int i = 0; i < n_cfg; i++)
+            if (cfg[i].ref < 0 && cfg[i].pt->dtype == PIKV_DTYPE_F16) f16_cfg = i;
+        for (int i = 0; i < n_cfg; i++)
+            if (cfg[i].ref < 0 && (cfg[i].pt->dtype == PIKV_DTYPE_INT8 || cfg[i].pt->dtype == PIKV_DTYPE_INT4)) cfg[i].ref = f16_cfg;
         if (rc == 0 && n_cfg > 0) rc = timed_group(env, dev, cfg, n_cfg, seqs, q, experts, out);
         for (int d = 0; d < n_dtypes && rc == 0; d++) {
             sweep_cache *w = &sc[d];

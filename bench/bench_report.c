@@ -32,7 +32,7 @@ static int sparse_ratios(const bench_results *r, const bench_point *p, double *s
     const char *ref_kind = strcmp(p->kind, "experts") == 0 ? "experts-dense" : "dense";
     const bench_point *d = bench_find(r, p->device, ref_kind, p->dtype, p->batch, p->context, 0);
     if (!d || p->seconds <= 0 || p->bytes == 0) return 0;
-    *speedup = d->seconds / p->seconds;
+    *speedup = p->paired_speedup > 0 ? p->paired_speedup : d->seconds / p->seconds;
     *ideal = (double)d->bytes / (double)p->bytes;
     return 1;
 }
@@ -41,7 +41,7 @@ static int quant_ratios(const bench_results *r, const bench_point *p, double *sp
 {
     const bench_point *f = bench_find(r, p->device, "dense", PIKV_DTYPE_F16, p->batch, p->context, 0);
     if (!f || p->seconds <= 0 || p->bytes == 0) return 0;
-    *speedup = f->seconds / p->seconds;
+    *speedup = p->paired_speedup > 0 ? p->paired_speedup : f->seconds / p->seconds;
     *ideal = (double)f->bytes / (double)p->bytes;
     return 1;
 }
@@ -75,7 +75,7 @@ void bench_compute_targets(const bench_opts *o, bench_results *r)
             continue;
         const double bw = bench_point_read_bps(r, p);
         if (bw <= 0 || p->seconds <= 0) continue;
-        const double share = (double)p->bytes / p->seconds / bw;
+        const double share = bench_point_share(r, p);
         if (!t->have || share < t->value) {
             t->value = share;
             snprintf(t->detail, sizeof t->detail, "worst: batch %d, %lld tokens: %.1f of %.1f GB/s", p->batch,
@@ -191,7 +191,7 @@ static void print_dense(FILE *f, const bench_results *r, int dev)
         fprintf(f, "  %-5s %5d %7s %10.1f %9.3f %10.1f %8.2f", bench_dtype_name(p->dtype), p->batch,
                 ctx_label(p->context, c, sizeof c), (double)p->stored_bytes / 1048576.0, 1e3 * p->seconds,
                 (double)p->bytes / 1048576.0, gbps(p->bytes, p->seconds));
-        if (bw > 0) fprintf(f, " %8.2f %6.0f%%", bw / 1e9, 100 * (double)p->bytes / p->seconds / bw);
+        if (bw > 0) fprintf(f, " %8.2f %6.0f%%", bw / 1e9, 100 * bench_point_share(r, p));
         else fprintf(f, " %8s %7s", "-", "-");
         if (qr) fprintf(f, " %7.2fx %7.2fx", sp, id);
         else fprintf(f, " %8s %8s", "", "");
@@ -399,7 +399,9 @@ int bench_write_json(const char *path, const bench_opts *o, const bench_results 
         jnum(f, "bytes_per_s", p->seconds > 0 ? (double)p->bytes / p->seconds : NAN, 1);
         const double bw = bench_point_read_bps(r, p);
         jnum(f, "probe_bytes_per_s", p->probe_bytes && p->probe_s > 0 ? (double)p->probe_bytes / p->probe_s : NAN, 1);
-        jnum(f, "share_of_read", bw > 0 && p->seconds > 0 ? (double)p->bytes / p->seconds / bw : NAN, 1);
+        jnum(f, "share_of_read", bw > 0 && p->seconds > 0 ? bench_point_share(r, p) : NAN, 1);
+        jnum(f, "paired_share", p->paired_share > 0 ? p->paired_share : NAN, 1);
+        jnum(f, "paired_speedup", p->paired_speedup > 0 ? p->paired_speedup : NAN, 1);
         jnum(f, "speedup", sp, 1);
         jnum(f, "ideal_speedup", id, 1);
         jnum(f, "share_of_ideal", sp / id, 1);

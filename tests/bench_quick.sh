@@ -1,8 +1,8 @@
 #!/bin/sh
 # ctest bench_quick: `pikv bench --quick` (docs/performance.md) runs every section on the given
 # backends, prints the acceptance ratios last, and writes a JSON document whose figures hang
-# together: every device has its roofline, every dense point's share of the read bandwidth is
-# of the probe passes timed next to it, the dense points read fewer bytes for int8 than f16
+# together: every device has its roofline, every dense point's share of the read bandwidth and
+# every speedup is paired (medians of what each round timed back to back), the dense points read fewer bytes for int8 than f16
 # and fewer for int4 than int8, quest and expert selection read fewer bytes than dense, the
 # memory section covers three placements with an imbalance >= 1; then the plots are drawn
 # when matplotlib is there. Timings are not checked (benchmarks are not timed tests).
@@ -45,11 +45,15 @@ for dev in devs:
     has_probe = any(x["name"] == dev and x["read_bytes_per_s"] is not None for x in d["devices"])
     for p in dense:
         need(p["seconds"] > 0 and p["bytes"] > 0, "%s: dense %s time and bytes" % (dev, p["dtype"]))
-        # the share is of the probe passes timed next to the point (bench_cold_pass)
+        # the share is the median of each round's attend rate over the probe pass timed
+        # just before it (bench_cold_pass): paired, and between the rates' extremes
         if has_probe:
-            need(finite(p["probe_bytes_per_s"]) and p["probe_bytes_per_s"] > 1e8 and
-                 abs(p["share_of_read"] - p["bytes_per_s"] / p["probe_bytes_per_s"]) < 1e-6 * p["share_of_read"],
+            need(finite(p["probe_bytes_per_s"]) and p["probe_bytes_per_s"] > 1e8 and finite(p["paired_share"]) and
+                 p["share_of_read"] == p["paired_share"] and 0 < p["share_of_read"] < 10,
                  "%s: dense %s share of its probe" % (dev, p["dtype"]))
+        if p["dtype"] != "f16":
+            need(finite(p["paired_speedup"]) and p["speedup"] == p["paired_speedup"],
+                 "%s: dense %s speedup paired with f16" % (dev, p["dtype"]))
         if p["dtype"] == "f16":
             i8 = find(dev, "dense", "int8", p["batch"], p["context"])
             i4 = find(dev, "dense", "int4", p["batch"], p["context"])
@@ -64,6 +68,7 @@ for dev in devs:
             need(r and p["bytes"] < r["bytes"], "%s: %s reads fewer bytes than dense" % (dev, kind))
             need(finite(p["speedup"]) and finite(p["ideal_speedup"]) and p["ideal_speedup"] > 1,
                  "%s: %s speedup and ideal" % (dev, kind))
+            need(p["speedup"] == p["paired_speedup"], "%s: %s speedup paired with dense" % (dev, kind))
 need(any(b["name"] == "c-contiguous-f32" and b["seconds"] > 0 for b in d["baselines"]), "the C baseline")
 need(sorted(m["placement"] for m in d["memory"]) == ["balanced", "expert", "hash"], "three placements")
 for m in d["memory"]:

@@ -326,63 +326,43 @@ T512_INLINE void at_head(pikv_cpu_attn_list *t, int32_t k, size_t head_floats, i
     t->scores = t->scores0 + (size_t)k * G * (size_t)ps;
 }
 
-/* Dense reads (every KV head reads the same pages): a plain page is read as one
+/* Dense reads (every KV head reads the same pages) of a pool without quantized
+   pages (those are compute bound, and keep the unit walk below): a page is read as one
    stream, every head's keys (the page's K block, in address order), then every
    head's values (its V block), instead of head by head (two streams a K block
    apart), with the block two ahead in that stream prefetched (one head's rows: 4 KB
    at page 16 and head_dim 128; measured faster than none, and than four, at 32K
    tokens, batches 1 and 16). */
 enum { STREAM_PREFETCH_BLOCKS = 2 };
-T512_INLINE void page_walk_shared(pikv_cpu_attn_list *t, bool *eo)
+T512_INLINE void page_walk_shared(pikv_cpu_attn_list *t)
 {
     const pikv_attention_args *a = t->args;
-    const int32_t G = t->G, nkv = t->n_kv;
-    const int32_t hd = a->pool->layout->head_dim, ps = a->pool->layout->page_size;
+    const pikv_page_layout *L = a->pool->layout; /* every page's: no quantized pool */
+    const int32_t G = t->G, nkv = t->n_kv, hd = L->head_dim, ps = L->page_size;
+    const int kind = L->dtype == PIKV_DTYPE_F32 ? 1 : 0;
     const size_t head_floats = (size_t)G * ((size_t)hd + 2);
     for (int32_t p = t->page_begin; p < t->page_end; p++) {
         const int32_t n = a->page_len[p];
         if (n <= 0) continue;
-        const uint32_t slot = a->slots[p];
-        const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
-        const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
-        const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
-        if (want_eo != *eo) {
-            for (int32_t h = 0; h < nkv * G; h++)
-                pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
-            *eo = want_eo;
-        }
-        float *pl0 = a->page_lse ? a->page_lse : NULL;
-        if (pikv_dtype_quantized(L->dtype)) {
-            for (int32_t k = 0; k < nkv; k++) {
-                if (k + 1 < nkv) prefetch_page(t, p, k + 1, true), prefetch_page(t, p, k + 1, false);
-                else if (p + 1 < t->page_end) prefetch_page(t, p + 1, 0, true), prefetch_page(t, p + 1, 0, false);
-                at_head(t, k, head_floats, hd, ps);
-                const int64_t entry = (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
-                page_quant(t, L, page, n, pl0 ? pl0 + (size_t)entry * (size_t)G : NULL, L->dtype == PIKV_DTYPE_INT4 ? 3 : 2);
-            }
-            continue;
-        }
-        const int kind = L->dtype == PIKV_DTYPE_F32 ? 1 : 0;
-        const uint64_t blk = (uint64_t)n * L->row_bytes; /* one head's rows */
+        const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[p]);
         const unsigned char *np = p + 1 < t->page_end ? pikv_cpu_page_ptr(a->pool, a->slots[p + 1]) : NULL;
-        const pikv_page_layout *NL = np ? pikv_cpu_slot_layout(a->pool, a->slots[p + 1]) : NULL;
-        /* block b of the stream: K of head b (b < nkv), V of head b - nkv; then the next page's */
-#define STREAM_PF(b)                                                                                                  \
-    do {                                                                                                              \
-        const int32_t bb = (b);                                                                                       \
-        const unsigned char *at = bb < 2 * nkv ? page + (bb < nkv ? L->k_offset + (uint64_t)bb * L->head_stride       \
-                                                                  : L->v_offset + (uint64_t)(bb - nkv) * L->head_stride) \
-                                  : np && !pikv_dtype_quantized(NL->dtype) && bb - 2 * nkv < nkv                      \
-                                      ? np + NL->k_offset + (uint64_t)(bb - 2 * nkv) * NL->head_stride               \
-                                      : NULL;                                                                         \
-        if (at)                                                                                                       \
-            for (uint64_t o = 0; o < blk; o += 64) _mm_prefetch((const char *)(at + o), _MM_HINT_T0);               \
+        const uint64_t blk = (uint64_t)n * L->row_bytes; /* one head's rows */
+        /* block b of the stream: K of head b (b < nkv), V of head b - nkv, then the next page's K */
+#define STREAM_PF(b)                                                                                              \
+    do {                                                                                                          \
+        const int32_t bb = (b);                                                                                   \
+        const unsigned char *at = bb < nkv ? page + L->k_offset + (uint64_t)bb * L->head_stride                   \
+                                  : bb < 2 * nkv ? page + L->v_offset + (uint64_t)(bb - nkv) * L->head_stride     \
+                                  : np && bb < 3 * nkv ? np + L->k_offset + (uint64_t)(bb - 2 * nkv) * L->head_stride \
+                                                        : NULL;                                                   \
+        if (at)                                                                                                   \
+            for (uint64_t o = 0; o < blk; o += 64) _mm_prefetch((const char *)(at + o), _MM_HINT_T0);           \
     } while (0)
         for (int32_t k = 0; k < nkv; k++) {
             STREAM_PF(k + STREAM_PREFETCH_BLOCKS);
             at_head(t, k, head_floats, hd, ps);
             const int64_t entry = (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
-            plain_keys(t, L, page, n, pl0 ? pl0 + (size_t)entry * (size_t)G : NULL, kind);
+            plain_keys(t, L, page, n, a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL, kind);
         }
         for (int32_t k = 0; k < nkv; k++) {
             STREAM_PF(nkv + k + STREAM_PREFETCH_BLOCKS);
@@ -395,13 +375,8 @@ T512_INLINE void page_walk_shared(pikv_cpu_attn_list *t, bool *eo)
 
 T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
 {
-    if (t->n_kv > 1 && !t->ord_entry) {
-        bool eo = false;
-        page_walk_shared(t, &eo);
-        if (eo)
-            for (int32_t h = 0; h < t->n_kv * t->G; h++)
-                pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)t->args->pool->layout->head_dim + 2) + 2,
-                                      t->args->pool->layout->head_dim, false);
+    if (t->n_kv > 1 && !t->ord_entry && !t->args->pool->quant) {
+        page_walk_shared(t);
         return;
     }
     const pikv_attention_args *a = t->args;
