@@ -157,7 +157,7 @@ double bench_baseline_read_bps(const bench_results *r, const bench_baseline *b)
 bench_point *bench_add_point(bench_results *r)
 {
     if (r->n_points == r->cap_points) {
-        int cap = r->cap_points ? 2 * r->cap_points : 256;
+        int cap = r->cap_points ? 2 * r->cap_points : 16; /* small: ASan runs see it grow */
         bench_point *p = realloc(r->points, (size_t)cap * sizeof *p);
         if (!p) return NULL;
         r->points = p;
@@ -298,7 +298,9 @@ static int cache_fill(bench_env *env, bench_cache *bc, int64_t from, int64_t to,
 typedef struct timed_cfg {
     bench_cache *bc;
     pikv_select_params sel;
-    bench_point *pt;
+    int point;                    /* its point's index in the results (the array grows: no pointers
+                                     are kept while points are added) */
+    bench_point *pt;              /* that point while the group is timed */
     int ref;                      /* the group's configuration this one's speedup is over, or -1 */
     double *times;                /* [max_reps] attend time of each round */
     double *probe_bps;            /* [max_reps] the rate of the cold pass before it (0: none) */
@@ -450,7 +452,7 @@ typedef struct sweep_cache {
     int created, stopped;
     int64_t filled;
     double fill_s;
-    bench_point *dense;           /* this context's dense point */
+    int dense;                    /* this context's dense point (index in the results), or -1 */
 } sweep_cache;
 
 /* Dense, quantized and sparse points of one (device, batch) for each dtype: one
@@ -505,7 +507,7 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
         int n_cfg = 0;
         for (int d = 0; d < n_dtypes && rc == 0; d++) {
             sweep_cache *w = &sc[d];
-            w->dense = NULL;
+            w->dense = -1;
             int has = 0;
             for (int j = 0; j < w->n_ctx; j++) has |= w->ctxs[j] == n;
             if (!has || w->stopped) continue;
@@ -537,9 +539,9 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
             *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts-dense" : "dense", .dtype = w->dtype,
                                 .batch = batch, .context = n, .n_experts = n_experts};
             pt->append_s_per_token = w->fill_s / ((double)batch * (double)w->filled);
-            w->dense = pt;
+            w->dense = env->r->n_points - 1;
             const int dense_cfg = n_cfg;
-            cfg[n_cfg] = (timed_cfg){.bc = &w->bc, .sel = cp.select, .pt = pt, .ref = -1};
+            cfg[n_cfg] = (timed_cfg){.bc = &w->bc, .sel = cp.select, .point = w->dense, .ref = -1};
             cfg[n_cfg++].sel.mode = PIKV_SELECT_ALL;
             const int n_sparse = n_experts > 1 ? o->n_expert_ks : o->n_quest;
             for (int k = 0; k < n_sparse; k++) {
@@ -563,9 +565,10 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
                 }
                 *pt = (bench_point){.device = dev, .kind = n_experts > 1 ? "experts" : "quest", .dtype = w->dtype,
                                     .batch = batch, .context = n, .param = param, .n_experts = n_experts};
-                cfg[n_cfg++] = (timed_cfg){.bc = &w->bc, .sel = sel, .pt = pt, .ref = dense_cfg};
+                cfg[n_cfg++] = (timed_cfg){.bc = &w->bc, .sel = sel, .point = env->r->n_points - 1, .ref = dense_cfg};
             }
         }
+        for (int i = 0; i < n_cfg; i++) cfg[i].pt = &env->r->points[cfg[i].point];
         /* quantized dense points are paired with the f16 dense point of the group */
         int f16_cfg = -1;
         for (int i = 0; i < n_cfg; i++)
@@ -575,10 +578,11 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
         if (rc == 0 && n_cfg > 0) rc = timed_group(env, dev, cfg, n_cfg, seqs, q, experts, out);
         for (int d = 0; d < n_dtypes && rc == 0; d++) {
             sweep_cache *w = &sc[d];
-            if (!w->dense || w->dense->seconds <= o->max_attend_s || n >= w->ctxs[w->n_ctx - 1]) continue;
+            const bench_point *dp = w->dense >= 0 ? &env->r->points[w->dense] : NULL;
+            if (!dp || dp->seconds <= o->max_attend_s || n >= w->ctxs[w->n_ctx - 1]) continue;
             if (!o->quiet)
                 fprintf(stderr, "  %s: %s batch %d: stopping after %lld tokens (an attend took %.2f s)\n",
-                        bd->info.name, bench_dtype_name(w->dtype), batch, (long long)n, w->dense->seconds);
+                        bd->info.name, bench_dtype_name(w->dtype), batch, (long long)n, dp->seconds);
             w->stopped = 1;
         }
     }
