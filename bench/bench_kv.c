@@ -123,10 +123,12 @@ int bench_cold_pass(bench_env *env, int32_t dev, uint64_t bytes, uint64_t *probe
     const bench_device *bd = &env->r->devices[dev];
     *probe_s = 0;
     *probe_bytes = 0;
-    if (!bd->probe || !bd->info.caps.host_visible) bench_flush_llc(env);
+    /* the probe evicts the LLC itself only when it reads host memory and is larger */
+    if (!bd->probe || !bd->info.caps.host_visible || bd->probe_bytes < env->flush_floats * sizeof(float))
+        bench_flush_llc(env);
     if (!bd->probe) return 0;
     uint64_t passes = (bytes + bd->probe_bytes - 1) / bd->probe_bytes;
-    passes = passes < 1 ? 1 : passes > 64 ? 64 : passes;
+    passes = passes < 1 ? 1 : passes > 1000 ? 1000 : passes;
     pikv_read_bandwidth bw;
     const pikv_status st = pikv_read_probe_run(bd->probe, (int32_t)passes, &bw);
     if (st != PIKV_OK) return cli_lib_error(env->ctx, "pikv_read_probe_run", st);
@@ -401,8 +403,8 @@ static int timed_group(bench_env *env, int32_t dev, timed_cfg *c, int n, const i
         pt->paired_share = m > 0 ? median_of(c[i].scratch, m) : 0;
         const int r = c[i].ref;
         m = 0;
-        for (int32_t k = 0; r >= 0 && k < pt->reps && k < c[r].pt->reps; k++)
-            if (c[i].times[k] > 0) c[i].scratch[m++] = c[r].times[k] / c[i].times[k];
+        for (int32_t k = 0; r >= 0 && k < pt->reps && k < c[r].pt->reps; k++) /* round k of both */
+            if (c[i].times[k] > 0 && c[r].times[k] > 0) c[i].scratch[m++] = c[r].times[k] / c[i].times[k];
         pt->paired_speedup = m > 0 ? median_of(c[i].scratch, m) : 0;
     }
     for (int i = 0; i < n; i++) {
@@ -426,14 +428,17 @@ static void make_queries(bench_env *env, int32_t batch, int32_t n_experts, int32
     }
 }
 
-/* The contexts of a batch under --max-kv, ascending. */
-static int contexts_of(const bench_opts *o, int32_t batch, pikv_dtype dtype, int64_t *out)
+/* The contexts of a batch under --max-kv, ascending: the caches of the dtypes measured
+   together (one per dtype, all live at once) hold at most that much KV. */
+static int contexts_of(const bench_opts *o, int32_t batch, const pikv_dtype *dtypes, int n_dtypes, int64_t *out)
 {
     const int64_t *list = batch == 1 ? o->contexts : o->batch_contexts;
     const int n = batch == 1 ? o->n_contexts : o->n_batch_contexts;
+    double per_token = 0;
+    for (int d = 0; d < n_dtypes; d++) per_token += kv_bytes_per_token(o, dtypes[d]);
     int m = 0;
     for (int i = 0; i < n; i++)
-        if ((double)batch * (double)list[i] * kv_bytes_per_token(o, dtype) <= (double)o->max_kv_bytes) out[m++] = list[i];
+        if ((double)batch * (double)list[i] * per_token <= (double)o->max_kv_bytes) out[m++] = list[i];
     for (int i = 1; i < m; i++)
         for (int j = i; j > 0 && out[j - 1] > out[j]; j--) {
             const int64_t x = out[j];
@@ -472,7 +477,7 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
     for (int d = 0; d < n_dtypes; d++) {
         memset(&sc[d], 0, sizeof sc[d]);
         sc[d].dtype = dtypes[d];
-        sc[d].n_ctx = contexts_of(o, batch, dtypes[d], sc[d].ctxs);
+        sc[d].n_ctx = contexts_of(o, batch, dtypes, n_dtypes, sc[d].ctxs);
         for (int c = 0; c < sc[d].n_ctx; c++) {
             int seen = 0;
             for (int j = 0; j < n_all; j++) seen |= all[j] == sc[d].ctxs[c];
@@ -569,12 +574,12 @@ static int sweep_batch(bench_env *env, int32_t dev, const pikv_dtype *dtypes, in
             }
         }
         for (int i = 0; i < n_cfg; i++) cfg[i].pt = &env->r->points[cfg[i].point];
-        /* quantized dense points are paired with the f16 dense point of the group */
+        /* the other dtypes' dense points are paired with the f16 dense point of the group */
         int f16_cfg = -1;
         for (int i = 0; i < n_cfg; i++)
             if (cfg[i].ref < 0 && cfg[i].pt->dtype == PIKV_DTYPE_F16) f16_cfg = i;
         for (int i = 0; i < n_cfg; i++)
-            if (cfg[i].ref < 0 && (cfg[i].pt->dtype == PIKV_DTYPE_INT8 || cfg[i].pt->dtype == PIKV_DTYPE_INT4)) cfg[i].ref = f16_cfg;
+            if (cfg[i].ref < 0 && cfg[i].pt->dtype != PIKV_DTYPE_F16) cfg[i].ref = f16_cfg;
         if (rc == 0 && n_cfg > 0) rc = timed_group(env, dev, cfg, n_cfg, seqs, q, experts, out);
         for (int d = 0; d < n_dtypes && rc == 0; d++) {
             sweep_cache *w = &sc[d];

@@ -78,8 +78,8 @@ void bench_compute_targets(const bench_opts *o, bench_results *r)
         const double share = bench_point_share(r, p);
         if (!t->have || share < t->value) {
             t->value = share;
-            snprintf(t->detail, sizeof t->detail, "worst: batch %d, %lld tokens: %.1f of %.1f GB/s", p->batch,
-                     (long long)p->context, gbps(p->bytes, p->seconds), bw / 1e9);
+            snprintf(t->detail, sizeof t->detail, "worst: batch %d, %lld tokens (best attend %.1f GB/s, best probe %.1f)",
+                     p->batch, (long long)p->context, gbps(p->bytes, p->seconds), bw / 1e9);
         }
         t->have = 1;
     }
@@ -177,8 +177,9 @@ static void print_devices(FILE *f, const bench_results *r)
 static void print_dense(FILE *f, const bench_results *r, int dev)
 {
     const bench_device *d = &r->devices[dev];
-    fprintf(f, "\nDense decode attention on %s (one layer, every page; best of N, each after a cold pass;\n"
-               "%%roof: share of the read probe's best pass among those passes)\n", d->info.name);
+    fprintf(f, "\nDense decode attention on %s (one layer, every page; ms, GB/s: the best of N, each after a\n"
+               "cold pass; probe: its best pass; %%roof: median over rounds of the attend's rate over its pass's)\n",
+            d->info.name);
     fprintf(f, "  %-5s %5s %7s %10s %9s %10s %8s %8s %7s %8s %8s %9s %9s\n", "dtype", "batch", "context", "stored MiB",
             "ms", "read MiB", "GB/s", "probe", "%roof", "xf16", "ideal", "plan ms", "append ns/tok");
     for (int i = 0; i < r->n_points; i++) {

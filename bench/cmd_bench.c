@@ -87,7 +87,8 @@ static void bench_usage(FILE *f)
           "                        0 = no expert sweep)\n"
           "  --expert-k LIST       experts read per query (default 1,2,4)\n"
           "  --memory-devices N    CPU devices of the memory and merge section (default 4)\n"
-          "  --max-kv BYTES        skip configurations storing more KV (default 4G)\n"
+          "  --max-kv BYTES        skip contexts where the dtypes measured together would\n"
+          "                        store more KV (default 8G)\n"
           "  --roofline-bytes B    buffer of the read roofline (default 1G; 4G on GPUs)\n"
           "  --min-time S          seconds of timed attends per point (default 0.25)\n"
           "  --reps MIN,MAX        attends per point (default 3,30)\n"
@@ -157,7 +158,7 @@ static void set_defaults(bench_opts *o, int quick)
     o->batches[0] = 1;
     o->batches[1] = quick ? 4 : 16;
     o->n_batches = 2;
-    o->max_kv_bytes = quick ? (256u << 20) : (4ull << 30);
+    o->max_kv_bytes = quick ? (256u << 20) : (8ull << 30);
     o->roofline_bytes = quick ? (64u << 20) : 0;
     o->min_time = quick ? 0.02 : 0.25;
     o->min_reps = quick ? 2 : 3;
@@ -385,6 +386,9 @@ int cli_cmd_bench(int argc, char **argv)
         if (bd->info.caps.memory_total && pb > bd->info.caps.memory_total / 8)
             pb = bd->info.caps.memory_total / 8 / 4096 * 4096;
         if (pikv_read_probe_create(ctx, bd->index, pb, &bd->probe) == PIKV_OK) bd->probe_bytes = pb;
+        else if (!o.quiet)
+            fprintf(stderr, "pikv bench: %s: no read probe (%s): its shares are of the roofline above\n",
+                    bd->info.name, pikv_context_last_error(ctx));
     }
     /* 2. sweeps */
     for (int i = 0; i < r.n_devices && rc == 0; i++) {

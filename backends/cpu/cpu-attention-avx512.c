@@ -311,10 +311,6 @@ T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j, int32_t h
 
 enum { PREFETCH_BYTES = 16 << 10 };
 
-/* The page list of one task: each page by its own layout (open f16/f32 pages and
-   quantized pages may be mixed). With n_kv > 1 (every KV head reads the same
-   pages, dense reads) each page is read for all heads in turn, so the reads
-   walk through the page's K and V blocks in address order. */
 /* Points the task at KV head k of the query's heads (shared lists). */
 T512_INLINE void at_head(pikv_cpu_attn_list *t, int32_t k, size_t head_floats, int32_t hd, int32_t ps)
 {
@@ -373,6 +369,12 @@ T512_INLINE void page_walk_shared(pikv_cpu_attn_list *t)
     }
 }
 
+/* The page list of one task: each page by its own layout (open f16/f32 pages and
+   quantized pages may be mixed). Shared lists of a pool without quantized pages go
+   through page_walk_shared; the others are walked in (page, head) units: with
+   n_kv > 1 (every KV head reads the same pages of a quantized pool, or a query's
+   entries of all heads sorted by slot) each page is read for its heads in turn,
+   so the reads walk through the page's K and V blocks in address order. */
 T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
 {
     if (t->n_kv > 1 && !t->ord_entry && !t->args->pool->quant) {

@@ -724,8 +724,8 @@ typedef struct pikv_read_bandwidth {
     int32_t passes;
     double best_s;                /* fastest pass */
     double median_s;
-    double total_s;               /* all passes */
     double bytes_per_s;           /* bytes / best_s */
+    double total_s;               /* all passes */
 } pikv_read_bandwidth;
 PIKV_API pikv_status pikv_device_read_bandwidth(pikv_context *ctx, int32_t device, uint64_t bytes,
                                                 int32_t passes, pikv_read_bandwidth *out);
