@@ -41,22 +41,6 @@
 #define CPU_PREFETCH(p, n) ((void)0)
 #endif
 
-/* Prefetch of KV head g's rows of a page (n rows), with its scales and zero
-   points on quantized pages (they lie apart from the rows). */
-static inline void cpu_prefetch_head(page_ptr page, const layout_t L, int g, int n)
-{
-    const uint nbytes = (uint)n * L.row;
-    CPU_PREFETCH(page + L.k + (size_t)g * L.hs, nbytes);
-    CPU_PREFETCH(page + L.v + (size_t)g * L.hs, nbytes);
-    if (L.dtype >= DT_INT8) {
-        const uint kb = (uint)L.kg * (uint)L.hd * 2u, vb = (uint)L.ps * (uint)L.vg * 2u;
-        CPU_PREFETCH(page + L.ksc + (size_t)g * kb, kb);
-        CPU_PREFETCH(page + L.kze + (size_t)g * kb, kb);
-        CPU_PREFETCH(page + L.vsc + (size_t)g * vb, vb);
-        CPU_PREFETCH(page + L.vze + (size_t)g * vb, vb);
-    }
-}
-
 /* Prefetch of the scales and zero points of KV head g of a quantized page (the
    rows are prefetched row by row while the current head is computed). */
 static inline void cpu_prefetch_scales(page_ptr page, const layout_t L, int g)
@@ -68,6 +52,16 @@ static inline void cpu_prefetch_scales(page_ptr page, const layout_t L, int g)
         CPU_PREFETCH(page + L.vsc + (size_t)g * vb, vb);
         CPU_PREFETCH(page + L.vze + (size_t)g * vb, vb);
     }
+}
+
+/* Prefetch of KV head g's rows of a page (n rows), with its scales and zero
+   points on quantized pages (they lie apart from the rows). */
+static inline void cpu_prefetch_head(page_ptr page, const layout_t L, int g, int n)
+{
+    const uint nbytes = (uint)n * L.row;
+    CPU_PREFETCH(page + L.k + (size_t)g * L.hs, nbytes);
+    CPU_PREFETCH(page + L.v + (size_t)g * L.hs, nbytes);
+    cpu_prefetch_scales(page, L, g);
 }
 
 static inline float cpu_hsum16(float16 v)
