@@ -20,11 +20,14 @@ void pikv_page_layout_init(pikv_page_layout *L, int32_t page_size, int32_t n_kv_
     case PIKV_DTYPE_INT8: L->row_bytes = hd; break;
     case PIKV_DTYPE_INT4: L->row_bytes = (hd + 1) / 2; break;
     }
-    L->head_stride = ps * L->row_bytes;
-    L->data_bytes = 2 * L->head_stride * kvh;
+    /* Each KV head's K rows, then its V rows, are one contiguous block: a read
+       of one head of a page (per-head selection) is one run of memory. */
+    const uint64_t block = ps * L->row_bytes;
+    L->head_stride = 2 * block;
+    L->data_bytes = L->head_stride * kvh;
     const uint64_t bounds = kvh * hd * sizeof(float);
     L->k_offset = 0;
-    L->v_offset = L->head_stride * kvh;
+    L->v_offset = block;
     uint64_t at = (L->data_bytes + 15) / 16 * 16; /* f32 bounds stay aligned */
     L->kmin_offset = at;
     L->kmax_offset = at + bounds;

@@ -160,6 +160,7 @@ typedef struct parse {
     uint8_t *tables;
     uint64_t tables_len;
     uint64_t generation, write_seq, pages_total;
+    uint32_t version; /* of the file's format */
     int64_t bad_records;
     /* the segment being read */
     page_rec *pend;
@@ -211,9 +212,10 @@ static pikv_status check_header(parse *p, const uint8_t *h)
                          "%s: %s: header CRC32C 0x%08x, stored 0x%08x: the header is damaged", r->fn, r->name, crc,
                          stored);
     const uint32_t version = pikv_get_u32(h + 8);
-    PIKV_RETURN_ERROR_IF(version != PIKV_STREAM_VERSION, ctx, PIKV_ERR_UNSUPPORTED,
-                         "%s: %s: format version %u, this library reads version %u", r->fn, r->name, version,
-                         PIKV_STREAM_VERSION);
+    PIKV_RETURN_ERROR_IF(version < PIKV_STREAM_VERSION_OLDEST || version > PIKV_STREAM_VERSION, ctx,
+                         PIKV_ERR_UNSUPPORTED, "%s: %s: format version %u, this library reads versions %u to %u",
+                         r->fn, r->name, version, PIKV_STREAM_VERSION_OLDEST, PIKV_STREAM_VERSION);
+    p->version = version;
     PIKV_RETURN_ERROR_IF(pikv_get_u32(h + 12) != PIKV_STREAM_HEADER_BYTES, ctx, PIKV_ERR_INVALID_ARGUMENT,
                          "%s: %s: header of %u bytes, version %u has %u", r->fn, r->name, pikv_get_u32(h + 12),
                          version, PIKV_STREAM_HEADER_BYTES);
@@ -801,6 +803,23 @@ static void commit_page(pikv_cache *c, const parse *p, const plan *pl, uint32_t 
 
 /* ---- apply: reserve, write the pages, then build the metadata -------------------------------- */
 
+/* A version 1 page's data (every head's K rows, then every head's V rows) in
+   place into this version's layout (each head's K rows, then its V rows); the
+   bounds and quantization parameters after the data are where they were. */
+static bool page_from_v1(pikv_context *ctx, const pikv_page_layout *L, uint8_t *page)
+{
+    const size_t block = (size_t)L->page_size * (size_t)L->row_bytes, kvh = (size_t)L->n_kv_heads;
+    uint8_t *old = pikv_host_alloc(ctx, 2 * block * kvh, 64);
+    if (!old) return false;
+    memcpy(old, page, 2 * block * kvh);
+    for (size_t g = 0; g < kvh; g++) {
+        memcpy(page + L->k_offset + g * L->head_stride, old + g * block, block);
+        memcpy(page + L->v_offset + g * L->head_stride, old + (kvh + g) * block, block);
+    }
+    pikv_host_free(ctx, old);
+    return true;
+}
+
 static pikv_status apply(parse *p, plan *pl)
 {
     pikv_cache *c = p->c;
@@ -907,8 +926,11 @@ static pikv_status apply(parse *p, plan *pl)
         m->slot = pikv_pool_take(pool);
         uint64_t off = 0;
         pikv_buffer *buf = pikv_pool_chunk(pool, m->slot, &off, L);
-        const uint8_t *bytes = pr->payload + PIKV_PAGE_FIXED_BYTES + 12 * (size_t)pr->n_tokens;
-        st = pool->dev->iface->buffer_write(pool->dev, buf, off, bytes, L->page_bytes);
+        uint8_t *bytes = pr->payload + PIKV_PAGE_FIXED_BYTES + 12 * (size_t)pr->n_tokens;
+        if (p->version == 1 && !page_from_v1(ctx, L, bytes))
+            st = PIKV_FAIL(ctx, PIKV_ERR_OUT_OF_MEMORY, "%s: %s: reordering a version 1 page: allocation failed",
+                           r->fn, r->name);
+        if (st == PIKV_OK) st = pool->dev->iface->buffer_write(pool->dev, buf, off, bytes, L->page_bytes);
         if (budgeted) {
             commit_page(c, p, pl, e); /* a later page's reserve may demote this one */
             if (st != PIKV_OK) break;

@@ -13,7 +13,10 @@
 
 /* ---- format (docs/stream.md) -------------------------------------------------- */
 #define PIKV_STREAM_MAGIC "PIKVKVC\n"   /* 8 bytes */
-#define PIKV_STREAM_VERSION 1u
+/* 2: a page's data is [n_kv_heads][K rows, V rows] (pikv_page_layout_init). 1 had every
+   head's K rows, then every head's V rows; restore still reads it and reorders the rows. */
+#define PIKV_STREAM_VERSION 2u
+#define PIKV_STREAM_VERSION_OLDEST 1u
 #define PIKV_STREAM_HEADER_BYTES 192u   /* the CRC32C of bytes 0..187 is at 188 */
 #define PIKV_STREAM_FLAG_STREAM 1u      /* written by pikv_cache_stream_out */
 

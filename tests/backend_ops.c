@@ -594,7 +594,7 @@ static void check_unwritten_open(const scen *s, const unsigned char *A, const un
     for (int kv = 0; kv < 2; kv++)
         for (int g = 0; g < s->kvh; g++) {
             uint64_t h = base + (kv ? L->v_offset : L->k_offset) + (uint64_t)g * L->head_stride;
-            uint64_t from = h + (uint64_t)rows * L->row_bytes, to = h + L->head_stride;
+            uint64_t from = h + (uint64_t)rows * L->row_bytes, to = h + (uint64_t)L->page_size * L->row_bytes;
             long a = count_not_fill(A, from, to), b = count_not_fill(B, from, to);
             r->ref_stray += a;
             r->stray += b;

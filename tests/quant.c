@@ -60,7 +60,8 @@ static pikv_context *g_ctx[5]; /* by number of CPU devices (1..4) */
 static uint64_t up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 /* Offsets and sizes of a quantized page and of the open (f16) page of the same geometry:
-   K [kvh][ps][row], V likewise, then (16-byte aligned) f32 bounds min [kvh][hd] and max,
+   per KV head its K rows [ps][row] then its V rows [ps][row] ([kvh][2][ps][row]), then
+   (16-byte aligned) f32 bounds min [kvh][hd] and max,
    then f16 key scales [kvh][k_groups][hd], key zeros, value scales [kvh][ps][v_groups],
    value zeros, padded to 64 bytes. */
 typedef struct qfmt {
@@ -81,7 +82,7 @@ static qfmt qfmt_make(int ps, int kvh, int hd, pikv_dtype dtype, int G)
     f.qmax = f.int4 ? 15 : 255;
     f.row = f.int4 ? (uint64_t)(hd + 1) / 2 : (uint64_t)hd;
     f.data = 2 * (uint64_t)kvh * ps * f.row;
-    f.v_off = (uint64_t)kvh * ps * f.row;
+    f.v_off = (uint64_t)ps * f.row;
     f.bounds = (uint64_t)kvh * hd * 4;
     f.kmin = up(f.data, 16);
     f.kmax = f.kmin + f.bounds;
@@ -135,7 +136,7 @@ static uint32_t fmt_q(const qfmt *F, const unsigned char *row, int d)
 
 static const unsigned char *fmt_row(const qfmt *F, const unsigned char *page, int key, int g, int t)
 {
-    return page + (key ? 0 : F->v_off) + ((uint64_t)g * F->ps + (uint64_t)t) * F->row;
+    return page + (uint64_t)g * 2 * F->v_off + (key ? 0 : F->v_off) + (uint64_t)t * F->row;
 }
 
 /* x' = q * scale + zero in f32 (two statements: no contraction). */
@@ -334,7 +335,7 @@ static int check_layout(const pikv_cache *c, const qfmt *F)
     ok &= CHECK_EQ(Q->row_bytes, F->row);
     ok &= CHECK_EQ(Q->k_offset, 0);
     ok &= CHECK_EQ(Q->v_offset, F->v_off);
-    ok &= CHECK_EQ(Q->head_stride, (uint64_t)F->ps * F->row);
+    ok &= CHECK_EQ(Q->head_stride, 2 * (uint64_t)F->ps * F->row);
     ok &= CHECK_EQ(Q->kmin_offset, F->kmin);
     ok &= CHECK_EQ(Q->kmax_offset, F->kmax);
     ok &= CHECK_EQ(Q->kscale_offset, F->ks);

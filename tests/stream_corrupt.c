@@ -448,13 +448,19 @@ int main(int argc, char **argv)
     expect(b, good_n, 0, NULL, NULL, 0, "wrong magic");
     CHECK(strstr(pikv_context_last_error(ctx), "not a PiKV checkpoint") != NULL);
     memcpy(b, good, good_n);
-    pikv_put_u32(b + 8, 2);
-    pikv_put_u32(b + 188, pikv_crc32c(0, b, 188));
-    if (su_write_file(path, b, good_n)) {
-        pikv_cache *t = su_cache(ctx, &P);
-        CHECK_STATUS(PIKV_ERR_UNSUPPORTED, pikv_cache_restore(t, path, NULL));
-        CHECK(strstr(pikv_context_last_error(ctx), "format version 2") != NULL);
-        pikv_cache_free(t);
+    for (uint32_t v = 0; v <= PIKV_STREAM_VERSION + 1; v += PIKV_STREAM_VERSION + 1) { /* before 1, after the newest */
+        memcpy(b, good, good_n);
+        pikv_put_u32(b + 8, v);
+        pikv_put_u32(b + 188, pikv_crc32c(0, b, 188));
+        if (su_write_file(path, b, good_n)) {
+            pikv_cache *t = su_cache(ctx, &P);
+            CHECK_STATUS(PIKV_ERR_UNSUPPORTED, pikv_cache_restore(t, path, NULL));
+            char want[64];
+            snprintf(want, sizeof want, "format version %u, this library reads versions 1 to %u", v,
+                     PIKV_STREAM_VERSION);
+            CHECKF(strstr(pikv_context_last_error(ctx), want) != NULL, "message names version %u", v);
+            pikv_cache_free(t);
+        }
     }
     memcpy(b, good, good_n);
     pikv_put_u32(b + 64, 16); /* page_size, with a correct header CRC */

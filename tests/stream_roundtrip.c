@@ -457,6 +457,38 @@ static void failures(const char *dir)
     pikv_cache_free(a);
 }
 
+/* Version 1 files (tests/data, written by the library as of commit d112e11 with
+   gen_v1: su_workload seed 7000 + i for f16, int4) restore into this version's page
+   layout: their caches attend as the same workload built here does. */
+static void version1_files(void)
+{
+    static const pikv_dtype dts[2] = {PIKV_DTYPE_F16, PIKV_DTYPE_INT4};
+    static const char *names[2] = {"f16", "int4"};
+    for (int i = 0; i < 2; i++) {
+        tu_set_case("version 1 file, %s", names[i]);
+        tu_err_ctx = ctx1;
+        pikv_cache_params p = su_params(dts[i], PIKV_PLACEMENT_EXPERT);
+        char path[600];
+        snprintf(path, sizeof path, "%s/v1-%s.pikv", PIKV_TEST_DATA_DIR, names[i]);
+        size_t n = 0;
+        uint8_t *file = tu_read_file(path, &n);
+        CHECK_EQ(n > 12 ? file[8] : 0, 1); /* it is a version 1 file */
+        free(file);
+        pikv_restore_report rep;
+        memset(&rep, 0, sizeof rep);
+        pikv_cache *a = restored(ctx1, &p, path, &rep);
+        pikv_cache *b = su_cache(ctx1, &p);
+        su_workload(b, &p, 7000u + (uint64_t)i);
+        pikv_cache_stats sa, sb;
+        pikv_cache_get_stats(a, &sa);
+        pikv_cache_get_stats(b, &sb);
+        CHECK_EQ(sa.pages, sb.pages);
+        CHECKF(su_same_attend(a, b, &p, 77, 1e-6), "a restored version 1 file attends as the same workload");
+        pikv_cache_free(a);
+        pikv_cache_free(b);
+    }
+}
+
 int main(void)
 {
     ctx1 = tu_context(1);
@@ -471,6 +503,7 @@ int main(void)
                 one_config((pikv_dtype)dt, (pikv_placement)pl, devs, dir);
     streams(0);
     streams(1);
+    version1_files();
     failures(dir);
     su_rmdir(dir);
     pikv_context_free(ctx1);

@@ -57,7 +57,7 @@ T512 void pikv_cpu_attn_reorder(float *x, int32_t n, bool to_even_odd)
 /* Keys of one page of one KV head: the G heads' scores, turned into weights by
    the online-softmax step (t->scores, [G][page_size]). */
 T512_INLINE void plain_keys(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
-                            float *page_lse, int kind)
+                            float *page_lse, int kind, pikv_pf_stream *pf)
 {
     const int32_t hd = L->head_dim, G = t->G;
     const size_t ps_stride = (size_t)hd + 2;
@@ -67,20 +67,20 @@ T512_INLINE void plain_keys(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     const size_t ss = (size_t)L->page_size;
     const bool gqa = G > 1 && gqa_ok(G, hd, kind);
     if (gqa) {
-#define SC(g) scores_gqa(t->qs, K, rb, n, hd, kind, g, s, ss, NULL)
+#define SC(g) scores_gqa(t->qs, K, rb, n, hd, kind, g, s, ss, NULL, pf)
         GQA_DISPATCH(G, SC)
 #undef SC
     }
     for (int32_t r0 = 0; r0 < n && !gqa; r0 += 16) {
         const int32_t nb = n - r0 < 16 ? n - r0 : 16;
         if (G == 1) {
-            const __m512 v = dot_rows(t->qs, K + (size_t)r0 * rb, rb, nb, hd, kind);
+            const __m512 v = dot_rows(t->qs, K + (size_t)r0 * rb, rb, nb, hd, kind, pf);
             _mm512_mask_storeu_ps(s + r0, (__mmask16)((1u << nb) - 1u), v);
         } else {
-            rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+            rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block, pf);
             for (int32_t h = 0; h < G; h++) {
                 const __m512 v = dot_rows(t->qs + (size_t)h * (size_t)hd, (const unsigned char *)t->block,
-                                          (size_t)hd * 4, nb, hd, 1);
+                                          (size_t)hd * 4, nb, hd, 1, NULL);
                 _mm512_mask_storeu_ps(s + (size_t)h * ss + r0, (__mmask16)((1u << nb) - 1u), v);
             }
         }
@@ -91,7 +91,7 @@ T512_INLINE void plain_keys(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
 
 /* Values of one page of one KV head, weighted by plain_keys' weights. */
 T512_INLINE void plain_values(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
-                              int kind)
+                              int kind, pikv_pf_stream *pf)
 {
     const int32_t hd = L->head_dim, G = t->G;
     const size_t ps_stride = (size_t)hd + 2;
@@ -100,34 +100,34 @@ T512_INLINE void plain_values(pikv_cpu_attn_list *t, const pikv_page_layout *L, 
     const float *s = t->scores;
     const size_t ss = (size_t)L->page_size;
     if (G == 1) {
-        accumulate_rows(t->part + 2, s, 1, hd, V, rb, n, hd, kind);
+        accumulate_rows(t->part + 2, s, 1, hd, V, rb, n, hd, kind, pf);
         return;
     }
     if (gqa_ok(G, hd, kind)) {
-#define VA(g) values_gqa(t->part, s, ss, 1, hd, V, rb, n, hd, kind, g)
+#define VA(g) values_gqa(t->part, s, ss, 1, hd, V, rb, n, hd, kind, g, pf)
         GQA_DISPATCH(G, VA)
 #undef VA
         return;
     }
     for (int32_t r0 = 0; r0 < n; r0 += 16) {
         const int32_t nb = n - r0 < 16 ? n - r0 : 16;
-        rows_to_f32(V + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+        rows_to_f32(V + (size_t)r0 * rb, rb, nb, hd, kind, t->block, pf);
         for (int32_t h = 0; h < G; h++)
             accumulate_rows(t->part + (size_t)h * ps_stride + 2, s + (size_t)h * ss + r0, 1, hd,
-                            (const unsigned char *)t->block, (size_t)hd * 4, nb, hd, 1);
+                            (const unsigned char *)t->block, (size_t)hd * 4, nb, hd, 1, NULL);
     }
 }
 
 T512_INLINE void page_plain(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
-                            float *page_lse, int kind)
+                            float *page_lse, int kind, pikv_pf_stream *pf)
 {
-    plain_keys(t, L, page, n, page_lse, kind);
-    plain_values(t, L, page, n, kind);
+    plain_keys(t, L, page, n, page_lse, kind, pf);
+    plain_values(t, L, page, n, kind, pf);
 }
 
 /* Quantized page (kind 2: int8, 3: int4). */
 T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, const unsigned char *page, int32_t n,
-                            float *page_lse, int kind)
+                            float *page_lse, int kind, pikv_pf_stream *pf)
 {
     const int32_t hd = L->head_dim, G = t->G, gsz = L->group, vg = L->v_groups;
     const size_t ps_stride = (size_t)hd + 2;
@@ -171,7 +171,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             if (G > 1) t->kconst[h] = _mm512_reduce_add_ps(cz); /* G == 1: cz goes into the row sums */
         }
         if (gqa) {
-#define SC(gg) scores_gqa(qf, K + (size_t)t0 * rb, rb, nt, hd, kind, gg, s + t0, ss, t->kconst)
+#define SC(gg) scores_gqa(qf, K + (size_t)t0 * rb, rb, nt, hd, kind, gg, s + t0, ss, t->kconst, pf)
             GQA_DISPATCH(G, SC)
 #undef SC
             continue;
@@ -180,13 +180,13 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             const int32_t nb = t0 + nt - r0 < 16 ? t0 + nt - r0 : 16;
             const __mmask16 m = (__mmask16)((1u << nb) - 1u);
             if (G == 1) {
-                sv = dot_rows_init(cz, qf, K + (size_t)r0 * rb, rb, nb, hd, kind);
+                sv = dot_rows_init(cz, qf, K + (size_t)r0 * rb, rb, nb, hd, kind, pf);
                 if (!one) _mm512_mask_storeu_ps(s + r0, m, sv);
             } else {
-                rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block);
+                rows_to_f32(K + (size_t)r0 * rb, rb, nb, hd, kind, t->block, pf);
                 for (int32_t h = 0; h < G; h++) {
                     const __m512 v = dot_rows(qf + (size_t)h * (size_t)hd, (const unsigned char *)t->block,
-                                              (size_t)hd * 4, nb, hd, 1);
+                                              (size_t)hd * 4, nb, hd, 1, NULL);
                     _mm512_mask_storeu_ps(s + (size_t)h * ss + r0, m, _mm512_add_ps(v, _mm512_set1_ps(t->kconst[h])));
                 }
             }
@@ -256,7 +256,7 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
             for (int32_t r0 = 0; r0 < n; r0 += 16) {
                 const int32_t nb = n - r0 < 16 ? n - r0 : 16;
                 accumulate_rows_z(acc, w + (size_t)r0 * (size_t)vg, vg, gsz, V + (size_t)r0 * rb, rb, nb, hd, kind,
-                                  _mm512_set1_ps(rescale), r0 ? NULL : zl);
+                                  _mm512_set1_ps(rescale), r0 ? NULL : zl, pf);
             }
         } else {
             for (int32_t j = 0; j < vg; j++) zs[j] = 0.0f;
@@ -269,11 +269,11 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
                     zs[j] += pr * zr[j];
                 }
             }
-            if (!gqa) accumulate_rows_z(acc, w, vg, gsz, V, rb, n, hd, kind, _mm512_set1_ps(rescale), zs);
+            if (!gqa) accumulate_rows_z(acc, w, vg, gsz, V, rb, n, hd, kind, _mm512_set1_ps(rescale), zs, pf);
         }
     }
     if (!gqa) return;
-#define VA(gg) values_gqa(t->part, t->vweights, (size_t)nv, vg, gsz, V, rb, n, hd, kind, gg)
+#define VA(gg) values_gqa(t->part, t->vweights, (size_t)nv, vg, gsz, V, rb, n, hd, kind, gg, pf)
     GQA_DISPATCH(G, VA)
 #undef VA
     for (int32_t h = 0; h < G; h++) {
@@ -286,160 +286,112 @@ T512_INLINE void page_quant(pikv_cpu_attn_list *t, const pikv_page_layout *L, co
     }
 }
 
-/* This head's K and V rows (and scales) of page j of the list. They lie far from
-   each other and from the previous page's, so the hardware prefetcher would
-   restart on each; prefetched whole instead. */
-T512_INLINE void prefetch_page(const pikv_cpu_attn_list *t, int32_t j, int32_t head, bool keys)
+/* Unit u of a task: (list entry, KV head). A unit's K rows and V rows are one
+   block of the page (the layout keeps a head's K and V together), its scales and
+   zero points (quantized pages) lie elsewhere in the page. */
+typedef struct unit_walk {
+    const pikv_cpu_attn_list *t;
+    const int32_t *oe, *oh; /* address-ordered entries and their heads, or NULL */
+    int32_t nkv, head0;
+} unit_walk;
+
+T512_INLINE int32_t unit_entry(const unit_walk *w, int64_t u)
 {
-    const pikv_attention_args *a = t->args;
-    const unsigned char *nx = pikv_cpu_page_ptr(a->pool, a->slots[j]);
-    const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[j]);
-    const uint64_t bytes = (uint64_t)(a->page_len[j] > 0 ? a->page_len[j] : 0) * NL->row_bytes;
-    const unsigned char *rows = nx + (keys ? NL->k_offset : NL->v_offset) + (uint64_t)head * NL->head_stride;
-    for (uint64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(rows + o), _MM_HINT_T0);
-    if (pikv_dtype_quantized(NL->dtype)) {
-        const uint64_t kb = (uint64_t)NL->k_groups * (uint64_t)NL->head_dim * 2;
-        const uint64_t vb = (uint64_t)NL->page_size * (uint64_t)NL->v_groups * 2;
-        const unsigned char *sc = keys ? nx + NL->kscale_offset + (uint64_t)head * kb : nx + NL->vscale_offset + (uint64_t)head * vb;
-        const unsigned char *zr = keys ? nx + NL->kzero_offset + (uint64_t)head * kb : nx + NL->vzero_offset + (uint64_t)head * vb;
-        for (uint64_t o = 0; o < (keys ? kb : vb); o += 64) {
-            _mm_prefetch((const char *)(sc + o), _MM_HINT_T0);
-            _mm_prefetch((const char *)(zr + o), _MM_HINT_T0);
-        }
+    return w->oe ? w->oe[w->t->page_begin + u] : w->t->page_begin + (int32_t)(u / w->nkv);
+}
+
+T512_INLINE int32_t unit_head(const unit_walk *w, int64_t u)
+{
+    return w->oe ? w->oh[w->t->page_begin + u] : w->nkv > 1 ? (int32_t)(u % w->nkv) : w->head0;
+}
+
+/* The stream of unit u's K and V rows; with `burst` they are prefetched at once
+   (the units before the first: nothing runs ahead of them). Its scales and zero
+   points are prefetched at once either way (a few lines). */
+T512_INLINE void unit_stream(const unit_walk *w, int64_t u, pikv_pf_stream *pf, bool burst)
+{
+    const pikv_attention_args *a = w->t->args;
+    const int32_t j = unit_entry(w, u), head = unit_head(w, u);
+    const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[j]);
+    const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, a->slots[j]);
+    const uint64_t rows = (uint64_t)(a->page_len[j] > 0 ? a->page_len[j] : 0) * L->row_bytes;
+    /* K rows, the rest of the K block (unread in a short page), then the V rows */
+    pf->base = page + L->k_offset + (uint64_t)head * L->head_stride;
+    pf->read = pf->next = 0;
+    pf->len = rows ? (size_t)(L->v_offset - L->k_offset + rows) : 0;
+    if (burst) pf_finish(pf);
+    if (pikv_dtype_quantized(L->dtype) && rows) {
+        const uint64_t kb = (uint64_t)L->k_groups * (uint64_t)L->head_dim * 2;
+        const uint64_t vb = (uint64_t)L->page_size * (uint64_t)L->v_groups * 2;
+        const uint64_t at[4] = {L->kscale_offset + (uint64_t)head * kb, L->kzero_offset + (uint64_t)head * kb,
+                                L->vscale_offset + (uint64_t)head * vb, L->vzero_offset + (uint64_t)head * vb};
+        for (int i = 0; i < 4; i++)
+            for (uint64_t o = 0; o < (i < 2 ? kb : vb); o += 64) _mm_prefetch((const char *)(page + at[i] + o), _MM_HINT_T0);
     }
 }
 
+/* bytes ahead the walk prefetches (in whole units: two f16 units at page 16, head_dim 128;
+   measured faster than one and than four) */
 enum { PREFETCH_BYTES = 16 << 10 };
 
-/* Points the task at KV head k of the query's heads (shared lists). */
-T512_INLINE void at_head(pikv_cpu_attn_list *t, int32_t k, size_t head_floats, int32_t hd, int32_t ps)
-{
-    const size_t G = (size_t)t->G;
-    t->kv_head = k;
-    t->part = t->part0 + (size_t)k * head_floats;
-    t->qs = t->qs0 + (size_t)k * G * (size_t)hd;
-    t->qeo = t->qeo0 + (size_t)k * G * (size_t)hd;
-    t->scores = t->scores0 + (size_t)k * G * (size_t)ps;
-}
-
-/* Dense reads (every KV head reads the same pages) of a pool without quantized
-   pages (those are compute bound, and keep the unit walk below): a page is read as one
-   stream, every head's keys (the page's K block, in address order), then every
-   head's values (its V block), instead of head by head (two streams a K block
-   apart), with the block two ahead in that stream prefetched (one head's rows: 4 KB
-   at page 16 and head_dim 128; measured faster than none, and than four, at 32K
-   tokens, batches 1 and 16). */
-enum { STREAM_PREFETCH_BLOCKS = 2 };
-T512_INLINE void page_walk_shared(pikv_cpu_attn_list *t)
-{
-    const pikv_attention_args *a = t->args;
-    const pikv_page_layout *L = a->pool->layout; /* every page's: no quantized pool */
-    const int32_t G = t->G, nkv = t->n_kv, hd = L->head_dim, ps = L->page_size;
-    const int kind = L->dtype == PIKV_DTYPE_F32 ? 1 : 0;
-    const size_t head_floats = (size_t)G * ((size_t)hd + 2);
-    for (int32_t p = t->page_begin; p < t->page_end; p++) {
-        const int32_t n = a->page_len[p];
-        if (n <= 0) continue;
-        const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[p]);
-        const unsigned char *np = p + 1 < t->page_end ? pikv_cpu_page_ptr(a->pool, a->slots[p + 1]) : NULL;
-        const uint64_t blk = (uint64_t)n * L->row_bytes; /* one head's rows */
-        /* block b of the stream: K of head b (b < nkv), V of head b - nkv, then the next page's K */
-#define STREAM_PF(b)                                                                                              \
-    do {                                                                                                          \
-        const int32_t bb = (b);                                                                                   \
-        const unsigned char *at = bb < nkv ? page + L->k_offset + (uint64_t)bb * L->head_stride                   \
-                                  : bb < 2 * nkv ? page + L->v_offset + (uint64_t)(bb - nkv) * L->head_stride     \
-                                  : np && bb < 3 * nkv ? np + L->k_offset + (uint64_t)(bb - 2 * nkv) * L->head_stride \
-                                                        : NULL;                                                   \
-        if (at)                                                                                                   \
-            for (uint64_t o = 0; o < blk; o += 64) _mm_prefetch((const char *)(at + o), _MM_HINT_T0);           \
-    } while (0)
-        for (int32_t k = 0; k < nkv; k++) {
-            STREAM_PF(k + STREAM_PREFETCH_BLOCKS);
-            at_head(t, k, head_floats, hd, ps);
-            const int64_t entry = (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
-            plain_keys(t, L, page, n, a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL, kind);
-        }
-        for (int32_t k = 0; k < nkv; k++) {
-            STREAM_PF(nkv + k + STREAM_PREFETCH_BLOCKS);
-            at_head(t, k, head_floats, hd, ps);
-            plain_values(t, L, page, n, kind);
-        }
-#undef STREAM_PF
-    }
-}
-
-/* The page list of one task: each page by its own layout (open f16/f32 pages and
-   quantized pages may be mixed). Shared lists of a pool without quantized pages go
-   through page_walk_shared; the others are walked in (page, head) units: with
-   n_kv > 1 (every KV head reads the same pages of a quantized pool, or a query's
-   entries of all heads sorted by slot) each page is read for its heads in turn,
-   so the reads walk through the page's K and V blocks in address order. */
+/* The page list of one task, in (page, head) units: each page by its own layout
+   (open f16/f32 pages and quantized pages may be mixed). With n_kv > 1 (every KV
+   head reads the same pages, or a query's entries of all heads sorted by slot)
+   each page is read for its heads in turn, so the reads walk through the page in
+   address order; a unit's rows prefetch the unit PREFETCH_BYTES ahead as they are
+   read (pikv_pf_stream). */
 T512 void pikv_cpu_attn_list_avx512(pikv_cpu_attn_list *t)
 {
-    if (t->n_kv > 1 && !t->ord_entry && !t->args->pool->quant) {
-        page_walk_shared(t);
-        return;
-    }
     const pikv_attention_args *a = t->args;
     const int32_t G = t->G, nkv = t->n_kv;
     const int32_t hd = a->pool->layout->head_dim;
     const size_t head_floats = (size_t)G * ((size_t)hd + 2);
     const int32_t head0 = t->kv_head;
     bool eo = false; /* accumulators in even/odd order (int4 pages) */
-    /* prefetch distance in (page, head) units, from the bytes one unit holds */
+    const unit_walk w = {t, t->ord_entry, t->ord_head, nkv, head0};
+    /* prefetch distance in units, from the bytes a unit holds */
     const pikv_page_layout *LD = a->pool->quant ? a->pool->quant->layout : a->pool->layout;
-    const uint64_t unit_bytes = 2 * (uint64_t)LD->page_size * LD->row_bytes + 1;
+    const uint64_t unit_bytes = LD->head_stride + 1;
     int64_t dist = (int64_t)(PREFETCH_BYTES / unit_bytes);
     dist = dist < 1 ? 1 : dist > 8 ? 8 : dist;
-    const int32_t *oe = t->ord_entry, *oh = t->ord_head;
-    /* unit u of the task: (list entry, head) */
-#define UNIT_ENTRY(u) (oe ? oe[t->page_begin + (u)] : t->page_begin + (int32_t)((u) / nkv))
-#define UNIT_HEAD(u) (oe ? oh[t->page_begin + (u)] : nkv > 1 ? (int32_t)((u) % nkv) : head0)
-    const int64_t units = oe ? (int64_t)(t->page_end - t->page_begin) : (int64_t)(t->page_end - t->page_begin) * nkv;
-    /* Lists walked in address order (every head's entries of a query sorted by
-       page; shared lists go through page_walk_shared) prefetch the keys of the unit dist ahead and the
-       values of the one before it together (half-unit bursts measured faster);
-       a single head's scattered list prefetches whole units (measured faster there). */
-    const bool split = nkv > 1;
-    for (int64_t u = 0; u <= dist && u < units; u++) {
-        const int32_t j = UNIT_ENTRY(u), h = UNIT_HEAD(u);
-        if (u > 0 && u < dist) prefetch_page(t, j, h, true);
-        if (split ? u < dist - 1 : u > 0 && u < dist) prefetch_page(t, j, h, false);
-    }
+    const int64_t units = w.oe ? (int64_t)(t->page_end - t->page_begin) : (int64_t)(t->page_end - t->page_begin) * nkv;
+    pikv_pf_stream ahead;
+    for (int64_t u = 0; u < dist && u < units; u++) unit_stream(&w, u, &ahead, true);
     for (int64_t u = 0; u < units; u++) {
-        const int32_t p = UNIT_ENTRY(u), k = UNIT_HEAD(u);
-        /* keep about PREFETCH_BYTES of rows in flight ahead of the unit being read */
-        const int64_t next = u + dist, vnext = split ? next - 1 : next;
-        if (next < units) prefetch_page(t, UNIT_ENTRY(next), UNIT_HEAD(next), true);
-        if (vnext < units) prefetch_page(t, UNIT_ENTRY(vnext), UNIT_HEAD(vnext), false);
+        pikv_pf_stream *pf = NULL;
+        if (u + dist < units) {
+            unit_stream(&w, u + dist, &ahead, false);
+            pf = &ahead;
+        }
+        const int32_t p = unit_entry(&w, u), k = unit_head(&w, u);
         const int32_t n = a->page_len[p];
-        if (n <= 0) continue;
-        const uint32_t slot = a->slots[p];
-        const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
-        const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
-        const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
-        if (want_eo != eo) {
-            for (int32_t h = 0; h < nkv * G; h++)
-                pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
-            eo = want_eo;
+        if (n > 0) {
+            const uint32_t slot = a->slots[p];
+            const unsigned char *page = pikv_cpu_page_ptr(a->pool, slot);
+            const pikv_page_layout *L = pikv_cpu_slot_layout(a->pool, slot);
+            const bool want_eo = L->dtype == PIKV_DTYPE_INT4;
+            if (want_eo != eo) {
+                for (int32_t h = 0; h < nkv * G; h++)
+                    pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, want_eo);
+                eo = want_eo;
+            }
+            const int32_t g = nkv > 1 ? k : head0, kk = nkv > 1 ? k : 0;
+            t->kv_head = g;
+            t->part = t->part0 + (size_t)kk * head_floats;
+            t->qs = t->qs0 + (size_t)kk * (size_t)G * (size_t)hd;
+            t->qeo = t->qeo0 + (size_t)kk * (size_t)G * (size_t)hd;
+            t->scores = t->scores0 + (size_t)kk * (size_t)G * (size_t)L->page_size;
+            const int64_t entry = w.oe || nkv == 1 ? (int64_t)p : (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
+            float *pl = a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL;
+            switch (L->dtype) {
+            case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0, pf); break;
+            case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1, pf); break;
+            case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2, pf); break;
+            case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3, pf); break;
+            }
         }
-        const int32_t g = nkv > 1 ? k : head0, kk = nkv > 1 ? k : 0;
-        t->kv_head = g;
-        t->part = t->part0 + (size_t)kk * head_floats;
-        t->qs = t->qs0 + (size_t)kk * (size_t)G * (size_t)hd;
-        t->qeo = t->qeo0 + (size_t)kk * (size_t)G * (size_t)hd;
-        const int64_t entry = oe || nkv == 1 ? (int64_t)p : (int64_t)p + (t->list_begin[k] - t->list_begin[0]);
-        float *pl = a->page_lse ? a->page_lse + (size_t)entry * (size_t)G : NULL;
-        switch (L->dtype) {
-        case PIKV_DTYPE_F16: page_plain(t, L, page, n, pl, 0); break;
-        case PIKV_DTYPE_F32: page_plain(t, L, page, n, pl, 1); break;
-        case PIKV_DTYPE_INT8: page_quant(t, L, page, n, pl, 2); break;
-        case PIKV_DTYPE_INT4: page_quant(t, L, page, n, pl, 3); break;
-        }
+        pf_finish(pf);
     }
-#undef UNIT_ENTRY
-#undef UNIT_HEAD
     if (eo)
         for (int32_t h = 0; h < nkv * G; h++) pikv_cpu_attn_reorder(t->part0 + (size_t)h * ((size_t)hd + 2) + 2, hd, false);
 }
