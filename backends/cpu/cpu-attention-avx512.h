@@ -57,9 +57,8 @@ T512_INLINE __m512 hsum16(__m512 a[16])
    prefetched as the loops go: each loop step prefetches as many bytes of that
    unit as it reads of its own, so the prefetches leave at the rate of the loads.
    A burst instead (the 64-128 lines of a 4-8 KiB block at once) fills the core's
-   miss buffers and the loop stalls behind it: on the dev VM, scattered 8 KiB
-   units of f16 rows were read at 700 ns each with a burst and 210 ns spread (one
-   core; a throwaway harness). Steps pass pf NULL when nothing is ahead. */
+   miss buffers and the loop stalls behind it (docs/performance.md, "What changed
+   since run C", for the bench's figures). Steps pass pf NULL when nothing is ahead. */
 typedef struct pikv_pf_stream {
     const unsigned char *base;
     size_t read;     /* bytes the loops have read since the stream began */

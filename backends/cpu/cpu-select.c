@@ -44,30 +44,14 @@ static void score_page_generic(const pikv_score_args *a, const float *q, int64_t
 #include <immintrin.h>
 #define PIKV_SCORE_AVX512 1
 /* The same bound, 16 channels at a time (sums in another order: equal within
-   float rounding), with the bounds of the page two ahead prefetched: the op
-   streams 2 x n_kv_heads x head_dim floats per page and should run at read
-   bandwidth. The prefetches go out head by head, as this page's heads are read
-   (a burst of a page's bounds, 16 KiB here, fills the core's miss buffers and
-   stalls the loop behind it; see pikv_pf_stream in cpu-attention-avx512.h). */
+   float rounding), with the next page's bounds prefetched: the op streams
+   2 x n_kv_heads x head_dim floats per page and should run at read bandwidth. */
 __attribute__((target("avx512f,avx512dq"))) static void prefetch_bounds(const pikv_score_args *a, int64_t cand)
 {
     const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[cand]);
     const unsigned char *np = pikv_cpu_page_ptr(a->pool, a->slots[cand]) + NL->kmin_offset;
     const uint64_t bytes = 2 * (uint64_t)NL->n_kv_heads * (uint64_t)NL->head_dim * sizeof(float);
     for (uint64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(np + o), _MM_HINT_T0);
-}
-
-/* head g's min and max rows of page cand */
-__attribute__((target("avx512f,avx512dq"))) static void prefetch_head_bounds(const pikv_score_args *a, int64_t cand,
-                                                                            int32_t g)
-{
-    const pikv_page_layout *NL = pikv_cpu_slot_layout(a->pool, a->slots[cand]);
-    const unsigned char *np = pikv_cpu_page_ptr(a->pool, a->slots[cand]);
-    const uint64_t row = (uint64_t)NL->head_dim * sizeof(float), at = (uint64_t)g * row;
-    for (uint64_t o = 0; o < row; o += 64) {
-        _mm_prefetch((const char *)(np + NL->kmin_offset + at + o), _MM_HINT_T0);
-        _mm_prefetch((const char *)(np + NL->kmax_offset + at + o), _MM_HINT_T0);
-    }
 }
 
 __attribute__((target("avx512f,avx512dq"))) static void score_page_avx512(const pikv_score_args *a, const float *q,
@@ -80,11 +64,10 @@ __attribute__((target("avx512f,avx512dq"))) static void score_page_avx512(const 
         return;
     }
     const unsigned char *page = pikv_cpu_page_ptr(a->pool, a->slots[cand]);
+    if (next >= 0) prefetch_bounds(a, next);
     const float *kmin = (const float *)(const void *)(page + L->kmin_offset);
     const float *kmax = (const float *)(const void *)(page + L->kmax_offset);
-    /* the page ahead has as many heads (one pool layout, or the quantized pool's) */
     for (int32_t g = 0; g < kvh; g++) {
-        if (next >= 0) prefetch_head_bounds(a, next, g);
         const float *lo = kmin + (size_t)g * (size_t)hd, *hi = kmax + (size_t)g * (size_t)hd;
         float best = -INFINITY;
         for (int32_t h = 0; h < G; h++) {
@@ -124,8 +107,7 @@ static void score_task(void *arg, int64_t task, int32_t thread)
     const int32_t *ord = job->order;
 #define CAND(c) (ord ? (int64_t)ord[c] : (c))
 #ifdef PIKV_SCORE_AVX512
-    if (job->avx512) /* the first two pages: nothing runs ahead of them */
-        for (int64_t c = c0; c < c0 + 2 && c < c1; c++) prefetch_bounds(a, CAND(c));
+    if (job->avx512 && c0 + 1 < c1) prefetch_bounds(a, CAND(c0 + 1));
 #endif
     for (int64_t c = c0; c < c1; c++) {
 #ifdef PIKV_SCORE_AVX512
